@@ -1,0 +1,291 @@
+"""Head-gradient interference between tokens, from the factorised form (DESIGN §2).
+
+For a token with head input h, probabilities p = softmax(W h) and sampled token y, the gradient of
+log p[y] with respect to the head matrix W is the rank-one matrix g = (e_y − p) hᵀ. Hence
+
+    <g_a, g_b>_F = <e_a − p_a, e_b − p_b> · <h_a, h_b>
+    <e_a − p_a, e_b − p_b> = [y_a = y_b] − p_a[y_b] − p_b[y_a] + <p_a, p_b>
+
+so every pair of two token sets comes from two matrix products (P_a P_bᵀ and H_a H_bᵀ) plus gathers.
+No per-token V×d gradient and no (Ta, Tb, V) tensor is ever built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "logit_factor",
+    "logit_grad_sqnorm",
+    "head_gradient_inner",
+    "head_gradient_cosine",
+    "head_gradient_sqnorm",
+    "weighted_pair_sum",
+    "GroupAlignment",
+    "group_gradient_alignment",
+    "nthr_scores",
+    "nthr_threshold",
+    "nthr_eta",
+    "NTHRWeights",
+    "nthr_token_weights",
+]
+
+
+def _check(h: Tensor, p: Tensor, y: Tensor, name: str) -> None:
+    if h.ndim != 2 or p.ndim != 2 or y.ndim != 1 or not (h.shape[0] == p.shape[0] == y.shape[0]):
+        raise ValueError(
+            f"{name}: expected h (T, d), p (T, V), y (T,) with one T, got {tuple(h.shape)}, "
+            f"{tuple(p.shape)}, {tuple(y.shape)}"
+        )
+
+
+def logit_factor(p_a: Tensor, y_a: Tensor, p_b: Tensor, y_b: Tensor) -> Tensor:
+    """<e_{y_a} − p_a, e_{y_b} − p_b> for all pairs → (Ta, Tb).
+
+    >>> p = torch.tensor([[0.5, 0.5]])
+    >>> logit_factor(p, torch.tensor([0]), p, torch.tensor([0])).item()
+    0.5
+    """
+    same = (y_a[:, None] == y_b[None, :]).to(p_a.dtype)  # (Ta, Tb)
+    pa_yb = p_a[:, y_b]  # (Ta, Tb): p_a[i, y_b[j]]
+    pb_ya = p_b[:, y_a].T  # (Ta, Tb): p_b[j, y_a[i]]
+    return same - pa_yb - pb_ya + p_a @ p_b.T
+
+
+def logit_grad_sqnorm(p: Tensor, y: Tensor) -> Tensor:
+    """||e_y − p||² = 1 − 2 p[y] + ||p||² per token → (T,).
+
+    >>> logit_grad_sqnorm(torch.tensor([[0.5, 0.5]]), torch.tensor([1])).item()
+    0.5
+    """
+    py = p.gather(-1, y[:, None]).squeeze(-1)
+    return 1.0 - 2.0 * py + (p * p).sum(-1)
+
+
+def head_gradient_sqnorm(h: Tensor, p: Tensor, y: Tensor) -> Tensor:
+    """||∇_W log p[y]||²_F = ||e_y − p||² · ||h||² per token → (T,).
+
+    >>> head_gradient_sqnorm(torch.tensor([[2.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([0])).item()
+    2.0
+    """
+    return logit_grad_sqnorm(p, y) * (h * h).sum(-1)
+
+
+def head_gradient_inner(h_a: Tensor, p_a: Tensor, y_a: Tensor, h_b: Tensor, p_b: Tensor, y_b: Tensor) -> Tensor:
+    """<∇_W log p_a[y_a], ∇_W log p_b[y_b]>_F for all token pairs → (Ta, Tb).
+
+    Args:
+        h_a: (Ta, d) head inputs; p_a: (Ta, V) probabilities; y_a: (Ta,) token ids. Same for b.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> h, p = torch.randn(3, 4, generator=g), torch.softmax(torch.randn(3, 5, generator=g), -1)
+    >>> y = torch.tensor([0, 1, 2])
+    >>> K = head_gradient_inner(h, p, y, h, p, y)
+    >>> bool(torch.allclose(K.diagonal(), head_gradient_sqnorm(h, p, y)))
+    True
+    """
+    _check(h_a, p_a, y_a, "a")
+    _check(h_b, p_b, y_b, "b")
+    return logit_factor(p_a, y_a, p_b, y_b) * (h_a @ h_b.T)
+
+
+def head_gradient_cosine(
+    h_a: Tensor, p_a: Tensor, y_a: Tensor, h_b: Tensor, p_b: Tensor, y_b: Tensor, eps: float = 1e-12
+) -> Tensor:
+    """cos(∇_W log p_a[y_a], ∇_W log p_b[y_b]) for all pairs → (Ta, Tb); 0 where a gradient vanishes.
+
+    Equals cos(e_a − p_a, e_b − p_b) · cos(h_a, h_b).
+
+    >>> h = torch.tensor([[1.0, 0.0], [2.0, 0.0]]); p = torch.full((2, 3), 1 / 3); y = torch.tensor([0, 0])
+    >>> head_gradient_cosine(h, p, y, h, p, y).round(decimals=5).tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+    """
+    inner = head_gradient_inner(h_a, p_a, y_a, h_b, p_b, y_b)
+    na = head_gradient_sqnorm(h_a, p_a, y_a).clamp(min=0).sqrt()
+    nb = head_gradient_sqnorm(h_b, p_b, y_b).clamp(min=0).sqrt()
+    denom = na[:, None] * nb[None, :]
+    return torch.where(denom > eps, inner / denom.clamp(min=eps), torch.zeros_like(inner))
+
+
+def weighted_pair_sum(
+    h_a: Tensor, p_a: Tensor, y_a: Tensor, w_a: Tensor,
+    h_b: Tensor, p_b: Tensor, y_b: Tensor, w_b: Tensor,
+    *, chunk: int = 1024,
+) -> Tensor:
+    """Σ_ij w_a[i] w_b[j] <g_a,i, g_b,j> = <Σ w_a g_a, Σ w_b g_b>_F, in row chunks (scalar).
+
+    >>> h = torch.eye(2); p = torch.full((2, 2), 0.5); y = torch.tensor([0, 1]); w = torch.ones(2)
+    >>> weighted_pair_sum(h, p, y, w, h, p, y, w).item()
+    1.0
+    """
+    total = torch.zeros((), dtype=torch.promote_types(h_a.dtype, p_a.dtype), device=h_a.device)
+    for s in range(0, h_a.shape[0], chunk):
+        K = head_gradient_inner(h_a[s : s + chunk], p_a[s : s + chunk], y_a[s : s + chunk], h_b, p_b, y_b)
+        total = total + w_a[s : s + chunk] @ K @ w_b
+    return total
+
+
+@dataclass(frozen=True)
+class GroupAlignment:
+    """Summed head gradients of a group: G⁺ = Σ w⁺ g⁺, G⁻ = Σ w⁻ g⁻ (w⁻ usually the advantage)."""
+
+    inner: float
+    """<G⁺, G⁻>_F."""
+    cosine: float
+    """cos(G⁺, G⁻) (0 when either vanishes)."""
+    norm_pos: float
+    norm_neg: float
+
+
+def group_gradient_alignment(
+    h_pos: Tensor, p_pos: Tensor, y_pos: Tensor, w_pos: Tensor,
+    h_neg: Tensor, p_neg: Tensor, y_neg: Tensor, w_neg: Tensor,
+    *, chunk: int = 1024,
+) -> GroupAlignment:
+    """Inner product and cosine between the weighted summed positive and negative head gradients.
+
+    From Gram-style products only (three weighted pair sums), never from V×d gradients.
+
+    >>> h = torch.eye(2); p = torch.full((2, 2), 0.5); y = torch.tensor([0, 1]); w = torch.ones(2)
+    >>> a = group_gradient_alignment(h[:1], p[:1], y[:1], w[:1], h[1:], p[1:], y[1:], -w[1:])
+    >>> a.inner, round(a.norm_pos**2, 4)
+    (0.0, 0.5)
+    """
+    inner = weighted_pair_sum(h_pos, p_pos, y_pos, w_pos, h_neg, p_neg, y_neg, w_neg, chunk=chunk)
+    npos = weighted_pair_sum(h_pos, p_pos, y_pos, w_pos, h_pos, p_pos, y_pos, w_pos, chunk=chunk).clamp(min=0).sqrt()
+    nneg = weighted_pair_sum(h_neg, p_neg, y_neg, w_neg, h_neg, p_neg, y_neg, w_neg, chunk=chunk).clamp(min=0).sqrt()
+    denom = float(npos * nneg)
+    cos = float(inner) / denom if denom > 1e-30 else 0.0
+    return GroupAlignment(inner=float(inner), cosine=cos, norm_pos=float(npos), norm_neg=float(nneg))
+
+
+def nthr_scores(
+    h_neg: Tensor, p_neg: Tensor, y_neg: Tensor, h_pos: Tensor, p_pos: Tensor, y_pos: Tensor,
+    *, chunk: int = 1024,
+) -> Tensor:
+    """NTHR score of each negative token: s⁻ = Σ over the group's positive tokens of <g⁺, g⁻> → (Tn,).
+
+    >>> h = torch.eye(2); p = torch.full((2, 2), 0.5); y = torch.tensor([0, 0])
+    >>> nthr_scores(h, p, y, h, p, y).tolist()
+    [0.5, 0.5]
+    """
+    out = torch.zeros(h_neg.shape[0], dtype=torch.promote_types(h_neg.dtype, p_neg.dtype), device=h_neg.device)
+    for s in range(0, h_pos.shape[0], chunk):
+        out += head_gradient_inner(h_pos[s : s + chunk], p_pos[s : s + chunk], y_pos[s : s + chunk],
+                                   h_neg, p_neg, y_neg).sum(0)
+    return out
+
+
+def nthr_threshold(
+    h_pos: Tensor, p_pos: Tensor, y_pos: Tensor, pos_response: Tensor, beta: float = 1.0, *, chunk: int = 1024
+) -> float:
+    """τ = β · min over positive responses of the mean positive-on-positive score of its tokens.
+
+    A positive token's score is its summed inner product with all the group's positive tokens;
+    ``pos_response`` (Tp,) says which positive response each token belongs to.
+
+    >>> h = torch.eye(2); p = torch.full((2, 2), 0.5); y = torch.tensor([0, 0])
+    >>> nthr_threshold(h, p, y, torch.tensor([0, 1]))
+    0.5
+    """
+    s = nthr_scores(h_pos, p_pos, y_pos, h_pos, p_pos, y_pos, chunk=chunk)  # (Tp,)
+    uniq, inv = torch.unique(pos_response, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=s.dtype, device=s.device).index_add_(0, inv, s)
+    counts = torch.zeros(len(uniq), dtype=s.dtype, device=s.device).index_add_(0, inv, torch.ones_like(s))
+    return beta * float((sums / counts).min())
+
+
+def nthr_eta(success_rate: float) -> float:
+    """NTHR's down-weighting factor η = 2·|0.5 − p̂| for a group with success rate p̂.
+
+    >>> nthr_eta(0.25)
+    0.5
+    """
+    return 2.0 * abs(0.5 - success_rate)
+
+
+@dataclass(frozen=True)
+class NTHRWeights:
+    """Output of :func:`nthr_token_weights`: ``weights`` (B, T) multipliers (η on flagged negative
+    tokens, 1 elsewhere), ``scores`` (B, T) s⁻ on valid negative tokens (NaN elsewhere), ``flagged``
+    (B, T) bool, and one dict per group (``group_id``, ``status``, ``tau``, ``eta``)."""
+
+    weights: Tensor
+    scores: Tensor
+    flagged: Tensor
+    groups: list[dict]
+
+
+def nthr_token_weights(
+    head_input: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    response_mask: Tensor,
+    is_positive: Tensor,
+    group_ids: Tensor,
+    *,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+) -> NTHRWeights:
+    """NTHR (Deng et al.) token multipliers for a batch, per prompt group.
+
+    A negative token whose score s⁻ (summed head-gradient inner product with the group's positive
+    tokens) exceeds τ = β · (smallest mean positive-on-positive score of a positive response) gets
+    η = 2|0.5 − p̂| (p̂ the group's success rate); everything else gets 1. Groups without both a
+    positive and a negative response keep 1.
+
+    Args:
+        head_input: (B, T, d) vectors entering the LM head; logits: (B, T, V) at the same positions
+        (probabilities are formed per group, float32); labels: (B, T) the sampled tokens;
+        response_mask: (B, T) bool; is_positive: (B,) bool; group_ids: (B,) ints.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> out = nthr_token_weights(torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 11, generator=g),
+    ...     torch.randint(0, 11, (4, 3), generator=g), torch.ones(4, 3, dtype=torch.bool),
+    ...     torch.tensor([True, False, False, False]), torch.zeros(4, dtype=torch.long))
+    >>> out.groups[0]["eta"], bool(((out.weights == 1) | (out.weights == 0.5)).all())
+    (0.5, True)
+    """
+    from .ops import group_index, softmax_probs
+
+    B, T, _ = head_input.shape
+    dev = head_input.device
+    mask = response_mask.bool()
+    pos = is_positive.bool().to(dev)
+    weights = torch.ones(B, T, dtype=torch.float32, device=dev)
+    scores = torch.full((B, T), float("nan"), dtype=torch.float32, device=dev)
+    flagged = torch.zeros(B, T, dtype=torch.bool, device=dev)
+    groups: list[dict] = []
+    uniq, inv = group_index(group_ids.to(dev))
+    for gi, gid in enumerate(uniq.tolist()):
+        rows = (inv == gi).nonzero().squeeze(-1)
+        prow, nrow = rows[pos[rows]], rows[~pos[rows]]
+        eta = nthr_eta(len(prow) / len(rows))
+        info = {"group_id": gid, "tau": float("nan"), "eta": eta}
+        pmask, nmask = mask[prow], mask[nrow]
+        if len(prow) == 0 or len(nrow) == 0 or not pmask.any() or not nmask.any():
+            info["status"] = "not_mixed"
+            groups.append(info)
+            continue
+        hp = head_input[prow][pmask].float()  # (Tp, d)
+        hn = head_input[nrow][nmask].float()  # (Tn, d)
+        pp = softmax_probs(logits[prow][pmask], temperature=temperature)  # (Tp, V)
+        pn = softmax_probs(logits[nrow][nmask], temperature=temperature)  # (Tn, V)
+        yp, yn = labels[prow][pmask], labels[nrow][nmask]
+        which = torch.arange(len(prow), device=dev)[:, None].expand(-1, T)[pmask]  # (Tp,)
+        tau = nthr_threshold(hp, pp, yp, which, beta, chunk=chunk)
+        s = nthr_scores(hn, pn, yn, hp, pp, yp, chunk=chunk)  # (Tn,)
+        f = s > tau
+        wn = torch.ones(len(nrow), T, dtype=torch.float32, device=dev)
+        sn = torch.full((len(nrow), T), float("nan"), dtype=torch.float32, device=dev)
+        fn = torch.zeros(len(nrow), T, dtype=torch.bool, device=dev)
+        wn[nmask] = torch.where(f, torch.full_like(s, eta), torch.ones_like(s)).float()
+        sn[nmask], fn[nmask] = s.float(), f
+        weights[nrow], scores[nrow], flagged[nrow] = wn, sn, fn
+        info.update(status="weighted", tau=tau, n_flagged=int(f.sum()), n_neg_tokens=int(f.numel()))
+        groups.append(info)
+    return NTHRWeights(weights=weights, scores=scores, flagged=flagged, groups=groups)

@@ -1,0 +1,134 @@
+"""Factorised head-gradient formulas against per-token autograd gradients of a real head (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resrl_analysis import alignment_bound, head_gradient_cosine, head_gradient_inner
+from resrl_analysis.bounds import alignment_bound_paper, head_gradient_bound
+from resrl_analysis.interference import (
+    group_gradient_alignment,
+    head_gradient_sqnorm,
+    nthr_scores,
+    nthr_threshold,
+    nthr_token_weights,
+)
+from resrl_analysis.weighting import positive_subspace
+
+pytestmark = pytest.mark.unit
+
+
+def _per_token_head_grads(W: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Slow reference: autograd of log softmax(W h)[y] w.r.t. W, one token at a time → (T, V*d)."""
+    grads = []
+    for t in range(h.shape[0]):
+        Wt = W.detach().clone().requires_grad_(True)
+        lp = torch.log_softmax(Wt @ h[t], -1)[y[t]]
+        (g,) = torch.autograd.grad(lp, Wt)
+        grads.append(g.reshape(-1))
+    return torch.stack(grads)
+
+
+def _setup(seed: int, Ta: int, Tb: int, V: int, d: int):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, d, generator=g, dtype=torch.float64)
+    ha, hb = torch.randn(Ta, d, generator=g, dtype=torch.float64), torch.randn(Tb, d, generator=g, dtype=torch.float64)
+    ya, yb = torch.randint(0, V, (Ta,), generator=g), torch.randint(0, V, (Tb,), generator=g)
+    yb[0] = ya[0]  # exercise the [y_a = y_b] term
+    pa, pb = torch.softmax(ha @ W.T, -1), torch.softmax(hb @ W.T, -1)
+    return W, ha, pa, ya, hb, pb, yb
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 6), st.integers(2, 9), st.integers(1, 5))
+def test_inner_and_cosine_match_autograd(seed, Ta, Tb, V, d):
+    W, ha, pa, ya, hb, pb, yb = _setup(seed, Ta, Tb, V, d)
+    Ga, Gb = _per_token_head_grads(W, ha, ya), _per_token_head_grads(W, hb, yb)
+    torch.testing.assert_close(head_gradient_inner(ha, pa, ya, hb, pb, yb), Ga @ Gb.T, atol=1e-10, rtol=1e-9)
+    ref_cos = torch.nn.functional.cosine_similarity(Ga[:, None, :], Gb[None, :, :], dim=-1, eps=1e-300)
+    torch.testing.assert_close(head_gradient_cosine(ha, pa, ya, hb, pb, yb), ref_cos, atol=1e-9, rtol=1e-8)
+    torch.testing.assert_close(head_gradient_sqnorm(ha, pa, ya), (Ga * Ga).sum(-1), atol=1e-10, rtol=1e-9)
+    # The head-gradient bound holds for every pair.
+    assert ((Ga @ Gb.T).abs() <= head_gradient_bound(ha, pa, ya, hb, pb, yb) + 1e-10).all()
+
+
+def test_group_alignment_and_nthr_match_autograd():
+    W, hp, pp, yp, hn, pn, yn = _setup(3, 7, 5, 11, 6)
+    Gp, Gn = _per_token_head_grads(W, hp, yp), _per_token_head_grads(W, hn, yn)
+    wp, wn = torch.rand(7, dtype=torch.float64), -torch.rand(5, dtype=torch.float64)
+    a = group_gradient_alignment(hp, pp, yp, wp, hn, pn, yn, wn, chunk=3)
+    Sp, Sn = wp @ Gp, wn @ Gn
+    assert a.inner == pytest.approx(float(Sp @ Sn), rel=1e-9)
+    assert a.cosine == pytest.approx(float(Sp @ Sn / Sp.norm() / Sn.norm()), rel=1e-9)
+    assert a.norm_pos == pytest.approx(float(Sp.norm()), rel=1e-9)
+
+    s = nthr_scores(hn, pn, yn, hp, pp, yp, chunk=2)
+    torch.testing.assert_close(s, (Gp @ Gn.T).sum(0))
+    resp = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    pos_scores = (Gp @ Gp.T).sum(1)
+    ref_tau = min(float(pos_scores[resp == r].mean()) for r in range(3))
+    assert nthr_threshold(hp, pp, yp, resp, beta=0.5) == pytest.approx(0.5 * ref_tau, rel=1e-9)
+
+
+def test_nthr_token_weights_batch_layout():
+    g = torch.Generator().manual_seed(0)
+    B, T, d, V = 6, 4, 5, 9
+    h = torch.randn(B, T, d, generator=g)
+    logits = torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[3, 2:] = False
+    is_pos = torch.tensor([True, False, False, False, True, True])
+    gids = torch.tensor([0, 0, 0, 1, 1, 1])
+    out = nthr_token_weights(h, logits, labels, mask, is_pos, gids)
+    # group 0: p_hat = 1/3 -> eta = 1/3; group 1: p_hat = 2/3 -> eta = 1/3
+    assert [gr["eta"] for gr in out.groups] == pytest.approx([1 / 3, 1 / 3])
+    assert (out.weights[is_pos] == 1).all() and (out.weights[3, 2:] == 1).all()
+    assert torch.isnan(out.scores[3, 2:]).all() and torch.isnan(out.scores[0]).all()
+    # flagged tokens are exactly those above the group's threshold
+    for gr in out.groups:
+        rows = (gids == gr["group_id"]) & ~is_pos
+        sc = out.scores[rows][mask[rows]]
+        assert torch.equal(out.flagged[rows][mask[rows]], sc > gr["tau"])
+    # single group recomputed alone gives the same result (no cross-group leakage)
+    alone = nthr_token_weights(h[:3], logits[:3], labels[:3], mask[:3], is_pos[:3], gids[:3])
+    torch.testing.assert_close(alone.weights, out.weights[:3])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 8), st.integers(1, 8), st.integers(2, 12), st.integers(1, 12))
+def test_alignment_bounds_never_violated(seed, Tp, Tn, d, k):
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, d)
+    scale = torch.rand(d, generator=g, dtype=torch.float64) * 10
+    xp = torch.randn(Tp, d, generator=g, dtype=torch.float64) * scale
+    xn = torch.randn(Tn, d, generator=g, dtype=torch.float64) * scale
+    basis = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64)).Q
+    true = (xp @ xn.T).abs()
+    tight = alignment_bound(xp, xn, basis)
+    paper = alignment_bound_paper(xp, xn, basis)
+    assert (true <= tight * (1 + 1e-12) + 1e-12).all()
+    assert (tight <= paper * (1 + 1e-12) + 1e-12).all()
+    # k = d: the projector is the identity and the tight bound is plain Cauchy–Schwarz
+    full = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+    cs = xp.norm(dim=-1)[:, None] * xn.norm(dim=-1)[None, :]
+    torch.testing.assert_close(alignment_bound(xp, xn, full), cs)
+
+
+def test_bound_with_fitted_subspace_is_tight_inside():
+    # Vectors that lie inside S: the bound reduces to ||x⁺||·||x⁻|| and is attained by parallel vectors.
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    xp = torch.randn(10, 2, generator=g, dtype=torch.float64) @ base
+    sub = positive_subspace(xp, rank=2, svd="exact", center=False)
+    b = alignment_bound(xp[:1], 3 * xp[:1], sub.basis)
+    assert b.item() == pytest.approx(abs(float(xp[0] @ (3 * xp[0]))), rel=1e-10)
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="expected h"):
+        head_gradient_inner(torch.zeros(2, 3), torch.zeros(3, 4), torch.zeros(2, dtype=torch.long),
+                            torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
