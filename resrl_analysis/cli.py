@@ -1,7 +1,70 @@
-"""`resrl` command line (placeholder until the subcommands land)."""
+"""The `resrl` command line: train, probe, figures, demo (DESIGN §4).
+
+A leaf module: each subcommand imports its implementation only when it runs, so `resrl probe` never
+imports the trainer and `resrl --help` starts fast. (The trainer is the one place outside
+resrl_analysis that this package reaches, and only from here.)
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+
+# subcommand -> (module, add-arguments function, run function, one-line help)
+_SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "train": ("trainer.cli", "add_train_arguments", "run_train",
+              "train a policy (GRPO, PSR, NSR, W-REINFORCE, NTHR, ResRL)"),
+    "probe": ("resrl_analysis.probes.runner", "add_probe_arguments", "run_probe",
+              "run the probes over a run's checkpoints"),
+    "figures": ("resrl_analysis.plots.figures", "add_figures_arguments", "run_figures",
+                "draw the paper-style figures"),
+    "demo": ("trainer.demo", "add_demo_arguments", "run_demo",
+             "the main job: train 4 algorithms, probe every checkpoint, draw the figures"),
+}
+
+
+def _load(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    module, add, run, _ = _SUBCOMMANDS[name]
+    mod = importlib.import_module(module)
+    return getattr(mod, add), getattr(mod, run)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's implementation is imported.
+
+    >>> build_parser().prog
+    'resrl'
+    """
+    parser = argparse.ArgumentParser(
+        prog="resrl",
+        description="Gradient-interference diagnostics for LLM RL, and a GRPO-family trainer with ResRL.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{train,probe,figures,demo}")
+    for name, (_, _, _, help_) in _SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == command:
+            add, _ = _load(name)
+            add(p)
+    return parser
+
 
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("resrl: not implemented yet")
+    """Entry point of the `resrl` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in _SUBCOMMANDS:
+        command = None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _, run = _load(args.command)
+    return int(run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
