@@ -1,0 +1,322 @@
+"""Figures of the probes: LLD, interference, the bound, the subspace, token heatmaps, first order.
+
+Each takes a tidy table (a probe result's ``to_frame()`` or a slice of it) with the columns named in
+its docstring, draws on ``ax`` (or a new figure) and returns the Axes or Figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib import colormaps
+from matplotlib.colors import Normalize
+
+from .curves import _require
+from .style import color_for, new_axes, order_labels
+
+__all__ = [
+    "plot_lld_bars",
+    "plot_lld_over_steps",
+    "plot_cosine_distribution",
+    "plot_group_cosine_over_steps",
+    "plot_bound_validation",
+    "plot_proxy_vs_interference",
+    "plot_explained_variance",
+    "plot_residual_weight_hist",
+    "plot_token_heatmap",
+    "plot_first_order",
+]
+
+
+# ----------------------------------------------------------------------------- lazy likelihood displacement
+
+
+def plot_lld_bars(frame: pd.DataFrame, *, value: str = "delta", label: str = "label", epsilon: float = 0.0):
+    """Per-prompt Δ(x) as sorted bars, a panel per label; bars at or below ε (LLD) in red.
+
+    Args:
+        frame: one row per prompt: ``label``, ``delta`` (Δ log-likelihood of the positives).
+
+    >>> f = pd.DataFrame({"delta": [0.3, -0.1, 0.2], "label": ["grpo"] * 3})
+    >>> fig = plot_lld_bars(f); [round(float(p.get_height()), 2) for p in fig.axes[0].patches]
+    [-0.1, 0.2, 0.3]
+    """
+    _require(frame, [value, label], "plot_lld_bars")
+    labels = order_labels(list(frame[label].unique()))
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.6 * len(labels), 3.2), squeeze=False, sharey=True)
+    for a, lab in zip(axes[0], labels):
+        d = np.sort(frame.loc[frame[label] == lab, value].to_numpy(dtype=float))
+        colors = ["#c0392b" if v <= epsilon else color_for(lab) for v in d]
+        a.bar(np.arange(len(d)), d, color=colors, width=0.9)
+        a.axhline(epsilon, color="k", lw=0.8)
+        frac = float(np.mean(d <= epsilon)) if len(d) else float("nan")
+        a.set_title(f"{lab}  (LLD {frac:.0%})")
+        a.set_xlabel("prompt (sorted)")
+    axes[0][0].set_ylabel("Δ log π(y⁺|x)")
+    fig.tight_layout()
+    return fig
+
+
+def _mean_band(frame: pd.DataFrame, value: str, label: str, ax, ylabel: str):
+    """Mean of ``value`` per step with a 95% normal-approximation band over rows, a line per label."""
+    _require(frame, ["step", value, label], "mean-over-steps plot")
+    fig, ax = new_axes(ax)
+    for lab in order_labels(list(frame[label].unique())):
+        d = frame[frame[label] == lab].groupby("step")[value]
+        mean, half = d.mean(), 1.96 * d.sem().fillna(0.0)
+        ax.plot(mean.index, mean.to_numpy(), color=color_for(lab), label=str(lab), marker="o", ms=3)
+        ax.fill_between(mean.index, (mean - half).to_numpy(), (mean + half).to_numpy(), color=color_for(lab),
+                        alpha=0.2)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(frameon=False, fontsize="small")
+    return ax
+
+
+def plot_lld_over_steps(frame: pd.DataFrame, *, value: str = "delta", label: str = "label", ax=None):
+    """Mean Δ over training steps with a 95% confidence band (over prompts), a line per label.
+
+    Args:
+        frame: ``step``, ``label``, ``delta`` (one row per prompt and step).
+
+    >>> f = pd.DataFrame({"step": [1, 1, 2, 2], "delta": [0., .2, .1, .3], "label": ["grpo"] * 4})
+    >>> ax = plot_lld_over_steps(f); [round(float(v), 2) for v in ax.lines[0].get_ydata()]
+    [0.1, 0.2]
+    """
+    return _mean_band(frame, value, label, ax, "mean Δ log π(y⁺|x)")
+
+
+# ----------------------------------------------------------------------------- interference
+
+
+def plot_cosine_distribution(frame: pd.DataFrame, *, value: str = "cosine", label: str = "label", ax=None):
+    """Distribution (violin) of token-level positive×negative head-gradient cosines per label.
+
+    Args:
+        frame: ``label``, ``cosine`` (one row per sampled token pair).
+
+    >>> f = pd.DataFrame({"cosine": [.1, -.2, .3, .0], "label": ["grpo", "grpo", "resrl", "resrl"]})
+    >>> ax = plot_cosine_distribution(f); [t.get_text() for t in ax.get_xticklabels()]
+    ['grpo', 'resrl']
+    """
+    _require(frame, [value, label], "plot_cosine_distribution")
+    fig, ax = new_axes(ax)
+    order = order_labels(list(frame[label].astype(str).unique()))
+    data = frame.assign(**{label: frame[label].astype(str)})
+    sns.violinplot(data=data, x=label, y=value, order=order, hue=label, hue_order=order,
+                   palette={o: color_for(o) for o in order}, cut=0, inner="quartile", ax=ax, legend=False)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xlabel("")
+    ax.set_ylabel("cos(∇ log p⁺, ∇ log p⁻)  (head)")
+    return ax
+
+
+def plot_group_cosine_over_steps(frame: pd.DataFrame, *, value: str = "group_cosine", label: str = "label", ax=None):
+    """Group-level cosine between summed positive and negative head gradients over steps (mean ± 95% CI).
+
+    >>> f = pd.DataFrame({"step": [0, 0, 5, 5], "group_cosine": [.1, .3, .0, .2], "label": ["nsr"] * 4})
+    >>> ax = plot_group_cosine_over_steps(f); [round(float(v), 2) for v in ax.lines[0].get_ydata()]
+    [0.2, 0.1]
+    """
+    return _mean_band(frame, value, label, ax, "cos(Σ g⁺, Σ A⁻ g⁻)  (head)")
+
+
+# ----------------------------------------------------------------------------- the bound
+
+
+def plot_bound_validation(
+    frame: pd.DataFrame, *, true: str = "true", bound: str = "bound", hue: str | None = None,
+    rtol: float = 1e-5, ax=None, max_points: int = 20_000, seed: int = 0,
+):
+    """True |<x⁻, x⁺>| (or |<g⁺, g⁻>|) against its bound, with y = x; violations marked ×.
+
+    Args:
+        frame: ``true``, ``bound`` (one row per positive×negative pair), optional ``hue`` column.
+
+    >>> f = pd.DataFrame({"true": [0.5, 1.0, 2.5], "bound": [1.0, 1.0, 2.0]})
+    >>> ax = plot_bound_validation(f); ax.get_title()
+    'violations: 1 / 3'
+    """
+    _require(frame, [true, bound], "plot_bound_validation")
+    fig, ax = new_axes(ax, (4.2, 4.0))
+    d = frame if len(frame) <= max_points else frame.sample(max_points, random_state=seed)
+    viol = d[true] > d[bound] * (1 + rtol) + 1e-12
+    groups = [(None, d)] if not hue or hue not in d.columns else list(d.groupby(hue))
+    for name, g in groups:
+        ok = g[~viol.loc[g.index]]
+        ax.scatter(ok[bound], ok[true], s=6, alpha=0.5, color=color_for(str(name)) if name is not None else None,
+                   label=None if name is None else str(name), rasterized=True)
+    bad = d[viol]
+    if len(bad):
+        ax.scatter(bad[bound], bad[true], marker="x", s=30, color="#c0392b", label="violation")
+    hi = float(max(d[bound].max(), d[true].max(), 1e-12))
+    ax.plot([0, hi], [0, hi], color="k", lw=0.9, ls="--", label="y = x")
+    n_viol = int((frame[true] > frame[bound] * (1 + rtol) + 1e-12).sum())
+    ax.set_title(f"violations: {n_viol} / {len(frame)}")
+    ax.set_xlabel("bound")
+    ax.set_ylabel("|<x⁻, x⁺>|")
+    ax.legend(frameon=False, fontsize="small")
+    return ax
+
+
+def plot_proxy_vs_interference(
+    frame: pd.DataFrame, *, proxy: str = "residual", interference: str = "interference",
+    representation: str = "representation", rho: Mapping[str, float] | None = None,
+):
+    """Each negative token's proxy (residual energy) against its true head interference with the
+    positives, a panel per representation, Spearman ρ in the title.
+
+    ``rho`` maps representation → ρ as the probe measured it; when absent, ρ is the rank correlation
+    of the plotted data.
+
+    >>> f = pd.DataFrame({"residual": [1, 2, 3], "interference": [3, 2, 1], "representation": ["a"] * 3})
+    >>> fig = plot_proxy_vs_interference(f); fig.axes[0].get_title()
+    'a  (ρ = -1.00)'
+    """
+    _require(frame, [proxy, interference, representation], "plot_proxy_vs_interference")
+    reps = list(dict.fromkeys(frame[representation]))
+    fig, axes = plt.subplots(1, len(reps), figsize=(3.6 * len(reps), 3.4), squeeze=False)
+    for a, rep in zip(axes[0], reps):
+        d = frame[frame[representation] == rep]
+        r = rho.get(rep) if rho else None
+        if r is None:
+            r = float(d[proxy].rank().corr(d[interference].rank())) if len(d) > 1 else float("nan")
+        a.scatter(d[proxy], d[interference], s=6, alpha=0.5, rasterized=True)
+        a.set_title(f"{rep}  (ρ = {r:.2f})")
+        a.set_xlabel("residual energy e(x⁻)")
+    axes[0][0].set_ylabel("Σ|<g⁺, g⁻>|")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- subspace
+
+
+def plot_explained_variance(frame: pd.DataFrame, *, label: str | None = "label", ax=None):
+    """Cumulative explained variance of the positive matrix against rank.
+
+    Args:
+        frame: ``rank``, ``explained`` (optionally ``label``; several rows per rank are averaged).
+
+    >>> f = pd.DataFrame({"rank": [1, 2, 3], "explained": [.5, .8, 1.]})
+    >>> ax = plot_explained_variance(f, label=None); [float(v) for v in ax.lines[0].get_ydata()]
+    [0.5, 0.8, 1.0]
+    """
+    _require(frame, ["rank", "explained"], "plot_explained_variance")
+    fig, ax = new_axes(ax)
+    groups = [(None, frame)] if not label or label not in frame.columns else [
+        (lab, frame[frame[label] == lab]) for lab in order_labels(list(frame[label].unique()))
+    ]
+    for lab, d in groups:
+        m = d.groupby("rank")["explained"].mean()
+        ax.plot(m.index, m.to_numpy(), color=color_for(str(lab)) if lab is not None else None,
+                label=None if lab is None else str(lab))
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("explained variance")
+    ax.set_ylim(0, 1.02)
+    if len(groups) > 1:
+        ax.legend(frameon=False, fontsize="small")
+    return ax
+
+
+def plot_residual_weight_hist(
+    residuals: Sequence[float] | np.ndarray, weights: Sequence[float] | np.ndarray,
+    *, lo: float | None = None, hi: float | None = None, q_low: float = 0.2, q_high: float = 0.8, bins: int = 40,
+):
+    """Histograms of negative-token residual energy (q_low/q_high quantiles marked) and ResRL weights.
+
+    ``lo``/``hi`` default to the quantiles of the residuals given (pooled over groups: the trainer's
+    are per group, so pass them when plotting one group).
+
+    >>> fig = plot_residual_weight_hist([0.1, 0.2, 0.3, 0.9], [0.1, 0.4, 0.7, 1.0])
+    >>> len(fig.axes), len(fig.axes[0].lines)
+    (2, 2)
+    """
+    r = np.asarray(residuals, dtype=float)
+    r = r[np.isfinite(r)]
+    w = np.asarray(weights, dtype=float)
+    w = w[np.isfinite(w)]
+    if lo is None or hi is None:
+        lo, hi = (np.quantile(r, [q_low, q_high]) if len(r) else (np.nan, np.nan))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    a.hist(r, bins=bins, color=color_for("resrl"), alpha=0.8)
+    a.axvline(lo, color="k", ls="--", lw=1)
+    a.axvline(hi, color="k", ls=":", lw=1)
+    a.set_xlabel("residual energy e(x⁻)")
+    a.set_title(f"q_low={q_low:g} (--), q_high={q_high:g} (··)")
+    b.hist(w, bins=bins, color=color_for("resrl"), alpha=0.8)
+    b.set_xlabel("ResRL weight ω")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def plot_token_heatmap(
+    tokens: Sequence[str], values: Sequence[float | None], *, title: str = "", cmap: str = "viridis",
+    vmin: float | None = None, vmax: float | None = None, per_line: int = 24, ax=None,
+):
+    """A response's text, each token boxed and coloured by a value (weight, residual, NTHR score).
+
+    Tokens with a missing value (None/NaN) are drawn grey.
+
+    >>> ax = plot_token_heatmap(["1", "2", "<eos>"], [0.1, 1.0, None]); len(ax.texts)
+    3
+    """
+    vals = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+    if len(tokens) != len(vals):
+        raise ValueError(f"plot_token_heatmap: {len(tokens)} tokens but {len(vals)} values")
+    finite = vals[np.isfinite(vals)]
+    norm = Normalize(vmin if vmin is not None else (finite.min() if len(finite) else 0.0),
+                     vmax if vmax is not None else (finite.max() if len(finite) else 1.0))
+    cm = colormaps[cmap]
+    rows = max(1, int(np.ceil(len(tokens) / per_line)))
+    fig, ax = new_axes(ax, (min(12.0, 0.5 * min(len(tokens), per_line) + 1.5), 0.55 * rows + 0.8))
+    for i, (tok, v) in enumerate(zip(tokens, vals)):
+        r, c = divmod(i, per_line)
+        face = cm(norm(v)) if np.isfinite(v) else (0.85, 0.85, 0.85, 1.0)
+        lum = 0.299 * face[0] + 0.587 * face[1] + 0.114 * face[2]
+        ax.text(c + 0.5, rows - r - 0.5, tok.replace("\n", "⏎") or "␣", ha="center", va="center", fontsize=9,
+                family="monospace", color="white" if lum < 0.5 else "black",
+                bbox=dict(boxstyle="square,pad=0.25", fc=face, ec="none"))
+    ax.set_xlim(0, min(len(tokens), per_line))
+    ax.set_ylim(0, rows)
+    ax.axis("off")
+    ax.set_title(title)
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cm)
+    ax.figure.colorbar(sm, ax=ax, fraction=0.03, pad=0.01)
+    return ax
+
+
+# ----------------------------------------------------------------------------- first order
+
+
+def plot_first_order(frame: pd.DataFrame, *, predicted: str = "predicted", measured: str = "measured",
+                     label: str | None = "label", ax=None):
+    """First-order predicted Δ log π(y⁺) against the measured change, with y = x.
+
+    >>> f = pd.DataFrame({"predicted": [0.1, -0.2], "measured": [0.12, -0.18]})
+    >>> ax = plot_first_order(f, label=None); len(ax.collections[0].get_offsets())
+    2
+    """
+    _require(frame, [predicted, measured], "plot_first_order")
+    fig, ax = new_axes(ax, (4.2, 4.0))
+    groups = [(None, frame)] if not label or label not in frame.columns else [
+        (lab, frame[frame[label] == lab]) for lab in order_labels(list(frame[label].unique()))
+    ]
+    for lab, d in groups:
+        ax.scatter(d[predicted], d[measured], s=12, alpha=0.7, color=color_for(str(lab)) if lab is not None else None,
+                   label=None if lab is None else str(lab))
+    lim = float(np.nanmax(np.abs(frame[[predicted, measured]].to_numpy()))) if len(frame) else 1.0
+    ax.plot([-lim, lim], [-lim, lim], color="k", ls="--", lw=0.9)
+    ax.set_xlabel("predicted Δ log π(y⁺) (first order, head)")
+    ax.set_ylabel("measured Δ log π(y⁺)")
+    if label and label in frame.columns:
+        ax.legend(frameon=False, fontsize="small")
+    return ax

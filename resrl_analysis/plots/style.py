@@ -1,0 +1,106 @@
+"""One paper style and one colour per algorithm, fixed across every figure."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib
+
+if os.environ.get("DISPLAY", "") == "" and "MPLBACKEND" not in os.environ:
+    matplotlib.use("Agg")  # headless machines (CI, the GPU box) have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+__all__ = ["ALGORITHM_COLORS", "ALGORITHM_ORDER", "color_for", "paper_style", "save_figure", "new_axes"]
+
+_palette = sns.color_palette("colorblind", 10)
+ALGORITHM_ORDER = ["grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl", "base"]
+ALGORITHM_COLORS: dict[str, tuple[float, float, float]] = {
+    "grpo": _palette[0],
+    "psr": _palette[2],
+    "nsr": _palette[3],
+    "w-reinforce": _palette[4],
+    "nthr": _palette[8],
+    "resrl": _palette[1],
+    "base": (0.45, 0.45, 0.45),
+}
+_extra = sns.color_palette("dark", 10)
+
+
+def color_for(label: str) -> tuple[float, float, float]:
+    """The fixed colour of an algorithm (or a stable one for any other label).
+
+    >>> color_for("resrl") == ALGORITHM_COLORS["resrl"]
+    True
+    >>> color_for("my-run") == color_for("my-run")
+    True
+    """
+    key = str(label).lower()
+    if key in ALGORITHM_COLORS:
+        return ALGORITHM_COLORS[key]
+    for name in ALGORITHM_ORDER:  # "resrl-seed1" keeps ResRL's colour
+        if key.startswith(name):
+            return ALGORITHM_COLORS[name]
+    return _extra[sum(map(ord, key)) % len(_extra)]
+
+
+def order_labels(labels: Sequence[str]) -> list[str]:
+    """Labels in the canonical algorithm order, others after, alphabetically.
+
+    >>> order_labels(["resrl", "zeta", "grpo"])
+    ['grpo', 'resrl', 'zeta']
+    """
+    rank = {n: i for i, n in enumerate(ALGORITHM_ORDER)}
+    return sorted(dict.fromkeys(labels), key=lambda s: (rank.get(str(s).lower(), len(rank)), str(s)))
+
+
+@contextmanager
+def paper_style() -> Iterator[None]:
+    """Seaborn paper context with white grid, restored on exit.
+
+    >>> with paper_style():
+    ...     pass
+    """
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.2), plt.rc_context(
+        {"figure.dpi": 110, "savefig.bbox": "tight", "axes.spines.top": False, "axes.spines.right": False}
+    ):
+        yield
+
+
+def new_axes(ax=None, figsize: tuple[float, float] = (5.0, 3.6)):
+    """Return ``ax`` or a fresh one (and its figure)."""
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=figsize)
+    return fig, ax
+
+
+def save_figure(fig, stem: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Write ``fig`` as STEM.png and STEM.pdf, each atomically (temp file, then rename).
+
+    >>> import matplotlib.pyplot as plt, tempfile, pathlib
+    >>> fig, _ = plt.subplots(); d = tempfile.mkdtemp()
+    >>> [p.suffix for p in save_figure(fig, pathlib.Path(d) / "x")]
+    ['.png', '.pdf']
+    """
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for fmt in formats:
+        target = stem.with_suffix(f".{fmt}")
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=stem.parent)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format=fmt, dpi=150)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        out.append(target)
+    plt.close(fig)
+    return out
