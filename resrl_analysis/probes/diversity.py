@@ -1,0 +1,292 @@
+"""Sampling probes: pass@k, Avg@n, distinct-n, self-BLEU and distinct final answers (DESIGN §2).
+
+For every prompt of the probe set, ``n`` responses are sampled from the checkpoint at a given
+temperature (pure sampling: no top-k, no top-p; seeded per prompt, the global RNG left as it
+was) with Hugging Face ``generate``. A response is correct when ``reward_fn(text, ground_truth)``
+is > 0; the unbiased pass@k (:func:`resrl_analysis.ops.pass_at_k`) is reported for every k ≤ n.
+Diversity is measured in model tokens (distinct-n, self-BLEU) and in final answers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..checkpoints import ProbeSet
+from ..ops import avg_at_n, pass_at_k_curve
+from ..results import DiversityResult
+from .capture import model_device
+
+__all__ = [
+    "RewardFn",
+    "exact_match_reward",
+    "math_verify_reward",
+    "default_reward_fn",
+    "final_answer",
+    "distinct_n",
+    "sentence_bleu",
+    "self_bleu",
+    "sample_responses",
+    "diversity_probe",
+]
+
+RewardFn = Callable[[str, str], float]
+
+
+def exact_match_reward(response_text: str, ground_truth: str) -> float:
+    """1.0 iff the stripped response equals the stripped ground truth (never for an empty response).
+
+    >>> exact_match_reward(" 1081 ", "1081"), exact_match_reward("108", "1081"), exact_match_reward("", "")
+    (1.0, 0.0, 0.0)
+    """
+    answer = response_text.strip()
+    return float(bool(answer) and answer == ground_truth.strip())
+
+
+def math_verify_reward(response_text: str, ground_truth: str) -> float:
+    """1.0 iff math-verify judges the response's final answer equal to the ground truth.
+
+    Needs the ``math_verify`` package. A bare ground truth is wrapped in ``\\boxed{}`` so that it
+    parses as LaTeX and as a number.
+
+    >>> math_verify_reward("so it is $\\\\boxed{\\\\frac{1}{2}}$", "0.5")  # doctest: +SKIP
+    1.0
+    """
+    from math_verify import parse, verify
+
+    gold_text = ground_truth if ("\\boxed" in ground_truth or "$" in ground_truth) else f"\\boxed{{{ground_truth}}}"
+    gold = parse(gold_text)
+    answer = parse(response_text)
+    if not gold or not answer:
+        return 0.0
+    return float(verify(gold, answer))
+
+
+def default_reward_fn(data_source: str = "") -> RewardFn:
+    """Exact match for the tiny multiplication task (and whenever math-verify is missing), else math-verify.
+
+    >>> default_reward_fn("multiplication") is exact_match_reward
+    True
+    """
+    if data_source in ("", "multiplication"):
+        return exact_match_reward
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        return exact_match_reward
+    return math_verify_reward
+
+
+_BOXED = re.compile(r"\\boxed\{")
+
+
+def final_answer(text: str) -> str:
+    """The response's final answer: the content of its last ``\\boxed{...}``, else the stripped text.
+
+    >>> final_answer(" 42 "), final_answer("thus $\\\\boxed{\\\\frac{1}{2}}$.")
+    ('42', '\\\\frac{1}{2}')
+    """
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return text.strip()
+    i, depth = starts[-1], 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return text[i:].strip()
+
+
+def _ngrams(seq: Sequence[Hashable], n: int) -> list[tuple]:
+    return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+
+
+def distinct_n(sequences: Sequence[Sequence[Hashable]], n: int) -> float:
+    """Distinct-n: unique n-grams / total n-grams over all sequences (NaN when there is none).
+
+    >>> distinct_n([["a", "b", "c"], ["a", "b", "d"]], 1), distinct_n([["a", "b", "c"], ["a", "b", "d"]], 2)
+    (0.6666666666666666, 0.75)
+    """
+    grams = [g for s in sequences for g in _ngrams(s, n)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def sentence_bleu(hypothesis: Sequence[Hashable], references: Sequence[Sequence[Hashable]], max_n: int = 4,
+                  smoothing: float = 0.1) -> float:
+    """BLEU of one hypothesis against references (uniform weights over n = 1..max_n).
+
+    Modified n-gram precisions (counts clipped by the maximum count in any reference), a zero
+    match count replaced by ``smoothing`` (as NLTK's method 1), orders longer than the hypothesis
+    dropped (weights renormalised), and the brevity penalty against the closest reference length.
+    An empty hypothesis or no reference scores 0.
+
+    >>> sentence_bleu("a b c d".split(), ["a b c d".split()])
+    1.0
+    >>> round(sentence_bleu("a b c d".split(), ["a b c e".split()]), 4)  # (3/4 · 2/3 · 1/2 · 0.1/1) ** (1/4)
+    0.3976
+    """
+    if not hypothesis or not references:
+        return 0.0
+    orders = range(1, min(max_n, len(hypothesis)) + 1)
+    log_p = 0.0
+    for n in orders:
+        hyp = Counter(_ngrams(hypothesis, n))
+        best: Counter = Counter()
+        for ref in references:
+            for gram, c in Counter(_ngrams(ref, n)).items():
+                best[gram] = max(best[gram], c)
+        match = sum(min(c, best[gram]) for gram, c in hyp.items())
+        total = sum(hyp.values())
+        log_p += math.log((match if match > 0 else smoothing) / total)
+    log_p /= len(orders)
+    h = len(hypothesis)
+    r = min((len(ref) for ref in references), key=lambda L: (abs(L - h), L))
+    bp = 1.0 if h > r else math.exp(1 - r / h)
+    return bp * math.exp(log_p)
+
+
+def self_bleu(sequences: Sequence[Sequence[Hashable]], max_n: int = 4) -> float:
+    """Mean BLEU of each sequence against all the others (higher = less diverse); NaN for < 2.
+
+    >>> self_bleu([["x", "y"], ["x", "y"], ["x", "y"]])
+    1.0
+    """
+    if len(sequences) < 2:
+        return float("nan")
+    return float(np.mean([sentence_bleu(s, [o for j, o in enumerate(sequences) if j != i], max_n)
+                          for i, s in enumerate(sequences)]))
+
+
+@torch.no_grad()
+def sample_responses(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    n: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> list[list[int]]:
+    """``n`` responses to one prompt by pure sampling (``top_k=0``, ``top_p=1``), cut after the first EOS
+    (EOS kept, as in a rollout). Seeded with ``seed``; the global RNG state is restored afterwards.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
+    >>> r = sample_responses(m, [1, 5], 3, max_new_tokens=4, eos_token_id=2, seed=0)
+    >>> len(r), all(1 <= len(x) <= 4 for x in r), r == sample_responses(m, [1, 5], 3, max_new_tokens=4, eos_token_id=2)
+    (3, True, True)
+    """
+    from transformers import GenerationConfig
+
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dev = model_device(model)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=dev).expand(n, -1)  # (n, P)
+    gc = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+    gen = out[:, ids.shape[1] :].tolist()
+    result = []
+    for row in gen:
+        if eos_token_id is not None and eos_token_id in row:
+            row = row[: row.index(eos_token_id) + 1]
+        result.append(row)
+    return result
+
+
+def diversity_probe(
+    model: nn.Module,
+    tokenizer,
+    probe_set: ProbeSet,
+    *,
+    n_samples: int = 8,
+    temperature: float = 1.0,
+    max_new_tokens: int | None = None,
+    seed: int = 0,
+    reward_fn: RewardFn | None = None,
+    answer_fn: Callable[[str], str] = final_answer,
+    step: int = 0,
+) -> DiversityResult:
+    """Sample ``n_samples`` responses per probe prompt and measure accuracy and diversity.
+
+    Args:
+        tokenizer: decodes the samples (special tokens skipped, EOS cut).
+        max_new_tokens: default the longest response in the probe set.
+        seed: prompt i is sampled with seed ``seed * 1_000_003 + group_id`` (reproducible, and
+            independent of which other prompts are probed).
+        reward_fn: ``reward_fn(response_text, ground_truth) -> float``, correct when > 0; default
+            :func:`default_reward_fn` of the probe set's data source. Prompts without a ground truth
+            get NaN correctness (listed in ``meta["skipped"]``).
+        answer_fn: extracts the final answer for the distinct-answer fraction.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> class Tok:  # any object with decode() and eos_token_id will do
+    ...     eos_token_id, pad_token_id = 2, 0
+    ...     def decode(self, ids, skip_special_tokens=True): return " ".join(map(str, ids))
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
+    >>> ps = ProbeSet((ProbeGroup(0, (1, 5), ((6, 2),), (1.0,), ground_truth="6"),))
+    >>> r = diversity_probe(m, Tok(), ps, n_samples=4, max_new_tokens=3)
+    >>> r.pass_at_k.k.tolist(), len(r.samples)
+    ([1, 2, 3, 4], 4)
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, list) else eos
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    max_new = max_new_tokens or max(len(r) for g in probe_set.groups for r in g.response_ids)
+    sources = {g.data_source for g in probe_set.groups}
+    rf = reward_fn or default_reward_fn(sources.pop() if len(sources) == 1 else "")
+    prows, srows, skipped = [], [], []
+    counts, correct_matrix = [], []
+    for g in probe_set.groups:
+        ids = sample_responses(model, g.prompt_ids, n_samples, max_new_tokens=max_new, temperature=temperature,
+                               seed=seed * 1_000_003 + g.group_id, eos_token_id=eos, pad_token_id=pad)
+        texts = [tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True) for r in ids]
+        answers = [answer_fn(t) for t in texts]
+        if g.ground_truth is not None:
+            rewards = [float(rf(t, g.ground_truth)) for t in texts]
+            correct = [r > 0 for r in rewards]
+            counts.append(sum(correct))
+            correct_matrix.append(correct)
+            n_correct, acc = float(sum(correct)), float(np.mean(correct))
+        else:
+            rewards = [float("nan")] * n_samples
+            n_correct = acc = float("nan")
+            skipped.append({"step": step, "group_id": g.group_id, "reason": "no ground truth: correctness not scored"})
+        prows.append({"step": step, "group_id": g.group_id, "prompt_uid": g.prompt_uid, "n_samples": n_samples,
+                      "n_correct": n_correct, "accuracy": acc, "distinct_1": distinct_n(ids, 1),
+                      "distinct_2": distinct_n(ids, 2), "distinct_3": distinct_n(ids, 3), "self_bleu": self_bleu(ids),
+                      "distinct_answer_frac": len(set(answers)) / n_samples,
+                      "mean_length": float(np.mean([len(r) for r in ids]))})
+        srows += [{"step": step, "group_id": g.group_id, "sample_index": i, "response": t, "answer": a, "reward": r,
+                   "n_tokens": len(x)} for i, (t, a, r, x) in enumerate(zip(texts, answers, rewards, ids))]
+    krows = []
+    if counts:
+        curve = pass_at_k_curve(n_samples, counts)
+        avg = avg_at_n(np.asarray(correct_matrix, dtype=np.float64))
+        krows = [{"step": step, "k": k + 1, "pass_at_k": float(v), "avg_at_n": avg, "n_prompts": len(counts)}
+                 for k, v in enumerate(curve)]
+    meta = {"n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new, "seed": seed,
+            "reward_fn": getattr(rf, "__name__", repr(rf)), "units": "model tokens",
+            "probe_set": probe_set.describe(), "skipped": skipped}
+    return DiversityResult(prompts=pd.DataFrame(prows), pass_at_k=pd.DataFrame(krows), samples=pd.DataFrame(srows),
+                           meta=meta)

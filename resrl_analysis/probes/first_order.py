@@ -1,0 +1,274 @@
+"""First-order prediction of one SGD step's effect on log π(y), from one forward pass (DESIGN §2).
+
+For the loss L = −(1/Z) Σ_{j,s} A_{j,s} log p_{j,s}[y_{j,s}] of one group (Z = its number of
+response tokens, token-mean), one SGD step of size η on the head matrix W moves W by
+(η/Z) Σ A_{j,s} g_{j,s}, so for every response i
+
+    Δ log π(y_i) ≈ (η/Z) Σ_t Σ_{j,s} A_{j,s} <g_{i,t}, g_{j,s}>,
+
+split into the terms with j positive and j negative (the driver of lazy likelihood displacement).
+The inner products come from the factorised core (:func:`resrl_analysis.interference.head_gradient_inner`);
+the advantages from :func:`resrl_analysis.ops.group_advantages` (GRPO, PSR, NSR, W-REINFORCE),
+:func:`resrl_analysis.weighting.resrl_weight_details` (ResRL) and
+:func:`resrl_analysis.interference.nthr_token_weights` (NTHR). The prediction is checked against a
+real SGD step of the head alone (:func:`head_step_delta`, autograd; agrees to first order in η)
+and reported beside a real SGD step of the whole model (:func:`full_step_delta`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from ..checkpoints import ProbeSet
+from ..interference import head_gradient_inner, nthr_token_weights
+from ..ops import ADVANTAGE_ESTIMATORS, group_advantages, token_logprobs
+from ..results import FirstOrderResult
+from ..weighting import ResRLWeightConfig, resrl_weight_details
+from .capture import (
+    GroupForward,
+    forward_probe_set,
+    group_batch,
+    model_device,
+    pad_id_of,
+    response_logits,
+    token_probs,
+)
+
+__all__ = [
+    "ALGORITHMS",
+    "AdvantageOptions",
+    "token_advantages",
+    "predict_delta",
+    "head_step_delta",
+    "full_step_delta",
+    "first_order_prediction",
+]
+
+ALGORITHMS: tuple[str, ...] = ("grpo", "psr", "nsr", "w-reinforce", "resrl", "nthr")
+
+
+@dataclass(frozen=True)
+class AdvantageOptions:
+    """How each algorithm's per-token advantages are formed (defaults as DESIGN §2)."""
+
+    pos_weight: float = 0.1
+    """ResRL: positive responses' advantages are multiplied by this."""
+    w_lambda: float = 0.1
+    """W-REINFORCE: advantage of a correct response."""
+    nthr_beta: float = 1.0
+    """NTHR: threshold factor β."""
+    resrl: ResRLWeightConfig = field(default_factory=lambda: ResRLWeightConfig(svd="exact"))
+    """ResRL weight hyper-parameters (exact SVD by default: deterministic probes)."""
+    resrl_layer: str = "penultimate"
+    """Hidden state the ResRL weights use: ``penultimate`` (the paper) or ``head_input``."""
+    seed: int = 0
+    """Seeds the ResRL sub-sampling / randomized SVD."""
+
+
+def token_advantages(fwd: GroupForward, algorithm: str, options: AdvantageOptions | None = None) -> Tensor:
+    """Per-token advantages (G, T) float32 of ``algorithm`` for one group (0 on padding).
+
+    ``grpo``/``psr``/``nsr``/``w-reinforce``: the sequence advantage on every token. ``resrl``: GRPO
+    advantages, positives × ``pos_weight``, negative tokens × ω. ``nthr``: GRPO advantages × the NTHR
+    multipliers.
+    """
+    o = options or AdvantageOptions()
+    G = fwd.mask.shape[0]
+    gids = torch.zeros(G, dtype=torch.long, device=fwd.mask.device)
+    base = "grpo" if algorithm in ("resrl", "nthr") else algorithm
+    if base not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
+    adv = group_advantages(fwd.rewards.float(), gids, base, w_lambda=o.w_lambda)  # (G,)
+    tok = adv[:, None].expand_as(fwd.mask).clone().float()  # (G, T)
+    if algorithm == "resrl":
+        if fwd.penultimate is None or fwd.head_input is None:
+            raise ValueError("resrl advantages need hidden states (forward with keep_hidden=True)")
+        hidden = fwd.penultimate if o.resrl_layer == "penultimate" else fwd.head_input
+        c = o.resrl
+        w = resrl_weight_details(hidden, fwd.mask, fwd.is_positive, gids, rank=c.rank,
+                                 max_pos_tokens=c.max_pos_tokens, q_low=c.q_low, q_high=c.q_high,
+                                 min_weight=c.min_weight, niter=c.niter, svd=c.svd, min_pos_tokens=c.min_pos_tokens,
+                                 generator=torch.Generator().manual_seed(o.seed)).weights  # (G, T)
+        tok = tok * w.to(tok.device)
+        tok[fwd.is_positive] *= o.pos_weight
+    elif algorithm == "nthr":
+        if fwd.logits is None or fwd.head_input is None:
+            raise ValueError("nthr advantages need logits and head inputs (keep_hidden=True, keep_logits=True)")
+        w = nthr_token_weights(fwd.head_input, fwd.logits, fwd.labels, fwd.mask, fwd.is_positive, gids,
+                               beta=o.nthr_beta).weights  # (G, T)
+        tok = tok * w.to(tok.device)
+    return torch.where(fwd.mask, tok, torch.zeros((), device=tok.device))
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def predict_delta(fwd: GroupForward, advantages: Tensor | Sequence[Tensor], lr: float, *,
+                  chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Predicted Δ log π(y_i) of every response from a head-only SGD step, split by source.
+
+    Args:
+        fwd: a forward with head inputs and logits.
+        advantages: (G, T) per-token advantages, or a list of them (one column pair each: the
+            token-pair products are computed once for all).
+        lr: the step size η.
+
+    Returns:
+        (from positives, from negatives), each (G,) — or (G, n) for a list of n advantage tensors.
+    """
+    single = isinstance(advantages, Tensor)
+    advs = [advantages] if single else list(advantages)
+    G = fwd.mask.shape[0]
+    rows = torch.arange(G, device=fwd.mask.device)
+    tok = fwd.tokens(rows)
+    cdt = _compute_dtype(tok["h"])
+    h, y, row = tok["h"].to(cdt), tok["y"], tok["row"]  # (N, d), (N,), (N,)
+    p = token_probs(tok["logits"]).to(cdt)  # (N, V): one group's probabilities only
+    pos = fwd.is_positive[row]  # (N,)
+    a = torch.stack([adv[fwd.mask].to(cdt) for adv in advs], 1)  # (N, n)
+    w = torch.cat([a * pos[:, None], a * ~pos[:, None]], 1)  # (N, 2n): [positive sources | negative sources]
+    out = torch.zeros(h.shape[0], w.shape[1], dtype=cdt, device=h.device)  # (N, 2n)
+    for s in range(0, h.shape[0], chunk):
+        K = head_gradient_inner(h[s : s + chunk], p[s : s + chunk], y[s : s + chunk], h, p, y)  # (c, N)
+        out[s : s + chunk] = K @ w
+    Z = h.shape[0]
+    per_resp = torch.zeros(G, w.shape[1], dtype=cdt, device=h.device).index_add_(0, row, out) * (lr / Z)  # (G, 2n)
+    n = len(advs)
+    from_pos, from_neg = per_resp[:, :n], per_resp[:, n:]
+    return (from_pos[:, 0], from_neg[:, 0]) if single else (from_pos, from_neg)
+
+
+def head_step_delta(fwd: GroupForward, advantages: Tensor, lr: float, head: nn.Module, *,
+                    dtype: torch.dtype | None = None) -> Tensor:
+    """Real Δ log π(y_i) (G,) after one SGD step of size ``lr`` on the head matrix alone (autograd).
+
+    The head inputs stay fixed (the body is frozen) and logits are recomputed as W h (+ bias); the
+    bias is not stepped. ``dtype`` (default: the head input's, at least float32) is the precision of
+    this check: float64 shows the first-order agreement down to small steps.
+    """
+    G = fwd.mask.shape[0]
+    tok = fwd.tokens(torch.arange(G, device=fwd.mask.device))
+    cdt = dtype or _compute_dtype(tok["h"])
+    h, y, row = tok["h"].to(cdt), tok["y"], tok["row"]  # (N, d), (N,), (N,)
+    a = advantages[fwd.mask].to(cdt)  # (N,)
+    bias = head.bias.detach().to(cdt) if getattr(head, "bias", None) is not None else None
+    W = head.weight.detach().to(cdt).clone().requires_grad_(True)  # (V, d)
+
+    def logp_of(Wm: Tensor, chunk: int = 1024) -> Tensor:
+        # A plain log-softmax in ``cdt``, independent of the core (this is the reference), and in row
+        # chunks so no (N, V) temporary beyond autograd's own is made; ops.token_logprobs would
+        # round to float32.
+        parts = []
+        for s in range(0, h.shape[0], chunk):
+            z = h[s : s + chunk] @ Wm.T  # (c, V)
+            z = z + bias if bias is not None else z
+            parts.append(torch.log_softmax(z, -1).gather(-1, y[s : s + chunk, None]).squeeze(-1))
+        return torch.cat(parts)  # (N,)
+
+    with torch.enable_grad():
+        lp0 = logp_of(W)
+        loss = -(a * lp0).sum() / h.shape[0]
+        (g,) = torch.autograd.grad(loss, W)
+    with torch.no_grad():
+        lp1 = logp_of(W - lr * g)
+    return torch.zeros(G, dtype=cdt, device=h.device).index_add_(0, row, lp1 - lp0.detach())
+
+
+def full_step_delta(model: nn.Module, fwd: GroupForward, advantages: Tensor, lr: float, *,
+                    pad_id: int = 0) -> Tensor:
+    """Real Δ log π(y_i) (G,) after one SGD step of size ``lr`` on every trainable parameter.
+
+    The parameters are copied before the step and restored afterwards (also on error), so the
+    model is unchanged on return. Same loss as the prediction (token-mean over the group).
+    """
+    batch = group_batch(fwd.group, model_device(model), pad_id)
+    mask = batch.mask
+    adv = advantages.to(mask.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        logits, _, _ = response_logits(model, batch)
+        lp = token_logprobs(logits, batch.labels)  # (G, T)
+        loss = -(adv * lp * mask).sum() / mask.sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    lp0 = (lp.detach() * mask).sum(1)  # (G,)
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.add_(g, alpha=-lr)
+            lp1 = (token_logprobs(response_logits(model, batch)[0], batch.labels) * mask).sum(1)  # (G,)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    return lp1 - lp0
+
+
+def first_order_prediction(
+    model: nn.Module,
+    probe_set: ProbeSet,
+    *,
+    algorithms: Sequence[str] = ALGORITHMS,
+    lr: float = 1e-3,
+    head_step: bool = True,
+    full_step: bool = False,
+    step: int = 0,
+    forwards: Sequence[GroupForward] | None = None,
+    options: AdvantageOptions | None = None,
+    head_step_dtype: torch.dtype | None = None,
+) -> FirstOrderResult:
+    """Predicted (head-only, first-order) Δ log π(y) of one SGD step for every probe response and
+    algorithm, split into the contributions of positive and negative responses; with ``head_step``
+    beside the real head-only step, with ``full_step`` beside a real whole-model step.
+
+    Every group is probed (a group without negatives has no negative contribution; GRPO gives a
+    group without a mixed reward zero advantages); ``groups`` records each group's status.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
+    >>> ps = ProbeSet((ProbeGroup(0, (1, 5), ((6, 2), (7, 8, 2), (9, 2)), (1.0, 0.0, 0.0)),))
+    >>> df = first_order_prediction(m, ps, algorithms=["grpo"]).to_frame()
+    >>> bool(((df.predicted - df.predicted_from_pos - df.predicted_from_neg).abs() < 1e-9).all())
+    True
+    """
+    for alg in algorithms:
+        if alg not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {alg!r}; expected one of {ALGORITHMS}")
+    options = options or AdvantageOptions()
+    pad_id = pad_id_of(model)
+    if forwards is None:
+        forwards = forward_probe_set(model, probe_set, pad_id=pad_id)
+    head = model.get_output_embeddings()
+    rows, grows = [], []
+    for fwd in forwards:
+        g = fwd.group
+        advs = [token_advantages(fwd, alg, options) for alg in algorithms]
+        from_pos, from_neg = predict_delta(fwd, advs, lr)  # (G, n) each
+        n_tok = fwd.mask.sum(1)
+        for k, alg in enumerate(algorithms):
+            act_head = head_step_delta(fwd, advs[k], lr, head, dtype=head_step_dtype) if head_step else None
+            act_full = full_step_delta(model, fwd, advs[k], lr, pad_id=pad_id) if full_step else None
+            grows.append({"step": step, "group_id": g.group_id, "prompt_uid": g.prompt_uid, "algorithm": alg,
+                          "status": g.status, "n_pos": g.n_positive, "n_neg": g.n_negative,
+                          "loss_tokens": int(fwd.mask.sum())})
+            for i in range(g.n_responses):
+                fp, fn = float(from_pos[i, k]), float(from_neg[i, k])
+                rows.append({"step": step, "group_id": g.group_id, "prompt_uid": g.prompt_uid, "algorithm": alg,
+                             "response_index": i, "is_positive": bool(fwd.is_positive[i]), "n_tokens": int(n_tok[i]),
+                             "lr": lr, "predicted": fp + fn, "predicted_from_pos": fp, "predicted_from_neg": fn,
+                             "actual_head": float(act_head[i]) if act_head is not None else float("nan"),
+                             "actual_full": float(act_full[i]) if act_full is not None else float("nan")})
+    meta = {"lr": lr, "algorithms": list(algorithms), "loss": "token-mean over the group's response tokens",
+            "head_step": head_step, "full_step": full_step, "pos_weight": options.pos_weight,
+            "w_lambda": options.w_lambda, "nthr_beta": options.nthr_beta, "resrl_layer": options.resrl_layer,
+            "probe_set": probe_set.describe(), "skipped": []}
+    return FirstOrderResult(predictions=pd.DataFrame(rows), groups=pd.DataFrame(grows), meta=meta)

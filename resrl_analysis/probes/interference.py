@@ -1,0 +1,193 @@
+"""Interference between a group's positive and negative tokens: the head's picture and the model's.
+
+Per mixed group (DESIGN §2):
+
+- token level: the exact cosine cos(g⁺, g⁻) of the head gradients of every positive×negative
+  token pair, from the factorised core (two matrix products and gathers; never a V×d gradient,
+  never a (Tp, Tn, V) tensor), summarised (mean, quantiles, fraction > 0) plus a bounded sample of
+  raw cosines for histograms. A positive cosine means that pushing the negative token down also
+  pushes the positive token down;
+- group level: the cosine between the advantage-weighted summed head gradients of the positive
+  and of the negative responses (:func:`resrl_analysis.interference.group_gradient_alignment`);
+- NTHR scores, threshold and flags per negative token (:func:`resrl_analysis.interference.nthr_token_weights`);
+- optionally the whole model's gradient cosine between the positive and the negative parts of the
+  loss (autograd, two backward passes), with its head-matrix block beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from ..checkpoints import ProbeSet
+from ..interference import group_gradient_alignment, head_gradient_cosine, nthr_token_weights
+from ..ops import group_advantages, token_logprobs
+from ..results import InterferenceResult
+from .capture import (
+    GroupForward,
+    forward_probe_set,
+    group_batch,
+    model_device,
+    pad_id_of,
+    response_logits,
+    token_probs,
+)
+
+__all__ = ["interference_probe", "full_model_gradient_cosine", "QUANTILES"]
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def full_model_gradient_cosine(model: nn.Module, fwd: GroupForward, advantages: Tensor, *, pad_id: int = 0) -> dict:
+    """Cosine between ∇θ L⁺ and ∇θ L⁻, the gradients of the positive and negative parts of the group's
+    token-mean loss L = −(1/Z) Σ A log p (autograd: one forward, two backward passes).
+
+    Returns ``full_update_cosine`` (all trainable parameters), ``full_update_inner``, and
+    ``full_head_cosine`` (the LM head matrix's block only; with tied embeddings it also carries the
+    input-embedding gradient).
+    """
+    batch = group_batch(fwd.group, model_device(model), pad_id)
+    mask, pos = batch.mask, batch.is_positive
+    adv = advantages.to(mask.device)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    head_w = model.get_output_embeddings().weight
+    with torch.enable_grad():
+        logits, _, _ = response_logits(model, batch)
+        lp = token_logprobs(logits, batch.labels)  # (G, T)
+        Z = mask.sum()
+        l_pos = -(adv * lp * (mask & pos[:, None])).sum() / Z
+        l_neg = -(adv * lp * (mask & ~pos[:, None])).sum() / Z
+        g_pos = torch.autograd.grad(l_pos, params, retain_graph=True, allow_unused=True)
+        g_neg = torch.autograd.grad(l_neg, params, allow_unused=True)
+    inner = npos = nneg = 0.0
+    h_inner = h_pos = h_neg = 0.0
+    for p, a, b in zip(params, g_pos, g_neg):
+        a64 = a.double() if a is not None else None
+        b64 = b.double() if b is not None else None
+        ab = float((a64 * b64).sum()) if a64 is not None and b64 is not None else 0.0
+        aa = float((a64 * a64).sum()) if a64 is not None else 0.0
+        bb = float((b64 * b64).sum()) if b64 is not None else 0.0
+        inner, npos, nneg = inner + ab, npos + aa, nneg + bb
+        if p is head_w:
+            h_inner, h_pos, h_neg = ab, aa, bb
+
+    def cos(i: float, x: float, y: float) -> float:
+        d = (x * y) ** 0.5
+        return i / d if d > 1e-300 else float("nan")
+
+    return {"full_update_cosine": cos(inner, npos, nneg), "full_update_inner": inner,
+            "full_head_cosine": cos(h_inner, h_pos, h_neg)}
+
+
+def _summary(c: np.ndarray, quantiles: Sequence[float]) -> dict:
+    qs = np.quantile(c, quantiles)
+    out = {"cos_mean": float(c.mean()), "cos_std": float(c.std()), "cos_min": float(c.min()),
+           "cos_max": float(c.max()), "cos_frac_positive": float((c > 0).mean())}
+    for q, v in zip(quantiles, qs):
+        out[f"cos_q{round(q * 100):02d}"] = float(v)
+    return out
+
+
+def interference_probe(
+    model: nn.Module,
+    probe_set: ProbeSet,
+    *,
+    step: int = 0,
+    forwards: Sequence[GroupForward] | None = None,
+    advantage: str = "grpo",
+    full_model: bool = False,
+    max_cosine_samples: int = 256,
+    nthr_beta: float = 1.0,
+    seed: int = 0,
+) -> InterferenceResult:
+    """Token-level and group-level head-gradient interference, NTHR scores and (optionally) the
+    whole-model gradient cosine, for every mixed group of the probe set.
+
+    Groups without both a positive and a negative response get a row with their ``status``
+    (``no_positive`` / ``no_negative``) and NaN measurements, and are listed in ``meta["skipped"]``.
+
+    Args:
+        advantage: the estimator (:func:`resrl_analysis.ops.group_advantages`) weighting the summed
+            gradients in the group-level and whole-model cosines.
+        full_model: also run the autograd whole-model cosine (two backward passes per group).
+        max_cosine_samples: raw cosines kept per group (uniform sample, seeded) for histograms.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)).eval()
+    >>> ps = ProbeSet((ProbeGroup(0, (1, 5), ((6, 2), (7, 8, 2), (9, 2)), (1.0, 0.0, 0.0)),))
+    >>> r = interference_probe(m, ps, full_model=True)
+    >>> row = r.to_frame().iloc[0]
+    >>> row.status, len(r.tokens), bool(abs(row.head_update_cosine - row.full_head_cosine) < 1e-4)
+    ('ok', 5, True)
+    """
+    pad_id = pad_id_of(model)
+    if forwards is None:
+        forwards = forward_probe_set(model, probe_set, pad_id=pad_id)
+    grows, trows, srows, skipped = [], [], [], []
+    for fwd in forwards:
+        g = fwd.group
+        base = {"step": step, "group_id": g.group_id, "prompt_uid": g.prompt_uid, "n_pos": g.n_positive,
+                "n_neg": g.n_negative}
+        if not g.is_mixed:
+            grows.append({**base, "status": g.status, "n_pos_tokens": 0, "n_neg_tokens": 0})
+            skipped.append({"step": step, "group_id": g.group_id, "reason": g.status})
+            continue
+        dev = fwd.mask.device
+        G = fwd.mask.shape[0]
+        rows = torch.arange(G, device=dev)
+        prow, nrow = rows[fwd.is_positive], rows[~fwd.is_positive]
+        tp, tn = fwd.tokens(prow), fwd.tokens(nrow)
+        cdt = torch.promote_types(tp["h"].dtype, torch.float32)
+        hp, hn = tp["h"].to(cdt), tn["h"].to(cdt)  # (Tp, d), (Tn, d)
+        pp, pn = token_probs(tp["logits"]).to(cdt), token_probs(tn["logits"]).to(cdt)  # (Tp, V), (Tn, V)
+        cos = head_gradient_cosine(hp, pp, tp["y"], hn, pn, tn["y"])  # (Tp, Tn)
+        c = cos.detach().double().cpu().numpy()
+        summary = _summary(c.ravel(), QUANTILES)
+        # Group level: the positive and the negative parts of the update, weighted by the advantages.
+        gids = torch.zeros(G, dtype=torch.long, device=dev)
+        adv = group_advantages(fwd.rewards.float(), gids, advantage)  # (G,)
+        al = group_gradient_alignment(hp, pp, tp["y"], adv[tp["row"]].to(cdt), hn, pn, tn["y"],
+                                      adv[tn["row"]].to(cdt))
+        nt = nthr_token_weights(fwd.head_input, fwd.logits, fwd.labels, fwd.mask, fwd.is_positive, gids,
+                                beta=nthr_beta)
+        nmask = fwd.mask[nrow]
+        scores, flags, wts = nt.scores[nrow][nmask], nt.flagged[nrow][nmask], nt.weights[nrow][nmask]  # (Tn,)
+        info = nt.groups[0]
+        full = {"full_update_cosine": np.nan, "full_head_cosine": np.nan}
+        if full_model:
+            adv_tok = adv[:, None].expand_as(fwd.mask).float()  # (G, T)
+            f = full_model_gradient_cosine(model, fwd, adv_tok, pad_id=pad_id)
+            full = {"full_update_cosine": f["full_update_cosine"], "full_head_cosine": f["full_head_cosine"]}
+        grows.append({**base, "status": "ok", "n_pos_tokens": int(hp.shape[0]), "n_neg_tokens": int(hn.shape[0]),
+                      **summary, "head_update_inner": al.inner, "head_update_cosine": al.cosine,
+                      "nthr_tau": info.get("tau", np.nan), "nthr_eta": info.get("eta", np.nan),
+                      "nthr_flagged_frac": float(flags.float().mean()), **full})
+        c_mean, c_max, c_pos = c.mean(0), c.max(0), (c > 0).mean(0)  # (Tn,) each
+        for j in range(hn.shape[0]):
+            trows.append({"step": step, "group_id": g.group_id, "response_index": int(tn["row"][j]),
+                          "position": int(tn["pos"][j]), "token_id": int(tn["y"][j]), "cos_mean": float(c_mean[j]),
+                          "cos_max": float(c_max[j]), "cos_frac_positive": float(c_pos[j]),
+                          "nthr_score": float(scores[j]), "nthr_flagged": bool(flags[j]),
+                          "nthr_weight": float(wts[j])})
+        flat = c.ravel()
+        if flat.size > max_cosine_samples:
+            rng = np.random.default_rng([seed, step, g.group_id])
+            flat = flat[np.sort(rng.choice(flat.size, max_cosine_samples, replace=False))]
+        srows += [{"step": step, "group_id": g.group_id, "cosine": float(v)} for v in flat]
+    meta = {"advantage": advantage, "full_model": full_model, "nthr_beta": nthr_beta,
+            "max_cosine_samples": max_cosine_samples, "quantiles": list(QUANTILES), "seed": seed,
+            "tied_embeddings": _tied(model), "probe_set": probe_set.describe(), "skipped": skipped}
+    return InterferenceResult(groups=pd.DataFrame(grows), tokens=pd.DataFrame(trows),
+                              cosine_samples=pd.DataFrame(srows), meta=meta)
+
+
+def _tied(model: nn.Module) -> bool:
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    return inp is not None and out is not None and inp.weight is out.weight

@@ -1,0 +1,387 @@
+"""``resrl probe RUN_DIR``: every probe over a run's checkpoints → tables + ``summary.json``.
+
+The pass loads each selected checkpoint once, makes one teacher-forced forward pass per probe
+group, and feeds every probe from it; the costly parts (the whole-model gradient cosine and
+real whole-model step, and sampling for pass@k) run on a subset of checkpoints (by default the
+first and the last). Everything is checked before any work (checkpoint files, tokenizers, the
+probe set, the output directory), and results are written only at the end, each atomically, so
+a failure leaves no partial table. Output, under ``RUN_DIR/probes`` or ``--out``::
+
+    scores/ lld/ first_order/ interference/ subspace/ diversity/   one saved result each
+    summary.json                                                   headline numbers, skips, timings
+
+Read them back with :func:`resrl_analysis.results.load_results`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..checkpoints import ProbeError, ProbeSet, check_compatible, checkpoint_step, list_checkpoints, load_tokenizer
+
+__all__ = ["PROBES", "add_probe_arguments", "run_probe", "main"]
+
+PROBES = ("lld", "entropy", "first_order", "interference", "subspace", "diversity")
+
+
+def _csv(kind: type = str):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``resrl probe`` arguments to ``parser`` (a sub-command parser) and return it.
+
+    >>> p = add_probe_arguments(argparse.ArgumentParser(prog="resrl probe"))
+    >>> a = p.parse_args(["runs/tiny", "--steps", "0,10", "--probes", "lld,subspace"])
+    >>> a.steps, a.probes, a.groups, a.full_model_steps
+    ([0, 10], ['lld', 'subspace'], 8, 'ends')
+    """
+    from .first_order import ALGORITHMS
+
+    parser.description = ("Run the probes over a run's checkpoints (or over one Hugging Face checkpoint) and write "
+                          "their tables and summary.json under RUN_DIR/probes (or --out).")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "probes (--probes):\n"
+        "  lld           lazy likelihood displacement Δ(x) per prompt, vs the first step and step to step\n"
+        "  entropy       teacher-forced log-likelihood and token entropy of every probe response\n"
+        "  first_order   first-order (head-only) prediction of one SGD step's Δ log π(y), split into the\n"
+        "                positive and negative contributions, beside real head-only and whole-model steps\n"
+        "  interference  head-gradient cosines positive×negative, group update cosine, NTHR scores,\n"
+        "                whole-model gradient cosine (on --full-model-steps)\n"
+        "  subspace      residual energy under 8 representations, explained variance, the alignment bound,\n"
+        "                Spearman(residual, true interference)\n"
+        "  diversity     sampling (on --diversity-steps): pass@k for every k ≤ n, Avg@n, distinct-1/2/3,\n"
+        "                self-BLEU, distinct final answers\n"
+        "\n"
+        "examples:\n"
+        "  resrl probe runs/tiny                              all probes, every checkpoint\n"
+        "  resrl probe runs/tiny --every 5 --probes lld,interference\n"
+        "  resrl probe my-hf-model/ --probe-set probes.jsonl  a checkpoint not written by the trainer;\n"
+        "      probes.jsonl: one JSON object per prompt with prompt, responses, rewards (and ground_truth)\n"
+    )
+    a = parser.add_argument
+    a("run_dir", metavar="RUN_DIR", type=Path,
+      help="a run directory (with checkpoints/step_XXXXXX) or a single HF checkpoint directory")
+    a("--out", type=Path, default=None, help="output directory (default: RUN_DIR/probes)")
+    a("--probes", type=_csv(), default=list(PROBES),
+      help="comma-separated probes to run (see below; default: all)")
+    sel = parser.add_mutually_exclusive_group()
+    sel.add_argument("--steps", type=_csv(int), default=None, help="checkpoint steps to probe, e.g. 0,10,20 "
+                     "(default: every complete checkpoint)")
+    sel.add_argument("--every", type=int, default=None, metavar="K",
+                     help="probe every K-th checkpoint step (the first and the last always)")
+    a("--probe-set-step", type=int, default=0, metavar="S",
+      help="take the probe set from RUN_DIR/rollouts/step_S.jsonl (default 0: what the starting policy sampled)")
+    a("--probe-set", type=Path, default=None, metavar="FILE",
+      help="a JSONL probe set instead (one prompt per line: prompt, responses, rewards[, ground_truth]; "
+           "or a rollout dump); required for a single checkpoint directory")
+    a("--groups", type=int, default=8, metavar="N",
+      help="probe the first N prompt groups, mixed ones first (default 8; 0 = all)")
+    a("--group-batch", type=int, default=8, metavar="G",
+      help="groups forwarded and probed together (default 8); peak memory grows with it: each group keeps "
+           "its response logits (G·T·V in the model's dtype) and two hidden states until its probes are done")
+    a("--eps", type=float, default=0.0, help="LLD threshold: a prompt is in LLD when Δ ≤ eps (default 0)")
+    a("--algorithms", type=_csv(), default=list(ALGORITHMS),
+      help=f"advantages for the first-order prediction (default: {','.join(ALGORITHMS)})")
+    a("--lr", type=float, default=1e-3, help="SGD step size η of the first-order prediction (default 1e-3)")
+    a("--rank", type=int, default=64, help="subspace rank bound k (default 64)")
+    a("--svd", choices=("exact", "lowrank"), default="exact", help="subspace SVD (default exact)")
+    a("--max-cosine-samples", type=int, default=256, metavar="N",
+      help="raw token-pair cosines kept per group for histograms (default 256)")
+    a("--full-model-steps", default="ends", metavar="SPEC",
+      help="where to run the autograd whole-model gradient cosine and real whole-model SGD step: "
+           "'ends' (first and last probed checkpoint, default), 'all', 'none', or steps '0,10'")
+    a("--diversity-steps", default="ends", metavar="SPEC",
+      help="where to sample for pass@k and diversity: 'ends' (default), 'all', 'none', or steps")
+    a("--samples", type=int, default=8, metavar="N", help="responses sampled per prompt for pass@k (default 8)")
+    a("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    a("--max-new-tokens", type=int, default=None, metavar="M",
+      help="sampling length limit (default: the longest probe response)")
+    a("--reward", choices=("auto", "exact", "math"), default="auto",
+      help="correctness of sampled responses: exact match of the stripped text, math-verify, or auto "
+           "(exact for the multiplication task, math-verify otherwise when installed)")
+    a("--seed", type=int, default=0, help="seed of sampling, sub-sampling and randomized SVD (default 0)")
+    a("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
+    a("--dtype", default="auto", help="model dtype: auto (the checkpoint's), float32, bfloat16, float16, float64")
+    a("--threads", type=int, default=0, metavar="N",
+      help="CPU threads for torch; 0 = auto (default): 1 for a model under 50M parameters on CPU, where "
+           "threading overhead and contention on a shared machine cost more than they give, else torch's default")
+    a("--format", choices=("parquet", "csv"), default="parquet", help="table format (default parquet)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _steps_spec(spec: str, steps: list[int]) -> set[int]:
+    if spec == "all":
+        return set(steps)
+    if spec == "none":
+        return set()
+    if spec == "ends":
+        return {steps[0], steps[-1]} if steps else set()
+    try:
+        want = {int(x) for x in spec.split(",") if x.strip()}
+    except ValueError:
+        raise ProbeError(f"bad step spec {spec!r}: use ends, all, none or comma-separated steps") from None
+    return want & set(steps)
+
+
+def _select_checkpoints(args: argparse.Namespace) -> tuple[str, list[tuple[int, Path]]]:
+    root: Path = args.run_dir
+    if (root / "checkpoints").is_dir():
+        ckpts = list_checkpoints(root)
+        if not ckpts:
+            raise ProbeError(f"{root / 'checkpoints'}: no complete checkpoint (step_XXXXXX)")
+        steps = [s for s, _ in ckpts]
+        if args.steps is not None:
+            missing = sorted(set(args.steps) - set(steps))
+            if missing:
+                raise ProbeError(f"{root / 'checkpoints'}: no checkpoint for steps {missing} (have {steps})")
+            ckpts = [(s, p) for s, p in ckpts if s in set(args.steps)]
+        elif args.every is not None:
+            if args.every < 1:
+                raise ProbeError(f"--every must be >= 1, got {args.every}")
+            first, last = steps[0], steps[-1]
+            ckpts = [(s, p) for s, p in ckpts if s in (first, last) or (s - first) % args.every == 0]
+        return "run", ckpts
+    if (root / "config.json").is_file():
+        return "checkpoint", [(checkpoint_step(root) or 0, root)]
+    raise ProbeError(f"{root}: neither a run directory (checkpoints/) nor a checkpoint (config.json)")
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".tmp-write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ProbeError(f"{out}: output directory not writable ({e.strerror or e})") from None
+
+
+def _device(spec: str) -> str:
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    """Run ``resrl probe`` with parsed arguments; returns the exit code (2 on bad input, one line on stderr).
+
+    Results are written only after every checkpoint was probed, each atomically; torch's thread
+    count is restored on return.
+
+    >>> import tempfile
+    >>> from resrl_analysis.probes.synthetic import write_fake_run
+    >>> run = write_fake_run(tempfile.mkdtemp(), steps=(0, 1))  # doctest: +SKIP
+    >>> main([str(run), "--probes", "lld,interference", "--no-progress"])  # doctest: +SKIP
+    0
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    except ProbeError as e:
+        print(f"resrl probe: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)  # callable in-process (notebooks, tests): leave torch as found
+
+
+def _set_threads(requested: int, model, device: str) -> None:
+    import torch
+
+    if requested > 0:
+        torch.set_num_threads(requested)
+    elif device == "cpu" and sum(p.numel() for p in model.parameters()) < 50_000_000:
+        torch.set_num_threads(1)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    unknown = sorted(set(args.probes) - set(PROBES))
+    if unknown or not args.probes:
+        raise ProbeError(f"unknown probes {unknown}; choose from {','.join(PROBES)}")
+    probes = set(args.probes)
+    from .first_order import ALGORITHMS
+
+    bad = sorted(set(args.algorithms) - set(ALGORITHMS))
+    if bad:
+        raise ProbeError(f"unknown algorithms {bad}; choose from {','.join(ALGORITHMS)}")
+    for name in ("groups", "samples", "rank", "max_cosine_samples", "group_batch"):
+        if getattr(args, name) < (0 if name == "groups" else 1):
+            raise ProbeError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    t_start = time.perf_counter()
+
+    # -- everything checked before any work ----------------------------------------------------------
+    mode, ckpts = _select_checkpoints(args)
+    check_compatible([p for _, p in ckpts])
+    if args.probe_set is not None:
+        # Text needs the checkpoint's tokenizer; a file with token ids (or a rollout dump) does not.
+        tok = load_tokenizer(ckpts[0][1]) if _has_tokenizer(ckpts[0][1]) else None
+        probe_set = ProbeSet.from_jsonl(args.probe_set, tok)
+    elif mode == "run":
+        probe_set = ProbeSet.from_run(args.run_dir, args.probe_set_step)
+    else:
+        raise ProbeError(f"{args.run_dir}: a single checkpoint directory needs --probe-set FILE.jsonl")
+    probe_set = probe_set.select(args.groups or None, prefer_mixed=True)
+    vocab = json.loads((ckpts[0][1] / "config.json").read_text()).get("vocab_size")
+    if isinstance(vocab, int):
+        probe_set.check_vocab(vocab, where=str(ckpts[0][1]))
+    out: Path = args.out or (args.run_dir / "probes")
+    _check_writable(out)
+
+    import torch
+
+    from ..checkpoints import load_checkpoint
+    from ..results import (
+        DiversityResult,
+        FirstOrderResult,
+        InterferenceResult,
+        ScoresResult,
+        SubspaceResult,
+        atomic_write_text,
+        to_jsonable,
+    )
+    from ..weighting import ResRLWeightConfig
+    from .capture import forward_group, pad_id_of
+    from .diversity import default_reward_fn, diversity_probe, exact_match_reward, math_verify_reward
+    from .first_order import AdvantageOptions, first_order_prediction
+    from .interference import interference_probe
+    from .lld import lld_along_run, scores_from_forwards
+    from .subspace import merge_subspace_results, subspace_probe
+
+    steps = [s for s, _ in ckpts]
+    full_steps = _steps_spec(args.full_model_steps, steps)
+    div_steps = _steps_spec(args.diversity_steps, steps)
+    if "diversity" in probes:
+        for s, p in ckpts:
+            if s in div_steps and not _has_tokenizer(p):
+                raise ProbeError(f"{p}: no tokenizer files; the diversity probe decodes samples with it")
+    device = _device(args.device)
+    cfg = ResRLWeightConfig(rank=args.rank, svd=args.svd)
+    options = AdvantageOptions(resrl=cfg, seed=args.seed)
+    if args.reward == "exact":
+        reward_fn = exact_match_reward
+    elif args.reward == "math":
+        reward_fn = math_verify_reward
+    else:
+        sources = {g.data_source for g in probe_set.groups}
+        reward_fn = default_reward_fn(sources.pop() if len(sources) == 1 else "")
+    need_hidden = bool(probes & {"first_order", "interference", "subspace"})
+
+    parts: dict[str, list] = {k: [] for k in ("scores", "first_order", "interference", "subspace", "diversity")}
+    timing: dict[str, float] = {}
+
+    def timed(name: str, fn, *a, **kw):
+        t = time.perf_counter()
+        r = fn(*a, **kw)
+        timing[name] = timing.get(name, 0.0) + time.perf_counter() - t
+        return r
+
+    bar = tqdm(ckpts, desc="resrl probe", unit="ckpt", disable=args.no_progress, file=sys.stderr)
+    for step, path in bar:
+        bar.set_postfix_str(f"step {step}")
+        ck = timed("load", load_checkpoint, path, dtype=args.dtype, device=device,
+                   tokenizer="diversity" in probes and step in div_steps)
+        model = ck.model
+        if step == steps[0]:
+            _set_threads(args.threads, model, device)
+        pad = pad_id_of(model, ck.tokenizer)
+        # --group-batch groups at a time: peak memory is that many groups' logits and hidden states,
+        # however many groups the probe set holds.
+        sub_parts = []
+        for start in range(0, probe_set.n_groups, args.group_batch):
+            one = replace(probe_set, groups=probe_set.groups[start : start + args.group_batch])
+            fwd = [timed("forward", forward_group, model, g, keep_hidden=need_hidden, keep_logits=need_hidden,
+                         pad_id=pad) for g in one.groups]
+            if probes & {"lld", "entropy"}:
+                parts["scores"].append(timed("scores", scores_from_forwards, fwd, step=step))
+            if "first_order" in probes:
+                parts["first_order"].append(timed(
+                    "first_order", first_order_prediction, model, one, algorithms=args.algorithms, lr=args.lr,
+                    head_step=True, full_step=step in full_steps, step=step, forwards=fwd, options=options))
+            if "interference" in probes:
+                parts["interference"].append(timed(
+                    "interference", interference_probe, model, one, step=step, forwards=fwd,
+                    full_model=step in full_steps, max_cosine_samples=args.max_cosine_samples, seed=args.seed))
+            if "subspace" in probes:
+                sub_parts.append(timed("subspace", subspace_probe, model, one, step=step, forwards=fwd, config=cfg,
+                                       seed=args.seed))
+            del fwd
+        if len(sub_parts) == 1:
+            parts["subspace"].append(sub_parts[0])
+        elif sub_parts:  # pool the correlations over all the groups of this step again
+            parts["subspace"].append(timed("subspace", merge_subspace_results, sub_parts))
+        if "diversity" in probes and step in div_steps:
+            parts["diversity"].append(timed(
+                "diversity", diversity_probe, model, ck.tokenizer, probe_set, n_samples=args.samples,
+                temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                reward_fn=reward_fn, step=step))
+        del model, ck
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    bar.close()
+
+    # -- assemble and write (each result atomically; summary last) -----------------------------------
+    results: dict = {}
+    common = {"run_dir": str(args.run_dir), "probe_set": probe_set.describe(), "steps": steps}
+    if parts["scores"]:
+        scores = ScoresResult.concat(parts["scores"]).with_meta(**common)
+        results["scores"] = scores
+        if "lld" in probes:
+            results["lld"] = timed("lld", lld_along_run, scores, eps=args.eps).with_meta(**common)
+    for name, cls in (("first_order", FirstOrderResult), ("interference", InterferenceResult),
+                      ("subspace", SubspaceResult), ("diversity", DiversityResult)):
+        if name in probes:
+            res = cls.concat(parts[name]) if parts[name] else cls.empty(
+                {"skipped": [{"reason": f"no checkpoint selected by --{name}-steps"}]})
+            results[name] = res.with_meta(**common, **({"full_model_steps": sorted(full_steps)}
+                                                       if name in ("first_order", "interference") else {}))
+    for name, res in results.items():
+        timed("write", res.save, out / name, format=args.format)
+    skipped = [{"probe": name, **s} for name, res in results.items() for s in res.skipped]
+    timing["total"] = time.perf_counter() - t_start
+    summary = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(args.run_dir), "mode": mode, "out": str(out),
+        "checkpoints": [{"step": s, "path": str(p)} for s, p in ckpts],
+        "probe_set": probe_set.describe(), "probes": sorted(probes),
+        "full_model_steps": sorted(full_steps), "diversity_steps": sorted(div_steps) if "diversity" in probes else [],
+        "options": {k: v for k, v in vars(args).items() if k != "func"},
+        "results": {name: {"path": name, "kind": res.KIND, **res.summary()} for name, res in results.items()},
+        "skipped": skipped, "timing_s": timing,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(to_jsonable(summary), indent=1, allow_nan=False))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m resrl_analysis.probes.runner RUN_DIR ...`` (the same as ``resrl probe``)."""
+    parser = add_probe_arguments(argparse.ArgumentParser(prog="resrl probe"))
+    return run_probe(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Subspace probe: residuals against the weighting core, the bound (property-based), Spearman against scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from resrl_analysis.probes.capture import forward_group
+from resrl_analysis.probes.subspace import ALL_REPRESENTATIONS, Representation, spearman, subspace_probe
+from resrl_analysis.probes.synthetic import random_probe_set, tiny_model
+from resrl_analysis.weighting import ResRLWeightConfig, explained_variance, layer_norm_no_affine, resrl_weight_details
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=4, dtype=torch.float64)
+
+
+def test_spearman_against_scipy_and_monotone_data():
+    x = np.arange(10.0)
+    assert spearman(x, np.exp(x))[0] == pytest.approx(1.0)
+    assert spearman(x, -(x**3))[0] == pytest.approx(-1.0)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=30), rng.normal(size=30)
+    want = stats.spearmanr(a, b)
+    assert spearman(a, b) == pytest.approx((want.statistic, want.pvalue))
+    assert all(np.isnan(spearman([1, 2], [3, 4])))
+    assert all(np.isnan(spearman([1, 2, 3], [5, 5, 5])))
+
+
+def test_residuals_and_weights_match_the_weighting_core(model):
+    ps = random_probe_set([[1, 1, 0, 0, 1, 0], [0, 1, 1, 0]], max_len=5, seed=21)
+    cfg = ResRLWeightConfig(rank=3, svd="exact")
+    fwds = [forward_group(model, g) for g in ps.groups]
+    r = subspace_probe(model, ps, forwards=fwds, config=cfg)
+    for f in fwds:
+        gids = torch.zeros(f.mask.shape[0], dtype=torch.long)
+        for rep in ALL_REPRESENTATIONS:
+            hidden = f.penultimate if rep.layer == "penultimate" else f.head_input
+            core = resrl_weight_details(hidden, f.mask, f.is_positive, gids, rank=cfg.rank, svd="exact",
+                                        layer_norm=rep.layer_norm, center=rep.center)
+            neg = ~f.is_positive
+            tok = r.tokens[(r.tokens.group_id == f.group.group_id) & (r.tokens.representation == rep.name)]
+            np.testing.assert_allclose(tok.residual_energy, core.residuals[neg][f.mask[neg]].numpy(), rtol=1e-6)
+            np.testing.assert_allclose(tok.resrl_weight, core.weights[neg][f.mask[neg]].numpy(), rtol=1e-6)
+            grow = r.groups[(r.groups.group_id == f.group.group_id) & (r.groups.representation == rep.name)]
+            assert int(grow["rank"].iloc[0]) == core.groups[0]["rank"]
+            # Explained variance of the same (LayerNorm-ed) positive matrix.
+            xp = hidden[f.is_positive][f.mask[f.is_positive]]
+            xp = layer_norm_no_affine(xp) if rep.layer_norm else xp
+            ev = r.explained_variance[(r.explained_variance.group_id == f.group.group_id)
+                                      & (r.explained_variance.representation == rep.name)]
+            np.testing.assert_allclose(ev.explained_variance, explained_variance(xp, 64, center=rep.center).numpy())
+            assert np.all(np.diff(ev.explained_variance) >= -1e-12) and ev.explained_variance.iloc[-1] <= 1 + 1e-9
+
+
+def test_interference_measures_and_correlation(model):
+    ps = random_probe_set([[1, 0, 1, 0, 0, 0]], max_len=5, seed=22)
+    f = forward_group(model, ps.groups[0])
+    r = subspace_probe(model, ps, forwards=[f], representations=[Representation("head_input", False, False)])
+    W = model.get_output_embeddings().weight
+    grads, is_pos = [], []
+    P = len(ps.groups[0].prompt_ids)
+    for i, resp in enumerate(ps.groups[0].response_ids):
+        ids = torch.tensor([list(ps.groups[0].prompt_ids) + list(resp)])
+        lp = torch.log_softmax(model(ids).logits[0, P - 1 : P - 1 + len(resp)], -1)
+        for t, y in enumerate(resp):
+            grads.append(torch.autograd.grad(lp[t, y], W, retain_graph=True)[0].reshape(-1))
+            is_pos.append(ps.groups[0].is_positive[i])
+    Gm, m = torch.stack(grads), torch.tensor(is_pos)
+    K = (Gm[m] @ Gm[~m].T).abs()  # (Tp, Tn)
+    np.testing.assert_allclose(r.tokens.interference_sum_abs, K.sum(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(r.tokens.interference_max_abs, K.max(0).values.numpy(), rtol=1e-6)
+    row = r.groups.iloc[0]
+    want = stats.spearmanr(r.tokens.residual_energy, r.tokens.interference_sum_abs).statistic
+    assert row.spearman_sum == pytest.approx(want)
+    c = r.correlation.iloc[0]
+    assert c.n_tokens == len(r.tokens) and c.spearman_sum == pytest.approx(want)
+
+
+_rewards = st.lists(st.lists(st.sampled_from([0.0, 1.0]), min_size=2, max_size=6), min_size=1, max_size=3)
+
+
+@settings(max_examples=12, deadline=None)
+@given(rewards=_rewards, seed=st.integers(0, 10_000), rank=st.integers(1, 8), max_len=st.integers(1, 6))
+def test_bound_never_violated(rewards, seed, rank, max_len):
+    """The tight (and the paper's) bound hold for every representation; read as a bound on the head
+    gradient they hold for the raw head input (whatever the others do, no crash)."""
+    model = _prop_model()
+    ps = random_probe_set(rewards, max_len=max_len, seed=seed)
+    r = subspace_probe(model, ps, config=ResRLWeightConfig(rank=rank, svd="exact"))
+    ok = r.groups[r.groups.status == "ok"]
+    assert (ok.tight_violations == 0).all() and (ok.paper_violations == 0).all()
+    assert (ok.tight_ratio_max.fillna(0) <= 1 + 1e-4).all()  # NaN: every bound is 0 (all pairs 0 too)
+    raw = ok[ok.representation == "head_input/raw/uncentred"]
+    assert (raw.head_tight_violations == 0).all() and (raw.head_paper_violations == 0).all()
+    assert set(r.groups.status) <= {"ok", "no_positive", "no_negative", "too_few_positive_tokens"}
+    assert len(r.skipped) == sum(1 for g in ps.groups if g.status != "mixed"
+                                 or sum(len(y) for y, p in zip(g.response_ids, g.is_positive) if p) < 4)
+
+
+_PROP_MODEL = {}
+
+
+def _prop_model():
+    # One float32 model for all examples (hypothesis forbids function-scoped fixtures).
+    if "m" not in _PROP_MODEL:
+        _PROP_MODEL["m"] = tiny_model(seed=5)
+    return _PROP_MODEL["m"]
+
+
+def test_too_few_positive_tokens_is_skipped(model):
+    from resrl_analysis.checkpoints import ProbeGroup, ProbeSet
+
+    g = ProbeGroup(0, (1, 5), ((6, 2), (7, 8, 9, 2)), (1.0, 0.0))
+    r = subspace_probe(model, ProbeSet((g,)))
+    assert set(r.groups.status) == {"too_few_positive_tokens"} and len(r.groups) == 8
+    assert r.skipped[0]["reason"] == "too_few_positive_tokens" and len(r.correlation) == 0
