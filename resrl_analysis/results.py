@@ -454,7 +454,9 @@ class SubspaceResult(ProbeResult):
     positive tokens of |<g⁺, g⁻>| (the paper predicts a negative correlation).
     ``tokens``: one row per (negative token, representation): residual energy, ResRL weight ω,
     and the two interference measures. ``explained_variance``: cumulative explained variance of
-    the positive tokens' matrix against rank. ``correlation``: per (step, representation), the
+    the positive tokens' matrix against rank. ``pairs``: a uniform sample of positive×negative
+    pairs per group and representation with |<x⁻, x⁺>|, both bounds, |<g⁺, g⁻>| and the tight bound
+    read for the head gradient (for scatter plots). ``correlation``: per (step, representation), the
     Spearman correlations pooled over groups and the mean of the per-group ones.
     """
 
@@ -471,6 +473,8 @@ class SubspaceResult(ProbeResult):
                    "residual_energy": _F, "resrl_weight": _F, "interference_sum_abs": _F,
                    "interference_max_abs": _F},
         "explained_variance": {"step": _I, "group_id": _I, **_REP, "rank": _I, "explained_variance": _F},
+        "pairs": {"step": _I, "group_id": _I, "prompt_uid": _S, **_REP, "true_abs": _F, "tight_bound": _F,
+                  "paper_bound": _F, "head_abs": _F, "head_tight_bound": _F},
         "correlation": {"step": _I, **_REP, "n_groups": _I, "n_tokens": _I, "spearman_sum": _F,
                         "spearman_sum_p": _F, "spearman_max": _F, "spearman_max_p": _F,
                         "spearman_sum_group_mean": _F, "spearman_max_group_mean": _F},
@@ -478,6 +482,7 @@ class SubspaceResult(ProbeResult):
     groups: pd.DataFrame = None  # type: ignore[assignment]
     tokens: pd.DataFrame = None  # type: ignore[assignment]
     explained_variance: pd.DataFrame = None  # type: ignore[assignment]
+    pairs: pd.DataFrame = None  # type: ignore[assignment]
     correlation: pd.DataFrame = None  # type: ignore[assignment]
     meta: dict = field(default_factory=dict)
 

@@ -130,3 +130,23 @@ def test_too_few_positive_tokens_is_skipped(model):
     r = subspace_probe(model, ProbeSet((g,)))
     assert set(r.groups.status) == {"too_few_positive_tokens"} and len(r.groups) == 8
     assert r.skipped[0]["reason"] == "too_few_positive_tokens" and len(r.correlation) == 0
+
+
+def test_pair_samples_hold_measured_pairs_under_their_bounds():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from resrl_analysis.checkpoints import ProbeGroup, ProbeSet
+    from resrl_analysis.probes import subspace_probe
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1)).eval()
+    ps = ProbeSet((ProbeGroup(0, (1, 5), ((6, 3, 2), (4, 5, 2), (7, 8, 2), (9, 2)), (1.0, 1.0, 0.0, 0.0)),))
+    r = subspace_probe(m, ps, max_pair_samples=4)
+    p = r.pairs
+    assert len(p) == 4 * p.representation.nunique() and p.representation.nunique() == 8
+    assert (p.true_abs <= p.tight_bound * (1 + 1e-5) + 1e-6).all()
+    assert (p.tight_bound <= p.paper_bound * (1 + 1e-5) + 1e-6).all()
+    raw = p[p.representation == "head_input/raw/uncentred"]
+    assert len(raw) == 4, sorted(p.representation.unique())
+    assert (raw.head_abs <= raw.head_tight_bound * (1 + 1e-5) + 1e-6).all()

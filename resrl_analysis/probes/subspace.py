@@ -122,6 +122,7 @@ def subspace_probe(
     max_ev_rank: int | None = 64,
     rtol: float = 1e-4,
     seed: int = 0,
+    max_pair_samples: int = 256,
 ) -> SubspaceResult:
     """Residual energies, explained variance, the alignment bounds and the proxy's correlation with
     the true head interference, for every mixed group and representation.
@@ -131,6 +132,8 @@ def subspace_probe(
         config: subspace hyper-parameters (rank, max_pos_tokens, quantiles for ω, SVD method; exact
             SVD by default so the probe is deterministic).
         max_ev_rank: explained variance is reported for ranks 1..max_ev_rank.
+        max_pair_samples: positive×negative pairs kept per group and representation in the ``pairs``
+            table (a uniform sample, for scatter plots of |<x⁻, x⁺>| against its bounds).
         rtol: a pair violates a bound when the left side exceeds it by more than
             rtol·||x⁺||·||x⁻|| (float tolerance; ||g⁺||·||g⁻|| for the head-gradient reading).
 
@@ -149,7 +152,7 @@ def subspace_probe(
     cfg = config or ResRLWeightConfig(svd="exact")
     if forwards is None:
         forwards = forward_probe_set(model, probe_set, pad_id=pad_id_of(model))
-    grows, trows, erows, skipped = [], [], [], []
+    grows, trows, erows, prows, skipped = [], [], [], [], []
     for fwd in forwards:
         g = fwd.group
         base = {"step": step, "group_id": g.group_id, "prompt_uid": g.prompt_uid}
@@ -217,6 +220,14 @@ def subspace_probe(
                 trows.append({**base, **cols, "response_index": int(tn["row"][j]), "position": int(tn["pos"][j]),
                               "token_id": int(tn["y"][j]), "residual_energy": float(e[j]), "resrl_weight": float(w[j]),
                               "interference_sum_abs": float(sum_abs[j]), "interference_max_abs": float(max_abs[j])})
+            # A fixed sample of pairs (same for every representation) for the bound scatter plots.
+            n_pairs = inner.numel()
+            pick = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(int(g.group_id)))[:max_pair_samples]
+            pick = pick.to(dev)
+            flat = {"true_abs": inner, "tight_bound": tight, "paper_bound": paper, "head_abs": K,
+                    "head_tight_bound": g_scale * tight}
+            picked = {k: v.reshape(-1)[pick].double().cpu().numpy() for k, v in flat.items()}
+            prows += [{**base, **cols, **{k: float(v[i]) for k, v in picked.items()}} for i in range(len(pick))]
             ev = explained_variance(xfit, max_ev_rank, center=rep.center)
             erows += [{"step": step, "group_id": g.group_id, **cols, "rank": k + 1, "explained_variance": float(v)}
                       for k, v in enumerate(ev.tolist())]
@@ -225,7 +236,8 @@ def subspace_probe(
             "max_pos_tokens": cfg.max_pos_tokens, "q_low": cfg.q_low, "q_high": cfg.q_high,
             "min_weight": cfg.min_weight, "rtol": rtol, "seed": seed, "probe_set": probe_set.describe(),
             "skipped": skipped}
-    r = SubspaceResult(groups=groups_df, tokens=tokens_df, explained_variance=pd.DataFrame(erows), meta=meta)
+    r = SubspaceResult(groups=groups_df, tokens=tokens_df, explained_variance=pd.DataFrame(erows),
+                       pairs=pd.DataFrame(prows), meta=meta)
     return replace(r, correlation=correlation_table(r.groups, r.tokens))
 
 
