@@ -18,7 +18,7 @@ _SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
               "train a policy (GRPO, PSR, NSR, W-REINFORCE, NTHR, ResRL)"),
     "probe": ("resrl_analysis.probes.runner", "add_probe_arguments", "run_probe",
               "run the probes over a run's checkpoints"),
-    "figures": ("resrl_analysis.plots.figures", "add_figures_arguments", "run_figures",
+    "figures": ("resrl_analysis.figures", "add_figures_arguments", "run_figures",
                 "draw the paper-style figures"),
     "demo": ("trainer.demo", "add_demo_arguments", "run_demo",
              "the main job: train 4 algorithms, probe every checkpoint, draw the figures"),

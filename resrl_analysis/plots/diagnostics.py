@@ -180,8 +180,12 @@ def plot_proxy_vs_interference(
     """
     _require(frame, [proxy, interference, representation], "plot_proxy_vs_interference")
     reps = list(dict.fromkeys(frame[representation]))
-    fig, axes = plt.subplots(1, len(reps), figsize=(3.6 * len(reps), 3.4), squeeze=False)
-    for a, rep in zip(axes[0], reps):
+    ncols = min(4, len(reps))
+    nrows = -(-len(reps) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.2 * nrows), squeeze=False)
+    for a in axes.flat[len(reps):]:
+        a.set_visible(False)
+    for a, rep in zip(axes.flat, reps):
         d = frame[frame[representation] == rep]
         r = rho.get(rep) if rho else None
         if r is None:
@@ -189,7 +193,8 @@ def plot_proxy_vs_interference(
         a.scatter(d[proxy], d[interference], s=6, alpha=0.5, rasterized=True)
         a.set_title(f"{rep}  (ρ = {r:.2f})")
         a.set_xlabel("residual energy e(x⁻)")
-    axes[0][0].set_ylabel("Σ|<g⁺, g⁻>|")
+    for row in axes:
+        row[0].set_ylabel("Σ|<g⁺, g⁻>|")
     fig.tight_layout()
     return fig
 
