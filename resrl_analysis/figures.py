@@ -281,7 +281,10 @@ def draw_all(run_dirs: Sequence[str | Path], out: str | Path, *, formats: Sequen
         if only and name not in only:
             continue
         with paper_style():
-            got = fn(runs)
+            try:
+                got = fn(runs)
+            except ValueError as e:  # a plot refuses data it cannot draw (e.g. no rows left): say why
+                got = str(e)
             if isinstance(got, str):
                 report[name] = f"skipped: {got}"
                 continue

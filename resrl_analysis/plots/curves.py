@@ -17,6 +17,8 @@ def _require(frame: pd.DataFrame, cols: Sequence[str], what: str) -> None:
     missing = [c for c in cols if c not in frame.columns]
     if missing:
         raise ValueError(f"{what}: table lacks column(s) {missing}; has {list(frame.columns)}")
+    if frame.empty:
+        raise ValueError(f"{what}: nothing to draw (the table has no rows)")
 
 
 def plot_pass_at_k(frame: pd.DataFrame, *, label: str = "label", task: str | None = "task", ax=None):
