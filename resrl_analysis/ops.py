@@ -69,13 +69,16 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
         ent = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=logits.device)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         for s in range(0, n, chunk):
-            z = logits[s : s + chunk].float() * scale  # (c, V)
+            # In-place arithmetic keeps at most two float32 (c, V) temporaries alive (plus logsumexp's own).
+            z = logits[s : s + chunk].float()  # (c, V)
+            if scale != 1.0:
+                z.mul_(scale)
             lse_c = torch.logsumexp(z, dim=-1)  # (c,)
             lse[s : s + chunk] = lse_c
             logp[s : s + chunk] = z.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - lse_c
             if want_entropy:
-                logq = z - lse_c[:, None]
-                ent[s : s + chunk] = -(logq.exp() * logq).sum(-1)
+                logq = z.sub_(lse_c[:, None])  # (c, V), in place
+                ent[s : s + chunk] = -(logq.exp().mul_(logq)).sum(-1)
         ctx.save_for_backward(logits, labels, lse, ent)
         ctx.scale, ctx.chunk, ctx.want_entropy = scale, chunk, want_entropy
         return logp, ent
@@ -86,14 +89,22 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
         scale, chunk = ctx.scale, ctx.chunk
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], chunk):
-            z = logits[s : s + chunk].float() * scale  # (c, V)
-            logq = z - lse[s : s + chunk, None]
-            q = logq.exp()
-            gz = -q * g_logp[s : s + chunk, None]
-            gz.scatter_add_(-1, labels[s : s + chunk, None], g_logp[s : s + chunk, None])
-            if ctx.want_entropy and g_ent is not None:
-                gz -= q * (logq + ent[s : s + chunk, None]) * g_ent[s : s + chunk, None]
-            grad[s : s + chunk] = (gz * scale).to(grad.dtype)
+            e = s + chunk
+            logq = logits[s:e].float()  # (c, V)
+            if scale != 1.0:
+                logq.mul_(scale)
+            logq.sub_(lse[s:e, None])
+            q = logq.exp()  # (c, V)
+            use_ent = ctx.want_entropy and g_ent is not None
+            if use_ent:  # dH/dz = -q (log q + H): built in place in logq
+                logq.add_(ent[s:e, None]).mul_(q).mul_(-g_ent[s:e, None])
+            gz = q.mul_(-g_logp[s:e, None])  # d log p[y] / dz = e_y - q, times the incoming gradient
+            gz.scatter_add_(-1, labels[s:e, None], g_logp[s:e, None])
+            if use_ent:
+                gz.add_(logq)
+            if scale != 1.0:
+                gz.mul_(scale)
+            grad[s:e] = gz.to(grad.dtype)
         return grad, None, None, None, None
 
 

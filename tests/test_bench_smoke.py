@@ -1,0 +1,89 @@
+"""Smoke test of the benchmark code (bench/): imports, and the comparisons at tiny sizes checking equality.
+
+Benchmarks are not unit tests: nothing here times anything. This only keeps the bench code from rotting:
+the naive and factorised interference paths must agree, the chunked and full log-prob paths must agree,
+and the worker protocol and RESULTS.md rewriting must work.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_MODULES = [
+    "bench.common",
+    "bench.interference_bench",
+    "bench.logprob_bench",
+    "bench.train_bench",
+    "bench.trl_compare",
+    "bench.run_cpu",
+    "bench.gpu_bench",
+]
+
+
+@pytest.mark.parametrize("name", BENCH_MODULES)
+def test_bench_modules_import(name: str) -> None:
+    importlib.import_module(name)
+
+
+def test_interference_naive_equals_factorised() -> None:
+    from bench.interference_bench import (
+        factorised_given_p,
+        factorised_head_inner,
+        make_head_problem,
+        naive_head_inner,
+        reference_head_inner,
+        rel_err,
+    )
+
+    pb = make_head_problem(50, 16, 7, 5, seed=3)
+    pb64 = pb.to(torch.float64)
+    assert rel_err(naive_head_inner(pb64, chunk=3), factorised_head_inner(pb64)) < 1e-12
+    ref = reference_head_inner(pb)
+    assert rel_err(factorised_head_inner(pb), ref) < 1e-5
+    assert rel_err(naive_head_inner(pb), ref) < 1e-5
+    assert rel_err(factorised_given_p(pb)(), factorised_head_inner(pb)) == 0.0
+
+
+def test_logprob_chunked_equals_full() -> None:
+    from bench.logprob_bench import make_logits, run_side
+
+    out = {}
+    for side in ("full", "chunked"):
+        z, y, a = make_logits(24, 500, torch.float32, seed=1)
+        logp, ent = run_side(side, z, y, a, budget_mb=0.01)  # a few tokens per chunk
+        assert z.grad is not None
+        out[side] = (logp, ent, z.grad)
+    for f, c in zip(out["full"], out["chunked"]):
+        torch.testing.assert_close(c, f, rtol=1e-5, atol=1e-5)
+
+
+def test_worker_protocol_and_results_file(tmp_path: Path) -> None:
+    from bench.common import Row, markdown_table, run_worker, update_results_section
+
+    res = run_worker(
+        "bench.interference_bench",
+        ["--side", "factorised", "--vocab", "40", "--dim", "8", "--ta", "4", "--tb", "3", "--measure", "memory",
+         "--out", str(tmp_path / "K.pt")],
+        timeout=120,
+    )
+    assert res["peak_mb"] >= 0 and res["time_s"] > 0
+    assert torch.load(tmp_path / "K.pt").shape == (4, 3)
+
+    path = tmp_path / "RESULTS.md"
+    update_results_section("CPU", "## CPU\n\nfirst", path)
+    update_results_section("CPU", "## CPU\n\n" + markdown_table([Row("b", "s", status="met")]), path)
+    text = path.read_text()
+    assert "first" not in text and "| b | s |" in text
+    assert "not measured yet" in text.lower()  # the GPU section of the skeleton is kept
+
+
+@pytest.mark.parametrize("name", BENCH_MODULES)
+def test_bench_doctests(name: str) -> None:
+    import doctest
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
