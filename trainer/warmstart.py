@@ -1,0 +1,446 @@
+"""The shipped warm-start policy: the tiny model after a short, deterministic SFT on multiplication.
+
+RL from a random model gets no reward at all; from a converged one, no negatives. The recipe stops
+SFT where the *sampled* accuracy (temperature 1, no top-k/top-p) on held-out prompts is between
+20% and 70%, so about half of the 8-response groups hold both right and wrong answers: the regime
+in which the positive/negative interactions that ResRL is about can be seen.
+
+The shipped checkpoint (5000 steps of 64 sequences, one CPU thread: ~16 minutes on a busy 2-core
+machine) samples 25% right on held-out prompts, 42% of its 8-response groups mixed; on training
+prompts, which RL samples from, 52% and 65% (`warmstart.json` records all of it). Rebuild it with
+
+    python -m trainer.warmstart --out trainer/assets/tiny_warmstart
+
+Use it:
+
+    >>> model, tok = load_tiny_warmstart()
+    >>> task = MultiplicationTask()
+    >>> stats = evaluate_sampled(model, tok, task.validation_prompts()[:16], task.reward, num_samples=4)
+    >>> 0.0 <= stats["accuracy"] <= 1.0
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from trainer.models import build_tiny_model
+from trainer.tasks import Prompt
+from trainer.tasks.multiplication import MultiplicationTask
+from trainer.tokenizer import build_char_tokenizer
+
+TINY_WARMSTART_DIR: Path = Path(__file__).resolve().parent / "assets" / "tiny_warmstart"
+RECORD_FILE = "warmstart.json"
+
+
+@dataclass
+class WarmstartRecipe:
+    """Supervised warm-start of the tiny model on the multiplication task's training split.
+
+    The loss covers the answer digits and the EOS only (not the prompt). Defaults reproduce the
+    shipped checkpoint.
+    """
+
+    steps: int = 5000
+    """Optimizer steps: the main knob. Held-out accuracy plateaus near 25-28% from ~4000 steps on
+    while training-prompt accuracy keeps rising (memorisation), so more steps widen that gap."""
+    batch_size: int = 64
+    """Sequences per step, read from the task's seeded training stream."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate."""
+    warmup_steps: int = 100
+    """Linear warmup steps before the cosine decay (to lr * min_lr_ratio at the last step)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr`."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seeds the model initialisation and the training-data order."""
+    eval_samples: int = 8
+    """Responses sampled per held-out prompt for the recorded accuracy and mixed-group fraction."""
+    eval_seed: int = 1234
+    """Seed of the evaluation sampler."""
+    deterministic: bool = True
+    """Run under torch.use_deterministic_algorithms (same machine and build → same weights)."""
+    num_threads: int = 1
+    """Torch CPU threads during the recipe. One thread makes the result independent of the core
+    count, and on 2 busy cores it was also the fastest (small matrices, no spin-waiting)."""
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.eval_samples, self.num_threads) < 1:
+            raise ValueError("steps, batch_size, eval_samples and num_threads must be ≥ 1")
+        if not 0 <= self.warmup_steps:
+            raise ValueError(f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class WarmstartResult:
+    """What a recipe run produced: where, the loss curve, and the held-out evaluation."""
+
+    out_dir: Path
+    losses: list[float]
+    eval: dict[str, float]
+    train_eval: dict[str, float]
+    seconds: float
+    recipe: WarmstartRecipe = field(default_factory=WarmstartRecipe)
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def sft_batch(
+    prompts: Sequence[Prompt], tokenizer: PreTrainedTokenizerBase
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `<bos> prompt answer <eos>` sequences with labels on the answer and EOS only.
+
+    Returns (input_ids, attention_mask, labels), each (B, T); labels are -100 where no loss applies.
+
+    >>> ids, mask, labels = sft_batch([Prompt("u", "2*3=", "6", "s")], build_char_tokenizer())
+    >>> build_char_tokenizer().decode(labels[labels >= 0])
+    '6<eos>'
+    """
+    rows: list[list[int]] = []
+    n_prompt: list[int] = []
+    for p in prompts:
+        prompt_ids = tokenizer(p.text)["input_ids"]
+        answer_ids = tokenizer(p.ground_truth, add_special_tokens=False)["input_ids"]
+        rows.append(prompt_ids + answer_ids + [tokenizer.eos_token_id])
+        n_prompt.append(len(prompt_ids))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)  # (B, T)
+    for i, (r, k) in enumerate(zip(rows, n_prompt)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        labels[i, k : len(r)] = ids[i, k : len(r)]
+    return ids, mask, labels
+
+
+# -- sampling and evaluation ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """Sample one response per prompt from the full softmax (no top-k, no top-p); 0 = greedy.
+
+    A small KV-cached loop instead of `model.generate`, whose sampling defaults (top_k=50 in
+    transformers 5) differ from the RL rollout's. Responses are cut at the first EOS and decoded
+    without special tokens.
+
+    >>> model, tok = build_tiny_model(seed=0), build_char_tokenizer()
+    >>> outs = sample_responses(model, tok, ["12*34="], 4, generator=torch.Generator().manual_seed(0))
+    >>> len(outs), len(outs[0]) <= 4
+    (1, True)
+    """
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    device = next(model.parameters()).device
+    ids = enc["input_ids"].to(device)  # (B, P)
+    mask = enc["attention_mask"].to(device)  # (B, P)
+    eos = tokenizer.eos_token_id
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)  # (B,)
+    new_tokens: list[torch.Tensor] = []
+    step_ids = ids  # what the next forward consumes: the prompt, then one token at a time
+    cache = None
+    # transformers 5 renamed `past_key_values` to `cache`; accept both so 4.x checkpoints envs work.
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    for _ in range(max_new_tokens):
+        # Positions count real tokens only, so left padding does not shift RoPE phases.
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]  # (B, t)
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kw: cache},
+        )
+        cache = out[cache_kw]
+        logits = out.logits[:, -1].float()  # (B, V)
+        if temperature == 0:
+            nxt = logits.argmax(-1)  # (B,)
+        else:
+            probs = F.softmax(logits / temperature, dim=-1)
+            if generator is not None and generator.device != probs.device:
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
+            else:
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        # Finished rows get padding; their later tokens are masked out and never decoded.
+        nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_token_id), nxt)
+        new_tokens.append(nxt)
+        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # (B, T + 1)
+        done = done | (nxt == eos)
+        step_ids = nxt[:, None]  # (B, 1)
+        if bool(done.all()):
+            break
+    out = torch.stack(new_tokens, dim=1).tolist()  # (B, N)
+    texts = []
+    for row in out:
+        if eos in row:
+            row = row[: row.index(eos)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def evaluate_sampled(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    reward_fn: Callable[[str, str], float],
+    num_samples: int = 8,
+    temperature: float = 1.0,
+    max_new_tokens: int = 6,
+    seed: int = 0,
+    batch_size: int = 2048,
+) -> dict[str, float]:
+    """Sampled accuracy and group statistics over `prompts`, `num_samples` responses each.
+
+    Returns accuracy (mean reward), mixed_fraction (prompts with some right and some wrong
+    responses), all_correct_fraction, all_wrong_fraction, num_prompts, num_samples.
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    flat = [p for p in prompts for _ in range(num_samples)]
+    rewards: list[float] = []
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start : start + batch_size]
+        texts = sample_responses(model, tokenizer, [p.text for p in chunk], max_new_tokens, temperature, gen)
+        rewards.extend(reward_fn(t, p.ground_truth) for t, p in zip(texts, chunk))
+    model.train(was_training)
+    r = torch.tensor(rewards).view(len(prompts), num_samples)  # (P, G)
+    correct = (r > 0).sum(-1)  # (P,)
+    return {
+        "accuracy": float(r.mean()),
+        "mixed_fraction": float(((correct > 0) & (correct < num_samples)).float().mean()),
+        "all_correct_fraction": float((correct == num_samples).float().mean()),
+        "all_wrong_fraction": float((correct == 0).float().mean()),
+        "num_prompts": float(len(prompts)),
+        "num_samples": float(num_samples),
+    }
+
+
+# -- the recipe -----------------------------------------------------------------------------------
+
+
+def _lr_at(step: int, recipe: WarmstartRecipe) -> float:
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    span = max(1, recipe.steps - recipe.warmup_steps)
+    progress = min(1.0, (step - recipe.warmup_steps) / span)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return recipe.lr * (recipe.min_lr_ratio + (1.0 - recipe.min_lr_ratio) * cosine)
+
+
+def run_warmstart(
+    out_dir: str | Path,
+    recipe: WarmstartRecipe | None = None,
+    evaluate: bool = True,
+    log_every: int = 100,
+    verbose: bool = True,
+    probe_every: int = 0,
+) -> WarmstartResult:
+    """Train the tiny model on multiplication and save it (model, tokenizer, `warmstart.json`).
+
+    Args:
+        out_dir: created if needed; existing files of the same names are overwritten.
+        recipe: hyper-parameters (defaults: the shipped checkpoint's).
+        evaluate: measure sampled accuracy on all held-out prompts (and as many training prompts)
+            afterwards and record it; turn off for quick tests.
+        log_every: print the mean loss every this many steps (if verbose).
+        probe_every: if > 0 (and verbose), also print a quick sampled accuracy on 128 held-out
+            prompts every this many steps: the trajectory to re-tune `steps` from. It uses its own
+            generator, so it does not change the trained weights.
+
+    >>> import tempfile
+    >>> res = run_warmstart(tempfile.mkdtemp(), WarmstartRecipe(steps=3, batch_size=8), evaluate=False,
+    ...                     verbose=False)
+    >>> len(res.losses)
+    3
+    """
+    recipe = recipe or WarmstartRecipe()
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(recipe.deterministic)
+    torch.set_num_threads(recipe.num_threads)
+    try:
+        tokenizer = build_char_tokenizer()
+        task = MultiplicationTask()
+        model = build_tiny_model(seed=recipe.seed, tokenizer=tokenizer)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
+        losses: list[float] = []
+        val_probe = task.validation_prompts()[::4][:128]
+        train_probe = [task.train_item(i) for i in range(0, task.num_train, task.num_train // 128)][:128]
+        for step in range(recipe.steps):
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, recipe)
+            batch = task.train_batch(step * recipe.batch_size, recipe.batch_size, seed=recipe.seed)
+            ids, mask, labels = sft_batch(batch, tokenizer)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            if verbose and (step + 1) % log_every == 0:
+                recent = losses[-log_every:]
+                print(
+                    f"step {step + 1:5d}  loss {sum(recent) / len(recent):.4f}  "
+                    f"lr {opt.param_groups[0]['lr']:.2e}  {time.perf_counter() - t0:.0f}s",
+                    flush=True,
+                )
+            if verbose and probe_every > 0 and (step + 1) % probe_every == 0:
+                held = evaluate_sampled(model, tokenizer, val_probe, task.reward)
+                seen = evaluate_sampled(model, tokenizer, train_probe, task.reward)
+                print(
+                    f"step {step + 1:5d}  sampled accuracy (128 prompts): held-out {held['accuracy']:.3f} "
+                    f"(mixed {held['mixed_fraction']:.3f}), train {seen['accuracy']:.3f}",
+                    flush=True,
+                )
+        train_seconds = time.perf_counter() - t0
+        model.eval()
+        ev: dict[str, float] = {}
+        train_ev: dict[str, float] = {}
+        if evaluate:
+            val = task.validation_prompts()
+            ev = evaluate_sampled(model, tokenizer, val, task.reward, recipe.eval_samples, seed=recipe.eval_seed)
+            ev["greedy_accuracy"] = evaluate_sampled(
+                model, tokenizer, val, task.reward, 1, temperature=0.0, seed=recipe.eval_seed
+            )["accuracy"]
+            # The same number of *training* prompts: a large gap would mean memorisation, and RL
+            # samples from the training split.
+            seen = [task.train_item(i) for i in range(0, task.num_train, task.num_train // len(val))][: len(val)]
+            train_ev = evaluate_sampled(model, tokenizer, seen, task.reward, recipe.eval_samples, seed=recipe.eval_seed)
+        _save(model, tokenizer, out, recipe, losses, ev, train_ev, train_seconds)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(was_threads)
+    seconds = time.perf_counter() - t0
+    if verbose and evaluate:
+        print(f"held-out: {json.dumps(ev)}\ntrain:    {json.dumps(train_ev)}\n{seconds:.0f}s total", flush=True)
+    return WarmstartResult(out, losses, ev, train_ev, seconds, recipe)
+
+
+def _save(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    recipe: WarmstartRecipe,
+    losses: list[float],
+    ev: dict[str, float],
+    train_ev: dict[str, float],
+    train_seconds: float,
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    # `model.generate(...)` with no sampling arguments then samples like the RL rollouts do
+    # (full softmax), instead of transformers' greedy / top_k=50 defaults.
+    gen = model.generation_config
+    gen.do_sample, gen.temperature, gen.top_k, gen.top_p = True, 1.0, 0, 1.0
+    gen.max_new_tokens = MultiplicationTask.default_max_new_tokens
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    n = len(losses)
+    k = max(1, n // 20)
+    record: dict[str, Any] = {
+        "task": "multiplication",
+        "recipe": asdict(recipe),
+        "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6},
+        "heldout": ev,
+        "train_subset": train_ev,
+        "sampled_accuracy": ev.get("accuracy"),
+        "mixed_group_fraction": ev.get("mixed_fraction"),
+        "loss_first": sum(losses[:k]) / k,
+        "loss_last": sum(losses[-k:]) / k,
+        "loss_curve": [round(sum(losses[i : i + k]) / len(losses[i : i + k]), 5) for i in range(0, n, k)],
+        "train_seconds": round(train_seconds, 1),
+        "num_parameters": model.num_parameters(),
+        "environment": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+    (out / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def load_tiny_warmstart(
+    path: str | Path = TINY_WARMSTART_DIR, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the shipped warm-start (or another recipe output) as (model in eval mode, tokenizer).
+
+    >>> model, tok = load_tiny_warmstart()
+    >>> model.config.model_type, tok.eos_token
+    ('qwen3', '<eos>')
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no warm-start checkpoint at {path}; build it with `python -m trainer.warmstart --out {path}`"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def read_warmstart_record(path: str | Path = TINY_WARMSTART_DIR) -> dict[str, Any]:
+    """The `warmstart.json` written with a checkpoint (recipe, measured accuracy, environment)."""
+    return json.loads((Path(path) / RECORD_FILE).read_text())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m trainer.warmstart --out DIR [--steps N] [--seed S]`."""
+    defaults = WarmstartRecipe()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=TINY_WARMSTART_DIR, help="output directory")
+    ap.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
+    ap.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per step")
+    ap.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    ap.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    ap.add_argument("--seed", type=int, default=defaults.seed, help="init and data-order seed")
+    ap.add_argument("--no-eval", action="store_true", help="skip the sampled evaluation")
+    ap.add_argument("--probe-every", type=int, default=0, help="quick held-out accuracy every N steps")
+    args = ap.parse_args(argv)
+    recipe = WarmstartRecipe(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+    )
+    run_warmstart(args.out, recipe, evaluate=not args.no_eval, probe_every=args.probe_every)
+
+
+if __name__ == "__main__":
+    main()
