@@ -42,27 +42,44 @@ def _check(h: Tensor, p: Tensor, y: Tensor, name: str) -> None:
         )
 
 
+def _split(p: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(q, s): q = p with its y entry zeroed (T, V), s = Σ q = 1 − p[y] (T,), summed, not subtracted.
+
+    Writing e_y − p = s·e_y − q keeps every term small when p[y] ≈ 1, where the textbook form
+    1 − 2p[y] + ||p||² cancels catastrophically in float32 (cosines above 1, zero norms).
+    """
+    q = p.clone()
+    q.scatter_(-1, y[:, None], 0.0)
+    return q, q.sum(-1)
+
+
 def logit_factor(p_a: Tensor, y_a: Tensor, p_b: Tensor, y_b: Tensor) -> Tensor:
     """<e_{y_a} − p_a, e_{y_b} − p_b> for all pairs → (Ta, Tb).
+
+    Computed as s_a s_b [y_a = y_b] − s_a q_b[y_a] − s_b q_a[y_b] + <q_a, q_b> with q = p off its
+    sampled token and s = 1 − p[y] (see :func:`_split`): the same value as
+    [y_a = y_b] − p_a[y_b] − p_b[y_a] + <p_a, p_b>, without its cancellation.
 
     >>> p = torch.tensor([[0.5, 0.5]])
     >>> logit_factor(p, torch.tensor([0]), p, torch.tensor([0])).item()
     0.5
     """
+    q_a, s_a = _split(p_a, y_a)
+    q_b, s_b = _split(p_b, y_b)
     same = (y_a[:, None] == y_b[None, :]).to(p_a.dtype)  # (Ta, Tb)
-    pa_yb = p_a[:, y_b]  # (Ta, Tb): p_a[i, y_b[j]]
-    pb_ya = p_b[:, y_a].T  # (Ta, Tb): p_b[j, y_a[i]]
-    return same - pa_yb - pb_ya + p_a @ p_b.T
+    qb_ya = q_b[:, y_a].T  # (Ta, Tb): q_b[j, y_a[i]]
+    qa_yb = q_a[:, y_b]  # (Ta, Tb): q_a[i, y_b[j]]
+    return same * s_a[:, None] * s_b[None, :] - s_a[:, None] * qb_ya - s_b[None, :] * qa_yb + q_a @ q_b.T
 
 
 def logit_grad_sqnorm(p: Tensor, y: Tensor) -> Tensor:
-    """||e_y − p||² = 1 − 2 p[y] + ||p||² per token → (T,).
+    """||e_y − p||² = (1 − p[y])² + Σ_{j≠y} p_j² per token → (T,), without cancellation.
 
     >>> logit_grad_sqnorm(torch.tensor([[0.5, 0.5]]), torch.tensor([1])).item()
     0.5
     """
-    py = p.gather(-1, y[:, None]).squeeze(-1)
-    return 1.0 - 2.0 * py + (p * p).sum(-1)
+    q, s = _split(p, y)
+    return s * s + (q * q).sum(-1)
 
 
 def head_gradient_sqnorm(h: Tensor, p: Tensor, y: Tensor) -> Tensor:

@@ -70,7 +70,7 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         for s in range(0, n, chunk):
             # In-place arithmetic keeps at most two float32 (c, V) temporaries alive (plus logsumexp's own).
-            z = logits[s : s + chunk].float()  # (c, V)
+            z = logits[s : s + chunk].to(torch.float32, copy=True)  # (c, V); a copy: edited in place below
             if scale != 1.0:
                 z.mul_(scale)
             lse_c = torch.logsumexp(z, dim=-1)  # (c,)
@@ -90,7 +90,7 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], chunk):
             e = s + chunk
-            logq = logits[s:e].float()  # (c, V)
+            logq = logits[s:e].to(torch.float32, copy=True)  # (c, V); a copy: edited in place below
             if scale != 1.0:
                 logq.mul_(scale)
             logq.sub_(lse[s:e, None])

@@ -132,3 +132,20 @@ def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match="expected h"):
         head_gradient_inner(torch.zeros(2, 3), torch.zeros(3, 4), torch.zeros(2, dtype=torch.long),
                             torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
+
+
+def test_near_deterministic_float32_probabilities_stay_accurate():
+    # p[y] ≈ 1: the textbook 1 − 2p[y] + ||p||² cancels in float32; the split form must not.
+    g = torch.Generator().manual_seed(0)
+    V, d = 50, 6
+    z = torch.randn(8, V, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (8,), generator=g)
+    z[torch.arange(8), y] += 18.0  # p[y] ≈ 1 − 1e-7
+    p64 = torch.softmax(z, -1)
+    h = torch.randn(8, d, generator=g, dtype=torch.float64)
+    ref = head_gradient_cosine(h, p64, y, h, p64, y)
+    cos32 = head_gradient_cosine(h.float(), p64.float(), y, h.float(), p64.float(), y)
+    assert cos32.abs().max() <= 1 + 1e-5
+    torch.testing.assert_close(cos32.double(), ref, atol=1e-3, rtol=1e-3)
+    sq32 = head_gradient_sqnorm(h.float(), p64.float(), y)
+    torch.testing.assert_close(sq32.double(), head_gradient_sqnorm(h, p64, y), rtol=1e-3, atol=0)

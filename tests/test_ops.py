@@ -168,3 +168,22 @@ def test_pass_at_k_curve_and_avg():
     assert np.all(np.diff(curve) >= -1e-12)  # pass@k never decreases in k
     assert curve[-1] == pytest.approx(2 / 3)
     assert avg_at_n(np.array([[1, 0, 0, 1]])) == 0.5
+
+
+def test_float32_logits_are_not_modified_and_double_backward_works():
+    # Regression: in-place arithmetic on a float32 chunk must never touch the caller's logits.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 11, generator=g, requires_grad=True)
+    before = logits.detach().clone()
+    labels = torch.randint(0, 11, (6,), generator=g)
+    lp, ent = token_logprobs_and_entropy(logits, labels, temperature=0.7, chunk_tokens=4)
+    loss = (lp + 0.3 * ent).sum()
+    (g1,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, logits)
+    assert torch.equal(logits.detach(), before)
+    ref = before.double().requires_grad_(True)
+    logq = torch.log_softmax(ref / 0.7, -1)
+    ref_loss = (logq.gather(-1, labels[:, None]).squeeze(-1) - 0.3 * (logq.exp() * logq).sum(-1)).sum()
+    (gref,) = torch.autograd.grad(ref_loss, ref)
+    torch.testing.assert_close(g1.double(), gref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g1, g2)

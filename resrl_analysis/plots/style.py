@@ -61,15 +61,23 @@ def order_labels(labels: Sequence[str]) -> list[str]:
 
 @contextmanager
 def paper_style() -> Iterator[None]:
-    """Seaborn paper context with white grid, restored on exit.
+    """Seaborn paper context with white grid, restored on exit (but not the interactive mode).
 
     >>> with paper_style():
     ...     pass
     """
-    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.2), plt.rc_context(
-        {"figure.dpi": 110, "savefig.bbox": "tight", "axes.spines.top": False, "axes.spines.right": False}
-    ):
-        yield
+    rc = {"figure.dpi": 110, "savefig.bbox": "tight", "axes.spines.top": False, "axes.spines.right": False}
+    interactive = matplotlib.is_interactive()
+    try:
+        with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.2), plt.rc_context(rc):
+            try:
+                yield
+            finally:
+                # Jupyter's inline backend turns interactive mode on with the first figure; restoring the
+                # rcParams must not switch it off again, or later figures are never shown.
+                interactive = matplotlib.is_interactive()
+    finally:
+        matplotlib.interactive(interactive)
 
 
 def new_axes(ax=None, figsize: tuple[float, float] = (5.0, 3.6)):
