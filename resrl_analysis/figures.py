@@ -218,12 +218,13 @@ def fig_token_heatmap(runs: Sequence[RunData]):
         return f"{r.path}: no negative response with ResRL weights at step {step}"
     import matplotlib.pyplot as plt
 
-    cands = cands[:4]
+    seen: set[tuple] = set()  # distinct responses only
+    cands = [c for c in cands if not (tuple(c["response_ids"]) in seen or seen.add(tuple(c["response_ids"])))][:4]
     fig, axes = plt.subplots(len(cands), 1, figsize=(8, 1.3 * len(cands) + 0.4), squeeze=False)
-    for ax, row in zip(axes[:, 0], cands):
-        toks = [tok.convert_ids_to_tokens(i) for i in row["response_ids"]]
+    for i, (ax, row) in enumerate(zip(axes[:, 0], cands)):
+        toks = [tok.convert_ids_to_tokens(t) for t in row["response_ids"]]
         plots.plot_token_heatmap(toks, row["resrl_weights"], ax=ax, vmin=0.0, vmax=1.0, cmap="magma",
-                                 title=f"{row['prompt']!r} → ω per token (reward {row['reward']:g})")
+                                 colorbar=i == 0, title=f"{row['prompt']!r} → ω per token (reward {row['reward']:g})")
     fig.suptitle(f"{r.label}, step {step}: ResRL weight of each negative token", fontsize="small")
     return fig
 

@@ -115,8 +115,8 @@ def summary_markdown(rows: list[dict[str, Any]], *, seconds: float, settings: di
     return "\n".join(lines)
 
 
-def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALGORITHMS, steps: int = 20,
-         save_every: int = 2, seed: int = 0, figures_dir: str | Path | None = None,
+def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALGORITHMS, steps: int = 40,
+         save_every: int = 4, seed: int = 0, figures_dir: str | Path | None = None,
          probe_args: tuple[str, ...] = (), model: str | None = None) -> Path:
     """Run the demo; returns the path of ``summary.md``.
 
@@ -175,8 +175,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Arguments of `resrl demo`."""
     parser.add_argument("--out", default="demo_out", help="output directory (runs/, figures/, summary.md)")
     parser.add_argument("--algorithms", default=",".join(DEMO_ALGORITHMS), help="comma-separated algorithms")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per algorithm")
-    parser.add_argument("--save-every", type=int, default=2, help="checkpoint (and probe) every K steps")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per algorithm")
+    parser.add_argument("--save-every", type=int, default=4, help="checkpoint (and probe) every K steps")
     parser.add_argument("--seed", type=int, default=0, help="one seed for every run")
     parser.add_argument("--model", default=None,
                         help="policy to start from (default: the tiny preset's shipped warm start)")

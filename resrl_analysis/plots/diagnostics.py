@@ -265,7 +265,7 @@ def plot_residual_weight_hist(
 
 def plot_token_heatmap(
     tokens: Sequence[str], values: Sequence[float | None], *, title: str = "", cmap: str = "viridis",
-    vmin: float | None = None, vmax: float | None = None, per_line: int = 24, ax=None,
+    vmin: float | None = None, vmax: float | None = None, per_line: int = 24, ax=None, colorbar: bool = True,
 ):
     """A response's text, each token boxed and coloured by a value (weight, residual, NTHR score).
 
@@ -290,12 +290,12 @@ def plot_token_heatmap(
         ax.text(c + 0.5, rows - r - 0.5, tok.replace("\n", "⏎") or "␣", ha="center", va="center", fontsize=9,
                 family="monospace", color="white" if lum < 0.5 else "black",
                 bbox=dict(boxstyle="square,pad=0.25", fc=face, ec="none"))
-    ax.set_xlim(0, min(len(tokens), per_line))
+    ax.set_xlim(0, per_line if rows > 1 else max(len(tokens), 12))  # compact, left-aligned boxes
     ax.set_ylim(0, rows)
     ax.axis("off")
     ax.set_title(title)
-    sm = plt.cm.ScalarMappable(norm=norm, cmap=cm)
-    ax.figure.colorbar(sm, ax=ax, fraction=0.03, pad=0.01)
+    if colorbar:
+        ax.figure.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cm), ax=ax, fraction=0.03, pad=0.01)
     return ax
 
 
