@@ -1,0 +1,152 @@
+"""Checkpoints of a run directory (docs/RUN_DIRECTORY.md): atomic writes, discovery, debris removal.
+
+A checkpoint is written into a temporary sibling ``checkpoints/.tmp-step_XXXXXX-<random>`` and renamed to
+``checkpoints/step_XXXXXX`` only when complete, so a directory named ``step_XXXXXX`` is always complete and
+a crash leaves only ``.tmp*`` debris, which readers ignore and :func:`remove_debris` deletes on resume.
+
+>>> import tempfile
+>>> run = Path(tempfile.mkdtemp())
+>>> _ = save_checkpoint(run, 0, lambda d: (d / "config.json").write_text("{}"), {"step": 0})
+>>> latest_checkpoint(run)[0], load_trainer_state(checkpoint_dir(run, 0))["step"]
+(0, 0)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "TRAINER_STATE",
+    "checkpoint_dir",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_trainer_state",
+    "remove_debris",
+    "save_checkpoint",
+]
+
+TRAINER_STATE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d{6})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; earlier checkpoints are untouched."""
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """``RUN_DIR/checkpoints/step_XXXXXX``.
+
+    >>> checkpoint_dir("runs/a", 12).as_posix()
+    'runs/a/checkpoints/step_000012'
+    """
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints ``(step, path)`` in increasing step order; ``.tmp*`` debris is ignored."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        # The rename makes any step_ directory complete; checking the state file too guards against a
+        # directory copied or edited by hand.
+        if m and p.is_dir() and (p / TRAINER_STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
+    """The complete checkpoint with the highest step, or None."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def remove_debris(run_dir: str | Path) -> list[Path]:
+    """Delete ``.tmp*`` files and directories left by an interrupted write; returns what was removed."""
+    removed = []
+    run = Path(run_dir)
+    for d in (run, run / "checkpoints", run / "rollouts"):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.name.startswith(".tmp"):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    # Make the rename durable (best effort: not every platform/filesystem allows opening a directory).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    write_model: Callable[[Path], Any],
+    trainer_state: dict[str, Any],
+) -> Path:
+    """Write ``checkpoints/step_XXXXXX`` atomically and return its path.
+
+    ``write_model(tmp_dir)`` writes the Hugging Face files (``save_pretrained`` of model and tokenizer);
+    ``trainer_state`` goes to ``trainer_state.pt`` last. An existing checkpoint of the same step is replaced
+    only after the new one is complete.
+    """
+    final = checkpoint_dir(run_dir, step)
+    root = final.parent
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    except OSError as exc:
+        raise CheckpointError(f"cannot create a checkpoint in {root}: {exc.strerror or exc}") from exc
+    try:
+        write_model(tmp)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{final.name}-", dir=root))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(
+                f"writing checkpoint {final} failed: {exc.strerror or exc}; earlier checkpoints are intact"
+            ) from exc
+        raise
+    return final
+
+
+def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
+    """Read ``trainer_state.pt`` of a checkpoint directory (tensors, numbers, strings only)."""
+    path = Path(ckpt) / TRAINER_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
