@@ -48,6 +48,14 @@ def test_validation_messages(kw, message):
         TrainConfig(**kw)
 
 
+@pytest.mark.parametrize("name", ["grad_clip", "temperature", "adam_eps", "kl_coef", "dual_clip", "resrl_q_low"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_floats_are_rejected(name, value):
+    # nan passes every "x < 0" comparison: it must be caught explicitly
+    with pytest.raises(ConfigError, match=f"{name}=(nan|inf) must be a finite number"):
+        TrainConfig(**{name: value})
+
+
 def test_defaults_are_the_tiny_preset_and_valid():
     cfg = TrainConfig()
     assert cfg == preset_config("tiny")

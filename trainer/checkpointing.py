@@ -128,16 +128,24 @@ def save_checkpoint(
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{final.name}-", dir=root))
             os.replace(final, old / final.name)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old / final.name, final)  # put the existing checkpoint back
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
+        if isinstance(exc, Exception):
+            # Writers report a refused write in their own ways: OSError, torch's RuntimeError ("unexpected
+            # pos"), safetensors' SafetensorError ("File too large").
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
             raise CheckpointError(
-                f"writing checkpoint {final} failed: {exc.strerror or exc}; earlier checkpoints are intact"
+                f"writing checkpoint {final} failed: {why}; earlier checkpoints are intact"
             ) from exc
         raise
     return final

@@ -102,8 +102,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Run ``resrl train`` for parsed arguments; returns the exit code (0 ok, 2 bad input, 1 failed run)."""
+    """Run ``resrl train`` for parsed arguments; returns the exit code (0 ok, 2 bad input, 1 failed run: diverged,
+    or a write to the run directory failed)."""
     from trainer.checkpointing import CheckpointError
+    from trainer.metrics_log import RunWriteError
     from trainer.tasks import DataError
 
     try:
@@ -118,7 +120,7 @@ def run_train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, SetupError) as exc:
         print(f"resrl train: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except (TrainingDiverged, CheckpointError) as exc:
+    except (TrainingDiverged, CheckpointError, RunWriteError) as exc:
         print(f"resrl train: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     print(f"run directory: {run_dir}")

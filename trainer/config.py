@@ -46,13 +46,14 @@ ALGORITHM_NAMES = ("grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl")
 GROUP_ALGORITHMS = ("grpo", "nthr", "resrl")  # need >= 2 responses per prompt (group statistics)
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
-#: Fields that may change when a run is resumed: they do not change the trajectory (``micro_batch_*``
-#: and ``logprob_micro_batch_size`` change it only by float round-off).
+#: Fields that may change when a run is resumed: most do not change the trajectory (``micro_batch_*``
+#: and ``logprob_micro_batch_size`` change it only by float round-off); ``lr``, ``grad_clip`` and
+#: ``max_consecutive_skips`` may, on purpose: lowering them is how a diverged run is continued.
 RESUMABLE_CHANGES = frozenset({
     "steps", "save_every", "resume", "output_dir", "micro_batch_size", "micro_batch_tokens",
     "logprob_micro_batch_size", "progress_bar", "log_every", "tensorboard", "dump_rollouts", "device",
     "gradient_checkpointing", "logprob_memory_mb", "rollout_backend", "val_every", "preset", "cpu_threads",
-    "rollout_compile",
+    "rollout_compile", "lr", "grad_clip", "max_consecutive_skips",
 })
 
 
@@ -233,6 +234,10 @@ class TrainConfig:
                     f"{max(k, self.save_every // k * k)}")
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise e(f"lr={self.lr} must be a finite number >= 0")
+        for name, typ in _field_types().items():
+            # NaN slips through every comparison below (nan < 0 is False): reject it, and ±inf, up front.
+            if typ is float and not math.isfinite(getattr(self, name)):
+                raise e(f"{name}={getattr(self, name)} must be a finite number")
         if self.weight_decay < 0 or self.adam_eps <= 0:
             raise e("weight_decay must be >= 0 and adam_eps > 0")
         for name in ("adam_beta1", "adam_beta2"):

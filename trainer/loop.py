@@ -76,7 +76,7 @@ from trainer.distributed import (
 )
 from trainer.forward import pack_rows, response_forward
 from trainer.losses import LossNorm, policy_loss
-from trainer.metrics_log import METRIC_KEYS, MetricsLog, truncate_metrics, write_rollouts
+from trainer.metrics_log import METRIC_KEYS, MetricsLog, RunWriteError, truncate_metrics, write_rollouts
 from trainer.tasks import Prompt, Task
 
 __all__ = ["SetupError", "TrainingDiverged", "train"]
@@ -175,14 +175,14 @@ def train(config: TrainConfig) -> Path:
                 metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
             if cfg.val_every and step % cfg.val_every == 0:
                 metrics.update(_validate(cfg, step, model, tokenizer, task, ctx))
-            log.log(metrics)
+            _on_all_ranks(log.log if ctx.is_main else None, metrics, what=str(run_dir / "metrics.jsonl"), ctx=ctx)
             if not upd["finite"]:
                 log.info(f"step {step}: non-finite loss or gradient, update skipped ({consecutive} in a row)")
                 if consecutive >= cfg.max_consecutive_skips:
                     raise TrainingDiverged(
                         f"{consecutive} non-finite steps in a row (steps {step - consecutive + 1}-{step}): stopping. "
                         f"The last checkpoint in {run_dir / 'checkpoints'} is intact; lower lr or check the "
-                        "data, then --resume"
+                        f"data, then --resume (e.g. --resume --output-dir {run_dir} --set lr={cfg.lr / 10:g})"
                     )
         return run_dir
     finally:
@@ -384,6 +384,11 @@ def _setup_training(
     state = resume.state
     load_full_state(model, optimizer, model_sd, state.get("optimizer", {}) if ctx.is_main else {}, ctx)
     scheduler.load_state_dict(broadcast_object(state.get("scheduler") if ctx.is_main else None, ctx))
+    # The loaded state carries the old run's lr; a resume may lower it (after a divergence, say).
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * _lr_lambda(cfg)(scheduler.last_epoch)
     _restore_rng(broadcast_object(state.get("rng") if ctx.is_main else None, ctx), ctx)
     return model, optimizer, scheduler, (resume.step, resume.skipped, resume.consecutive)
 
@@ -431,6 +436,22 @@ def _want_progress(cfg: TrainConfig, ctx: DistContext) -> bool:
 
 def _is_save_step(cfg: TrainConfig, step: int) -> bool:
     return step == 0 or step % cfg.save_every == 0 or step == cfg.steps
+
+
+def _on_all_ranks(fn: Any, *args: Any, what: str, ctx: DistContext) -> None:
+    """Run a rank-0 write (``fn`` is None elsewhere); its failure is raised as :class:`RunWriteError` on every
+    rank. Without this, rank 0 would die while the others wait in their next collective."""
+    err = None
+    if fn is not None:
+        try:
+            fn(*args)
+        except RunWriteError as exc:
+            err = str(exc)
+        except OSError as exc:
+            err = f"writing {what} failed: {exc.strerror or exc}; earlier checkpoints are intact"
+    err = broadcast_object(err, ctx)
+    if err:
+        raise RunWriteError(err)
 
 
 # =========================================================================================== randomness
@@ -719,7 +740,10 @@ def _dump(run_dir: Path, step: int, data: Rollouts, tokenizer: Any, ctx: DistCon
     every = all_gather_objects(rows, ctx)
     if ctx.is_main:
         merged = sorted((r for part in every for r in part), key=lambda r: r["group_id"])  # stable: rows of a
-        write_rollouts(run_dir / "rollouts" / f"step_{step:06d}.jsonl", merged)  # group keep their order
+        path = run_dir / "rollouts" / f"step_{step:06d}.jsonl"  # group keep their order
+        _on_all_ranks(write_rollouts, path, merged, what=str(path), ctx=ctx)
+    else:
+        _on_all_ranks(None, what="", ctx=ctx)
 
 
 # =========================================================================================== update

@@ -28,6 +28,7 @@ from typing import Any
 
 __all__ = [
     "METRIC_KEYS",
+    "RunWriteError",
     "ROLLOUT_FIELDS",
     "MetricsLog",
     "read_metrics",
@@ -51,6 +52,10 @@ ROLLOUT_FIELDS = (
     "ground_truth", "reward", "is_positive", "finished", "advantage", "token_advantages", "resrl_weights",
     "resrl_residuals", "nthr_weights", "nthr_scores",
 )
+
+
+class RunWriteError(RuntimeError):
+    """A run file (metrics.jsonl, a rollout dump) could not be written; checkpoints already written are intact."""
 
 
 def _clean(v: Any) -> Any:
@@ -106,12 +111,16 @@ def truncate_metrics(path: str | Path, max_step: int) -> int:
 def write_rollouts(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write one JSON object per response (fields :data:`ROLLOUT_FIELDS`), atomically."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".tmp-{p.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({k: _clean(r[k]) for k in ROLLOUT_FIELDS}, ensure_ascii=False) + "\n")
-    os.replace(tmp, p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({k: _clean(r[k]) for k in ROLLOUT_FIELDS}, ensure_ascii=False) + "\n")
+        os.replace(tmp, p)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RunWriteError(f"writing {p} failed: {exc.strerror or exc}; earlier checkpoints are intact") from exc
 
 
 class MetricsLog:
@@ -167,8 +176,12 @@ class MetricsLog:
         rec = {k: _clean(v) for k, v in metrics.items()}
         assert self._file is not None
         # One write call per line, flushed: a crash leaves at most one torn last line, which readers skip.
-        self._file.write(json.dumps(rec) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise RunWriteError(f"writing {self._file.name} failed: {exc.strerror or exc}; earlier checkpoints "
+                                "are intact") from exc
         step = int(rec["step"])
         if self._tb is not None:
             for k, v in rec.items():

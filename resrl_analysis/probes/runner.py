@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 import uuid
@@ -204,6 +206,10 @@ def run_probe(args: argparse.Namespace) -> int:
     except ProbeError as e:
         print(f"resrl probe: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions: one line, earlier results untouched
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"resrl probe: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     finally:
         torch.set_num_threads(threads)  # callable in-process (notebooks, tests): leave torch as found
 
@@ -261,6 +267,7 @@ def _run(args: argparse.Namespace) -> int:
         InterferenceResult,
         ScoresResult,
         SubspaceResult,
+        _replace_dir,
         atomic_write_text,
         to_jsonable,
     )
@@ -359,21 +366,32 @@ def _run(args: argparse.Namespace) -> int:
                 {"skipped": [{"reason": f"no checkpoint selected by --{name}-steps"}]})
             results[name] = res.with_meta(**common, **({"full_model_steps": sorted(full_steps)}
                                                        if name in ("first_order", "interference") else {}))
-    for name, res in results.items():
-        timed("write", res.save, out / name, format=args.format)
-    skipped = [{"probe": name, **s} for name, res in results.items() for s in res.skipped]
-    timing["total"] = time.perf_counter() - t_start
-    summary = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run_dir": str(args.run_dir), "mode": mode, "out": str(out),
-        "checkpoints": [{"step": s, "path": str(p)} for s, p in ckpts],
-        "probe_set": probe_set.describe(), "probes": sorted(probes),
-        "full_model_steps": sorted(full_steps), "diversity_steps": sorted(div_steps) if "diversity" in probes else [],
-        "options": {k: v for k, v in vars(args).items() if k != "func"},
-        "results": {name: {"path": name, "kind": res.KIND, **res.summary()} for name, res in results.items()},
-        "skipped": skipped, "timing_s": timing,
-    }
-    atomic_write_text(out / "summary.json", json.dumps(to_jsonable(summary), indent=1, allow_nan=False))
+    # One pass's results are written as a set: staged beside the old ones, then swapped in with the old
+    # summary.json removed first and the new one last, so a failure never leaves a mix that reads as whole.
+    staging = out / f".staging-{uuid.uuid4().hex[:8]}"
+    try:
+        for name, res in results.items():
+            timed("write", res.save, staging / name, format=args.format)
+        skipped = [{"probe": name, **s} for name, res in results.items() for s in res.skipped]
+        timing["total"] = time.perf_counter() - t_start
+        summary = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "run_dir": str(args.run_dir), "mode": mode, "out": str(out),
+            "checkpoints": [{"step": s, "path": str(p)} for s, p in ckpts],
+            "probe_set": probe_set.describe(), "probes": sorted(probes),
+            "full_model_steps": sorted(full_steps),
+            "diversity_steps": sorted(div_steps) if "diversity" in probes else [],
+            "options": {k: v for k, v in vars(args).items() if k != "func"},
+            "results": {name: {"path": name, "kind": res.KIND, **res.summary()} for name, res in results.items()},
+            "skipped": skipped, "timing_s": timing,
+        }
+        atomic_write_text(staging / "summary.json", json.dumps(to_jsonable(summary), indent=1, allow_nan=False))
+        (out / "summary.json").unlink(missing_ok=True)
+        for name in results:
+            _replace_dir(staging / name, out / name)
+        os.replace(staging / "summary.json", out / "summary.json")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return 0
 
 
