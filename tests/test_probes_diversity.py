@@ -20,15 +20,7 @@ from resrl_analysis.probes.diversity import (
 )
 from resrl_analysis.probes.synthetic import char_tokenizer, random_probe_set, tiny_model
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def test_distinct_n_hand_made():

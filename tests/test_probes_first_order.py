@@ -20,15 +20,7 @@ from resrl_analysis.probes.first_order import (
 from resrl_analysis.probes.synthetic import random_probe_set, tiny_model
 from resrl_analysis.weighting import ResRLWeightConfig, resrl_weight_details
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,7 @@ from resrl_analysis.probes.interference import QUANTILES, interference_probe
 from resrl_analysis.probes.synthetic import random_probe_set, tiny_model
 from resrl_analysis.results import InterferenceResult
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,7 @@ from resrl_analysis.probes.capture import capture_head_input, forward_group
 from resrl_analysis.probes.lld import lld_along_run, lld_between, lld_between_models, score_responses
 from resrl_analysis.probes.synthetic import random_probe_set, tiny_model
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: threading only adds overhead (and contention on a shared CI box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 def _model(arch: str, seed: int = 0):

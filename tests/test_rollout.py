@@ -21,18 +21,11 @@ from transformers import (
 from trainer import rollout
 from trainer.rollout import RolloutBatch, SamplingParams, filter_logits, sample, sample_next
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 40
 PAD, EOS = 0, 3
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]  # different lengths: left padding
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: thread start-up costs more than the math, and the CI box has 2 shared cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny(arch: str = "qwen3", seed: int = 0) -> torch.nn.Module:
