@@ -42,7 +42,11 @@ SVDMethod = Literal["lowrank", "exact"]
 
 @dataclass(frozen=True)
 class ResRLWeightConfig:
-    """Hyper-parameters of the ResRL token weights (defaults from the paper)."""
+    """Hyper-parameters of the ResRL token weights (defaults from the paper; declared only here).
+
+    >>> ResRLWeightConfig(rank=8).q_low, ResRLWeightConfig().rank
+    (0.2, 64)
+    """
 
     rank: int = 64
     """Upper bound on the subspace rank k (k = min(rank, M − 1, d))."""
@@ -76,6 +80,10 @@ class ResRLWeightConfig:
             raise ValueError(f"svd must be 'lowrank' or 'exact', got {self.svd!r}")
         if self.min_pos_tokens < 2:
             raise ValueError(f"min_pos_tokens must be >= 2, got {self.min_pos_tokens}")
+
+
+#: The defaults of :class:`ResRLWeightConfig`, which the functions below take as their own (declared once).
+_DEF = ResRLWeightConfig()
 
 
 @dataclass(frozen=True)
@@ -122,7 +130,7 @@ def select_representation(hidden_states: tuple[Tensor, ...] | list[Tensor], laye
 
 
 def randomized_right_basis(
-    x: Tensor, q: int, niter: int = 4, generator: torch.Generator | None = None
+    x: Tensor, q: int, niter: int = _DEF.niter, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
     """Top-q right singular vectors (d, q) and values (q,) of ``x`` (M, d) by randomized subspace iteration.
 
@@ -150,10 +158,10 @@ def randomized_right_basis(
 
 def positive_subspace(
     x_pos: Tensor,
-    rank: int = 64,
+    rank: int = _DEF.rank,
     *,
-    niter: int = 4,
-    svd: SVDMethod = "lowrank",
+    niter: int = _DEF.niter,
+    svd: SVDMethod = _DEF.svd,
     generator: torch.Generator | None = None,
     center: bool = True,
 ) -> Subspace:
@@ -217,7 +225,7 @@ def explained_variance(x_pos: Tensor, max_rank: int | None = None, *, center: bo
 
 
 def weights_from_residuals(
-    e: Tensor, q_low: float = 0.2, q_high: float = 0.8, min_weight: float = 0.1
+    e: Tensor, q_low: float = _DEF.q_low, q_high: float = _DEF.q_high, min_weight: float = _DEF.min_weight
 ) -> tuple[Tensor, float, float]:
     """ω = min_w + (1 − min_w)·clamp((e − lo)/(hi − lo), 0, 1), lo/hi the q_low/q_high quantiles of e.
 
@@ -264,17 +272,17 @@ def resrl_weight_details(
     is_positive: Tensor,
     group_ids: Tensor,
     *,
-    rank: int = 64,
-    max_pos_tokens: int = 4096,
-    q_low: float = 0.2,
-    q_high: float = 0.8,
-    min_weight: float = 0.1,
-    niter: int = 4,
-    svd: SVDMethod = "lowrank",
+    rank: int = _DEF.rank,
+    max_pos_tokens: int = _DEF.max_pos_tokens,
+    q_low: float = _DEF.q_low,
+    q_high: float = _DEF.q_high,
+    min_weight: float = _DEF.min_weight,
+    niter: int = _DEF.niter,
+    svd: SVDMethod = _DEF.svd,
     generator: torch.Generator | None = None,
     layer_norm: bool = True,
     center: bool = True,
-    min_pos_tokens: int = 4,
+    min_pos_tokens: int = _DEF.min_pos_tokens,
 ) -> ResRLWeights:
     """ResRL weights with their residuals and per-group diagnostics; see :func:`resrl_token_weights`.
 
@@ -349,13 +357,13 @@ def resrl_token_weights(
     is_positive: Tensor,
     group_ids: Tensor,
     *,
-    rank: int = 64,
-    max_pos_tokens: int = 4096,
-    q_low: float = 0.2,
-    q_high: float = 0.8,
-    min_weight: float = 0.1,
-    niter: int = 4,
-    svd: SVDMethod = "lowrank",
+    rank: int = _DEF.rank,
+    max_pos_tokens: int = _DEF.max_pos_tokens,
+    q_low: float = _DEF.q_low,
+    q_high: float = _DEF.q_high,
+    min_weight: float = _DEF.min_weight,
+    niter: int = _DEF.niter,
+    svd: SVDMethod = _DEF.svd,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """ResRL token weights (B, T), float32 (DESIGN §2 and §4).

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+import resrl_analysis.advantages as _advantages
+
 __all__ = [
     "ALGORITHM_NAMES",
     "ConfigError",
@@ -40,10 +42,12 @@ __all__ = [
     "save_config_yaml",
 ]
 
-#: The algorithms of the registry in :mod:`trainer.algorithms` (kept here so the config can validate
-#: without importing torch-heavy modules).
-ALGORITHM_NAMES = ("grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl")
-GROUP_ALGORITHMS = ("grpo", "nthr", "resrl")  # need >= 2 responses per prompt (group statistics)
+#: The algorithms of the registry (:mod:`resrl_analysis.advantages`), in its order.
+ALGORITHM_NAMES = _advantages.ALGORITHM_NAMES
+#: Those that compare responses within a prompt group: they need >= 2 responses per prompt.
+GROUP_ALGORITHMS = tuple(name for name, a in _advantages.ALGORITHMS.items() if a.group)
+#: Defaults of the algorithms' hyper-parameters, declared once in ``resrl_analysis.advantages.AdvantageParams``.
+_ALGO = _advantages.config_defaults()
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 #: Fields that may change when a run is resumed: most do not change the trajectory (``micro_batch_*``
@@ -113,7 +117,8 @@ class TrainConfig:
     prompts_per_step: int = _f(32, "Prompts sampled per rollout batch (all ranks together).")
     n: int = _f(8, "Responses sampled per prompt (the group size G).")
     max_response_length: int = _f(8, "Most tokens generated per response (EOS included).")
-    temperature: float = _f(1.0, "Training sampling temperature; the old/new log-probs use the same one.")
+    temperature: float = _f(_ALGO["temperature"], "Training sampling temperature; the old/new log-probs use the "
+                                                  "same one.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1 = off).")
     top_k: int = _f(0, "Top-k sampling (0 = off; transformers would otherwise default to 50).")
     rollout_backend: str = _f("auto", "Sampler of trainer.rollout: auto | dynamic | static | hf.")
@@ -155,18 +160,19 @@ class TrainConfig:
     entropy_coef: float = _f(0.0, "Entropy bonus coefficient (0 = off).")
 
     # ---------------------------------------------------------------- algorithms
-    adv_eps: float = _f(1e-6, "GRPO: epsilon added to the group's reward std.")
-    w_reinforce_lambda: float = _f(0.1, "W-REINFORCE: weight lambda of correct responses.")
-    nthr_beta: float = _f(1.0, "NTHR: threshold factor beta.")
-    resrl_rank: int = _f(64, "ResRL: rank k of the positive subspace.")
-    resrl_max_pos_tokens: int = _f(4096, "ResRL: at most this many positive tokens (sampled) per group.")
-    resrl_q_low: float = _f(0.2, "ResRL: residual quantile mapped to min weight.")
-    resrl_q_high: float = _f(0.8, "ResRL: residual quantile mapped to weight 1.")
-    resrl_min_weight: float = _f(0.1, "ResRL: smallest weight of a negative token.")
-    resrl_pos_weight: float = _f(0.1, "ResRL: multiplier of positive responses' advantages.")
-    resrl_niter: int = _f(4, "ResRL: power iterations of the randomized SVD.")
-    resrl_svd: str = _f("lowrank", "ResRL: 'lowrank' (randomized, as torch.pca_lowrank) or 'exact'.")
-    resrl_layer: str = _f("penultimate", "ResRL representation: 'penultimate' (hidden_states[-2], the paper's), "
+    adv_eps: float = _f(_ALGO["adv_eps"], "GRPO: epsilon added to the group's reward std.")
+    w_reinforce_lambda: float = _f(_ALGO["w_reinforce_lambda"], "W-REINFORCE: weight lambda of correct responses.")
+    nthr_beta: float = _f(_ALGO["nthr_beta"], "NTHR: threshold factor beta.")
+    resrl_rank: int = _f(_ALGO["resrl_rank"], "ResRL: rank k of the positive subspace.")
+    resrl_max_pos_tokens: int = _f(_ALGO["resrl_max_pos_tokens"], "ResRL: at most this many positive tokens "
+                                                                  "(sampled) per group.")
+    resrl_q_low: float = _f(_ALGO["resrl_q_low"], "ResRL: residual quantile mapped to min weight.")
+    resrl_q_high: float = _f(_ALGO["resrl_q_high"], "ResRL: residual quantile mapped to weight 1.")
+    resrl_min_weight: float = _f(_ALGO["resrl_min_weight"], "ResRL: smallest weight of a negative token.")
+    resrl_pos_weight: float = _f(_ALGO["resrl_pos_weight"], "ResRL: multiplier of positive responses' advantages.")
+    resrl_niter: int = _f(_ALGO["resrl_niter"], "ResRL: power iterations of the randomized SVD.")
+    resrl_svd: str = _f(_ALGO["resrl_svd"], "ResRL: 'lowrank' (randomized, as torch.pca_lowrank) or 'exact'.")
+    resrl_layer: str = _f(_ALGO["resrl_layer"], "ResRL representation: 'penultimate' (hidden_states[-2], the paper's), "
                                          "'head_input' (hidden_states[-1]) or an integer index into "
                                          "hidden_states.")
 

@@ -174,7 +174,10 @@ def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALG
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `resrl demo`."""
     parser.add_argument("--out", default="demo_out", help="output directory (runs/, figures/, summary.md)")
-    parser.add_argument("--algorithms", default=",".join(DEMO_ALGORITHMS), help="comma-separated algorithms")
+    from .config import ALGORITHM_NAMES
+
+    parser.add_argument("--algorithms", default=",".join(DEMO_ALGORITHMS),
+                        help=f"comma-separated algorithms, of {','.join(ALGORITHM_NAMES)}")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per algorithm")
     parser.add_argument("--save-every", type=int, default=4, help="checkpoint (and probe) every K steps")
     parser.add_argument("--seed", type=int, default=0, help="one seed for every run")

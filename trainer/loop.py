@@ -35,14 +35,21 @@ import platform
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from trainer.algorithms import AlgoInputs, AlgoOutput, get_algorithm
+from resrl_analysis.advantages import (
+    EXTRAS,
+    AdvantageParams,
+    AlgoInputs,
+    AlgoOutput,
+    get_algorithm,
+    params_from_config,
+)
 from trainer.checkpointing import (
     CheckpointError,
     latest_checkpoint,
@@ -56,7 +63,6 @@ from trainer.config import (
     TrainConfig,
     config_differences,
     config_from_sources,
-    config_to_dict,
     save_config_yaml,
 )
 from trainer.distributed import (
@@ -490,12 +496,14 @@ def _restore_rng(per_rank: list[dict[str, Any]] | None, ctx: DistContext) -> Non
 
 
 @dataclass
-class Rollouts:
-    """This rank's rows of one rollout batch, group after group (``n`` contiguous rows per prompt).
+class ScoredBatch:
+    """This rank's rows of one rollout batch, scored: what was sampled, its rewards, the old (and reference)
+    log-probs and the algorithm's advantages, group after group (``n`` contiguous rows per prompt).
 
     Tensors are on the training device; (B, Tp) prompts left-padded, (B, Tr) responses right-padded.
-    ``group_ids`` are unique within the step across ranks. The algorithm's outputs (advantages, weights)
-    are stored here, computed on whole groups before any micro-batching.
+    ``group_ids`` are unique within the step across ranks. Advantages and the algorithm's ``extras`` (its
+    registered per-token outputs, e.g. ResRL's ``resrl_weights``; see ``resrl_analysis.advantages.EXTRAS``)
+    are computed on whole groups before any micro-batching.
     """
 
     prompt_ids: Tensor  # (B, Tp)
@@ -509,24 +517,27 @@ class Rollouts:
     advantages: Tensor  # (B,)
     token_advantages: Tensor  # (B, Tr)
     ref_logp: Tensor | None = None  # (B, Tr)
-    resrl_weights: Tensor | None = None  # (B, Tr)
-    resrl_residuals: Tensor | None = None  # (B, Tr)
-    nthr_weights: Tensor | None = None  # (B, Tr)
-    nthr_scores: Tensor | None = None  # (B, Tr)
+    extras: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, Tr)
     prompts: list[Prompt] | None = None  # one per row
     texts: list[str] | None = None  # decoded responses, one per row
 
-    def select(self, rows: slice) -> Rollouts:
-        """The rows ``rows`` (tensors sliced, lists too)."""
-        out = {}
+    def select(self, rows: slice) -> ScoredBatch:
+        """The rows ``rows`` (tensors sliced, lists and extras too)."""
+        out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v[rows] if v is not None else None
-        return Rollouts(**out)
+            if isinstance(v, dict):
+                out[f.name] = {k: t[rows] for k, t in v.items()}
+            else:
+                out[f.name] = v[rows] if v is not None else None
+        return ScoredBatch(**out)
 
     @property
     def num_rows(self) -> int:
         return int(self.response_ids.shape[0])
+
+
+Rollouts = ScoredBatch  # the former name, still used by the update code
 
 
 def _encode_prompts(tokenizer: Any, prompts: list[Prompt]) -> list[list[int]]:
@@ -575,8 +586,8 @@ def _rewards(cfg: TrainConfig, task: Task, texts: list[str], prompts: list[Promp
     return r.float()
 
 
-def _algo_params(cfg: TrainConfig) -> dict[str, Any]:
-    return {**config_to_dict(cfg)}
+def _algo_params(cfg: TrainConfig) -> AdvantageParams:
+    return params_from_config(cfg)
 
 
 def _group_chunks(num_rows: int, n: int, rows_per_chunk: int) -> list[slice]:
@@ -650,68 +661,64 @@ def _collect(
         finally:
             model.train(was_training)
 
-    def stitch(name: str, fill: float) -> Tensor | None:
-        parts = [getattr(o, name) for _, o in outs]
-        if parts[0] is None:
-            return None
+    def stitch(parts: list[Tensor], fill: float) -> Tensor:
+        # Chunks are as wide as their longest response: pad each to Tr with the output's own fill value.
         return torch.cat([_pad_cols(p.float(), Tr, fill) for p in parts], dim=0)  # (B, Tr)
 
-    data = Rollouts(
+    data = ScoredBatch(
         prompt_ids=batch.prompt_ids, prompt_mask=batch.prompt_mask, response_ids=batch.response_ids,
         response_mask=batch.response_mask, finished=batch.finished, group_ids=group_ids, rewards=rewards,
         old_logp=old_logp, ref_logp=ref_logp, advantages=torch.cat([o.advantages.float() for _, o in outs]),
-        token_advantages=stitch("token_advantages", 0.0), resrl_weights=stitch("resrl_weights", 1.0),
-        resrl_residuals=stitch("resrl_residuals", float("nan")), nthr_weights=stitch("nthr_weights", 1.0),
-        nthr_scores=stitch("nthr_scores", float("nan")), prompts=row_prompts, texts=texts,
+        token_advantages=stitch([o.token_advantages for _, o in outs], 0.0),
+        extras={name: stitch([o.extras[name] for _, o in outs], EXTRAS[name].fill) for name in algo.extras},
+        prompts=row_prompts, texts=texts,
     )
     metrics = _rollout_metrics(data, cfg, ctx)
     metrics["timing/sample_s"] = sample_s
     return data, metrics
 
 
-def _rollout_metrics(data: Rollouts, cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
-    """Reward, length, ResRL and NTHR statistics of the whole rollout batch (all ranks)."""
+def _rollout_metrics(data: ScoredBatch, cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+    """Reward, prompt and response length, advantage and the algorithm's own statistics of the whole rollout
+    batch (all ranks)."""
+    algo = get_algorithm(cfg.algorithm)
     lengths = data.response_mask.sum(1)
     neg_tok = data.response_mask & (data.rewards <= 0)[:, None]  # (B, Tr) tokens of negative responses
+    adv = data.token_advantages[data.response_mask].double()  # (N,) valid response tokens
     local: dict[str, Any] = {
         "rewards": data.rewards.tolist(), "groups": data.group_ids.tolist(), "lengths": lengths.tolist(),
-        "finished": data.finished.tolist(),
+        "finished": data.finished.tolist(), "prompt_lengths": data.prompt_mask.sum(1).tolist(),
+        # (sum, count, min, max) of the token advantages: exact across ranks without gathering every token
+        "adv": (float(adv.sum()), adv.numel(), float(adv.min()), float(adv.max())) if adv.numel() else None,
     }
-    if data.resrl_residuals is not None:
-        assert data.resrl_weights is not None
-        w = data.resrl_weights[neg_tok & torch.isfinite(data.resrl_residuals)].float().cpu()
-        if w.numel() > 65536:  # quantiles from an evenly spaced subsample: bounded gather size
-            w = w[torch.linspace(0, w.numel() - 1, 65536).long()]
-        local["resrl_w"] = w.tolist()
-    if data.nthr_weights is not None:
-        local["nthr"] = (int((data.nthr_weights[neg_tok] < 1).sum()), int(neg_tok.sum()))
+    if algo.metrics is not None:
+        local["algo"] = algo.metrics.local(data.extras, neg_tok)
     every = all_gather_objects(local, ctx)
     r = torch.tensor([x for e in every for x in e["rewards"]], dtype=torch.float64)
     g = torch.tensor([x for e in every for x in e["groups"]])
     ln = torch.tensor([x for e in every for x in e["lengths"]], dtype=torch.float64)
+    pl = torch.tensor([x for e in every for x in e["prompt_lengths"]], dtype=torch.float64)
     uniq, inv = torch.unique(g, return_inverse=True)
     gmax = torch.full((len(uniq),), -math.inf, dtype=torch.float64).scatter_reduce(0, inv, r, "amax")
     gmin = torch.full((len(uniq),), math.inf, dtype=torch.float64).scatter_reduce(0, inv, r, "amin")
     m: dict[str, Any] = {
         "reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
         "reward/zero_std_group_frac": float((gmax == gmin).double().mean()),
+        "prompt/length_mean": float(pl.mean()),
         "response/length_mean": float(ln.mean()), "response/length_min": float(ln.min()),
         "response/length_max": float(ln.max()),
         "response/finished_frac": float(sum(sum(e["finished"]) for e in every) / r.numel()),
     }
-    if "resrl_w" in every[0]:
-        w = torch.tensor([x for e in every for x in e["resrl_w"]], dtype=torch.float64)
-        if w.numel():
-            q = torch.quantile(w, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-            m.update({"resrl/weight_mean": float(w.mean()), "resrl/weight_q10": float(q[0]),
-                      "resrl/weight_q50": float(q[1]), "resrl/weight_q90": float(q[2])})
-    if "nthr" in every[0]:
-        flagged, total = sum(e["nthr"][0] for e in every), sum(e["nthr"][1] for e in every)
-        m["nthr/downweighted_frac"] = flagged / total if total else 0.0  # of negative responses' tokens
+    advs = [e["adv"] for e in every if e["adv"] is not None]
+    if advs:
+        m.update({"actor/advantage_mean": sum(a[0] for a in advs) / sum(a[1] for a in advs),
+                  "actor/advantage_min": min(a[2] for a in advs), "actor/advantage_max": max(a[3] for a in advs)})
+    if algo.metrics is not None:
+        m.update(algo.metrics.reduce([e["algo"] for e in every]))
     return m
 
 
-def _dump(run_dir: Path, step: int, data: Rollouts, tokenizer: Any, ctx: DistContext) -> None:
+def _dump(run_dir: Path, step: int, data: ScoredBatch, tokenizer: Any, ctx: DistContext) -> None:
     """Write rollouts/step_XXXXXX.jsonl (rank 0; rows of every rank gathered, group after group)."""
     rows = []
     assert data.prompts is not None and data.texts is not None
@@ -734,8 +741,8 @@ def _dump(run_dir: Path, step: int, data: Rollouts, tokenizer: Any, ctx: DistCon
             "ground_truth": p.ground_truth, "reward": float(data.rewards[i]),
             "is_positive": bool(data.rewards[i] > 0), "finished": bool(data.finished[i]),
             "advantage": float(data.advantages[i]), "token_advantages": tok(data.token_advantages),
-            "resrl_weights": tok(data.resrl_weights), "resrl_residuals": tok(data.resrl_residuals, nan_as_none=True),
-            "nthr_weights": tok(data.nthr_weights), "nthr_scores": tok(data.nthr_scores, nan_as_none=True),
+            # Every registered extra, None where this algorithm has none; undefined values (NaN) as None.
+            **{name: tok(data.extras.get(name), nan_as_none=True) for name in EXTRAS},
         })
     every = all_gather_objects(rows, ctx)
     if ctx.is_main:

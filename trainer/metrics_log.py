@@ -39,8 +39,9 @@ __all__ = [
 #: Keys of every metrics.jsonl line (docs/RUN_DIRECTORY.md); None where a key does not apply.
 METRIC_KEYS = (
     "step", "reward/mean", "reward/std", "reward/zero_std_group_frac",
-    "response/length_mean", "response/length_min", "response/length_max",
+    "prompt/length_mean", "response/length_mean", "response/length_min", "response/length_max",
     "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy", "actor/grad_norm", "actor/lr",
+    "actor/advantage_mean", "actor/advantage_min", "actor/advantage_max",
     "resrl/weight_mean", "resrl/weight_q10", "resrl/weight_q50", "resrl/weight_q90",
     "nthr/downweighted_frac", "timing/rollout_s", "timing/update_s", "timing/step_s", "perf/tokens_per_s",
     "train/skipped_steps",

@@ -8,27 +8,26 @@ response tokens, token-mean), one SGD step of size η on the head matrix W moves
 
 split into the terms with j positive and j negative (the driver of lazy likelihood displacement).
 The inner products come from the factorised core (:func:`resrl_analysis.interference.head_gradient_inner`);
-the advantages from :func:`resrl_analysis.ops.group_advantages` (GRPO, PSR, NSR, W-REINFORCE),
-:func:`resrl_analysis.weighting.resrl_weight_details` (ResRL) and
-:func:`resrl_analysis.interference.nthr_token_weights` (NTHR). The prediction is checked against a
+the advantages from the registry the trainer uses (:mod:`resrl_analysis.advantages`), with the same typed
+parameters (:class:`~resrl_analysis.advantages.AdvantageParams`). The prediction is checked against a
 real SGD step of the head alone (:func:`head_step_delta`, autograd; agrees to first order in η)
 and reported beside a real SGD step of the whole model (:func:`full_step_delta`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from ..advantages import ALGORITHM_NAMES, AdvantageParams, AlgoInputs, get_algorithm
 from ..checkpoints import ProbeSet
-from ..interference import head_gradient_inner, nthr_token_weights
-from ..ops import ADVANTAGE_ESTIMATORS, group_advantages, token_logprobs
+from ..interference import head_gradient_inner
+from ..ops import token_logprobs
 from ..results import FirstOrderResult
-from ..weighting import ResRLWeightConfig, resrl_weight_details
 from .capture import (
     GroupForward,
     forward_probe_set,
@@ -42,6 +41,7 @@ from .capture import (
 __all__ = [
     "ALGORITHMS",
     "AdvantageOptions",
+    "PROBE_PARAMS",
     "token_advantages",
     "predict_delta",
     "head_step_delta",
@@ -49,60 +49,53 @@ __all__ = [
     "first_order_prediction",
 ]
 
-ALGORITHMS: tuple[str, ...] = ("grpo", "psr", "nsr", "w-reinforce", "resrl", "nthr")
+#: The algorithms of the registry (:data:`resrl_analysis.advantages.ALGORITHM_NAMES`).
+ALGORITHMS: tuple[str, ...] = ALGORITHM_NAMES
+
+#: The probes' parameters, the training defaults except an exact SVD (deterministic probes).
+PROBE_PARAMS = AdvantageParams(resrl=dataclasses.replace(AdvantageParams().resrl, svd="exact"))
+
+#: The former name of the parameters of the probes' advantages.
+AdvantageOptions = AdvantageParams
 
 
-@dataclass(frozen=True)
-class AdvantageOptions:
-    """How each algorithm's per-token advantages are formed (defaults as DESIGN §2)."""
-
-    pos_weight: float = 0.1
-    """ResRL: positive responses' advantages are multiplied by this."""
-    w_lambda: float = 0.1
-    """W-REINFORCE: advantage of a correct response."""
-    nthr_beta: float = 1.0
-    """NTHR: threshold factor β."""
-    resrl: ResRLWeightConfig = field(default_factory=lambda: ResRLWeightConfig(svd="exact"))
-    """ResRL weight hyper-parameters (exact SVD by default: deterministic probes)."""
-    resrl_layer: str = "penultimate"
-    """Hidden state the ResRL weights use: ``penultimate`` (the paper) or ``head_input``."""
-    seed: int = 0
-    """Seeds the ResRL sub-sampling / randomized SVD."""
-
-
-def token_advantages(fwd: GroupForward, algorithm: str, options: AdvantageOptions | None = None) -> Tensor:
+def token_advantages(fwd: GroupForward, algorithm: str, options: AdvantageParams | None = None, *,
+                     seed: int = 0) -> Tensor:
     """Per-token advantages (G, T) float32 of ``algorithm`` for one group (0 on padding).
 
-    ``grpo``/``psr``/``nsr``/``w-reinforce``: the sequence advantage on every token. ``resrl``: GRPO
-    advantages, positives × ``pos_weight``, negative tokens × ω. ``nthr``: GRPO advantages × the NTHR
-    multipliers.
+    The registered estimator the trainer uses (:data:`resrl_analysis.advantages.ALGORITHMS`), on the probe
+    forward: ResRL reads the state ``options.resrl_layer`` names (``penultimate`` or ``head_input``), NTHR
+    the head inputs and logits at ``options.temperature``. ``options`` defaults to :data:`PROBE_PARAMS`;
+    ``seed`` seeds ResRL's sub-sampling and randomized SVD.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probes.capture import forward_group
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
+    >>> f = forward_group(m, ProbeGroup(0, (1, 5), ((6, 2), (7,)), (1.0, 0.0)))
+    >>> token_advantages(f, "nsr").tolist()
+    [[0.0, 0.0], [-1.0, 0.0]]
     """
-    o = options or AdvantageOptions()
-    G = fwd.mask.shape[0]
-    gids = torch.zeros(G, dtype=torch.long, device=fwd.mask.device)
-    base = "grpo" if algorithm in ("resrl", "nthr") else algorithm
-    if base not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
-    adv = group_advantages(fwd.rewards.float(), gids, base, w_lambda=o.w_lambda)  # (G,)
-    tok = adv[:, None].expand_as(fwd.mask).clone().float()  # (G, T)
-    if algorithm == "resrl":
-        if fwd.penultimate is None or fwd.head_input is None:
-            raise ValueError("resrl advantages need hidden states (forward with keep_hidden=True)")
+    o = options or PROBE_PARAMS
+    algo = get_algorithm(algorithm)
+    if "hidden" in algo.needs:
+        if o.resrl_layer not in ("penultimate", "head_input"):
+            raise ValueError(f"resrl_layer={o.resrl_layer!r}: the probes keep 'penultimate' and 'head_input' only")
         hidden = fwd.penultimate if o.resrl_layer == "penultimate" else fwd.head_input
-        c = o.resrl
-        w = resrl_weight_details(hidden, fwd.mask, fwd.is_positive, gids, rank=c.rank,
-                                 max_pos_tokens=c.max_pos_tokens, q_low=c.q_low, q_high=c.q_high,
-                                 min_weight=c.min_weight, niter=c.niter, svd=c.svd, min_pos_tokens=c.min_pos_tokens,
-                                 generator=torch.Generator().manual_seed(o.seed)).weights  # (G, T)
-        tok = tok * w.to(tok.device)
-        tok[fwd.is_positive] *= o.pos_weight
-    elif algorithm == "nthr":
-        if fwd.logits is None or fwd.head_input is None:
-            raise ValueError("nthr advantages need logits and head inputs (keep_hidden=True, keep_logits=True)")
-        w = nthr_token_weights(fwd.head_input, fwd.logits, fwd.labels, fwd.mask, fwd.is_positive, gids,
-                               beta=o.nthr_beta).weights  # (G, T)
-        tok = tok * w.to(tok.device)
-    return torch.where(fwd.mask, tok, torch.zeros((), device=tok.device))
+        if hidden is None:
+            raise ValueError(f"{algorithm} advantages need hidden states (forward with keep_hidden=True)")
+    else:
+        hidden = None
+    if {"head_input", "logits"} & algo.needs and (fwd.logits is None or fwd.head_input is None):
+        raise ValueError(f"{algorithm} advantages need logits and head inputs (keep_hidden=True, keep_logits=True)")
+    G = fwd.mask.shape[0]
+    inp = AlgoInputs(
+        rewards=fwd.rewards.float(), group_ids=torch.zeros(G, dtype=torch.long, device=fwd.mask.device),
+        response_ids=fwd.labels, response_mask=fwd.mask, params=o, hidden=hidden, head_input=fwd.head_input,
+        logits=fwd.logits, generator=torch.Generator().manual_seed(seed),
+    )
+    return algo.fn(inp).token_advantages.float()  # (G, T)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -221,12 +214,14 @@ def first_order_prediction(
     full_step: bool = False,
     step: int = 0,
     forwards: Sequence[GroupForward] | None = None,
-    options: AdvantageOptions | None = None,
+    options: AdvantageParams | None = None,
     head_step_dtype: torch.dtype | None = None,
+    seed: int = 0,
 ) -> FirstOrderResult:
     """Predicted (head-only, first-order) Δ log π(y) of one SGD step for every probe response and
     algorithm, split into the contributions of positive and negative responses; with ``head_step``
-    beside the real head-only step, with ``full_step`` beside a real whole-model step.
+    beside the real head-only step, with ``full_step`` beside a real whole-model step. ``options``
+    (default :data:`PROBE_PARAMS`) are the algorithms' parameters; ``seed`` seeds ResRL's draws.
 
     Every group is probed (a group without negatives has no negative contribution; GRPO gives a
     group without a mixed reward zero advantages); ``groups`` records each group's status.
@@ -243,7 +238,7 @@ def first_order_prediction(
     for alg in algorithms:
         if alg not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {alg!r}; expected one of {ALGORITHMS}")
-    options = options or AdvantageOptions()
+    options = options or PROBE_PARAMS
     pad_id = pad_id_of(model)
     if forwards is None:
         forwards = forward_probe_set(model, probe_set, pad_id=pad_id)
@@ -251,7 +246,7 @@ def first_order_prediction(
     rows, grows = [], []
     for fwd in forwards:
         g = fwd.group
-        advs = [token_advantages(fwd, alg, options) for alg in algorithms]
+        advs = [token_advantages(fwd, alg, options, seed=seed) for alg in algorithms]
         from_pos, from_neg = predict_delta(fwd, advs, lr)  # (G, n) each
         n_tok = fwd.mask.sum(1)
         for k, alg in enumerate(algorithms):
@@ -269,6 +264,7 @@ def first_order_prediction(
                              "actual_full": float(act_full[i]) if act_full is not None else float("nan")})
     meta = {"lr": lr, "algorithms": list(algorithms), "loss": "token-mean over the group's response tokens",
             "head_step": head_step, "full_step": full_step, "pos_weight": options.pos_weight,
-            "w_lambda": options.w_lambda, "nthr_beta": options.nthr_beta, "resrl_layer": options.resrl_layer,
+            "w_lambda": options.w_reinforce_lambda, "nthr_beta": options.nthr_beta,
+            "resrl_layer": options.resrl_layer, "temperature": options.temperature,
             "probe_set": probe_set.describe(), "skipped": []}
     return FirstOrderResult(predictions=pd.DataFrame(rows), groups=pd.DataFrame(grows), meta=meta)

@@ -51,7 +51,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     >>> a.steps, a.probes, a.groups, a.full_model_steps
     ([0, 10], ['lld', 'subspace'], 8, 'ends')
     """
-    from .first_order import ALGORITHMS
+    from .first_order import ALGORITHMS, PROBE_PARAMS
 
     parser.description = ("Run the probes over a run's checkpoints (or over one Hugging Face checkpoint) and write "
                           "their tables and summary.json under RUN_DIR/probes (or --out).")
@@ -100,8 +100,9 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--algorithms", type=_csv(), default=list(ALGORITHMS),
       help=f"advantages for the first-order prediction (default: {','.join(ALGORITHMS)})")
     a("--lr", type=float, default=1e-3, help="SGD step size η of the first-order prediction (default 1e-3)")
-    a("--rank", type=int, default=64, help="subspace rank bound k (default 64)")
-    a("--svd", choices=("exact", "lowrank"), default="exact", help="subspace SVD (default exact)")
+    res = PROBE_PARAMS.resrl
+    a("--rank", type=int, default=res.rank, help=f"subspace rank bound k (default {res.rank})")
+    a("--svd", choices=("exact", "lowrank"), default=res.svd, help=f"subspace SVD (default {res.svd})")
     a("--max-cosine-samples", type=int, default=256, metavar="N",
       help="raw token-pair cosines kept per group for histograms (default 256)")
     a("--full-model-steps", default="ends", metavar="SPEC",
@@ -271,10 +272,9 @@ def _run(args: argparse.Namespace) -> int:
         atomic_write_text,
         to_jsonable,
     )
-    from ..weighting import ResRLWeightConfig
     from .capture import forward_group, pad_id_of
     from .diversity import default_reward_fn, diversity_probe, exact_match_reward, math_verify_reward
-    from .first_order import AdvantageOptions, first_order_prediction
+    from .first_order import PROBE_PARAMS, first_order_prediction
     from .interference import interference_probe
     from .lld import lld_along_run, scores_from_forwards
     from .subspace import merge_subspace_results, subspace_probe
@@ -287,8 +287,8 @@ def _run(args: argparse.Namespace) -> int:
             if s in div_steps and not _has_tokenizer(p):
                 raise ProbeError(f"{p}: no tokenizer files; the diversity probe decodes samples with it")
     device = _device(args.device)
-    cfg = ResRLWeightConfig(rank=args.rank, svd=args.svd)
-    options = AdvantageOptions(resrl=cfg, seed=args.seed)
+    cfg = replace(PROBE_PARAMS.resrl, rank=args.rank, svd=args.svd)
+    options = replace(PROBE_PARAMS, resrl=cfg)
     if args.reward == "exact":
         reward_fn = exact_match_reward
     elif args.reward == "math":
@@ -328,7 +328,8 @@ def _run(args: argparse.Namespace) -> int:
             if "first_order" in probes:
                 parts["first_order"].append(timed(
                     "first_order", first_order_prediction, model, one, algorithms=args.algorithms, lr=args.lr,
-                    head_step=True, full_step=step in full_steps, step=step, forwards=fwd, options=options))
+                    head_step=True, full_step=step in full_steps, step=step, forwards=fwd, options=options,
+                    seed=args.seed))
             if "interference" in probes:
                 parts["interference"].append(timed(
                     "interference", interference_probe, model, one, step=step, forwards=fwd,

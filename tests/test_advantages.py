@@ -1,4 +1,5 @@
-"""Unit tests of the advantage registry (trainer.algorithms): hand-computed cases and slow references."""
+"""The advantage registry (resrl_analysis.advantages): hand-computed cases and slow references, defaults
+declared once, and the trainer's and the first-order probe's advantages identical."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.algorithms import ALGORITHMS, AlgoInputs, get_algorithm
+from resrl_analysis.advantages import ALGORITHMS, AlgoInputs, get_algorithm, params_from_config
 from trainer.config import ALGORITHM_NAMES
 
 pytestmark = pytest.mark.unit
 
 
-def _inputs(rewards, groups, lengths, T=4, **kw) -> AlgoInputs:
+def _inputs(rewards, groups, lengths, T=4, params=None, **kw) -> AlgoInputs:
+    kw["params"] = params_from_config(params or {})
     lengths = torch.tensor(lengths)
     mask = torch.arange(T)[None] < lengths[:, None]
     return AlgoInputs(rewards=torch.tensor(rewards, dtype=torch.float32), group_ids=torch.tensor(groups),
@@ -35,7 +37,7 @@ def test_grpo_hand_case():
     np.testing.assert_allclose(out.advantages.numpy(), [1.5, -0.5, -0.5, -0.5, 0, 0], atol=1e-5)
     np.testing.assert_allclose(out.token_advantages[0].numpy(), [1.5, 1.5, 0, 0], atol=1e-5)
     np.testing.assert_allclose(out.token_advantages[3].numpy(), [-0.5] * 4, atol=1e-5)
-    assert out.resrl_weights is None and out.nthr_weights is None
+    assert out.extras == {}
 
 
 @pytest.mark.parametrize(("name", "expected"), [
@@ -93,7 +95,7 @@ def test_resrl_against_an_independent_reference():
     out = ALGORITHMS["resrl"].fn(inp)
     mask = inp.response_mask.numpy()
     ref = _resrl_reference(h, mask, np.array(rewards), groups, 3, 0.2, 0.8, 0.1)
-    np.testing.assert_allclose(out.resrl_weights.numpy()[mask], ref[mask], atol=1e-5)
+    np.testing.assert_allclose(out.extras["resrl_weights"].numpy()[mask], ref[mask], atol=1e-5)
     # positives: GRPO advantage (+1 for 2 of 4 correct) × pos_weight, weight 1; negatives: −1 × ω
     adv = out.advantages.numpy()
     grpo = 0.5 / np.std([1, 1, 0, 0], ddof=1)  # 2 of 4 correct: ±0.866
@@ -101,8 +103,8 @@ def test_resrl_against_an_independent_reference():
     tok = out.token_advantages.numpy()
     np.testing.assert_allclose(tok[mask], (adv[:, None] * ref)[mask], rtol=1e-5, atol=1e-6)
     assert (tok[~mask] == 0).all()
-    assert np.isnan(out.resrl_residuals.numpy()[0]).all()  # positives have no residual
-    assert np.isfinite(out.resrl_residuals.numpy()[2][: lengths[2]]).all()
+    assert np.isnan(out.extras["resrl_residuals"].numpy()[0]).all()  # positives have no residual
+    assert np.isfinite(out.extras["resrl_residuals"].numpy()[2][: lengths[2]]).all()
 
 
 def test_resrl_weights_do_not_depend_on_how_groups_are_chunked():
@@ -171,7 +173,7 @@ def test_nthr_against_brute_force_head_gradients():
     mask = inp.response_mask.numpy()
     flags, etas = _nthr_reference(h, W, y, mask, np.array(rewards), groups, beta=1.0)
     expected_w = np.where(flags, [[etas[gi]] for gi in groups], 1.0)
-    np.testing.assert_allclose(out.nthr_weights.numpy()[mask], expected_w[mask], atol=1e-6)
+    np.testing.assert_allclose(out.extras["nthr_weights"].numpy()[mask], expected_w[mask], atol=1e-6)
     assert flags.any() and (~flags[mask]).any()  # the case exercises both outcomes
     grpo = ALGORITHMS["grpo"].fn(inp)
     np.testing.assert_allclose(out.token_advantages.numpy(), grpo.token_advantages.numpy() * expected_w, atol=1e-6)

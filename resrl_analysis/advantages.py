@@ -1,0 +1,368 @@
+"""The one registry of advantage estimators (GRPO, PSR, NSR, W-REINFORCE, NTHR, ResRL).
+
+Each algorithm is a short registered function from :class:`AlgoInputs` (rewards, prompt-group ids, response
+tokens and mask, and, for the algorithms that need them, the no-grad forward's hidden states / head inputs /
+logits) to an :class:`AlgoOutput`: sequence advantages (B,), per-token advantages (B, T) and a dictionary of
+per-token *extras* (ResRL's weights and residuals, NTHR's weights and scores). The docstring of each says how
+it differs from GRPO. The trainer (after its no-grad forward) and the first-order probe (after a probe
+forward) call the same functions with the same typed :class:`AdvantageParams`; the arithmetic lives in
+:func:`~resrl_analysis.ops.group_advantages`, :func:`~resrl_analysis.weighting.resrl_weight_details` and
+:func:`~resrl_analysis.interference.nthr_token_weights`.
+
+Every hyper-parameter default is declared once, in :class:`AdvantageParams` (and the nested
+:class:`~resrl_analysis.weighting.ResRLWeightConfig`); the trainer's flat config fields (``resrl_rank``,
+``resrl_q_low``, ...) take their defaults from :func:`config_defaults` and are read back by
+:func:`params_from_config`.
+
+Callers pass **whole prompt groups** (the trainer: chunks of the rollout batch cut at group boundaries,
+before any micro-batching), so ResRL's subspace and NTHR's threshold always see all G responses of a prompt.
+
+>>> inp = AlgoInputs(rewards=torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]),
+...                  response_ids=torch.zeros(2, 3, dtype=torch.long),
+...                  response_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]).bool())
+>>> out = ALGORITHMS["w-reinforce"].fn(inp)
+>>> out.token_advantages.tolist(), out.extras
+([[0.10000000149011612, 0.10000000149011612, 0.0], [-1.0, 0.0, 0.0]], {})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .interference import nthr_token_weights
+from .ops import group_advantages
+from .weighting import ResRLWeightConfig, resrl_weight_details
+
+__all__ = [
+    "ALGORITHMS",
+    "ALGORITHM_NAMES",
+    "CONFIG_FIELDS",
+    "EXTRAS",
+    "AdvantageParams",
+    "AlgoInputs",
+    "AlgoOutput",
+    "Algorithm",
+    "Extra",
+    "MetricsHook",
+    "config_defaults",
+    "get_algorithm",
+    "params_from_config",
+    "register",
+]
+
+
+# =========================================================================================== parameters
+
+
+@dataclass(frozen=True)
+class AdvantageParams:
+    """The hyper-parameters of every algorithm; each default is declared here and nowhere else.
+
+    >>> AdvantageParams().resrl.rank, AdvantageParams(pos_weight=0.25).pos_weight
+    (64, 0.25)
+    """
+
+    adv_eps: float = 1e-6
+    """GRPO: epsilon added to the group's reward std."""
+    w_reinforce_lambda: float = 0.1
+    """W-REINFORCE: weight λ of correct responses."""
+    nthr_beta: float = 1.0
+    """NTHR: threshold factor β."""
+    temperature: float = 1.0
+    """Sampling temperature the logits are divided by (NTHR's probabilities use it)."""
+    pos_weight: float = 0.1
+    """ResRL: multiplier of positive responses' advantages."""
+    resrl_layer: str = "penultimate"
+    """ResRL representation: ``penultimate`` (``hidden_states[-2]``, the paper's), ``head_input`` or an index."""
+    resrl: ResRLWeightConfig = field(default_factory=ResRLWeightConfig)
+    """ResRL token-weight hyper-parameters (rank, quantiles, min weight, SVD)."""
+
+
+#: Flat config field name (``TrainConfig``, ``config.yaml``, ``--set``) -> its place in :class:`AdvantageParams`
+#: (``resrl.x`` = the nested :class:`ResRLWeightConfig` field ``x``).
+CONFIG_FIELDS: dict[str, str] = {
+    "adv_eps": "adv_eps",
+    "w_reinforce_lambda": "w_reinforce_lambda",
+    "nthr_beta": "nthr_beta",
+    "temperature": "temperature",
+    "resrl_rank": "resrl.rank",
+    "resrl_max_pos_tokens": "resrl.max_pos_tokens",
+    "resrl_q_low": "resrl.q_low",
+    "resrl_q_high": "resrl.q_high",
+    "resrl_min_weight": "resrl.min_weight",
+    "resrl_pos_weight": "pos_weight",
+    "resrl_niter": "resrl.niter",
+    "resrl_svd": "resrl.svd",
+    "resrl_layer": "resrl_layer",
+}
+
+
+def config_defaults() -> dict[str, Any]:
+    """The default of every flat config field of :data:`CONFIG_FIELDS`, read off :class:`AdvantageParams`.
+
+    >>> d = config_defaults()
+    >>> d["resrl_rank"], d["resrl_pos_weight"], d["resrl_svd"]
+    (64, 0.1, 'lowrank')
+    """
+    p = AdvantageParams()
+    out = {}
+    for flat, path in CONFIG_FIELDS.items():
+        obj: Any = p
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        out[flat] = obj
+    return out
+
+
+def params_from_config(cfg: Mapping[str, Any] | Any) -> AdvantageParams:
+    """:class:`AdvantageParams` from a TrainConfig-like object or mapping of flat field names.
+
+    Fields it does not hold keep their defaults; other keys are ignored.
+
+    >>> params_from_config({"resrl_rank": 8, "nthr_beta": 2.0, "lr": 1.0}).resrl.rank
+    8
+    """
+    get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d: getattr(cfg, k, d))
+    top: dict[str, Any] = {}
+    nested: dict[str, Any] = {}
+    missing = object()
+    for flat, path in CONFIG_FIELDS.items():
+        v = get(flat, missing)
+        if v is missing:
+            continue
+        if path.startswith("resrl."):
+            nested[path.split(".", 1)[1]] = v
+        else:
+            top[path] = v
+    return AdvantageParams(**top, resrl=ResRLWeightConfig(**nested))
+
+
+# =========================================================================================== registry types
+
+
+@dataclass
+class AlgoInputs:
+    """What an advantage estimator may read, for a set of whole prompt groups.
+
+    ``hidden`` is the ResRL representation (the configured layer, raw, (B, T, d)); ``head_input`` the vector
+    entering the LM head and ``logits`` the head's raw output (before the temperature), both at the positions
+    that predict each response token. ``generator`` seeds ResRL's sub-sampling and randomized SVD.
+    """
+
+    rewards: Tensor  # (B,)
+    group_ids: Tensor  # (B,)
+    response_ids: Tensor  # (B, T)
+    response_mask: Tensor  # (B, T) bool
+    params: AdvantageParams = field(default_factory=AdvantageParams)
+    hidden: Tensor | None = None  # (B, T, d)
+    head_input: Tensor | None = None  # (B, T, d)
+    logits: Tensor | None = None  # (B, T, V)
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class AlgoOutput:
+    """``advantages`` (B,): the sequence-level advantage before token weights; ``token_advantages`` (B, T):
+    what the loss uses (0 on padding); ``extras``: the algorithm's registered per-token outputs (B, T)
+    (see :data:`EXTRAS`)."""
+
+    advantages: Tensor  # (B,)
+    token_advantages: Tensor  # (B, T)
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A per-token output (B, T) of some algorithm: ``fill`` is its value on padding columns when chunks of
+    different widths are stitched (1 for weights, NaN where a value is undefined)."""
+
+    name: str
+    fill: float
+    help: str
+
+
+#: Every registered extra, in the order the rollout dumps list them; an algorithm without it dumps None.
+EXTRAS: dict[str, Extra] = {}
+
+
+def _extra(name: str, fill: float, help: str) -> str:
+    EXTRAS[name] = Extra(name, fill, help)
+    return name
+
+
+RESRL_WEIGHTS = _extra("resrl_weights", 1.0, "ResRL ω of each token (1 on positives and unweighted groups)")
+RESRL_RESIDUALS = _extra("resrl_residuals", math.nan, "residual energy of each weighted negative token")
+NTHR_WEIGHTS = _extra("nthr_weights", 1.0, "NTHR multiplier of each token (η on flagged negative tokens)")
+NTHR_SCORES = _extra("nthr_scores", math.nan, "NTHR score s⁻ of each valid negative token")
+
+
+@dataclass(frozen=True)
+class MetricsHook:
+    """Per-algorithm rollout metrics in two steps, so a multi-process caller can gather in between:
+    ``local(extras, negative_token_mask)`` summarises one rank's rows into something picklable;
+    ``reduce(summaries of every rank)`` returns the metrics (``namespace/name`` -> float)."""
+
+    local: Callable[[dict[str, Tensor], Tensor], Any]
+    reduce: Callable[[list[Any]], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A registered estimator: ``fn``; what it ``needs`` from the forward (a subset of {"hidden",
+    "head_input", "logits"}); the ``extras`` it returns; whether it compares responses within a group
+    (``group``: needs >= 2 responses per prompt); an optional :class:`MetricsHook`."""
+
+    name: str
+    fn: Callable[[AlgoInputs], AlgoOutput]
+    needs: frozenset[str]
+    extras: tuple[str, ...] = ()
+    group: bool = False
+    metrics: MetricsHook | None = None
+
+    @property
+    def summary(self) -> str:
+        return (self.fn.__doc__ or "").strip().splitlines()[0]
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register(
+    name: str, *, needs: tuple[str, ...] = (), extras: tuple[str, ...] = (), group: bool = False,
+    metrics: MetricsHook | None = None,
+) -> Callable[[Callable[[AlgoInputs], AlgoOutput]], Callable[[AlgoInputs], AlgoOutput]]:
+    """Decorator adding an estimator to :data:`ALGORITHMS` (its extras must be declared in :data:`EXTRAS`)."""
+    unknown = [e for e in extras if e not in EXTRAS]
+    if unknown:
+        raise ValueError(f"algorithm {name!r}: undeclared extras {unknown}; declare them in EXTRAS first")
+
+    def deco(fn: Callable[[AlgoInputs], AlgoOutput]) -> Callable[[AlgoInputs], AlgoOutput]:
+        ALGORITHMS[name] = Algorithm(name, fn, frozenset(needs), tuple(extras), group, metrics)
+        return fn
+
+    return deco
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The registered estimator ``name`` (ValueError listing the known ones otherwise).
+
+    >>> get_algorithm("resrl").needs
+    frozenset({'hidden'})
+    """
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+# =========================================================================================== algorithms
+
+
+def _per_token(adv: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
+    tok = adv[:, None].float().expand(mask.shape)  # (B, T): the sequence advantage on every token
+    if weights is not None:
+        tok = tok * weights
+    return torch.where(mask.bool(), tok, torch.zeros((), dtype=tok.dtype, device=tok.device))  # 0 on padding
+
+
+def _baseline(b: AlgoInputs, estimator: str) -> AlgoOutput:
+    p = b.params
+    adv = group_advantages(b.rewards, b.group_ids, estimator, eps=p.adv_eps, w_lambda=p.w_reinforce_lambda)  # (B,)
+    return AlgoOutput(advantages=adv, token_advantages=_per_token(adv, b.response_mask))
+
+
+@register("grpo", group=True)
+def grpo(b: AlgoInputs) -> AlgoOutput:
+    """GRPO: A = (r − mean_group) / (std_group + ε), the same for every token of a response."""
+    return _baseline(b, "grpo")
+
+
+@register("psr")
+def psr(b: AlgoInputs) -> AlgoOutput:
+    """PSR: positive samples only, A = r on correct responses (+1 for binary rewards), 0 on wrong; no baseline."""
+    return _baseline(b, "psr")
+
+
+@register("nsr")
+def nsr(b: AlgoInputs) -> AlgoOutput:
+    """NSR: negative samples only, A = −1 on wrong responses, 0 on correct; no baseline."""
+    return _baseline(b, "nsr")
+
+
+@register("w-reinforce")
+def w_reinforce(b: AlgoInputs) -> AlgoOutput:
+    """W-REINFORCE: A = λ·r on correct (λ = 0.1), −1 on wrong; no group normalisation."""
+    return _baseline(b, "w-reinforce")
+
+
+def _nthr_local(extras: dict[str, Tensor], neg_tok: Tensor) -> tuple[int, int]:
+    return int((extras[NTHR_WEIGHTS][neg_tok] < 1).sum()), int(neg_tok.sum())
+
+
+def _nthr_reduce(parts: list[tuple[int, int]]) -> dict[str, float]:
+    flagged, total = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    return {"nthr/downweighted_frac": flagged / total if total else 0.0}  # of negative responses' tokens
+
+
+@register("nthr", needs=("head_input", "logits"), extras=(NTHR_WEIGHTS, NTHR_SCORES), group=True,
+          metrics=MetricsHook(_nthr_local, _nthr_reduce))
+def nthr(b: AlgoInputs) -> AlgoOutput:
+    """NTHR: GRPO advantages, but negative tokens whose head-gradient interference with the group's positive
+    tokens exceeds τ = β·(smallest mean positive-on-positive score) are scaled by η = 2|0.5 − p̂|."""
+    base = _baseline(b, "grpo")
+    if b.head_input is None or b.logits is None:
+        raise ValueError("nthr needs the head inputs and logits of the forward (AlgoInputs.head_input, .logits)")
+    w = nthr_token_weights(
+        b.head_input, b.logits, b.response_ids, b.response_mask, b.rewards > 0, b.group_ids,
+        beta=b.params.nthr_beta, temperature=b.params.temperature,
+    )
+    return AlgoOutput(advantages=base.advantages, token_advantages=base.token_advantages * w.weights,
+                      extras={NTHR_WEIGHTS: w.weights, NTHR_SCORES: w.scores})
+
+
+_QUANTILE_SAMPLE = 65536  # quantiles from an evenly spaced subsample: bounded gather size
+
+
+def _resrl_local(extras: dict[str, Tensor], neg_tok: Tensor) -> list[float]:
+    w = extras[RESRL_WEIGHTS][neg_tok & torch.isfinite(extras[RESRL_RESIDUALS])].float().cpu()  # weighted tokens
+    if w.numel() > _QUANTILE_SAMPLE:
+        w = w[torch.linspace(0, w.numel() - 1, _QUANTILE_SAMPLE).long()]
+    return w.tolist()
+
+
+def _resrl_reduce(parts: list[list[float]]) -> dict[str, float]:
+    w = torch.tensor([x for p in parts for x in p], dtype=torch.float64)
+    if not w.numel():
+        return {}
+    q = torch.quantile(w, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    return {"resrl/weight_mean": float(w.mean()), "resrl/weight_q10": float(q[0]),
+            "resrl/weight_q50": float(q[1]), "resrl/weight_q90": float(q[2])}
+
+
+@register("resrl", needs=("hidden",), extras=(RESRL_WEIGHTS, RESRL_RESIDUALS), group=True,
+          metrics=MetricsHook(_resrl_local, _resrl_reduce))
+def resrl(b: AlgoInputs) -> AlgoOutput:
+    """ResRL: GRPO advantages; positive responses × pos_weight, and each negative token × ω ∈ [min_w, 1], its
+    residual energy outside the group's positive subspace mapped between the group's residual quantiles."""
+    if b.hidden is None:
+        raise ValueError("resrl needs the representation of the forward (AlgoInputs.hidden)")
+    p = b.params
+    is_pos = b.rewards > 0
+    adv = group_advantages(b.rewards, b.group_ids, "grpo", eps=p.adv_eps)
+    adv = torch.where(is_pos, adv * p.pos_weight, adv)  # (B,)
+    det = resrl_weight_details(
+        b.hidden, b.response_mask, is_pos, b.group_ids, generator=b.generator, **dataclasses.asdict(p.resrl),
+    )
+    w = det.weights.to(adv.device)  # (B, T)
+    return AlgoOutput(advantages=adv, token_advantages=_per_token(adv, b.response_mask, w),
+                      extras={RESRL_WEIGHTS: w, RESRL_RESIDUALS: det.residuals.to(adv.device)})
+
+
+#: The registered algorithms' names, in registration order (the config's, CLI's and probes' choices).
+ALGORITHM_NAMES: tuple[str, ...] = tuple(ALGORITHMS)
