@@ -177,3 +177,221 @@ def test_nthr_against_brute_force_head_gradients():
     assert flags.any() and (~flags[mask]).any()  # the case exercises both outcomes
     grpo = ALGORITHMS["grpo"].fn(inp)
     np.testing.assert_allclose(out.token_advantages.numpy(), grpo.token_advantages.numpy() * expected_w, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ one registry, one declaration
+
+
+def test_algorithm_names_are_the_registry_everywhere():
+    import argparse
+
+    from resrl_analysis.advantages import ALGORITHM_NAMES as CORE_NAMES
+    from resrl_analysis.probes.first_order import ALGORITHMS as PROBE_ALGORITHMS
+    from resrl_analysis.probes.runner import add_probe_arguments
+    from trainer.cli import add_train_arguments
+    from trainer.config import GROUP_ALGORITHMS
+
+    assert ALGORITHM_NAMES == CORE_NAMES == PROBE_ALGORITHMS == tuple(ALGORITHMS)
+    assert set(ALGORITHM_NAMES) == {"grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl"}
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    (algo_flag,) = [a for a in p._actions if a.dest == "algorithm"]
+    assert tuple(algo_flag.choices) == ALGORITHM_NAMES
+    probe_args = add_probe_arguments(argparse.ArgumentParser()).parse_args(["run"])
+    assert tuple(probe_args.algorithms) == ALGORITHM_NAMES
+    assert set(GROUP_ALGORITHMS) == {"grpo", "nthr", "resrl"}  # they normalise within a group: n >= 2
+
+
+def test_every_default_is_declared_once():
+    import dataclasses
+    import inspect
+    import re
+    from pathlib import Path
+
+    from resrl_analysis.advantages import CONFIG_FIELDS, AdvantageParams, config_defaults
+    from resrl_analysis.probes.runner import add_probe_arguments
+    from resrl_analysis.weighting import ResRLWeightConfig, resrl_token_weights, resrl_weight_details
+    from trainer.config import TrainConfig, config_to_dict
+
+    cfg = config_to_dict(TrainConfig())
+    assert {k: cfg[k] for k in CONFIG_FIELDS} == config_defaults()
+    assert params_from_config(TrainConfig()) == AdvantageParams() == params_from_config({})
+    # The flat config fields hold no literal of their own: each default is read off AdvantageParams.
+    src = Path(inspect.getsourcefile(TrainConfig)).read_text()
+    for name in CONFIG_FIELDS:
+        m = re.search(rf"^    {name}: \w+ = _f\((.*?),", src, re.M)
+        assert m and m.group(1) == f'_ALGO["{name}"]', name
+    # The core's function signatures take ResRLWeightConfig's defaults.
+    res = dataclasses.asdict(ResRLWeightConfig())
+    for fn in (resrl_weight_details, resrl_token_weights):
+        for pname, prm in inspect.signature(fn).parameters.items():
+            if pname in res:
+                assert prm.default == res[pname], (fn.__name__, pname)
+    probe = add_probe_arguments(__import__("argparse").ArgumentParser()).parse_args(["run"])
+    assert probe.rank == ResRLWeightConfig().rank
+
+
+def test_params_map_every_flat_field():
+    from resrl_analysis.advantages import config_defaults
+    from trainer.config import TrainConfig
+
+    cfg = TrainConfig(algorithm="resrl", resrl_rank=7, resrl_q_low=0.3, resrl_q_high=0.7, resrl_min_weight=0.2,
+                      resrl_pos_weight=0.5, resrl_niter=2, resrl_svd="exact", resrl_max_pos_tokens=99,
+                      resrl_layer="head_input", adv_eps=1e-3, w_reinforce_lambda=0.3, nthr_beta=2.0,
+                      temperature=0.7)
+    p = params_from_config(cfg)
+    assert (p.resrl.rank, p.resrl.q_low, p.resrl.q_high, p.resrl.min_weight, p.resrl.niter, p.resrl.svd,
+            p.resrl.max_pos_tokens) == (7, 0.3, 0.7, 0.2, 2, "exact", 99)
+    assert (p.pos_weight, p.resrl_layer, p.adv_eps, p.w_reinforce_lambda, p.nthr_beta, p.temperature) == (
+        0.5, "head_input", 1e-3, 0.3, 2.0, 0.7)
+    assert set(config_defaults()) <= set(vars(cfg))
+
+
+def test_extras_are_registered_with_fill_values_and_dumped():
+    from resrl_analysis.advantages import EXTRAS
+    from trainer.metrics_log import ROLLOUT_FIELDS
+
+    assert list(EXTRAS) == ["resrl_weights", "resrl_residuals", "nthr_weights", "nthr_scores"]
+    assert EXTRAS["resrl_weights"].fill == EXTRAS["nthr_weights"].fill == 1.0
+    assert np.isnan(EXTRAS["resrl_residuals"].fill) and np.isnan(EXTRAS["nthr_scores"].fill)
+    assert set(EXTRAS) <= set(ROLLOUT_FIELDS)
+    g = torch.Generator().manual_seed(0)
+    B, T, d, V = 4, 5, 6, 9
+    inp = _inputs([1, 1, 0, 0], [0, 0, 0, 0], [5, 4, 5, 3], T=T, hidden=torch.randn(B, T, d, generator=g),
+                  head_input=torch.randn(B, T, d, generator=g), logits=torch.randn(B, T, V, generator=g))
+    for name, algo in ALGORITHMS.items():
+        out = algo.fn(inp)
+        assert tuple(out.extras) == algo.extras, name  # an algorithm returns exactly the extras it registered
+        assert out.token_advantages.shape == (B, T) and out.advantages.shape == (B,)
+        for t in out.extras.values():
+            assert t.shape == (B, T)
+
+
+# ------------------------------------------------------------------------------------ trainer == probe
+
+
+def _probe_group():
+    from resrl_analysis.checkpoints import ProbeGroup
+
+    g = torch.Generator().manual_seed(5)
+    lengths = [6, 4, 5, 6, 3, 6]
+    responses = tuple(tuple(torch.randint(4, 100, (n,), generator=g).tolist()) for n in lengths)
+    return ProbeGroup(3, (1, 17, 23, 40, 9), responses, (1.0, 0.0, 1.0, 0.0, 0.0, 1.0))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from trainer.models import build_tiny_model
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield build_tiny_model(seed=0, num_hidden_layers=2).eval()
+    torch.set_num_threads(before)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("layer", ["penultimate", "head_input"])
+@pytest.mark.parametrize("algorithm", ["grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl"])
+def test_trainer_and_probe_advantages_are_identical(tiny, algorithm, layer):
+    """The trainer's path (pack_rows → no-grad response_forward → _algo_inputs → registry) and the first-order
+    probe's (forward_group → token_advantages) give the same per-token advantages for the same group."""
+    import trainer.loop as loop
+    from resrl_analysis.probes.capture import forward_group
+    from resrl_analysis.probes.first_order import token_advantages
+    from trainer.config import TrainConfig
+    from trainer.forward import pack_rows, response_forward
+
+    assert set(ALGORITHM_NAMES) == {"grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl"}  # the parametrisation
+    cfg = TrainConfig(algorithm=algorithm, temperature=0.7, resrl_rank=4, resrl_layer=layer, seed=3)
+    algo = get_algorithm(algorithm)
+    group, step = _probe_group(), 2
+    G, T = len(group.response_ids), max(len(r) for r in group.response_ids)
+    response_ids = torch.zeros(G, T, dtype=torch.long)
+    response_mask = torch.zeros(G, T, dtype=torch.bool)
+    for i, r in enumerate(group.response_ids):
+        response_ids[i, : len(r)], response_mask[i, : len(r)] = torch.tensor(r), True
+    prompt_ids = torch.tensor(group.prompt_ids).expand(G, -1)
+    capture = {}
+    if "hidden" in algo.needs:
+        capture["hidden"] = cfg.resrl_layer
+    if "head_input" in algo.needs:
+        capture["head_input"] = "head_input"
+    with torch.no_grad():
+        rows = pack_rows(prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool), response_ids, response_mask)
+        fo = response_forward(tiny, rows, temperature=cfg.temperature, capture=capture,
+                              return_logits="logits" in algo.needs)
+        inp = loop._algo_inputs(cfg, step, loop._algo_params(cfg), rows, fo, torch.tensor(group.rewards),
+                                torch.full((G,), group.group_id))
+    trainer_out = algo.fn(inp)
+    fwd = forward_group(tiny, group)
+    probe = token_advantages(fwd, algorithm, params_from_config(cfg), seed=loop._seed(cfg.seed, "resrl", step))
+    assert torch.equal(probe, trainer_out.token_advantages)
+    assert (probe[~fwd.mask] == 0).all() and (probe[fwd.mask] != 0).any()
+    if algorithm == "resrl":  # the group is weighted, not left at weight 1
+        assert (trainer_out.extras["resrl_weights"][response_mask] < 1).any()
+
+
+def test_probe_nthr_uses_the_temperature(tiny):
+    from resrl_analysis.advantages import AdvantageParams
+    from resrl_analysis.interference import nthr_token_weights
+    from resrl_analysis.probes.capture import forward_group
+    from resrl_analysis.probes.first_order import token_advantages
+
+    fwd = forward_group(tiny, _probe_group())
+    gids = torch.zeros(fwd.mask.shape[0], dtype=torch.long)
+    grpo = token_advantages(fwd, "grpo")
+    for t in (0.3, 1.0):
+        w = nthr_token_weights(fwd.head_input, fwd.logits, fwd.labels, fwd.mask, fwd.is_positive, gids,
+                               temperature=t).weights
+        torch.testing.assert_close(token_advantages(fwd, "nthr", AdvantageParams(temperature=t)), grpo * w)
+    inp = AlgoInputs(rewards=fwd.rewards, group_ids=gids, response_ids=fwd.labels, response_mask=fwd.mask,
+                     head_input=fwd.head_input, logits=fwd.logits)
+    s1 = ALGORITHMS["nthr"].fn(inp).extras["nthr_scores"]
+    inp.params = AdvantageParams(temperature=0.3)
+    s2 = ALGORITHMS["nthr"].fn(inp).extras["nthr_scores"]
+    assert not torch.allclose(s1[fwd.mask], s2[fwd.mask])  # the parameter reaches the scores
+
+
+# ------------------------------------------------------------------------------------ the trainer's generic metrics
+
+
+def test_rollout_metrics_read_the_extras_generically():
+    import trainer.loop as loop
+    from trainer.config import TrainConfig
+    from trainer.distributed import DistContext
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 8, 5
+    lengths = torch.tensor([5, 3, 4, 5, 2, 5, 1, 4])
+    mask = torch.arange(T)[None] < lengths[:, None]
+    pmask = torch.arange(4)[None] >= torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])[:, None]  # prompts of 4 and 3 tokens
+    rewards = torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0])
+    tok = torch.randn(B, T, generator=g).masked_fill(~mask, 0.0)
+    w = torch.rand(B, T, generator=g) * 0.9 + 0.1
+    res = torch.where(mask & (rewards <= 0)[:, None], torch.rand(B, T, generator=g), torch.tensor(float("nan")))
+    data = loop.ScoredBatch(
+        prompt_ids=torch.ones(B, 4, dtype=torch.long), prompt_mask=pmask,
+        response_ids=torch.ones(B, T, dtype=torch.long), response_mask=mask, finished=torch.ones(B, dtype=torch.bool),
+        group_ids=torch.arange(B) // 4, rewards=rewards,
+        old_logp=torch.zeros(B, T), advantages=tok[:, 0], token_advantages=tok,
+        extras={"resrl_weights": w, "resrl_residuals": res},
+    )
+    ctx = DistContext.single(torch.device("cpu"))
+    m = loop._rollout_metrics(data, TrainConfig(algorithm="resrl"), ctx)
+    valid = tok[mask].double()
+    assert m["actor/advantage_mean"] == pytest.approx(float(valid.mean()), rel=1e-12)
+    assert m["actor/advantage_min"] == float(valid.min()) and m["actor/advantage_max"] == float(valid.max())
+    assert m["prompt/length_mean"] == 3.5
+    weighted = w[mask & (rewards <= 0)[:, None]].double()
+    assert m["resrl/weight_mean"] == pytest.approx(float(weighted.mean()), rel=1e-12)
+    assert m["resrl/weight_q50"] == pytest.approx(float(weighted.quantile(0.5)), rel=1e-12)
+    assert "nthr/downweighted_frac" not in m
+    # A slice keeps the extras with the rows
+    part = data.select(slice(4, 8))
+    assert torch.equal(part.extras["resrl_weights"], w[4:]) and part.num_rows == 4
+    nthr = loop.ScoredBatch(**{**vars(data), "extras": {"nthr_weights": torch.where(w < 0.5, 0.5, 1.0),
+                                                         "nthr_scores": res}})
+    m2 = loop._rollout_metrics(nthr, TrainConfig(algorithm="nthr"), ctx)
+    neg = mask & (rewards <= 0)[:, None]
+    assert m2["nthr/downweighted_frac"] == float((w[neg] < 0.5).sum()) / float(neg.sum())
+    assert "resrl/weight_mean" not in m2

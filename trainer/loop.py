@@ -80,7 +80,7 @@ from trainer.distributed import (
     teardown_distributed,
     wrap_model,
 )
-from trainer.forward import pack_rows, response_forward
+from trainer.forward import ForwardOut, PackedRows, pack_rows, response_forward
 from trainer.losses import LossNorm, policy_loss
 from trainer.metrics_log import METRIC_KEYS, MetricsLog, RunWriteError, truncate_metrics, write_rollouts
 from trainer.tasks import Prompt, Task
@@ -590,6 +590,17 @@ def _algo_params(cfg: TrainConfig) -> AdvantageParams:
     return params_from_config(cfg)
 
 
+def _algo_inputs(cfg: TrainConfig, step: int, params: AdvantageParams, rows: PackedRows, fo: ForwardOut,
+                 rewards: Tensor, group_ids: Tensor) -> AlgoInputs:
+    """The registry's inputs for a chunk of whole groups, from the no-grad forward ``fo`` over ``rows``."""
+    return AlgoInputs(
+        rewards=rewards, group_ids=group_ids, response_ids=rows.response_ids, response_mask=rows.response_mask,
+        params=params, hidden=fo.captured.get("hidden"), head_input=fo.captured.get("head_input"), logits=fo.logits,
+        # Same seed for every chunk: a group's draws depend on (seed, step, group id) only.
+        generator=_generator(cfg.seed, "resrl", step),
+    )
+
+
 def _group_chunks(num_rows: int, n: int, rows_per_chunk: int) -> list[slice]:
     """Row slices of whole groups (n rows each), about ``rows_per_chunk`` rows per slice."""
     per = max(1, -(-rows_per_chunk // n)) * n
@@ -650,13 +661,7 @@ def _collect(
                         rf = response_forward(ref_model, rows, temperature=cfg.temperature,
                                               memory_mb=cfg.logprob_memory_mb)
                         ref_logp[sl, : rows.response_len] = rf.logp
-                    inp = AlgoInputs(
-                        rewards=rewards[sl], group_ids=group_ids[sl], response_ids=rows.response_ids,
-                        response_mask=rows.response_mask, params=params, hidden=fo.captured.get("hidden"),
-                        head_input=fo.captured.get("head_input"), logits=fo.logits,
-                        # Same seed for every chunk: a group's draws depend on (seed, step, group id) only.
-                        generator=_generator(cfg.seed, "resrl", step),
-                    )
+                    inp = _algo_inputs(cfg, step, params, rows, fo, rewards[sl], group_ids[sl])
                     outs.append((sl, algo.fn(inp)))
         finally:
             model.train(was_training)

@@ -66,7 +66,7 @@ def token_advantages(fwd: GroupForward, algorithm: str, options: AdvantageParams
     The registered estimator the trainer uses (:data:`resrl_analysis.advantages.ALGORITHMS`), on the probe
     forward: ResRL reads the state ``options.resrl_layer`` names (``penultimate`` or ``head_input``), NTHR
     the head inputs and logits at ``options.temperature``. ``options`` defaults to :data:`PROBE_PARAMS`;
-    ``seed`` seeds ResRL's sub-sampling and randomized SVD.
+    ``seed`` (with the group's id) seeds ResRL's sub-sampling and randomized SVD, as the trainer's step seed does.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from resrl_analysis.checkpoints import ProbeGroup
@@ -91,7 +91,8 @@ def token_advantages(fwd: GroupForward, algorithm: str, options: AdvantageParams
         raise ValueError(f"{algorithm} advantages need logits and head inputs (keep_hidden=True, keep_logits=True)")
     G = fwd.mask.shape[0]
     inp = AlgoInputs(
-        rewards=fwd.rewards.float(), group_ids=torch.zeros(G, dtype=torch.long, device=fwd.mask.device),
+        # The group's own id: ResRL's per-group draws then match the trainer's for the same group and seed.
+        rewards=fwd.rewards.float(), group_ids=torch.full((G,), fwd.group.group_id, device=fwd.mask.device),
         response_ids=fwd.labels, response_mask=fwd.mask, params=o, hidden=hidden, head_input=fwd.head_input,
         logits=fwd.logits, generator=torch.Generator().manual_seed(seed),
     )
