@@ -84,6 +84,23 @@ class AdvantageParams:
     resrl: ResRLWeightConfig = field(default_factory=ResRLWeightConfig)
     """ResRL token-weight hyper-parameters (rank, quantiles, min weight, SVD)."""
 
+    def __post_init__(self) -> None:
+        if not self.adv_eps > 0:
+            raise ValueError(f"adv_eps must be > 0, got {self.adv_eps}")
+        if not (self.w_reinforce_lambda >= 0 and self.nthr_beta >= 0):
+            raise ValueError(f"w_reinforce_lambda and nthr_beta must be >= 0, got {self.w_reinforce_lambda}, "
+                             f"{self.nthr_beta}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.pos_weight <= 1.0:
+            raise ValueError(f"pos_weight must lie in [0, 1], got {self.pos_weight}")
+        if self.resrl_layer not in ("penultimate", "head_input"):
+            try:
+                int(self.resrl_layer)
+            except ValueError:
+                raise ValueError(f"resrl_layer must be 'penultimate', 'head_input' or an integer index, got "
+                                 f"{self.resrl_layer!r}") from None
+
 
 #: Flat config field name (``TrainConfig``, ``config.yaml``, ``--set``) -> its place in :class:`AdvantageParams`
 #: (``resrl.x`` = the nested :class:`ResRLWeightConfig` field ``x``).

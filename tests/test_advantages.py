@@ -247,6 +247,21 @@ def test_params_map_every_flat_field():
     assert set(config_defaults()) <= set(vars(cfg))
 
 
+@pytest.mark.parametrize(("bad", "match"), [
+    (dict(adv_eps=0.0), "adv_eps must be > 0"),
+    (dict(nthr_beta=-1.0), "nthr_beta must be >= 0"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(pos_weight=1.5), r"pos_weight must lie in \[0, 1\]"),
+    (dict(resrl_layer="middle"), "resrl_layer must be"),
+])
+def test_params_reject_impossible_values(bad, match):
+    from resrl_analysis.advantages import AdvantageParams
+
+    with pytest.raises(ValueError, match=match):
+        AdvantageParams(**bad)
+    AdvantageParams(resrl_layer="3")  # an integer index is a valid layer
+
+
 def test_extras_are_registered_with_fill_values_and_dumped():
     from resrl_analysis.advantages import EXTRAS
     from trainer.metrics_log import ROLLOUT_FIELDS
