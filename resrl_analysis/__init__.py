@@ -7,6 +7,7 @@ The names of DESIGN §4 (the contract) are importable from here::
     0.8333
 """
 
+from .advantages import ALGORITHM_NAMES, AdvantageParams, get_algorithm, params_from_config
 from .bounds import alignment_bound, alignment_bound_paper, head_gradient_bound
 from .interference import (
     group_gradient_alignment,
@@ -37,6 +38,10 @@ from .weighting import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALGORITHM_NAMES",
+    "AdvantageParams",
+    "get_algorithm",
+    "params_from_config",
     "alignment_bound",
     "alignment_bound_paper",
     "avg_at_n",
