@@ -430,7 +430,7 @@ def test_weights_computed_in_float32_for_low_precision_hidden_states(dtype, monk
 def test_weights_float32_in_a_bfloat16_fsdp_run(tmp_path, monkeypatch):
     """A real run with bfloat16 compute (FSDP2 mixed precision, one CPU process): the representation reaches
     ResRL in bfloat16, the subspace and quantiles are computed in float32, the weights are float32."""
-    import trainer.algorithms as algorithms
+    import resrl_analysis.advantages as algorithms
 
     monkeypatch.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())
     seen: list[tuple[str, torch.dtype]] = []

@@ -20,7 +20,7 @@ _LAZY = {
     "TrainConfig": "trainer.config",
     "PRESETS": "trainer.config",
     "preset_config": "trainer.config",
-    "ALGORITHMS": "trainer.algorithms",
+    "ALGORITHMS": "resrl_analysis.advantages",
     "train": "trainer.loop",
     "TrainingDiverged": "trainer.loop",
 }
