@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def resrl(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "resrl_analysis.cli", "train", *args]
+    cmd = [sys.executable, "-m", "trainer.cli", "train", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -61,7 +61,7 @@ def test_cli_bad_data_fails_with_one_line(tmp_path):
     (["--model", "/no/such/model"], "model=/no/such/model: not a Hugging Face model directory"),
 ])
 def test_cli_bad_settings_fail_with_one_line(tmp_path, capsys, args, message):
-    from resrl_analysis.cli import main
+    from trainer.cli import main
 
     out = tmp_path / "run"
     assert main(["train", "--output-dir", str(out), *args]) == 2
