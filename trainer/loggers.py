@@ -146,7 +146,8 @@ class WandbLogger:
 
         self._run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "resrl"), name=run.name, config=config,
-            dir=None if os.environ.get("WANDB_DIR") else str(run),
+            # explicit every time: wandb reads its environment once per process, at the first init
+            dir=os.environ.get("WANDB_DIR") or str(run),
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
