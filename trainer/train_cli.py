@@ -36,7 +36,15 @@ from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ALGORITHM_NAMES, ALIASES, PRESETS, ConfigError, TrainConfig, config_from_sources
+from trainer.config import (
+    ALGORITHM_NAMES,
+    ALIASES,
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    canonical_keys,
+    config_from_sources,
+)
 
 __all__ = ["add_train_arguments", "main", "resolve_config", "run_train"]
 
@@ -176,7 +184,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip().replace("-", "_")] = value
+        # one item at a time, to our names first: a later --set (any spelling) wins over flags and earlier ones
+        overrides.update(canonical_keys({key.strip().replace("-", "_"): value}, "--set"))
     yaml_path = args.config
     out_dir = overrides.get("output_dir")
     if args.resume and yaml_path is None and args.preset is None and out_dir:
