@@ -264,3 +264,15 @@ def test_every_declared_metric_key_is_documented():
     doc = (ROOT / "docs" / "METRICS.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^\| `([^`]+)` \|", doc, flags=re.M))
     assert set(METRIC_KEYS) - documented == set()
+
+
+def test_a_hand_written_flag_takes_precedence_over_the_generated_one():
+    import argparse
+
+    from trainer.cli import add_train_arguments
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", dest="my_steps", type=int)  # as a hand-written flag for a setting would be
+    add_train_arguments(p)  # no argparse conflict: the generated --steps is skipped
+    args = p.parse_args(["--steps", "3", "--lr", "1e-4"])
+    assert args.my_steps == 3 and "steps" not in vars(args) and args.lr == "1e-4"

@@ -110,10 +110,11 @@ class _BoolFlag(argparse.Action):
 
     def __init__(self, option_strings: list[str], dest: str, **kw: Any) -> None:
         super().__init__(option_strings, dest, nargs="?", **kw)
+        self.negative = {o for o in option_strings if o == f"--no-{dest.replace('_', '-')}"}
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        if option_string is not None and option_string.startswith("--no"):
+        if option_string in self.negative:
             if values is not None:
                 parser.error(f"{option_string} takes no value")
             values = False
