@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def test_demo_shortened_writes_runs_figures_and_summary(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "resrl_analysis.cli", "demo", "--out", str(out), "--steps", "2", "--save-every", "1",
+        [sys.executable, "-m", "trainer.cli", "demo", "--out", str(out), "--steps", "2", "--save-every", "1",
          "--algorithms", "grpo,resrl", "--figures-dir", str(tmp_path / "figs")],
         capture_output=True, text=True, timeout=600,
     )
@@ -33,7 +33,7 @@ def test_demo_shortened_writes_runs_figures_and_summary(tmp_path):
 
 
 def test_demo_rejects_unknown_algorithm(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "resrl_analysis.cli", "demo", "--out", str(tmp_path / "d"),
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "demo", "--out", str(tmp_path / "d"),
                            "--algorithms", "grpo,ppo"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "ppo" in proc.stderr
     assert not (tmp_path / "d").exists()

@@ -14,8 +14,8 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from resrl_analysis import figures  # noqa: E402
-from resrl_analysis.cli import main as resrl_main  # noqa: E402
 from resrl_analysis.probes.synthetic import write_fake_run  # noqa: E402
+from trainer.cli import main as resrl_main  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -52,12 +52,12 @@ def test_figures_show_the_probe_tables(probed_runs):
 
 def test_resrl_figures_cli_writes_png_and_pdf(probed_runs, tmp_path):
     out = tmp_path / "figs"
-    proc = subprocess.run([sys.executable, "-m", "resrl_analysis.cli", "figures", *map(str, probed_runs),
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "figures", *map(str, probed_runs),
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for name in ["pass_at_k", "lld_bars", "bound_validation", "proxy_vs_interference", "training_dynamics"]:
         assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.pdf").is_file()
     assert "residual_weight_hist: skipped:" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "resrl_analysis.cli", "figures", str(tmp_path / "nope")],
+    bad = subprocess.run([sys.executable, "-m", "trainer.cli", "figures", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "not a run directory" in bad.stderr and bad.stderr.count("\n") == 1

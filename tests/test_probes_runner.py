@@ -35,7 +35,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 def test_cli_subprocess_end_to_end(run, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "resrl_analysis.cli", "probe", str(run), "--out", str(out), *FAST],
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "probe", str(run), "--out", str(out), *FAST],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     results = load_results(out)
@@ -58,7 +58,7 @@ def test_cli_subprocess_end_to_end(run, tmp_path):
 
 
 def test_help_documents_the_options():
-    from resrl_analysis.cli import build_parser
+    from trainer.cli import build_parser
 
     sub = build_parser("probe")._subparsers._group_actions[0].choices["probe"]
     text = sub.format_help()

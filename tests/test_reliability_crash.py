@@ -60,7 +60,7 @@ _RESUME_LINE = re.compile(r"^resuming .* from checkpoint step (\d+) \(target (\d
 
 def _resrl() -> list[str]:
     script = Path(sys.executable).with_name("resrl")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "resrl_analysis.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "trainer.cli"]
 
 
 class Train:

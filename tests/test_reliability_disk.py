@@ -33,8 +33,8 @@ from trainer_runner import fast_args
 
 import trainer.checkpointing as checkpointing
 import trainer.loop as loop
-from resrl_analysis.cli import main as resrl_main
 from trainer.checkpointing import CheckpointError, list_checkpoints, save_checkpoint
+from trainer.cli import main as resrl_main
 from trainer.metrics_log import read_metrics
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
@@ -42,7 +42,7 @@ ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
 def _resrl() -> list[str]:
     script = Path(sys.executable).with_name("resrl")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "resrl_analysis.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "trainer.cli"]
 
 
 def _one_error_line(stderr: str, prefix: str) -> str:

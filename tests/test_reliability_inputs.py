@@ -39,8 +39,8 @@ from trainer_runner import FAST, EasyTask, fast_args
 import resrl_analysis.weighting as weighting
 import trainer.loop as loop
 from resrl_analysis import resrl_token_weights
-from resrl_analysis.cli import main as resrl_main
 from trainer.checkpointing import list_checkpoints, load_trainer_state
+from trainer.cli import main as resrl_main
 from trainer.config import ConfigError, TrainConfig
 from trainer.metrics_log import read_metrics
 
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _resrl() -> list[str]:
     script = Path(sys.executable).with_name("resrl")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "resrl_analysis.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "trainer.cli"]
 
 
 def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -89,7 +89,7 @@ MATH = [*fast_args(), "--set", "task=math", "--set", "max_prompt_length=20", "--
 # name -> (file rows, extra args, expected text in the one-line error after "resrl train: error: ", subprocess?)
 # Each subprocess costs ~8 s of imports on two busy cores, so one case per code path runs as a real
 # `resrl train` process (exit status, stderr of a fresh interpreter); the others call the same entry point
-# (resrl_analysis.cli.main, whose return value the console script exits with) in-process.
+# (trainer.cli.main, whose return value the console script exits with) in-process.
 BAD_DATA = {
     "empty_file": ([], [], "{f}: empty file (no records)", True),
     "not_utf8": ([_rec(0), b'{"prompt": "caf\xe9", "reward_model": {"ground_truth": "1"}}'], [],
@@ -233,11 +233,11 @@ def test_bad_settings_rejected_at_start_with_what_to_do(tmp_path, capsys, args, 
 @pytest.mark.e2e
 def test_bad_config_file_through_a_subprocess(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("algorithm: grpo\nlearning_rate: 1.0e-3\n")
+    cfg.write_text("algorithm: grpo\nlearnin_rate: 1.0e-3\n")
     proc = _run_cli(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "run")], tmp_path)
     assert proc.returncode == 2
     line = _one_error_line(proc.stderr, "resrl train: error: ")
-    assert f"{cfg}: unknown key 'learning_rate'" in line and "`resrl train --help` lists every setting" in line
+    assert f"{cfg}: unknown key 'learnin_rate'" in line and "`resrl train --help` lists every setting" in line
     assert not (tmp_path / "run").exists()
 
 

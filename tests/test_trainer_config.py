@@ -86,8 +86,8 @@ def test_yaml_round_trip_and_unknown_keys(tmp_path):
     assert set(load_yaml_overrides(path)) == {f.name for f in fields(TrainConfig)}  # every field
     assert config_from_sources(None, path) == cfg
     bad = tmp_path / "bad.yaml"
-    bad.write_text("algorithm: grpo\nlearning_rate: 1.0e-3\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'learning_rate'"):
+    bad.write_text("algorithm: grpo\nlearnin_rate: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'learnin_rate'"):
         config_from_sources(None, bad)
     broken = tmp_path / "broken.yaml"
     broken.write_text("steps: 3\n  - x: [\n")

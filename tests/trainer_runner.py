@@ -52,6 +52,6 @@ def fast_args() -> list[str]:
 
 if __name__ == "__main__":
     use_easy_task()
-    from trainer.cli import main
+    from trainer.train_cli import main
 
     raise SystemExit(main(sys.argv[1:]))

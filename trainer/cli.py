@@ -1,142 +1,116 @@
-"""``resrl train``: the command line of the trainer (wired into ``resrl`` by ``resrl_analysis.cli``).
+"""The ``resrl`` command line: train, probe, figures, demo (also ``python -m trainer``).
 
-    resrl train --preset tiny|qwen3-1.7b-math|qwen3-4b-math [--config FILE.yaml]
-                [--algorithm grpo|psr|nsr|w-reinforce|nthr|resrl] [--steps N] [--micro-batch-size M]
-                [--seed S] [--output-dir DIR] [--save-every K] [--resume] [--model PATH] [--set KEY=VALUE ...]
+A leaf: it may import both halves (``resrl_analysis`` never imports ``trainer``). Each subcommand's
+implementation is imported only when that subcommand runs, so ``resrl --help`` starts fast and
+``resrl probe`` does not load the trainer. An unknown option is an error that suggests the closest one.
 
-Precedence: preset < ``--config`` file < flags < ``--set``. ``--resume`` without ``--preset``/``--config``
-continues with the run directory's own ``config.yaml``. Errors (bad settings, bad data, a run that
-diverged) print one line and exit with a non-zero code; nothing is written when the input is bad.
-
->>> import argparse
->>> p = argparse.ArgumentParser(prog="resrl train")
->>> add_train_arguments(p)
->>> args = p.parse_args(["--preset", "tiny", "--steps", "4", "--set", "lr=1e-3"])
->>> resolve_config(args).lr, resolve_config(args).steps
-(0.001, 4)
+>>> build_parser().prog
+'resrl'
+>>> try:
+...     main(["train", "--num-generation", "4"])
+... except SystemExit as e:
+...     print("exit", e.code)
+exit 2
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
 import sys
-import textwrap
-import typing
-from dataclasses import MISSING, fields
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from trainer.config import ALGORITHM_NAMES, PRESETS, ConfigError, TrainConfig, config_from_sources
+__all__ = ["build_parser", "main", "parse_args"]
 
-__all__ = ["add_train_arguments", "main", "resolve_config", "run_train"]
-
-# Flag -> config field, for the flags of the contract (DESIGN §4) plus --model.
-_FLAGS = {
-    "algorithm": "algorithm", "steps": "steps", "micro_batch_size": "micro_batch_size", "seed": "seed",
-    "output_dir": "output_dir", "save_every": "save_every", "model": "model",
+# subcommand -> (module, add-arguments function, run function, one-line help)
+_SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "train": ("trainer.train_cli", "add_train_arguments", "run_train",
+              "train a policy (GRPO, PSR, NSR, W-REINFORCE, NTHR, ResRL)"),
+    "probe": ("resrl_analysis.probes.runner", "add_probe_arguments", "run_probe",
+              "run the probes over a run's checkpoints"),
+    "figures": ("resrl_analysis.figures", "add_figures_arguments", "run_figures",
+                "draw the paper-style figures"),
+    "demo": ("trainer.demo", "add_demo_arguments", "run_demo",
+             "the main job: train 4 algorithms, probe every checkpoint, draw the figures"),
 }
 
-
-def _settings_epilog() -> str:
-    hints = typing.get_type_hints(TrainConfig)
-    lines = ["every setting (give any with --set KEY=VALUE, or in a --config YAML file; defaults are the tiny "
-             "preset's):", ""]
-    for f in fields(TrainConfig):
-        typ = hints[f.name]
-        tname = getattr(typ, "__name__", str(typ)).replace("typing.", "")
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {f.name} ({tname}, default {default!r})")
-        lines.extend(textwrap.wrap(f.metadata["help"], width=96, initial_indent="      ",
-                                   subsequent_indent="      "))
-    overridden = {name: sorted(p) for name, p in PRESETS.items() if p}
-    lines += ["", "presets (overrides of the defaults above):"]
-    for name, keys in overridden.items():
-        vals = ", ".join(f"{k}={PRESETS[name][k]!r}" for k in keys)
-        lines.extend(textwrap.wrap(f"{name}: {vals}", width=100, initial_indent="  ", subsequent_indent="      "))
-    return "\n".join(lines)
+# The train subcommand's functions, importable from here as before the dispatcher moved (lazily).
+_TRAIN_NAMES = ("add_train_arguments", "resolve_config", "run_train")
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``resrl train`` options to ``parser`` (its ``--help`` then documents every setting)."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = "Train a policy with a GRPO-family algorithm (GRPO, PSR, NSR, W-REINFORCE, NTHR, ResRL)."
-    parser.epilog = _settings_epilog()
-    parser.add_argument("--preset", choices=list(PRESETS), default=None,
-                        help="starting settings (default: tiny; with --resume: the run's own config.yaml)")
-    parser.add_argument("--config", metavar="FILE.yaml", default=None,
-                        help="YAML mapping of settings (any subset; a run's config.yaml gives every one)")
-    parser.add_argument("--algorithm", choices=ALGORITHM_NAMES, default=None, help="advantage estimator")
-    parser.add_argument("--steps", type=int, default=None, help="total optimizer steps of the run")
-    parser.add_argument("--micro-batch-size", type=int, default=None,
-                        help="responses per forward/backward on one rank (does not change the update)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of data order, sampling and ResRL draws")
-    parser.add_argument("--output-dir", default=None, help="run directory (default runs/<preset>-<algorithm>-seed<S>)")
-    parser.add_argument("--save-every", type=int, default=None, help="checkpoint every K optimizer steps")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --output-dir from its latest complete checkpoint up to --steps")
-    parser.add_argument("--model", default=None, help="policy: a local HF model directory or tiny-warmstart")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="set any setting listed below (repeatable), e.g. --set lr=1e-4")
+def __getattr__(name: str) -> Any:
+    if name in _TRAIN_NAMES:
+        return getattr(importlib.import_module("trainer.train_cli"), name)
+    raise AttributeError(f"module 'trainer.cli' has no attribute {name!r}")
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` the parsed arguments describe (raises :class:`ConfigError`)."""
-    overrides: dict[str, Any] = {}
-    for flag, name in _FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides[name] = value
-    if args.resume:
-        overrides["resume"] = True
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip().replace("-", "_")] = value
-    yaml_path = args.config
-    if args.resume and yaml_path is None and args.preset is None and args.output_dir:
-        saved = Path(args.output_dir) / "config.yaml"
-        if saved.is_file():
-            yaml_path = str(saved)
-    return config_from_sources(args.preset, yaml_path, overrides)
+def _load(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    module, add, run, _ = _SUBCOMMANDS[name]
+    mod = importlib.import_module(module)
+    return getattr(mod, add), getattr(mod, run)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Run ``resrl train`` for parsed arguments; returns the exit code (0 ok, 2 bad input, 1 failed run: diverged,
-    or a write to the run directory failed)."""
-    from trainer.checkpointing import CheckpointError
-    from trainer.metrics_log import RunWriteError
-    from trainer.tasks import DataError
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's implementation is imported.
 
-    try:
-        cfg = resolve_config(args)
-    except ConfigError as exc:
-        print(f"resrl train: error: {exc}", file=sys.stderr)
-        return 2
-    from trainer.loop import SetupError, TrainingDiverged, train
-
-    try:
-        run_dir = train(cfg)
-    except (ConfigError, DataError, SetupError) as exc:
-        print(f"resrl train: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except (TrainingDiverged, CheckpointError, RunWriteError) as exc:
-        print(f"resrl train: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    print(f"run directory: {run_dir}")
-    return 0
+    >>> sorted(build_parser()._subparsers._group_actions[0].choices)
+    ['demo', 'figures', 'probe', 'train']
+    """
+    parser = argparse.ArgumentParser(
+        prog="resrl",
+        description="Gradient-interference diagnostics for LLM RL, and a GRPO-family trainer with ResRL.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{train,probe,figures,demo}")
+    for name, (_, _, _, help_) in _SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == command:
+            add, _ = _load(name)
+            add(p)
+    return parser
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    if command is not None and parser._subparsers is not None:
+        for action in parser._subparsers._group_actions:
+            choices = getattr(action, "choices", None) or {}
+            if command in choices:
+                return choices[command]
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str], command: str | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an unrecognised option names the closest known one
+    (``--num-generation 4`` → "did you mean --num-generations?"); exits with status 2 as argparse does."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        target = _subparser(parser, command)
+        known = list(target._option_string_actions)
+        parts = []
+        for item in extra:
+            flag = item.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1) if flag.startswith("-") else []
+            parts.append(f"{item} (did you mean {close[0]}?)" if close else item)
+        target.error(f"unrecognized arguments: {' '.join(parts)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.cli [train options]``."""
-    parser = argparse.ArgumentParser(prog="resrl train")
-    add_train_arguments(parser)
-    return run_train(parser.parse_args(argv))
+    """Entry point of the ``resrl`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in _SUBCOMMANDS:
+        command = None
+    parser = build_parser(command)
+    args = parse_args(parser, argv, command)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _, run = _load(args.command)
+    return int(run(args) or 0)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -31,9 +31,12 @@ import resrl_analysis.advantages as _advantages
 
 __all__ = [
     "ALGORITHM_NAMES",
+    "ALIASES",
     "ConfigError",
     "PRESETS",
+    "REPORT_TO",
     "TrainConfig",
+    "canonical_keys",
     "config_from_sources",
     "config_to_dict",
     "field_help",
@@ -57,8 +60,11 @@ RESUMABLE_CHANGES = frozenset({
     "steps", "save_every", "resume", "output_dir", "micro_batch_size", "micro_batch_tokens",
     "logprob_micro_batch_size", "progress_bar", "log_every", "tensorboard", "dump_rollouts", "device",
     "gradient_checkpointing", "logprob_memory_mb", "rollout_backend", "val_every", "preset", "cpu_threads",
-    "rollout_compile", "lr", "grad_clip", "max_consecutive_skips",
+    "rollout_compile", "lr", "grad_clip", "max_consecutive_skips", "report_to",
 })
+
+#: Experiment trackers of ``report_to`` (trainer/loggers.py); ``none`` = only metrics.jsonl.
+REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow", "none")
 
 
 class ConfigError(ValueError):
@@ -189,11 +195,30 @@ class TrainConfig:
     # ---------------------------------------------------------------- logging
     log_every: int = _f(1, "Print a summary line every this many steps when no progress bar is shown.")
     progress_bar: str = _f("auto", "'auto' (when stderr is a terminal), 'on' or 'off'.")
-    tensorboard: bool = _f(True, "Write TensorBoard events to RUN_DIR/tb when tensorboard is installed.")
+    report_to: list[str] = _f(["tensorboard"], "Experiment trackers to mirror metrics.jsonl to: any of "
+                                               f"{', '.join(REPORT_TO[:-1])}, or none (as TRL's report_to). "
+                                               "tensorboard writes RUN_DIR/tb; a tracker whose package is "
+                                               "missing is an error before the run starts.")
+    tensorboard: bool = _f(True, "Deprecated (use report_to): false removes 'tensorboard' from report_to; kept "
+                                 "equal to 'tensorboard' in report_to.")
     dump_rollouts: bool = _f(True, "Write rollouts/step_XXXXXX.jsonl at step 0 and every saved step.")
     max_consecutive_skips: int = _f(5, "Stop the run after this many non-finite steps in a row.")
 
     # ---------------------------------------------------------------- derived and checks
+    def _resolve_report_to(self) -> None:
+        """Validate ``report_to`` (deduplicated, 'none' dropped) and fold the deprecated ``tensorboard`` in."""
+        unknown = [x for x in self.report_to if x not in REPORT_TO]
+        if unknown:
+            raise ConfigError(f"report_to={self.report_to}: unknown logger {unknown[0]!r}; choose from "
+                              f"{', '.join(REPORT_TO)}")
+        if "none" in self.report_to and len(set(self.report_to)) > 1:
+            raise ConfigError(f"report_to={self.report_to}: 'none' cannot be combined with other loggers")
+        wanted = list(dict.fromkeys(x for x in self.report_to if x != "none"))
+        if not self.tensorboard:
+            wanted = [x for x in wanted if x != "tensorboard"]
+        self.report_to = wanted
+        self.tensorboard = "tensorboard" in wanted
+
     @property
     def updates_per_rollout(self) -> int:
         """Optimizer steps made from one rollout batch."""
@@ -211,6 +236,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _coerce_all(self)
         e = ConfigError
+        self._resolve_report_to()
         if self.algorithm not in ALGORITHM_NAMES:
             raise e(f"algorithm={self.algorithm!r} is unknown: choose one of {', '.join(ALGORITHM_NAMES)}")
         for name in ("steps", "prompts_per_step", "n", "max_response_length", "mini_batch_size",
@@ -431,15 +457,106 @@ def field_help(name: str) -> str:
     raise KeyError(name)
 
 
+#: Names other trainers give our settings, where the meaning is the same: TRL's ``GRPOConfig`` (and the HF
+#: ``TrainingArguments`` it extends) and verl's ``ppo_trainer.yaml`` (dotted, as on verl's command line).
+#: Accepted as ``resrl train`` flags, ``--set`` keys and YAML keys; the saved config.yaml uses our names.
+#: Left out on purpose: TRL's per_device_train_batch_size (it sets the update size, our micro_batch_size
+#: does not), verl's trainer.total_training_steps / save_freq / test_freq (counted in rollout batches, ours
+#: in optimizer steps) and rollout.top_k (-1 = off there, 0 here).
+ALIASES: dict[str, str] = {
+    # TRL GRPOConfig / HF TrainingArguments
+    "learning_rate": "lr",
+    "num_generations": "n",
+    "max_completion_length": "max_response_length",
+    "num_iterations": "ppo_epochs",
+    "beta": "kl_coef",
+    "epsilon": "clip_ratio_low",
+    "epsilon_high": "clip_ratio_high",
+    "max_grad_norm": "grad_clip",
+    "adam_epsilon": "adam_eps",
+    "max_steps": "steps",
+    "save_steps": "save_every",
+    "eval_steps": "val_every",
+    "model_name_or_path": "model",
+    # verl ppo_trainer.yaml
+    "data.train_files": "train_files",
+    "data.val_files": "val_files",
+    "data.train_batch_size": "prompts_per_step",
+    "data.max_prompt_length": "max_prompt_length",
+    "data.max_response_length": "max_response_length",
+    "actor_rollout_ref.model.path": "model",
+    "actor_rollout_ref.model.enable_gradient_checkpointing": "gradient_checkpointing",
+    "actor_rollout_ref.rollout.n": "n",
+    "actor_rollout_ref.rollout.temperature": "temperature",
+    "actor_rollout_ref.rollout.top_p": "top_p",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": "logprob_micro_batch_size",
+    "actor_rollout_ref.rollout.val_kwargs.n": "val_n",
+    "actor_rollout_ref.rollout.val_kwargs.temperature": "val_temperature",
+    "actor_rollout_ref.actor.optim.lr": "lr",
+    "actor_rollout_ref.actor.optim.weight_decay": "weight_decay",
+    "actor_rollout_ref.actor.optim.lr_warmup_steps": "warmup_steps",
+    "actor_rollout_ref.actor.optim.warmup_style": "lr_schedule",
+    "actor_rollout_ref.actor.optim.min_lr_ratio": "min_lr_ratio",
+    "actor_rollout_ref.actor.ppo_mini_batch_size": "mini_batch_size",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": "micro_batch_size",
+    "actor_rollout_ref.actor.ppo_epochs": "ppo_epochs",
+    "actor_rollout_ref.actor.grad_clip": "grad_clip",
+    "actor_rollout_ref.actor.clip_ratio_low": "clip_ratio_low",
+    "actor_rollout_ref.actor.clip_ratio_high": "clip_ratio_high",
+    "actor_rollout_ref.actor.clip_ratio_c": "dual_clip",
+    "actor_rollout_ref.actor.loss_agg_mode": "loss_agg_mode",
+    "actor_rollout_ref.actor.kl_loss_coef": "kl_coef",
+    "actor_rollout_ref.actor.entropy_coeff": "entropy_coef",
+    "trainer.default_local_dir": "output_dir",
+}
+
+
+def _unknown_key(k: Any, where: str) -> ConfigError:
+    import difflib
+
+    names = [f.name for f in fields(TrainConfig)]
+    close = difflib.get_close_matches(str(k), [*names, *ALIASES], n=1)
+    hint = ""
+    if close:
+        hint = f" (did you mean {close[0]!r}" + (f", i.e. {ALIASES[close[0]]!r}" if close[0] in ALIASES else "") + "?)"
+    return ConfigError(f"{where}: unknown key {k!r}{hint}; `resrl train --help` lists every setting")
+
+
 def _check_keys(keys: Any, where: str) -> None:
     known = {f.name for f in fields(TrainConfig)}
     for k in keys:
         if k not in known:
-            import difflib
+            raise _unknown_key(k, where)
 
-            close = difflib.get_close_matches(str(k), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: unknown key {k!r}{hint}; `resrl train --help` lists every setting")
+
+def canonical_keys(settings: dict[str, Any], where: str) -> dict[str, Any]:
+    """``settings`` with TRL/verl names (:data:`ALIASES`) renamed to ours; verl-style nested mappings
+    (``actor_rollout_ref: {rollout: {n: 8}}``) are read as dotted keys. Unknown keys, and one setting given
+    twice under different names, are ConfigErrors naming ``where``.
+
+    >>> canonical_keys({"learning_rate": 1e-4, "actor_rollout_ref": {"rollout": {"n": 4}}}, "x.yaml")
+    {'lr': 0.0001, 'n': 4}
+    """
+    known = {f.name for f in fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+
+    def visit(prefix: str, mapping: dict[str, Any]) -> None:
+        for k, v in mapping.items():
+            key = f"{prefix}{k}"
+            if key not in known and key not in ALIASES and isinstance(v, dict):
+                visit(f"{key}.", v)
+                continue
+            name = key if key in known else ALIASES.get(key)
+            if name is None:
+                raise _unknown_key(key, where)
+            if name in out and out[name] != v:
+                raise ConfigError(f"{where}: {given_as[name]!r} and {key!r} both set {name!r} ({out[name]!r} vs "
+                                  f"{v!r}); give it once")
+            out[name], given_as[name] = v, key
+
+    visit("", settings)
+    return out
 
 
 def preset_config(name: str = "tiny", **overrides: Any) -> TrainConfig:
@@ -482,8 +599,7 @@ def load_yaml_overrides(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of setting: value, got {type(data).__name__}")
-    _check_keys(data, str(path))
-    return dict(data)
+    return canonical_keys(data, str(path))
 
 
 def config_from_sources(
@@ -499,12 +615,17 @@ def config_from_sources(
     4
     """
     from_yaml = load_yaml_overrides(yaml_path) if yaml_path is not None else {}
-    overrides = dict(overrides or {})
-    _check_keys(overrides, "override")
+    overrides = canonical_keys(dict(overrides or {}), "override")
     name = preset or from_yaml.get("preset") or "tiny"
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    merged = {**PRESETS[name], **from_yaml, **overrides, "preset": name}
+    levels = [dict(PRESETS[name]), from_yaml, overrides]
+    for i, level in enumerate(levels):
+        if "report_to" in level and "tensorboard" not in level:
+            # report_to given here outranks the deprecated tensorboard switch of lower levels
+            for lower in levels[:i]:
+                lower.pop("tensorboard", None)
+    merged = {**levels[0], **levels[1], **levels[2], "preset": name}
     return TrainConfig(**merged)
 
 
@@ -536,4 +657,6 @@ def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
     2
     """
     _check_keys(changes, "replace")
+    if "report_to" in changes and "tensorboard" not in changes:
+        changes["tensorboard"] = True  # the new report_to decides, not the old (synced) tensorboard
     return dataclasses.replace(cfg, **changes)

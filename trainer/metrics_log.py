@@ -125,14 +125,17 @@ def write_rollouts(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON line per step to ``metrics.jsonl``, mirrors scalars to TensorBoard when installed,
-    and shows a tqdm bar (interactive) or prints a summary line every ``log_every`` steps.
+    """Appends one JSON line per step to ``metrics.jsonl``, mirrors scalars to the trackers of ``report_to``
+    (trainer/loggers.py), and shows a tqdm bar (interactive) or prints a summary line every ``log_every`` steps.
 
     Args:
         run_dir: the run directory.
         enabled: False on ranks other than 0: every method is then a no-op.
         progress: show a tqdm progress bar.
-        tensorboard: write ``tb/`` events if ``torch.utils.tensorboard`` imports.
+        tensorboard: deprecated switch: False drops TensorBoard from the trackers.
+        report_to: trackers (``tensorboard``, ``wandb``, ``trackio``, ``mlflow``); None = the ``report_to``
+            of the run's ``config.yaml`` (the trainer writes it first), else TensorBoard as ``tensorboard`` says.
+            A tracker whose package is missing is a ``LoggerUnavailable`` error.
         total_steps: for the progress bar.
         start_step: steps already done (resume); TensorBoard events after it are purged.
         log_every: print cadence without a progress bar.
@@ -148,23 +151,29 @@ class MetricsLog:
         total_steps: int = 0,
         start_step: int = 0,
         log_every: int = 1,
+        report_to: Sequence[str] | None = None,
     ) -> None:
         self.enabled = enabled
         self.log_every = log_every
         self._file = None
-        self._tb = None
+        self._loggers: list[Any] = []  # trainer.loggers objects: log(scalars, step), close()
         self._bar = None
         if not enabled:
             return
         run = Path(run_dir)
         self._file = open(run / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except Exception:  # tensorboard not installed (ImportError) or broken: optional
-                SummaryWriter = None  # noqa: N806
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(run / "tb"), purge_step=start_step + 1 if start_step else None)
+        from trainer.loggers import make_loggers
+
+        run_config = _saved_config(run)
+        if report_to is None:
+            report_to = run_config.get("report_to", ["tensorboard"])
+        if not tensorboard:
+            report_to = [x for x in report_to if x != "tensorboard"]
+        try:
+            self._loggers = make_loggers(report_to, run, config=run_config, start_step=start_step)
+        except BaseException:
+            self.close()
+            raise
         if progress:
             from tqdm import tqdm
 
@@ -184,10 +193,12 @@ class MetricsLog:
             raise RunWriteError(f"writing {self._file.name} failed: {exc.strerror or exc}; earlier checkpoints "
                                 "are intact") from exc
         step = int(rec["step"])
-        if self._tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
+        if self._loggers:
+            from trainer.loggers import scalars
+
+            values = scalars(rec)
+            for lg in self._loggers:
+                lg.log(values, step)
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix({k.split("/")[-1]: rec.get(k) for k in ("reward/mean", "actor/pg_loss")
@@ -208,12 +219,23 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        loggers, self._loggers = self._loggers, []
+        for lg in loggers:
+            lg.close()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _saved_config(run: Path) -> dict[str, Any]:
+    """The run's resolved settings from its config.yaml ({} when there is none or it does not parse)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _summary(rec: dict[str, Any]) -> str:
