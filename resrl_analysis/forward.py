@@ -16,13 +16,13 @@ which would keep every layer's (B, L, d) states alive. Names (:func:`representat
 - an int ``i`` in HF's ``hidden_states`` convention: 0 the input of the first decoder layer (the
   embeddings), ``i`` the output of decoder layer ``i - 1``, ``L`` (= -1) the final norm's output.
 
->>> from trainer.models import build_tiny_model
->>> model = build_tiny_model(seed=0, num_hidden_layers=2)
+>>> from resrl_analysis.probes.synthetic import tiny_model
+>>> model = tiny_model(seed=0)
 >>> rows = pack_rows(torch.tensor([[0, 5, 6]]), torch.tensor([[False, True, True]]),
 ...                  torch.tensor([[7, 2, 0]]), torch.tensor([[True, True, False]]))
 >>> out = response_forward(model, rows, capture={"hidden": "penultimate"})
 >>> out.logp.shape, out.captured["hidden"].shape
-(torch.Size([1, 2]), torch.Size([1, 2, 128]))
+(torch.Size([1, 2]), torch.Size([1, 2, 32]))
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ def _decoder_parts(model: nn.Module) -> tuple[nn.ModuleList, nn.Module | None]:
 def representation_site(model: nn.Module, name: Representation) -> RepresentationSite:
     """The module (and side) whose hook gives representation ``name`` (see the module docstring).
 
-    >>> from trainer.models import build_tiny_model
-    >>> m = build_tiny_model(seed=0, num_hidden_layers=3)
+    >>> from resrl_analysis.probes.synthetic import tiny_model
+    >>> m = tiny_model(layers=3)
     >>> s = representation_site(m, "penultimate")
     >>> s.module is m.model.layers[1], s.where
     (True, 'output')
@@ -198,12 +198,12 @@ def capture(
     :func:`response_forward` uses) is right whether or not ``logits_to_keep`` shortened the head's input.
     Every hook is removed in ``finally``, whatever happens inside.
 
-    >>> from trainer.models import build_tiny_model
-    >>> m = build_tiny_model(seed=0, num_hidden_layers=2)
+    >>> from resrl_analysis.probes.synthetic import tiny_model
+    >>> m = tiny_model()
     >>> with capture(m, {"h": "head_input", "e": 0}) as cap:
     ...     _ = m(torch.tensor([[1, 2, 3]]))
     >>> cap["h"].shape, cap["e"].shape, len(m.get_output_embeddings()._forward_pre_hooks)
-    (torch.Size([1, 3, 128]), torch.Size([1, 3, 128]), 0)
+    (torch.Size([1, 3, 32]), torch.Size([1, 3, 32]), 0)
     """
     store: dict[str, Tensor] = {}
     handles = []

@@ -15,8 +15,8 @@ def encode_prompts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 
     A chat template writes its own BOS into the text; adding another would double it.
 
-    >>> from trainer.tokenizer import build_char_tokenizer
-    >>> tok = build_char_tokenizer()
+    >>> from resrl_analysis.probes.synthetic import char_tokenizer
+    >>> tok = char_tokenizer()
     >>> a, b = encode_prompts(tok, ["2*3=", "<bos>2*3="])
     >>> a == b, tok.decode(a)
     (True, '<bos>2*3=')
@@ -33,11 +33,9 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: Any = None) -> int | list[i
     """The ids that end a response: the model's ``generation_config.eos_token_id`` (a chat model may list
     several), else the tokenizer's EOS, else None.
 
-    >>> from trainer.models import build_tiny_model
-    >>> from trainer.tokenizer import build_char_tokenizer
-    >>> tok = build_char_tokenizer()
-    >>> eos_token_ids(build_tiny_model(seed=0, tokenizer=tok), tok) == tok.eos_token_id
-    True
+    >>> from resrl_analysis.probes.synthetic import char_tokenizer, tiny_model
+    >>> eos_token_ids(tiny_model(), char_tokenizer()), eos_token_ids(object(), char_tokenizer())
+    (2, 2)
     """
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
