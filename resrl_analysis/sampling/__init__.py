@@ -24,7 +24,10 @@ uniform number per row and step, all drawn up front in one ``torch.rand(max_new_
 call on the generator's own device. That makes the amount of randomness consumed by a call independent of
 the logits and of early stopping (so "restore the state, sample again" reproduces the call), lets a CPU
 generator drive a CUDA model without a per-step host-to-device copy, and keeps the decode loop free of
-host synchronisations except the periodic "all rows finished?" check.
+host synchronisations except the periodic "all rows finished?" check. Given one generator per prompt, each
+prompt's ``n`` rows draw a ``(max_new_tokens, n)`` block from their own generator instead, exactly what a
+call with that prompt alone draws: batching prompts then changes no prompt's randomness (the diversity
+probe relies on it).
 
 Modules: ``params`` (what to sample, what comes back), ``draw`` (filtering and inverse-CDF sampling),
 ``decode`` (prompt packing, the shared decode loop, the dynamic-cache backend), ``static`` (static cache and
