@@ -72,11 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _import_rollout() -> Any:
+    """The project's sampler, :mod:`resrl_analysis.sampling`."""
     try:
-        from trainer import rollout
+        import resrl_analysis.sampling as rollout
     except ImportError:  # run from a checkout without `pip install -e .`
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from trainer import rollout
+        import resrl_analysis.sampling as rollout
     return rollout
 
 
@@ -144,7 +145,7 @@ def run_variant(name: str, model: Any, prompts: list[list[int]], args: argparse.
 
     if name.startswith("hf"):
         # Left-pad exactly as our sampler does, so HF sees the same batch.
-        packed = rollout._pack_prompts(prompts, 1, 0, torch.device("cuda"))
+        packed = rollout.decode._pack_prompts(prompts, 1, 0, torch.device("cuda"))
         input_ids, attention_mask = packed[0], packed[1].long()
         gen = GenerationConfig(
             max_new_tokens=args.new_tokens,

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .forward import hidden_state_index
 from .ops import group_index
 
 __all__ = [
@@ -110,7 +111,9 @@ def layer_norm_no_affine(x: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 def select_representation(hidden_states: tuple[Tensor, ...] | list[Tensor], layer: str | int) -> Tensor:
-    """Pick the representation from HF ``output_hidden_states``.
+    """Pick a representation by name from HF ``output_hidden_states``
+    (:func:`resrl_analysis.forward.hidden_state_index`; the forward hooks of
+    :func:`resrl_analysis.forward.capture` read the same vectors without keeping every layer).
 
     ``"head_input"`` is ``hidden_states[-1]`` (HF applies the final norm before storing the last entry:
     it is exactly the vector the LM head multiplies); ``"penultimate"`` is ``hidden_states[-2]``, the
@@ -120,13 +123,7 @@ def select_representation(hidden_states: tuple[Tensor, ...] | list[Tensor], laye
     >>> select_representation(hs, "penultimate").item()
     1.0
     """
-    if layer == "head_input":
-        return hidden_states[-1]
-    if layer == "penultimate":
-        return hidden_states[-2]
-    if isinstance(layer, int):
-        return hidden_states[layer]
-    raise ValueError(f"layer must be 'head_input', 'penultimate' or an int, got {layer!r}")
+    return hidden_states[hidden_state_index(layer)]
 
 
 def randomized_right_basis(

@@ -311,10 +311,10 @@ def test_trainer_and_probe_advantages_are_identical(tiny, algorithm, layer):
     """The trainer's path (pack_rows → no-grad response_forward → _algo_inputs → registry) and the first-order
     probe's (forward_group → token_advantages) give the same per-token advantages for the same group."""
     import trainer.loop as loop
+    from resrl_analysis.forward import pack_rows, response_forward
     from resrl_analysis.probes.capture import forward_group
     from resrl_analysis.probes.first_order import token_advantages
     from trainer.config import TrainConfig
-    from trainer.forward import pack_rows, response_forward
 
     assert set(ALGORITHM_NAMES) == {"grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl"}  # the parametrisation
     cfg = TrainConfig(algorithm=algorithm, temperature=0.7, resrl_rank=4, resrl_layer=layer, seed=3)

@@ -1,4 +1,4 @@
-"""Tests for trainer.rollout: filtering against slow references, backends against HF generate and each
+"""Tests for resrl_analysis.sampling: filtering against slow references, backends against HF generate and each
 other, teacher-forced log-probs, generator reproducibility, EOS/mask bookkeeping, sampling frequencies."""
 
 from __future__ import annotations
@@ -18,8 +18,18 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from trainer import rollout
-from trainer.rollout import RolloutBatch, SamplingParams, filter_logits, sample, sample_next
+from resrl_analysis.forward import pack_rows, response_forward
+from resrl_analysis.sampling import (
+    RolloutBatch,
+    SamplingParams,
+    draw_uniforms,
+    filter_logits,
+    hf_compat,
+    release_static_cache,
+    sample,
+    sample_from_uniforms,
+)
+from resrl_analysis.sampling import static as sampling_static
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,9 +87,17 @@ def eos_model() -> torch.nn.Module:
 
 
 def _teacher_forced_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    rows = pack_rows(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
     with torch.no_grad():
-        logits = model(**batch.forward_inputs()).logits.float()  # (B, Tp+Tr, V)
-    return logits[:, batch.response_logits_slice]  # (B, Tr, V)
+        return response_forward(model, rows, return_logits=True).logits.float()  # (B, Tr, V)
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of (B, V) logits, with one uniform per row from ``generator`` (as the decode loop)."""
+    uniforms = None if params.greedy else draw_uniforms((logits.shape[0],), generator, logits.device)
+    return sample_from_uniforms(logits, params, uniforms)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -291,14 +309,14 @@ def test_static_uncompiled_equals_dynamic(arch):
     # The second static call reuses the cache of the first (reset in place), and the reset must be complete.
     sta = sample(model, PROMPTS, params, eos_token_id=EOS, pad_token_id=PAD,
                  generator=torch.Generator().manual_seed(5), backend="static", compile=False)
-    assert len(rollout._STATIC_RUNNERS[model]) == 1
+    assert len(sampling_static._STATIC_RUNNERS[model]) == 1
     assert torch.equal(dyn.response_ids, sta.response_ids)
     assert torch.equal(dyn.response_mask, sta.response_mask)
     # A shorter prompt batch of the same size also reuses it (longer cache, extra slots masked).
     short = [p[-2:] for p in PROMPTS]
     dyn = sample(model, short, greedy, eos_token_id=None, pad_token_id=PAD, backend="dynamic")
     sta = sample(model, short, greedy, eos_token_id=None, pad_token_id=PAD, backend="static", compile=False)
-    assert len(rollout._STATIC_RUNNERS[model]) == 1
+    assert len(sampling_static._STATIC_RUNNERS[model]) == 1
     assert torch.equal(dyn.response_ids, sta.response_ids)
 
 
@@ -436,11 +454,11 @@ def test_forward_inputs_and_token_lists():
         finished=torch.tensor([True, False]),
         prompt_index=torch.tensor([0, 1]),
     )
-    fi = batch.forward_inputs()
-    assert fi["input_ids"].tolist() == [[0, 0, 5, 9, 3, 0], [6, 7, 8, 9, 9, 9]]
-    assert fi["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
-    assert fi["position_ids"].tolist() == [[0, 0, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]]
-    assert batch.response_logits_slice == slice(2, 5)
+    fi = pack_rows(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    assert fi.input_ids.tolist() == [[0, 0, 5, 9, 3, 0], [6, 7, 8, 9, 9, 9]]
+    assert fi.attention_mask.tolist() == [[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert fi.position_ids.tolist() == [[0, 0, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]]
+    assert fi.response_len == 3  # columns 2..4 of the full forward's logits predict the response
     assert batch.response_token_lists() == [[9, 3], [9, 9, 9]]
 
 
@@ -453,8 +471,8 @@ def test_compile_failure_falls_back_once(qwen, monkeypatch):
         return raiser
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(rollout, "_WARNED", set())
-    rollout.release_static_cache(qwen)
+    monkeypatch.setattr(hf_compat, "_WARNED", set())
+    release_static_cache(qwen)
     params = SamplingParams(temperature=1.0, max_new_tokens=8, n=2)
     kw = dict(eos_token_id=EOS, pad_token_id=PAD, backend="static", compile=True)
     with pytest.warns(RuntimeWarning, match="falling back"):
@@ -467,7 +485,7 @@ def test_compile_failure_falls_back_once(qwen, monkeypatch):
         warnings.simplefilter("error")  # warned once only
         again = sample(qwen, PROMPTS, params, generator=torch.Generator().manual_seed(9), **kw)
     assert torch.equal(again.response_ids, ref.response_ids)
-    rollout.release_static_cache(qwen)
+    release_static_cache(qwen)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -495,4 +513,4 @@ def test_static_compiled_equals_dynamic_greedy_on_cuda():
     recomputed = torch.log_softmax(logits, -1).gather(-1, sampled.response_ids[..., None]).squeeze(-1)
     m = sampled.response_mask
     torch.testing.assert_close(sampled.response_logprobs[m], recomputed[m], rtol=0, atol=1e-3)
-    rollout.release_static_cache(model)
+    release_static_cache(model)

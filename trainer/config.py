@@ -127,7 +127,7 @@ class TrainConfig:
                                                   "same one.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1 = off).")
     top_k: int = _f(0, "Top-k sampling (0 = off; transformers would otherwise default to 50).")
-    rollout_backend: str = _f("auto", "Sampler of trainer.rollout: auto | dynamic | static | hf.")
+    rollout_backend: str = _f("auto", "Sampler of resrl_analysis.sampling: auto | dynamic | static | hf.")
     rollout_compile: str = _f("auto", "Compile the static-cache decode step with CUDA graphs: 'auto' (only on CUDA "
                                       "without FSDP: FSDP2 re-allocates the gathered weights at every rollout, "
                                       "and graphs are recorded against fixed addresses), 'on' or 'off'.")

@@ -50,6 +50,8 @@ from resrl_analysis.advantages import (
     get_algorithm,
     params_from_config,
 )
+from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
+from resrl_analysis.sampling import SamplingParams, encode_prompts, eos_token_ids, sample
 from trainer.checkpointing import (
     CheckpointError,
     latest_checkpoint,
@@ -80,7 +82,6 @@ from trainer.distributed import (
     teardown_distributed,
     wrap_model,
 )
-from trainer.forward import ForwardOut, PackedRows, pack_rows, response_forward
 from trainer.losses import LossNorm, policy_loss
 from trainer.metrics_log import METRIC_KEYS, MetricsLog, RunWriteError, truncate_metrics, write_rollouts
 from trainer.tasks import Prompt, Task
@@ -541,27 +542,17 @@ Rollouts = ScoredBatch  # the former name, still used by the update code
 
 
 def _encode_prompts(tokenizer: Any, prompts: list[Prompt]) -> list[list[int]]:
-    out = []
-    bos = getattr(tokenizer, "bos_token", None)
-    for p in prompts:
-        # A chat template writes its own BOS into the text; adding another would double it.
-        add = not (bos and p.text.startswith(bos))
-        out.append(list(tokenizer(p.text, add_special_tokens=add)["input_ids"]))
-    return out
+    return encode_prompts(tokenizer, [p.text for p in prompts])
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> int | list[int] | None:
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    return eos if eos is not None else tokenizer.eos_token_id
+    return eos_token_ids(model, tokenizer)
 
 
 def _sample(
     model: torch.nn.Module, tokenizer: Any, prompts: list[Prompt], *, n: int, temperature: float, cfg: TrainConfig,
     generator: torch.Generator, ctx: DistContext,
 ) -> tuple[Any, list[str]]:
-    from trainer.rollout import SamplingParams, sample
-
     if cfg.rollout_compile == "auto":
         compile = ctx.device.type == "cuda" and not ctx.use_fsdp
     else:

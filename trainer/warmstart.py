@@ -23,7 +23,6 @@ Use it:
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import platform
@@ -34,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from resrl_analysis.sampling import SamplingParams, encode_prompts, sample
 from trainer.models import build_tiny_model
 from trainer.tasks import Prompt
 from trainer.tasks.multiplication import MultiplicationTask
@@ -136,7 +135,6 @@ def sft_batch(
 # -- sampling and evaluation ---------------------------------------------------------------------
 
 
-@torch.no_grad()
 def sample_responses(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -147,62 +145,21 @@ def sample_responses(
 ) -> list[str]:
     """Sample one response per prompt from the full softmax (no top-k, no top-p); 0 = greedy.
 
-    A small KV-cached loop instead of `model.generate`, whose sampling defaults (top_k=50 in
-    transformers 5) differ from the RL rollout's. Responses are cut at the first EOS and decoded
-    without special tokens.
+    The RL rollout's sampler (:func:`resrl_analysis.sampling.sample`), not `model.generate`, whose
+    sampling defaults (top_k=50 in transformers 5) differ. Responses are cut at the first EOS and
+    decoded without special tokens.
 
     >>> model, tok = build_tiny_model(seed=0), build_char_tokenizer()
     >>> outs = sample_responses(model, tok, ["12*34="], 4, generator=torch.Generator().manual_seed(0))
     >>> len(outs), len(outs[0]) <= 4
     (1, True)
     """
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-    device = next(model.parameters()).device
-    ids = enc["input_ids"].to(device)  # (B, P)
-    mask = enc["attention_mask"].to(device)  # (B, P)
     eos = tokenizer.eos_token_id
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)  # (B,)
-    new_tokens: list[torch.Tensor] = []
-    step_ids = ids  # what the next forward consumes: the prompt, then one token at a time
-    cache = None
-    # transformers 5 renamed `past_key_values` to `cache`; accept both so 4.x checkpoints envs work.
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    for _ in range(max_new_tokens):
-        # Positions count real tokens only, so left padding does not shift RoPE phases.
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]  # (B, t)
-        out = model(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=pos,
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_kw: cache},
-        )
-        cache = out[cache_kw]
-        logits = out.logits[:, -1].float()  # (B, V)
-        if temperature == 0:
-            nxt = logits.argmax(-1)  # (B,)
-        else:
-            probs = F.softmax(logits / temperature, dim=-1)
-            if generator is not None and generator.device != probs.device:
-                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
-            else:
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-        # Finished rows get padding; their later tokens are masked out and never decoded.
-        nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_token_id), nxt)
-        new_tokens.append(nxt)
-        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # (B, T + 1)
-        done = done | (nxt == eos)
-        step_ids = nxt[:, None]  # (B, 1)
-        if bool(done.all()):
-            break
-    out = torch.stack(new_tokens, dim=1).tolist()  # (B, N)
-    texts = []
-    for row in out:
-        if eos in row:
-            row = row[: row.index(eos)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
+    batch = sample(model, encode_prompts(tokenizer, prompts), params, eos_token_id=eos,
+                   pad_token_id=tokenizer.pad_token_id, generator=generator, return_logprobs=False)
+    rows = [r[:-1] if batch.finished[i] else r for i, r in enumerate(batch.response_token_lists())]  # drop EOS
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
 def evaluate_sampled(

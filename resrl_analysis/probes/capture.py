@@ -1,19 +1,17 @@
-"""Teacher-forced forward passes over a probe group: log-probs, entropy, head inputs, hidden states.
+"""A probe group as one teacher-forced batch, on top of the core forward (:mod:`resrl_analysis.forward`).
 
 One group (one prompt and its G responses) is one batch: the prompt, then each response,
-right-padded to the longest response, so position P − 1 + t predicts response token t for every
-row and the model keeps logits only for those T positions (``logits_to_keep``). The vector that
-enters the LM head is captured by a forward pre-hook on the output embedding (exact for any
-architecture, whatever ``hidden_states[-1]`` holds); the penultimate state is HF
-``hidden_states[-2]`` (DESIGN §2). Log-probs and entropy come from
-:func:`resrl_analysis.ops.token_logprobs_and_entropy`, chunked over tokens in float32, so no
-float32 (B, T, V) tensor exists; the logits themselves stay in the model's dtype.
+right-padded to the longest response (:func:`group_batch`), run through
+:func:`resrl_analysis.forward.response_forward` like the trainer's rows: the model keeps logits only
+for the positions that predict response tokens, the LM head's input is captured by a pre-hook on the
+output embedding (exact for any architecture) and the penultimate state (HF ``hidden_states[-2]``,
+DESIGN §2) by a hook on the second-to-last decoder layer. Log-probs and entropy are chunked over tokens
+in float32, so no float32 (B, T, V) tensor exists; the logits themselves stay in the model's dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,15 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoints import ProbeGroup, ProbeSet
-from ..ops import DEFAULT_MEMORY_BUDGET_MB, softmax_probs, token_logprobs_and_entropy
-from ..weighting import select_representation
+from ..forward import PackedRows, capture, model_device, pack_rows, response_forward
+from ..ops import DEFAULT_MEMORY_BUDGET_MB, softmax_probs
 
 __all__ = [
     "GroupBatch",
     "GroupForward",
     "capture_head_input",
     "group_batch",
-    "response_logits",
     "forward_group",
     "forward_probe_set",
     "model_device",
@@ -38,27 +35,31 @@ __all__ = [
 ]
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameter-free module)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @dataclass(frozen=True)
 class GroupBatch:
     """A probe group laid out for one teacher-forced forward pass.
 
-    ``input_ids`` / ``attention_mask`` (G, P + T), ``labels`` (G, T) (0 on padding), ``mask`` (G, T)
-    True on response tokens, ``prompt_len`` P, ``rewards`` (G,) float32, ``is_positive`` (G,) bool.
+    ``rows`` the packed model inputs (:class:`resrl_analysis.forward.PackedRows`, (G, P + T));
+    ``labels`` (G, T) (0 on padding), ``mask`` (G, T) True on response tokens, ``prompt_len`` P,
+    ``rewards`` (G,) float32, ``is_positive`` (G,) bool.
     """
 
-    input_ids: Tensor
-    attention_mask: Tensor
+    rows: PackedRows
     labels: Tensor
     mask: Tensor
     prompt_len: int
     rewards: Tensor
     is_positive: Tensor
+
+    @property
+    def input_ids(self) -> Tensor:
+        """(G, P + T) prompt then response tokens."""
+        return self.rows.input_ids
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(G, P + T) long, 1 on real tokens."""
+        return self.rows.attention_mask
 
 
 def group_batch(group: ProbeGroup, device: str | torch.device = "cpu", pad_id: int = 0) -> GroupBatch:
@@ -66,8 +67,8 @@ def group_batch(group: ProbeGroup, device: str | torch.device = "cpu", pad_id: i
 
     >>> g = ProbeGroup(0, (1, 5), ((6, 2), (7,)), (1.0, 0.0))
     >>> b = group_batch(g)
-    >>> b.input_ids.tolist(), b.mask.tolist()
-    ([[1, 5, 6, 2], [1, 5, 7, 0]], [[True, True], [True, False]])
+    >>> b.input_ids.tolist(), b.mask.tolist(), b.rows.position_ids.tolist()
+    ([[1, 5, 6, 2], [1, 5, 7, 0]], [[True, True], [True, False]], [[0, 1, 2, 3], [0, 1, 2, 0]])
     """
     G, P = group.n_responses, len(group.prompt_ids)
     T = max(len(r) for r in group.response_ids)
@@ -77,11 +78,10 @@ def group_batch(group: ProbeGroup, device: str | torch.device = "cpu", pad_id: i
         labels[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = True
     prompt = torch.tensor(group.prompt_ids, dtype=torch.long).expand(G, P)  # (G, P)
-    input_ids = torch.cat([prompt, labels], 1)  # (G, P + T)
-    attention_mask = torch.cat([torch.ones(G, P, dtype=torch.long), mask.long()], 1)  # (G, P + T)
+    rows = pack_rows(prompt.to(device), torch.ones(G, P, dtype=torch.bool, device=device), labels.to(device),
+                     mask.to(device))
     rewards = torch.tensor(group.rewards, dtype=torch.float32)
-    return GroupBatch(input_ids.to(device), attention_mask.to(device), labels.to(device), mask.to(device), P,
-                      rewards.to(device), (rewards > 0).to(device))
+    return GroupBatch(rows, rows.response_ids, rows.response_mask, P, rewards.to(device), (rewards > 0).to(device))
 
 
 @contextlib.contextmanager
@@ -89,7 +89,7 @@ def capture_head_input(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     """Record the input of the model's LM head (output embedding) during the forwards inside.
 
     Yields a dict whose ``"head_input"`` entry holds the last captured input (…, d). The hook is
-    removed in ``finally``, whatever happens inside.
+    removed in ``finally``, whatever happens inside (:func:`resrl_analysis.forward.capture`).
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
@@ -99,51 +99,8 @@ def capture_head_input(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     >>> cap["head_input"].shape, len(m.get_output_embeddings()._forward_pre_hooks)
     (torch.Size([1, 3, 8]), 0)
     """
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embedding (LM head)")
-    store: dict[str, Tensor] = {}
-
-    def hook(_module: nn.Module, args: tuple) -> None:
-        store["head_input"] = args[0]
-
-    handle = head.register_forward_pre_hook(hook)
-    try:
+    with capture(model, {"head_input": "head_input"}) as store:
         yield store
-    finally:
-        handle.remove()
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def response_logits(
-    model: nn.Module, batch: GroupBatch, *, hidden: bool = False, head_input: bool = False
-) -> tuple[Tensor, tuple[Tensor, ...] | None, Tensor | None]:
-    """Logits at the response positions (G, T, V), in the model's dtype, differentiable if grad is on.
-
-    With ``hidden``, also every HF hidden state sliced to the response positions ((G, T, d) each);
-    with ``head_input``, the captured LM-head input (G, T, d).
-    """
-    T = batch.labels.shape[1]
-    P = batch.prompt_len
-    kw: dict = {"use_cache": False}
-    if _accepts(model, "logits_to_keep"):
-        kw["logits_to_keep"] = T + 1  # positions P-1 .. P+T-1 (the sequence is P + T long)
-    with contextlib.ExitStack() as stack:
-        cap = stack.enter_context(capture_head_input(model)) if head_input else None
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=hidden,
-                    **kw)
-    logits = out.logits[:, -(T + 1) : -1]  # (G, T, V): position P-1+t predicts response token t
-    hs = tuple(s[:, P - 1 : P - 1 + T] for s in out.hidden_states) if hidden else None
-    hi = None
-    if cap is not None:
-        hi = cap["head_input"][:, -(T + 1) : -1]  # (G, T, d), whether or not logits_to_keep sliced it
-    return logits, hs, hi
 
 
 @dataclass(frozen=True)
@@ -203,16 +160,13 @@ def forward_group(
     (torch.Size([2, 2]), torch.Size([2, 2, 8]), True)
     """
     batch = group_batch(group, model_device(model), pad_id)
-    logits, hs, hi = response_logits(model, batch, hidden=keep_hidden, head_input=keep_hidden)
-    logp, ent = token_logprobs_and_entropy(logits, batch.labels, memory_budget_mb=memory_budget_mb)
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    logp = torch.where(batch.mask, logp, zero)  # (G, T)
-    ent = torch.where(batch.mask, ent, zero)  # (G, T)
+    names = {"head_input": "head_input", "penultimate": "penultimate"} if keep_hidden else {}
+    fo = response_forward(model, batch.rows, memory_mb=memory_budget_mb, entropy=True, capture=names,
+                          return_logits=True)
     return GroupForward(
-        group=group, labels=batch.labels, mask=batch.mask, logp=logp, entropy=ent, rewards=batch.rewards,
-        is_positive=batch.is_positive, head_input=hi,
-        penultimate=select_representation(hs, "penultimate") if hs is not None else None,
-        logits=logits if keep_logits else None,
+        group=group, labels=batch.labels, mask=batch.mask, logp=fo.logp, entropy=fo.entropy,  # type: ignore[arg-type]
+        rewards=batch.rewards, is_positive=batch.is_positive, head_input=fo.captured.get("head_input"),
+        penultimate=fo.captured.get("penultimate"), logits=fo.logits if keep_logits else None,
     )
 
 

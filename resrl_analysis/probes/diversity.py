@@ -1,9 +1,14 @@
 """Sampling probes: pass@k, Avg@n, distinct-n, self-BLEU and distinct final answers (DESIGN §2).
 
 For every prompt of the probe set, ``n`` responses are sampled from the checkpoint at a given
-temperature (pure sampling: no top-k, no top-p; seeded per prompt, the global RNG left as it
-was) with Hugging Face ``generate``. A response is correct when ``reward_fn(text, ground_truth)``
-is > 0; the unbiased pass@k (:func:`resrl_analysis.ops.pass_at_k`) is reported for every k ≤ n.
+temperature (pure sampling: no top-k, no top-p) with the project's one sampler
+(:func:`resrl_analysis.sampling.sample`), all prompts x n in batches of rows. Every prompt draws its
+randomness from its own generator (seeded from ``seed`` and its group id; the global RNG is not
+touched), so its samples are those of sampling it alone with the same seed, whatever the batching:
+the uniforms are identical and only the floating-point effect of batching and padding on the logits
+could move a draw that falls within rounding of a token boundary. A response is correct when
+``reward_fn(text, ground_truth)`` is > 0; the unbiased pass@k (:func:`resrl_analysis.ops.pass_at_k`) is
+reported for every k ≤ n.
 Diversity is measured in model tokens (distinct-n, self-BLEU) and in final answers.
 """
 
@@ -22,7 +27,7 @@ from torch import nn
 from ..checkpoints import ProbeSet
 from ..ops import avg_at_n, pass_at_k_curve
 from ..results import DiversityResult
-from .capture import model_device
+from ..sampling import SamplingParams, eos_token_ids, sample
 
 __all__ = [
     "RewardFn",
@@ -33,6 +38,7 @@ __all__ = [
     "distinct_n",
     "sentence_bleu",
     "self_bleu",
+    "sample_prompts",
     "sample_responses",
     "diversity_probe",
 ]
@@ -164,7 +170,51 @@ def self_bleu(sequences: Sequence[Sequence[Hashable]], max_n: int = 4) -> float:
                           for i, s in enumerate(sequences)]))
 
 
-@torch.no_grad()
+def _eos_list(eos: int | Sequence[int] | None) -> list[int]:
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def sample_prompts(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    n: int,
+    seeds: Sequence[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    max_batch_rows: int = 256,
+) -> list[list[list[int]]]:
+    """``n`` responses to each prompt by pure sampling (``top_k=0``, ``top_p=1``), batched across prompts
+    (at most ``max_batch_rows`` rows a call), prompt ``i`` driven by a generator seeded with ``seeds[i]``:
+    the same responses as :func:`sample_responses` of that prompt alone with that seed. Responses are cut
+    after the first EOS (EOS kept, as in a rollout); the global RNG is left untouched.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
+    >>> both = sample_prompts(m, [[1, 5], [1, 7, 8]], 3, [0, 1], max_new_tokens=4, eos_token_id=2)
+    >>> both[1] == sample_responses(m, [1, 7, 8], 3, max_new_tokens=4, eos_token_id=2, seed=1)
+    True
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if len(seeds) != len(prompt_ids):
+        raise ValueError(f"seeds: one per prompt expected, got {len(seeds)} for {len(prompt_ids)} prompts")
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=n)
+    per_call = max(1, max_batch_rows // n)  # whole prompts per call: a prompt's n rows stay together
+    out: list[list[list[int]]] = []
+    for start in range(0, len(prompt_ids), per_call):
+        chunk = [list(p) for p in prompt_ids[start : start + per_call]]
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + per_call]]
+        batch = sample(model, chunk, params, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                       generator=gens, return_logprobs=False)
+        rows = batch.response_token_lists()
+        out += [rows[i * n : (i + 1) * n] for i in range(len(chunk))]
+    return out
+
+
 def sample_responses(
     model: nn.Module,
     prompt_ids: Sequence[int],
@@ -173,11 +223,11 @@ def sample_responses(
     max_new_tokens: int,
     temperature: float = 1.0,
     seed: int = 0,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
 ) -> list[list[int]]:
     """``n`` responses to one prompt by pure sampling (``top_k=0``, ``top_p=1``), cut after the first EOS
-    (EOS kept, as in a rollout). Seeded with ``seed``; the global RNG state is restored afterwards.
+    (EOS kept, as in a rollout). Seeded with ``seed``; the global RNG is not touched.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
@@ -186,25 +236,8 @@ def sample_responses(
     >>> len(r), all(1 <= len(x) <= 4 for x in r), r == sample_responses(m, [1, 5], 3, max_new_tokens=4, eos_token_id=2)
     (3, True, True)
     """
-    from transformers import GenerationConfig
-
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    dev = model_device(model)
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=dev).expand(n, -1)  # (n, P)
-    gc = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    devices = [dev] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
-    gen = out[:, ids.shape[1] :].tolist()
-    result = []
-    for row in gen:
-        if eos_token_id is not None and eos_token_id in row:
-            row = row[: row.index(eos_token_id) + 1]
-        result.append(row)
-    return result
+    return sample_prompts(model, [prompt_ids], n, [seed], max_new_tokens=max_new_tokens, temperature=temperature,
+                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)[0]
 
 
 def diversity_probe(
@@ -219,6 +252,7 @@ def diversity_probe(
     reward_fn: RewardFn | None = None,
     answer_fn: Callable[[str], str] = final_answer,
     step: int = 0,
+    max_batch_rows: int = 256,
 ) -> DiversityResult:
     """Sample ``n_samples`` responses per probe prompt and measure accuracy and diversity.
 
@@ -231,6 +265,7 @@ def diversity_probe(
             :func:`default_reward_fn` of the probe set's data source. Prompts without a ground truth
             get NaN correctness (listed in ``meta["skipped"]``).
         answer_fn: extracts the final answer for the distinct-answer fraction.
+        max_batch_rows: rows (prompts x ``n_samples``) per sampling call; changes speed, not samples.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from resrl_analysis.checkpoints import ProbeGroup
@@ -246,21 +281,22 @@ def diversity_probe(
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = eos[0] if isinstance(eos, list) else eos
+    # The ids that end a response, as in the trainer's rollouts (generation_config first, then the tokenizer).
+    eos = eos_token_ids(model, tokenizer)
+    stop = set(_eos_list(eos))
     pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if pad is not None else (eos if eos is not None else 0)
+    pad = pad if pad is not None else (min(stop) if stop else 0)
     max_new = max_new_tokens or max(len(r) for g in probe_set.groups for r in g.response_ids)
     sources = {g.data_source for g in probe_set.groups}
     rf = reward_fn or default_reward_fn(sources.pop() if len(sources) == 1 else "")
     prows, srows, skipped = [], [], []
     counts, correct_matrix = [], []
-    for g in probe_set.groups:
-        ids = sample_responses(model, g.prompt_ids, n_samples, max_new_tokens=max_new, temperature=temperature,
-                               seed=seed * 1_000_003 + g.group_id, eos_token_id=eos, pad_token_id=pad)
-        texts = [tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True) for r in ids]
+    sampled = sample_prompts(model, [g.prompt_ids for g in probe_set.groups], n_samples,
+                             [seed * 1_000_003 + g.group_id for g in probe_set.groups], max_new_tokens=max_new,
+                             temperature=temperature, eos_token_id=eos, pad_token_id=pad,
+                             max_batch_rows=max_batch_rows)
+    for g, ids in zip(probe_set.groups, sampled):
+        texts = [tokenizer.decode([t for t in r if t not in stop], skip_special_tokens=True) for r in ids]
         answers = [answer_fn(t) for t in texts]
         if g.ground_truth is not None:
             rewards = [float(rf(t, g.ground_truth)) for t in texts]

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from ..advantages import ALGORITHM_NAMES, AdvantageParams, AlgoInputs, get_algorithm
 from ..checkpoints import ProbeSet
+from ..forward import response_forward
 from ..interference import head_gradient_inner
-from ..ops import token_logprobs
 from ..results import FirstOrderResult
 from .capture import (
     GroupForward,
@@ -34,7 +34,6 @@ from .capture import (
     group_batch,
     model_device,
     pad_id_of,
-    response_logits,
     token_probs,
 )
 
@@ -186,8 +185,7 @@ def full_step_delta(model: nn.Module, fwd: GroupForward, advantages: Tensor, lr:
     adv = advantages.to(mask.device)
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.enable_grad():
-        logits, _, _ = response_logits(model, batch)
-        lp = token_logprobs(logits, batch.labels)  # (G, T)
+        lp = response_forward(model, batch.rows).logp  # (G, T), 0 on padding
         loss = -(adv * lp * mask).sum() / mask.sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     lp0 = (lp.detach() * mask).sum(1)  # (G,)
@@ -197,7 +195,7 @@ def full_step_delta(model: nn.Module, fwd: GroupForward, advantages: Tensor, lr:
             for p, g in zip(params, grads):
                 if g is not None:
                     p.add_(g, alpha=-lr)
-            lp1 = (token_logprobs(response_logits(model, batch)[0], batch.labels) * mask).sum(1)  # (G,)
+            lp1 = (response_forward(model, batch.rows).logp * mask).sum(1)  # (G,)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):

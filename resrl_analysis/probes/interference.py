@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoints import ProbeSet
+from ..forward import response_forward
 from ..interference import group_gradient_alignment, head_gradient_cosine, nthr_token_weights
-from ..ops import group_advantages, token_logprobs
+from ..ops import group_advantages
 from ..results import InterferenceResult
 from .capture import (
     GroupForward,
@@ -33,7 +34,6 @@ from .capture import (
     group_batch,
     model_device,
     pad_id_of,
-    response_logits,
     token_probs,
 )
 
@@ -57,8 +57,7 @@ def full_model_gradient_cosine(model: nn.Module, fwd: GroupForward, advantages: 
     params = [p for _, p in named]
     head_w = model.get_output_embeddings().weight
     with torch.enable_grad():
-        logits, _, _ = response_logits(model, batch)
-        lp = token_logprobs(logits, batch.labels)  # (G, T)
+        lp = response_forward(model, batch.rows).logp  # (G, T), 0 on padding
         Z = mask.sum()
         l_pos = -(adv * lp * (mask & pos[:, None])).sum() / Z
         l_neg = -(adv * lp * (mask & ~pos[:, None])).sum() / Z
