@@ -64,11 +64,14 @@ def _load_foreign_run(p: Path, label: str | None) -> RunData | None:
 
     try:
         info = discover_run(p)
+        kind, rows, probes_dir = info.kind, info.metrics, info.probes_dir
     except ProbeError:
-        return None
-    metrics = pd.DataFrame(list(info.metrics)).rename(columns=_TRL_METRICS) if info.metrics else pd.DataFrame()
-    probes = load_results(info.probes_dir) if (info.probes_dir / "summary.json").is_file() else {}
-    return RunData(p, label or info.kind, {"algorithm": info.kind}, metrics, probes, {})
+        if not (p / "probes" / "summary.json").is_file():  # live probes of a run that saved no checkpoint
+            return None
+        kind, rows, probes_dir = "run", (), p / "probes"
+    metrics = pd.DataFrame(list(rows)).rename(columns=_TRL_METRICS) if rows else pd.DataFrame()
+    probes = load_results(probes_dir) if (probes_dir / "summary.json").is_file() else {}
+    return RunData(p, label or kind, {"algorithm": kind}, metrics, probes, {})
 
 
 def load_run(path: str | Path, label: str | None = None) -> RunData:
