@@ -143,8 +143,8 @@ def _single(path: Path) -> RunInfo | None:
     trl = _numbered(root, _TRL_DIR)
     if trl:
         comp = root / "completions"
-        logs = sorted(((int(m.group(1)), f) for f in comp.iterdir() if (m := _TRL_COMPLETIONS.match(f.name))),
-                      ) if comp.is_dir() else []
+        logs = sorted((int(m.group(1)), f) for f in comp.iterdir() if (m := _TRL_COMPLETIONS.match(f.name))) \
+            if comp.is_dir() else []
         return RunInfo("trl", root, tuple(trl), _trl_metrics(trl), tuple(f for _, f in logs), root / "probes")
     verl = _numbered(root, _VERL_DIR)
     if verl:
@@ -199,4 +199,9 @@ def discover_run(paths: str | Path | Sequence[str | Path], *, base_model: str | 
     common = parents[0]
     while not all(common == q or common in q.parents for q in parents):
         common = common.parent
-    return RunInfo("checkpoints", common, tuple(ckpts), probes_dir=common / "probes", base_model=base)
+    # Checkpoints of one TRL run: its completion logs are still the natural probe sets.
+    comp = common / "completions"
+    logs = sorted((int(m.group(1)), f) for f in comp.iterdir() if (m := _TRL_COMPLETIONS.match(f.name))) \
+        if comp.is_dir() else []
+    return RunInfo("checkpoints", common, tuple(ckpts), probe_set_sources=tuple(f for _, f in logs),
+                   probes_dir=common / "probes", base_model=base)

@@ -87,6 +87,8 @@ class ProbeCallback(TrainerCallback):
         out: where the tables go (default ``<output_dir>/probes``).
         eps: LLD threshold.
         seed: seed of the interference probe's cosine sub-sampling (and of sampling a dataset).
+        probe_set_options: more keywords of :func:`~resrl_analysis.probe_sets.load_probe_set`
+            (``n_samples``, ``max_new_tokens``, ``answer_column``, ``step`` ...).
 
     >>> cb = ProbeCallback(ProbeSet(()), every=5)
     >>> cb.every, cb.probes
@@ -95,7 +97,8 @@ class ProbeCallback(TrainerCallback):
 
     def __init__(self, probe_set: ProbeSet | str | Path, probes: Sequence[str] = LIVE_PROBES, every: int = 50, *,
                  groups: int = 8, out: str | Path | None = None, eps: float = 0.0, seed: int = 0,
-                 max_cosine_samples: int = 256, format: str = "parquet") -> None:
+                 max_cosine_samples: int = 256, format: str = "parquet",
+                 probe_set_options: dict | None = None) -> None:
         probes = tuple(probes)
         bad = sorted(set(probes) - set(LIVE_PROBES))
         if bad or not probes:
@@ -107,6 +110,7 @@ class ProbeCallback(TrainerCallback):
         self.source, self.probes, self.every, self.groups = probe_set, probes, every, groups
         self.out = None if out is None else Path(out)
         self.eps, self.seed, self.max_cosine_samples, self.format = eps, seed, max_cosine_samples, format
+        self.probe_set_options = dict(probe_set_options or {})
         self.probe_set: ProbeSet | None = probe_set if isinstance(probe_set, ProbeSet) else None
         self.history: list[dict] = []  # the logged headline numbers, one dict per probed step
         self._parts: dict[str, list] = {"scores": [], "interference": []}
@@ -125,7 +129,12 @@ class ProbeCallback(TrainerCallback):
         if self.probe_set is None:
             from ..probe_sets import load_probe_set
 
-            self.probe_set = load_probe_set(self.source, tok, model=model, seed=self.seed)
+            rng = _rng_state()  # a dataset probe set is sampled here: the run's own draws stay as they were
+            try:
+                self.probe_set = load_probe_set(self.source, tok, model=model,
+                                                **{"seed": self.seed, **self.probe_set_options})
+            finally:
+                _set_rng_state(rng)
         self.probe_set = self.probe_set.select(self.groups or None, prefer_mixed=True)
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if isinstance(vocab, int):

@@ -264,7 +264,8 @@ def _run(args: argparse.Namespace) -> int:
     elif mode == "run":
         probe_set = ProbeSet.from_run(args.run_dir, args.probe_set_step)
     else:
-        raise ProbeError(f"{args.run_dir}: a single checkpoint directory needs --probe-set FILE.jsonl")
+        what = "a single checkpoint directory" if mode == "checkpoint" else f"this {mode} run (no rollout dump found)"
+        raise ProbeError(f"{args.run_dir}: {what} needs --probe-set FILE")
     probe_set = probe_set.select(args.groups or None, prefer_mixed=True)
     vocab = json.loads((ckpts[0][1] / "config.json").read_text()).get("vocab_size")
     if isinstance(vocab, int):
