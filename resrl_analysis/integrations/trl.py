@@ -21,13 +21,14 @@ ZeRO-3, whose sharded parameters need every rank).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,6 +61,22 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+@contextlib.contextmanager
+def _own_precision(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    # With bf16/fp16 mixed precision, accelerate wraps the model's forward in autocast and keeps the
+    # original as `_original_forward`; scoring through the original gives the numbers `resrl probe`
+    # gets from the saved checkpoint. The wrapper is put back afterwards: training keeps its autocast.
+    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
+    if not enabled or wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
 def _handler_of_caller() -> CallbackHandler | None:
     # Events carry no reference to the trainer; the CallbackHandler that dispatches them is the
     # `self` of a calling frame. Through it the callback's numbers reach every logger in order.
@@ -87,6 +104,9 @@ class ProbeCallback(TrainerCallback):
         out: where the tables go (default ``<output_dir>/probes``).
         eps: LLD threshold.
         seed: seed of the interference probe's cosine sub-sampling (and of sampling a dataset).
+        full_precision: score outside the trainer's mixed-precision autocast, in the weights' own
+            dtype, so the numbers equal those of ``resrl probe`` on the saved checkpoints; False
+            scores through the forward that training uses.
         probe_set_options: more keywords of :func:`~resrl_analysis.probe_sets.load_probe_set`
             (``n_samples``, ``max_new_tokens``, ``answer_column``, ``step`` ...).
 
@@ -98,7 +118,7 @@ class ProbeCallback(TrainerCallback):
     def __init__(self, probe_set: ProbeSet | str | Path, probes: Sequence[str] = LIVE_PROBES, every: int = 50, *,
                  groups: int = 8, out: str | Path | None = None, eps: float = 0.0, seed: int = 0,
                  max_cosine_samples: int = 256, format: str = "parquet",
-                 probe_set_options: dict | None = None) -> None:
+                 probe_set_options: dict | None = None, full_precision: bool = True) -> None:
         probes = tuple(probes)
         bad = sorted(set(probes) - set(LIVE_PROBES))
         if bad or not probes:
@@ -111,6 +131,7 @@ class ProbeCallback(TrainerCallback):
         self.out = None if out is None else Path(out)
         self.eps, self.seed, self.max_cosine_samples, self.format = eps, seed, max_cosine_samples, format
         self.probe_set_options = dict(probe_set_options or {})
+        self.full_precision = full_precision
         self.probe_set: ProbeSet | None = probe_set if isinstance(probe_set, ProbeSet) else None
         self.history: list[dict] = []  # the logged headline numbers, one dict per probed step
         self._parts: dict[str, list] = {"scores": [], "interference": []}
@@ -131,8 +152,9 @@ class ProbeCallback(TrainerCallback):
 
             rng = _rng_state()  # a dataset probe set is sampled here: the run's own draws stay as they were
             try:
-                self.probe_set = load_probe_set(self.source, tok, model=model,
-                                                **{"seed": self.seed, **self.probe_set_options})
+                with _own_precision(model, self.full_precision):
+                    self.probe_set = load_probe_set(self.source, tok, model=model,
+                                                    **{"seed": self.seed, **self.probe_set_options})
             finally:
                 _set_rng_state(rng)
         self.probe_set = self.probe_set.select(self.groups or None, prefer_mixed=True)
@@ -188,7 +210,7 @@ class ProbeCallback(TrainerCallback):
         need = "interference" in self.probes
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _own_precision(model, self.full_precision):
                 pad = pad_id_of(model)
                 for start in range(0, self.probe_set.n_groups, 8):
                     one = replace(self.probe_set, groups=self.probe_set.groups[start : start + 8])
