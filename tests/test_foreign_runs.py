@@ -293,3 +293,16 @@ def test_verl_shaped_directory(tmp_path, one_thread):
     proc = _cli("figures", str(run), "--out", str(tmp_path / "figs"), "--only", "lld_over_steps", "--formats", "png")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "figs" / "lld_over_steps.png").is_file()
+
+
+def test_cli_samples_a_dataset_probe_set_with_the_first_checkpoint(trl_run, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}*{b}=", "solution": str(a * b), "data_source": "multiplication"})
+                            + "\n" for a, b in PAIRS))
+    out = tmp_path / "out"
+    assert probe_main([str(BASE), str(trl_run / "checkpoint-4"), "--probe-set", str(data), "--samples", "4",
+                       "--max-new-tokens", "6", "--out", str(out), *LIVE]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["step"] for c in summary["checkpoints"]] == [0, 1]  # BASE has no step in its name: list order
+    assert summary["probe_set"]["n_responses"] == 16
+    assert "rewards: recomputed with exact_match_reward" in summary["probe_set"]["notes"]

@@ -260,7 +260,8 @@ def _run(args: argparse.Namespace) -> int:
         with_tok = [p for _, p in ckpts if _has_tokenizer(p)]
         tok = load_tokenizer(with_tok[0]) if with_tok else None
         probe_set = load_probe_set(args.probe_set if args.probe_set is not None else sources[0], tok,
-                                   model=ckpts[0][1], seed=args.seed)
+                                   model=ckpts[0][1], seed=args.seed, n_samples=args.samples,
+                                   temperature=args.temperature, max_new_tokens=args.max_new_tokens or 256)
     elif mode == "run":
         probe_set = ProbeSet.from_run(args.run_dir, args.probe_set_step)
     else:
