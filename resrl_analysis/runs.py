@@ -135,9 +135,14 @@ def _single(path: Path) -> RunInfo | None:
         ckpts = list_checkpoints(root)
         if not ckpts:
             raise ProbeError(f"{root / 'checkpoints'}: no complete checkpoint (step_XXXXXX)")
-        metrics = tuple(o for _, o in read_jsonl(root / "metrics.jsonl")) if (root / "metrics.jsonl").is_file() else ()
+        metrics, notes = (), ()
+        if (root / "metrics.jsonl").is_file():
+            try:
+                metrics = tuple(o for _, o in read_jsonl(root / "metrics.jsonl"))
+            except ProbeError as e:  # damaged metrics do not stop the probes, which never read them
+                notes = (f"metrics not read: {e}",)
         dumps = sorted((root / "rollouts").glob("step_*.jsonl")) if (root / "rollouts").is_dir() else []
-        return RunInfo("resrl", root, tuple(ckpts), metrics, tuple(dumps), root / "probes")
+        return RunInfo("resrl", root, tuple(ckpts), metrics, tuple(dumps), root / "probes", notes=notes)
     if not root.is_dir():
         raise ProbeError(f"{root}: no such directory")
     trl = _numbered(root, _TRL_DIR)

@@ -306,3 +306,14 @@ def test_cli_samples_a_dataset_probe_set_with_the_first_checkpoint(trl_run, tmp_
     assert [c["step"] for c in summary["checkpoints"]] == [0, 1]  # BASE has no step in its name: list order
     assert summary["probe_set"]["n_responses"] == 16
     assert "rewards: recomputed with exact_match_reward" in summary["probe_set"]["notes"]
+
+
+def test_our_run_directory_with_damaged_metrics_is_still_probed(tmp_path):
+    for s in (0, 5):
+        (tmp_path / "checkpoints" / f"step_{s:06d}").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "reward/mea\n')
+    info = discover_run(tmp_path)
+    assert info.kind == "resrl" and info.steps == (0, 5) and info.probes_dir == tmp_path / "probes"
+    assert info.metrics == () and "metrics.jsonl:2: bad JSON" in info.notes[0]
+    with pytest.raises(ProbeError, match="already has a step-0 checkpoint"):
+        discover_run(tmp_path, base_model=BASE)
