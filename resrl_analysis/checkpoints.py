@@ -42,6 +42,7 @@ __all__ = [
     "Checkpoint",
     "checkpoint_step",
     "list_checkpoints",
+    "run_checkpoints",
     "validate_checkpoint_files",
     "check_safetensors",
     "load_checkpoint",
@@ -100,6 +101,24 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         if step is not None and p.is_dir():
             out.append((step, p))
     return sorted(out)
+
+
+def run_checkpoints(run: str | Path | Sequence[str | Path], *, base_model: str | Path | None = None
+                    ) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint of any run: ours, a TRL output directory (``checkpoint-N``),
+    a verl one (``global_step_N/actor/huggingface``), one checkpoint or an ordered list of them;
+    ``base_model`` adds the starting policy as step 0. See :func:`resrl_analysis.runs.discover_run`.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> for n in ("checkpoint-3", "checkpoint-1"):
+    ...     (d / n).mkdir(); _ = (d / n / "config.json").write_text("{}")
+    >>> [s for s, _ in run_checkpoints(d)]
+    [1, 3]
+    """
+    from .runs import discover_run
+
+    return list(discover_run(run, base_model=base_model).checkpoints)
 
 
 # ----------------------------------------------------------------------------- file checks

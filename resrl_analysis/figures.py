@@ -52,8 +52,33 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+# TRL's log_history names → ours, so the training-dynamics figure reads a TRL run as it reads ours.
+_TRL_METRICS = {"reward": "reward/mean", "entropy": "actor/entropy", "completions/mean_length": "response/length_mean"}
+
+
+def _load_foreign_run(p: Path, label: str | None) -> RunData | None:
+    # A TRL / verl run or checkpoint folder (resrl_analysis.runs): metrics from its own logs, probe
+    # tables from where `resrl probe` and ProbeCallback write them.
+    from .checkpoints import ProbeError
+    from .runs import discover_run
+
+    try:
+        info = discover_run(p)
+        kind, rows, probes_dir = info.kind, info.metrics, info.probes_dir
+    except ProbeError:
+        if not (p / "probes" / "summary.json").is_file():  # live probes of a run that saved no checkpoint
+            return None
+        kind, rows, probes_dir = "run", (), p / "probes"
+    metrics = pd.DataFrame(list(rows)).rename(columns=_TRL_METRICS) if rows else pd.DataFrame()
+    probes = load_results(probes_dir) if (probes_dir / "summary.json").is_file() else {}
+    return RunData(p, label or kind, {"algorithm": kind}, metrics, probes, {})
+
+
 def load_run(path: str | Path, label: str | None = None) -> RunData:
     """Load a run directory's config, metrics, probe results and rollout dumps.
+
+    A TRL output directory (``checkpoint-N/``) or a verl one (``global_step_N/``) is read too: its
+    metrics from TRL's ``trainer_state.json``, its probe tables from ``<dir>/probes``.
 
     >>> load_run("/nonexistent")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -62,6 +87,8 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
     """
     p = Path(path)
     cfg_path = p / "config.yaml"
+    if not cfg_path.is_file() and p.is_dir() and (foreign := _load_foreign_run(p, label)) is not None:
+        return foreign
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{p}: not a run directory (no config.yaml)")
     try:

@@ -27,7 +27,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..checkpoints import ProbeError, ProbeSet, check_compatible, checkpoint_step, list_checkpoints, load_tokenizer
+from ..checkpoints import ProbeError, ProbeSet, check_compatible, load_tokenizer
 
 __all__ = ["PROBES", "add_probe_arguments", "run_probe", "main"]
 
@@ -76,8 +76,13 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "      probes.jsonl: one JSON object per prompt with prompt, responses, rewards (and ground_truth)\n"
     )
     a = parser.add_argument
-    a("run_dir", metavar="RUN_DIR", type=Path,
-      help="a run directory (with checkpoints/step_XXXXXX) or a single HF checkpoint directory")
+    a("paths", metavar="RUN_DIR", type=Path, nargs="*",
+      help="a run directory (ours: checkpoints/step_XXXXXX; TRL: checkpoint-N/; verl: global_step_N/actor/"
+           "huggingface/), a single HF checkpoint directory, or several checkpoint directories in order")
+    a("--checkpoints", type=_csv(Path), default=None, metavar="A,B,C",
+      help="an ordered, comma-separated list of HF checkpoint directories (instead of RUN_DIR)")
+    a("--base-model", type=Path, default=None, metavar="PATH",
+      help="the starting policy, probed as step 0, for runs that did not save it (TRL, verl, lists)")
     a("--out", type=Path, default=None, help="output directory (default: RUN_DIR/probes)")
     a("--probes", type=_csv(), default=list(PROBES),
       help="comma-separated probes to run (see below; default: all)")
@@ -89,8 +94,9 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--probe-set-step", type=int, default=0, metavar="S",
       help="take the probe set from RUN_DIR/rollouts/step_S.jsonl (default 0: what the starting policy sampled)")
     a("--probe-set", type=Path, default=None, metavar="FILE",
-      help="a JSONL probe set instead (one prompt per line: prompt, responses, rewards[, ground_truth]; "
-           "or a rollout dump); required for a single checkpoint directory")
+      help="a probe set instead: our rollout dump, a JSONL (one prompt per line: prompt, responses, rewards"
+           "[, ground_truth]), a TRL completions parquet, a verl rollout JSONL, or an RLVR dataset (JSONL/parquet, "
+           "sampled with --base-model); default: the run's first rollout/completion dump")
     a("--groups", type=int, default=8, metavar="N",
       help="probe the first N prompt groups, mixed ones first (default 8; 0 = all)")
     a("--group-batch", type=int, default=8, metavar="G",
@@ -143,26 +149,29 @@ def _steps_spec(spec: str, steps: list[int]) -> set[int]:
 
 
 def _select_checkpoints(args: argparse.Namespace) -> tuple[str, list[tuple[int, Path]]]:
-    root: Path = args.run_dir
-    if (root / "checkpoints").is_dir():
-        ckpts = list_checkpoints(root)
-        if not ckpts:
-            raise ProbeError(f"{root / 'checkpoints'}: no complete checkpoint (step_XXXXXX)")
+    from ..runs import discover_run
+
+    paths = list(getattr(args, "paths", None) or []) + list(getattr(args, "checkpoints", None) or [])
+    if not paths and getattr(args, "run_dir", None) is not None:
+        paths = [args.run_dir]
+    info = discover_run(paths, base_model=getattr(args, "base_model", None))
+    args.run_dir, args.run_info = info.path, info
+    ckpts = list(info.checkpoints)
+    root = info.path
+    if len(ckpts) > 1 or info.kind != "checkpoint":
         steps = [s for s, _ in ckpts]
         if args.steps is not None:
             missing = sorted(set(args.steps) - set(steps))
             if missing:
-                raise ProbeError(f"{root / 'checkpoints'}: no checkpoint for steps {missing} (have {steps})")
+                raise ProbeError(f"{root}: no checkpoint for steps {missing} (have {steps})")
             ckpts = [(s, p) for s, p in ckpts if s in set(args.steps)]
         elif args.every is not None:
             if args.every < 1:
                 raise ProbeError(f"--every must be >= 1, got {args.every}")
             first, last = steps[0], steps[-1]
             ckpts = [(s, p) for s, p in ckpts if s in (first, last) or (s - first) % args.every == 0]
-        return "run", ckpts
-    if (root / "config.json").is_file():
-        return "checkpoint", [(checkpoint_step(root) or 0, root)]
-    raise ProbeError(f"{root}: neither a run directory (checkpoints/) nor a checkpoint (config.json)")
+        return ("run" if info.kind == "resrl" else info.kind), ckpts
+    return "checkpoint", ckpts
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -244,19 +253,26 @@ def _run(args: argparse.Namespace) -> int:
     # -- everything checked before any work ----------------------------------------------------------
     mode, ckpts = _select_checkpoints(args)
     check_compatible([p for _, p in ckpts])
-    if args.probe_set is not None:
-        # Text needs the checkpoint's tokenizer; a file with token ids (or a rollout dump) does not.
-        tok = load_tokenizer(ckpts[0][1]) if _has_tokenizer(ckpts[0][1]) else None
-        probe_set = ProbeSet.from_jsonl(args.probe_set, tok)
+    sources = args.run_info.probe_set_sources
+    if args.probe_set is not None or (mode != "run" and sources):
+        from ..probe_sets import load_probe_set
+
+        # Text needs the checkpoints' tokenizer; a file with token ids (or a rollout dump) does not.
+        with_tok = [p for _, p in ckpts if _has_tokenizer(p)]
+        tok = load_tokenizer(with_tok[0]) if with_tok else None
+        probe_set = load_probe_set(args.probe_set if args.probe_set is not None else sources[0], tok,
+                                   model=ckpts[0][1], seed=args.seed, n_samples=args.samples,
+                                   temperature=args.temperature, max_new_tokens=args.max_new_tokens or 256)
     elif mode == "run":
         probe_set = ProbeSet.from_run(args.run_dir, args.probe_set_step)
     else:
-        raise ProbeError(f"{args.run_dir}: a single checkpoint directory needs --probe-set FILE.jsonl")
+        what = "a single checkpoint directory" if mode == "checkpoint" else f"this {mode} run (no rollout dump found)"
+        raise ProbeError(f"{args.run_dir}: {what} needs --probe-set FILE")
     probe_set = probe_set.select(args.groups or None, prefer_mixed=True)
     vocab = json.loads((ckpts[0][1] / "config.json").read_text()).get("vocab_size")
     if isinstance(vocab, int):
         probe_set.check_vocab(vocab, where=str(ckpts[0][1]))
-    out: Path = args.out or (args.run_dir / "probes")
+    out: Path = args.out or args.run_info.probes_dir
     _check_writable(out)
 
     import torch
@@ -382,7 +398,7 @@ def _run(args: argparse.Namespace) -> int:
             "probe_set": probe_set.describe(), "probes": sorted(probes),
             "full_model_steps": sorted(full_steps),
             "diversity_steps": sorted(div_steps) if "diversity" in probes else [],
-            "options": {k: v for k, v in vars(args).items() if k != "func"},
+            "options": {k: v for k, v in vars(args).items() if k not in ("func", "run_info")},
             "results": {name: {"path": name, "kind": res.KIND, **res.summary()} for name, res in results.items()},
             "skipped": skipped, "timing_s": timing,
         }

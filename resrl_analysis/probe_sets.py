@@ -1,0 +1,472 @@
+"""Probe sets from anywhere: our rollout dumps, TRL completion logs, verl rollout dumps, user JSONL,
+and RLVR datasets sampled with the base model (docs/FOREIGN_RUNS.md).
+
+:func:`load_probe_set` detects the format of a file (or a directory of dumps):
+
+============================  ==========================================================================
+our rollout dump              ``rollouts/step_XXXXXX.jsonl`` (token ids; :meth:`ProbeSet.from_rollouts`)
+user JSONL                    one prompt per line: ``prompt``, ``responses``, ``rewards`` (:meth:`ProbeSet.from_jsonl`)
+TRL completion log            ``completions/completions_NNNNN.parquet``: ``step``, ``prompt``, ``completion``,
+                              one column per reward function, ``advantage`` (``log_completions=True``)
+verl rollout dump             ``rollout_data_dir/N.jsonl``: ``input``, ``output``, ``score`` (or ``reward``),
+                              ``gts``, ``step``, optional ``uid``
+RLVR dataset (JSONL/parquet)  verl's layout (``prompt`` as a chat list, ``reward_model.ground_truth``,
+                              ``data_source``) or TRL's (``prompt`` plus an answer column, ``solution`` by
+                              default): responses are sampled with the base model and scored
+============================  ==========================================================================
+
+Rows are grouped by ``uid`` when present, else by prompt. Rewards are recomputed with the task's
+reward (:func:`resrl_analysis.probes.diversity.default_reward_fn`: math-verify, or exact match for
+the multiplication task) wherever a ground truth is known and kept as logged otherwise; the probe
+set's ``notes`` say which (``rewards: recomputed with ...`` / ``rewards: as logged``).
+
+Prompt text is tokenized once, the way the trainer saw it: a chat message list is rendered with the
+tokenizer's chat template and encoded without special tokens; a string that already starts with
+BOS or holds any special token (a rendered template, every TRL/verl dump) is encoded without
+special tokens too, so no second BOS is prefixed; other strings get the tokenizer's special tokens.
+
+    >>> class Tok:  # a BOS-adding tokenizer: one id per character, BOS = 1
+    ...     bos_token, all_special_tokens = "<bos>", ["<bos>", "<eos>"]
+    ...     def __call__(self, text, add_special_tokens=True):
+    ...         body = [ord(c) for c in text.replace("<bos>", "\\x01")]
+    ...         return {"input_ids": ([1] if add_special_tokens else []) + body}
+    >>> encode_prompt(Tok(), "ab"), encode_prompt(Tok(), "<bos>ab")
+    ((1, 97, 98), (1, 97, 98))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .checkpoints import ProbeError, ProbeGroup, ProbeSet, read_jsonl
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["ProbeSet", "ProbeGroup", "encode_prompt", "render_prompt", "detect_format", "load_probe_set",
+           "from_records", "from_trl_completions", "from_verl_rollouts", "from_dataset", "reward_origin"]
+
+FORMATS = ("rollouts", "jsonl", "trl_completions", "verl_rollouts", "dataset")
+_TRL_FIXED = {"step", "prompt", "completion", "advantage", "image", "images"}
+
+
+# ----------------------------------------------------------------------------- prompt encoding
+
+
+def render_prompt(tokenizer: Any, prompt: str | Sequence[dict]) -> tuple[str, bool]:
+    """(text, templated): a string as is; a chat message list through the tokenizer's chat template
+    (with the generation prompt, as TRL and verl render it)."""
+    if isinstance(prompt, str):
+        return prompt, False
+    msgs = [dict(m) for m in prompt]
+    if not all(isinstance(m, dict) and "content" in m for m in msgs):
+        raise ProbeError("prompt: expected a string or a list of chat messages with 'role' and 'content'")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ProbeError("prompt is a chat message list but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), True
+
+
+def encode_prompt(tokenizer: Any, text: str, *, templated: bool = False) -> tuple[int, ...]:
+    """Token ids of a prompt, never prefixed twice (see the module docstring).
+
+    ``templated``: the text came out of a chat template (it holds whatever BOS the template writes).
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    specials = [t for t in (getattr(tokenizer, "all_special_tokens", None) or []) if t]
+    formatted = templated or bool(bos and text.startswith(bos)) or any(t in text for t in specials)
+    return tuple(tokenizer(text, add_special_tokens=not formatted)["input_ids"])
+
+
+def _completion_text(c: Any) -> str:
+    # A conversational completion is a list of messages: the assistant's contents, in order.
+    if isinstance(c, str):
+        return c
+    if isinstance(c, (list, tuple)):
+        return "".join(str(m.get("content", "")) for m in c if isinstance(m, dict))
+    return "" if c is None else str(c)
+
+
+def _plain(v: Any) -> Any:
+    # parquet gives numpy arrays and scalars; the readers want lists, dicts and Python numbers.
+    import numpy as np
+
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+# ----------------------------------------------------------------------------- records → probe set
+
+
+@dataclass
+class _Record:
+    where: str
+    prompt: Any  # str or chat messages
+    response: str
+    reward: float | None
+    ground_truth: str | None = None
+    uid: str | None = None
+    data_source: str = ""
+    step: int | None = None
+
+
+def reward_origin(probe_set: ProbeSet) -> str:
+    """``"recomputed"``, ``"as_logged"`` or ``"mixed"``: where the probe set's rewards came from
+    (``""`` for a set that does not say)."""
+    for n in probe_set.notes:
+        if n.startswith("rewards: recomputed"):
+            return "recomputed"
+        if n.startswith("rewards: as logged"):
+            return "as_logged"
+        if n.startswith("rewards: mixed"):
+            return "mixed"
+    return ""
+
+
+def _task_reward(data_source: str) -> Callable[[str, str], float]:
+    # Exact match for the tiny multiplication task; math-verify for any other (a foreign dump's
+    # empty data_source included); exact match only when math-verify is not installed.
+    from .probes.diversity import default_reward_fn
+
+    return default_reward_fn(data_source or "math")
+
+
+def from_records(records: Sequence[_Record], tokenizer: Any, *, source: str, append_eos: bool = True,
+                 reward_fn: Callable[[str, str], float] | None = None) -> ProbeSet:
+    """Group prompt/response/reward records by ``uid`` (else prompt) into a probe set; rewards are
+    recomputed with ``reward_fn`` (default: the data source's task reward) where a ground truth is
+    known. Responses are encoded without special tokens, then EOS (a finished response)."""
+    if tokenizer is None:
+        raise ProbeError(f"{source}: text probe sets need a tokenizer (give a checkpoint with tokenizer files)")
+    groups: dict[str, list[_Record]] = {}
+    for r in records:
+        key = r.uid if r.uid is not None else json.dumps(r.prompt, sort_keys=True, ensure_ascii=False)
+        groups.setdefault(key, []).append(r)
+    eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+    out, dropped, n_recomputed, n_logged = [], 0, 0, 0
+    fns: dict[str, Callable] = {}
+    for gid, (key, items) in enumerate(groups.items()):
+        first = items[0]
+        try:
+            text, templated = render_prompt(tokenizer, first.prompt)
+        except ProbeError as e:
+            raise ProbeError(f"{first.where}: {e}") from None
+        prompt_ids = encode_prompt(tokenizer, text, templated=templated)
+        ids, texts, rewards = [], [], []
+        for r in items:
+            rid = tuple(tokenizer(r.response, add_special_tokens=False)["input_ids"]) + tuple(eos)
+            if not rid:
+                dropped += 1
+                continue
+            if r.ground_truth is not None:
+                fn = reward_fn or fns.setdefault(r.data_source, _task_reward(r.data_source))
+                reward = float(fn(r.response, r.ground_truth))
+                n_recomputed += 1
+            elif r.reward is None or not math.isfinite(r.reward):
+                raise ProbeError(f"{r.where}: no reward and no ground truth to compute one from")
+            else:
+                reward = float(r.reward)
+                n_logged += 1
+            ids.append(rid)
+            texts.append(r.response)
+            rewards.append(reward)
+        if not ids:
+            continue
+        out.append(ProbeGroup(group_id=gid, prompt_ids=prompt_ids, response_ids=tuple(ids), rewards=tuple(rewards),
+                              prompt=text, responses=tuple(texts), ground_truth=first.ground_truth,
+                              prompt_uid=first.uid or key[:64], data_source=first.data_source))
+    if not out:
+        raise ProbeError(f"{source}: no response with tokens")
+    names = sorted({getattr(f, "__name__", repr(f)) for f in ([reward_fn] if reward_fn else fns.values())})
+    if n_recomputed and n_logged:
+        notes = [f"rewards: mixed ({n_recomputed} recomputed with {','.join(names)}, {n_logged} as logged)"]
+    elif n_recomputed:
+        notes = [f"rewards: recomputed with {','.join(names)}"]
+    else:
+        notes = ["rewards: as logged"]
+    if dropped:
+        notes.append(f"dropped {dropped} empty responses")
+    steps = {r.step for r in records}
+    step = steps.pop() if len(steps) == 1 else None
+    return ProbeSet(groups=tuple(out), source=source, step=step if isinstance(step, int) else None,
+                    notes=tuple(notes))
+
+
+# ----------------------------------------------------------------------------- file formats
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) of a JSONL or parquet file."""
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        try:
+            df = pd.read_parquet(path)
+        except Exception as e:  # noqa: BLE001 - any reader failure becomes one line naming the file
+            raise ProbeError(f"{path}: cannot read parquet ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if df.empty:
+            raise ProbeError(f"{path}: empty file")
+        return [(f"{path}:row {i}", _plain(r)) for i, r in enumerate(df.to_dict(orient="records"))]
+    return [(f"{path}:{i}", obj) for i, obj in read_jsonl(path)]
+
+
+def _pick_file(path: Path, step: int | None) -> Path:
+    """A directory of dumps → its file for ``step`` (default: the oldest)."""
+    if not path.is_dir():
+        return path
+    files = [f for f in path.iterdir() if f.suffix in (".jsonl", ".parquet") and f.is_file()]
+
+    def num(f: Path) -> int | None:
+        digits = "".join(c for c in f.stem if c.isdigit())
+        return int(digits) if digits else None
+
+    files = sorted((f for f in files if num(f) is not None), key=num)  # type: ignore[arg-type]
+    if not files:
+        raise ProbeError(f"{path}: no numbered .jsonl or .parquet dump in the directory")
+    if step is None:
+        return files[0]
+    pick = [f for f in files if num(f) == step]
+    if not pick:
+        raise ProbeError(f"{path}: no dump for step {step} (have {[num(f) for f in files]})")
+    return pick[0]
+
+
+def _ground_truth(row: dict) -> str | None:
+    rm = row.get("reward_model")
+    if isinstance(rm, dict) and rm.get("ground_truth") is not None:
+        return str(rm["ground_truth"])
+    for k in ("ground_truth", "gts", "answer", "solution"):
+        if row.get(k) is not None:
+            return str(row[k])
+    return None
+
+
+def detect_format(path: str | Path, *, answer_column: str = "solution") -> str:
+    """Which reader fits the file: one of :data:`FORMATS` (from the first row's fields).
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "3.jsonl"
+    >>> _ = f.write_text('{"input": "2*3=", "output": "6", "score": 1.0, "gts": "6", "step": 3}\\n')
+    >>> detect_format(f)
+    'verl_rollouts'
+    """
+    path = Path(path)
+    where, row = _read_rows(path)[0]
+    keys = set(row)
+    if "completion" in keys and "prompt" in keys:
+        return "trl_completions"
+    if "input" in keys and "output" in keys:
+        return "verl_rollouts"
+    if "response_ids" in keys and "prompt_ids" in keys and "responses" not in keys:
+        return "rollouts"
+    if "responses" in keys:
+        return "jsonl"
+    if "prompt" in keys and (answer_column in keys or "reward_model" in keys or "ground_truth" in keys):
+        return "dataset"
+    raise ProbeError(f"{where}: unknown probe-set format (fields {sorted(keys)}); expected a rollout dump, a "
+                     "prompt/responses/rewards JSONL, a TRL completions parquet, a verl rollout JSONL or a dataset "
+                     f"with prompt and {answer_column!r} / reward_model.ground_truth")
+
+
+def _from_user_jsonl(path: Path, tokenizer: Any) -> ProbeSet:
+    # The user's rewards are explicit: kept as given. Text prompts are re-encoded under the one
+    # prefix rule (ProbeSet.from_jsonl always adds special tokens, doubling a BOS already written).
+    ps = ProbeSet.from_jsonl(path, tokenizer)
+    has_ids = ["prompt_ids" in obj and "response_ids" in obj for _, obj in read_jsonl(path)]
+    groups = tuple(g if ids else replace(g, prompt_ids=encode_prompt(tokenizer, g.prompt))
+                   for g, ids in zip(ps.groups, has_ids))
+    return replace(ps, groups=groups, notes=(*ps.notes, "rewards: as logged"))
+
+
+def from_trl_completions(path: str | Path, tokenizer: Any, *, reward_column: str | None = None) -> ProbeSet:
+    """TRL's ``completions_NNNNN.parquet``. The reward is ``reward_column``, else the one reward
+    column, else the sum of all (TRL's default ``reward_weights`` are 1): the log has no ground truth,
+    so rewards are kept as logged."""
+    path = Path(path)
+    rows = _read_rows(path)
+    cols = [k for k in rows[0][1] if k not in _TRL_FIXED and isinstance(rows[0][1][k], (int, float, type(None)))
+            and not isinstance(rows[0][1][k], bool)]
+    if reward_column is not None:
+        if reward_column not in rows[0][1]:
+            raise ProbeError(f"{path}: no reward column {reward_column!r} (have {sorted(rows[0][1])})")
+        cols = [reward_column]
+    if not cols:
+        raise ProbeError(f"{path}: no reward column (a numeric column beside step, prompt, completion, advantage)")
+    recs = []
+    for where, r in rows:
+        vals = [r.get(c) for c in cols]
+        vals = [float(v) for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        recs.append(_Record(where, r["prompt"], _completion_text(r["completion"]), sum(vals) if vals else None,
+                            step=r.get("step")))
+    ps = from_records(recs, tokenizer, source=str(path))
+    note = f"reward = {cols[0]}" if len(cols) == 1 else f"reward = sum of {cols}"
+    return ProbeSet(ps.groups, ps.source, ps.step, (*ps.notes, note))
+
+
+def from_verl_rollouts(path: str | Path, tokenizer: Any) -> ProbeSet:
+    """verl's ``rollout_data_dir`` dump (``N.jsonl``): ``input`` (prompt text), ``output``, ``score``
+    (or ``reward`` / ``acc``), ``gts`` (ground truth, newer verl), ``step``, optional ``uid`` and
+    ``data_source``. With ``gts`` the rewards are recomputed."""
+    path = Path(path)
+    recs = []
+    for where, r in _read_rows(path):
+        if not isinstance(r.get("input"), str) or not isinstance(r.get("output"), str):
+            raise ProbeError(f"{where}: fields 'input' and 'output' must be strings")
+        score = next((r[k] for k in ("score", "reward", "acc") if isinstance(r.get(k), (int, float))), None)
+        gts = r.get("gts")
+        recs.append(_Record(where, r["input"], r["output"], None if score is None else float(score),
+                            ground_truth=None if gts is None else str(gts),
+                            uid=None if r.get("uid") is None else str(r["uid"]),
+                            data_source=str(r.get("data_source", "")), step=r.get("step")))
+    return from_records(recs, tokenizer, source=str(path))
+
+
+def _sample_for_probe_set(model: PreTrainedModel, tokenizer: Any, prompts: Sequence[Sequence[int]], *, n: int,
+                          max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
+                          batch_size: int = 16) -> list[list[list[int]]]:
+    """``n`` sampled responses (token ids, cut after EOS, EOS kept) per prompt: HF ``generate``,
+    batched over prompts with left padding, pure sampling, seeded, global RNG left as found.
+
+    The one place the probe-set builder samples; it moves to the core sampler once that exists.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    dev = next(model.parameters()).device
+    gc = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                          top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    out: list[list[list[int]]] = []
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), batch_size):
+                chunk = [list(p) for p in prompts[start : start + batch_size]]
+                width = max(len(p) for p in chunk)
+                rows = [p for p in chunk for _ in range(n)]
+                ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], device=dev)  # (b·n, P)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=dev)  # (b·n, P)
+                gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)[:, width:].tolist()
+                cut = [row[: row.index(eos) + 1] if eos is not None and eos in row else row for row in gen]
+                out += [cut[i * n : (i + 1) * n] for i in range(len(chunk))]
+    finally:
+        model.train(was)
+    return out
+
+
+def from_dataset(path: str | Path, tokenizer: Any, model: PreTrainedModel | str | Path, *,
+                 answer_column: str = "solution", n_samples: int = 8, max_new_tokens: int = 256,
+                 temperature: float = 1.0, seed: int = 0, max_prompts: int | None = 64,
+                 reward_fn: Callable[[str, str], float] | None = None) -> ProbeSet:
+    """An RLVR dataset (verl's or TRL's layout): ``n_samples`` responses per prompt sampled with
+    ``model`` (a loaded model or a checkpoint path: the base policy) and scored with the task reward
+    against the ground truth (``reward_model.ground_truth``, else ``answer_column``)."""
+    path = Path(path)
+    rows = _read_rows(path)[: max_prompts or None]
+    if isinstance(model, (str, Path)):
+        from .checkpoints import load_checkpoint
+
+        model = load_checkpoint(model, tokenizer=False).model
+    items = []
+    for where, r in rows:
+        if "prompt" not in r:
+            raise ProbeError(f"{where}: missing field 'prompt'")
+        gt = r["reward_model"].get("ground_truth") if isinstance(r.get("reward_model"), dict) else None
+        gt = gt if gt is not None else r.get(answer_column, r.get("ground_truth"))
+        if gt is None:
+            raise ProbeError(f"{where}: no ground truth (reward_model.ground_truth or {answer_column!r})")
+        try:
+            text, templated = render_prompt(tokenizer, r["prompt"])
+        except ProbeError as e:
+            raise ProbeError(f"{where}: {e}") from None
+        items.append((where, r, text, encode_prompt(tokenizer, text, templated=templated), str(gt)))
+    samples = _sample_for_probe_set(model, tokenizer, [it[3] for it in items], n=n_samples,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    eos = tokenizer.eos_token_id
+    groups, fns, dropped = [], {}, 0
+    for gid, ((_, r, text, pids, gt), resp) in enumerate(zip(items, samples)):
+        ds = str(r.get("data_source", ""))
+        fn = reward_fn or fns.setdefault(ds, _task_reward(ds))
+        kept = [x for x in resp if x]
+        dropped += len(resp) - len(kept)
+        if not kept:
+            continue
+        texts = [tokenizer.decode([t for t in x if t != eos], skip_special_tokens=True) for x in kept]
+        extra = r.get("extra_info") if isinstance(r.get("extra_info"), dict) else {}
+        uid = r.get("uid", extra.get("index"))
+        groups.append(ProbeGroup(group_id=gid, prompt_ids=pids, response_ids=tuple(tuple(x) for x in kept),
+                                 rewards=tuple(float(fn(t, gt)) for t in texts), prompt=text, responses=tuple(texts),
+                                 ground_truth=gt, prompt_uid=str(uid if uid is not None else gid), data_source=ds))
+    if not groups:
+        raise ProbeError(f"{path}: sampling gave no response with tokens")
+    names = sorted({getattr(f, "__name__", repr(f)) for f in ([reward_fn] if reward_fn else fns.values())})
+    notes = [f"rewards: recomputed with {','.join(names)}",
+             f"sampled {n_samples} per prompt at temperature {temperature}, seed {seed}"]
+    if dropped:
+        notes.append(f"dropped {dropped} empty responses")
+    return ProbeSet(groups=tuple(groups), source=str(path), step=None, notes=tuple(notes))
+
+
+# ----------------------------------------------------------------------------- one entry point
+
+
+def load_probe_set(
+    source: str | Path | ProbeSet,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    model: PreTrainedModel | str | Path | None = None,
+    step: int | None = None,
+    answer_column: str = "solution",
+    reward_column: str | None = None,
+    n_samples: int = 8,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> ProbeSet:
+    """Read a probe set in any format of the module docstring (a loaded :class:`ProbeSet` passes through).
+
+    Args:
+        source: a file, or a directory of dumps (TRL ``completions/``, verl ``rollout_data_dir``,
+            our ``rollouts/``): its dump for ``step``, default the oldest.
+        tokenizer: encodes text formats (the checkpoints' tokenizer).
+        model: the policy that samples a dataset's responses (a checkpoint path or a loaded model).
+        answer_column: a TRL-layout dataset's ground-truth column.
+        reward_column: a TRL completion log's reward column (default: the sum of all).
+
+    Raises:
+        ProbeError: an unreadable file or unknown format (one line naming the file and row).
+    """
+    if isinstance(source, ProbeSet):
+        return source
+    path = _pick_file(Path(source), step)
+    if not path.is_file():
+        raise ProbeError(f"{path}: probe-set file not found")
+    fmt = detect_format(path, answer_column=answer_column)
+    if fmt == "rollouts":
+        return ProbeSet.from_rollouts(path)
+    if fmt == "jsonl":
+        return _from_user_jsonl(path, tokenizer)
+    if fmt == "trl_completions":
+        return from_trl_completions(path, tokenizer, reward_column=reward_column)
+    if fmt == "verl_rollouts":
+        return from_verl_rollouts(path, tokenizer)
+    if model is None:
+        raise ProbeError(f"{path}: a dataset probe set samples responses: give the base model (--base-model)")
+    if tokenizer is None:
+        raise ProbeError(f"{path}: a dataset probe set needs a tokenizer")
+    return from_dataset(path, tokenizer, model, answer_column=answer_column, n_samples=n_samples,
+                        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
