@@ -335,37 +335,25 @@ def from_verl_rollouts(path: str | Path, tokenizer: Any) -> ProbeSet:
 def _sample_for_probe_set(model: PreTrainedModel, tokenizer: Any, prompts: Sequence[Sequence[int]], *, n: int,
                           max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
                           batch_size: int = 16) -> list[list[list[int]]]:
-    """``n`` sampled responses (token ids, cut after EOS, EOS kept) per prompt: HF ``generate``,
-    batched over prompts with left padding, pure sampling, seeded, global RNG left as found.
+    """``n`` sampled responses (token ids, cut after EOS, EOS kept) per prompt, by the core sampler
+    (:func:`resrl_analysis.probes.diversity.sample_prompts`): pure sampling, batched over prompts, prompt ``i``
+    driven by its own generator seeded from ``(seed, i)``, so a prompt's responses do not depend on its
+    neighbours; the global RNG is left untouched."""
+    import numpy as np
 
-    The one place the probe-set builder samples; it moves to the core sampler once that exists.
-    """
-    import torch
-    from transformers import GenerationConfig
+    from .probes.diversity import sample_prompts
+    from .sampling import eos_token_ids
 
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    dev = next(model.parameters()).device
-    gc = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                          top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-    out: list[list[list[int]]] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(len(prompts))]
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for start in range(0, len(prompts), batch_size):
-                chunk = [list(p) for p in prompts[start : start + batch_size]]
-                width = max(len(p) for p in chunk)
-                rows = [p for p in chunk for _ in range(n)]
-                ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], device=dev)  # (b·n, P)
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=dev)  # (b·n, P)
-                gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)[:, width:].tolist()
-                cut = [row[: row.index(eos) + 1] if eos is not None and eos in row else row for row in gen]
-                out += [cut[i * n : (i + 1) * n] for i in range(len(chunk))]
+        return sample_prompts(model, [list(p) for p in prompts], n, seeds, max_new_tokens=max_new_tokens,
+                              temperature=temperature, eos_token_id=eos_token_ids(model, tokenizer),
+                              pad_token_id=pad, max_batch_rows=batch_size * n)
     finally:
         model.train(was)
-    return out
 
 
 def from_dataset(path: str | Path, tokenizer: Any, model: PreTrainedModel | str | Path, *,

@@ -65,7 +65,7 @@ def trl_run(tmp_path_factory, one_thread):
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "resrl_analysis.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -86,7 +86,7 @@ def test_tables_match_the_saved_checkpoints(runs):
 
 
 def test_resrl_figures_reads_the_output_dir(runs, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "resrl_analysis.cli", "figures", str(runs["root"] / "live"),
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "figures", str(runs["root"] / "live"),
                            "--out", str(tmp_path), "--only", "lld_over_steps,interference_cosines", "--formats", "png"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
