@@ -1,4 +1,4 @@
-"""Load Hugging Face causal-LM checkpoints and run directories; build probe sets (DESIGN §2, §4).
+"""Load Hugging Face causal-LM checkpoints and run directories; build probe sets (docs/RUN_DIRECTORY.md).
 
 A *checkpoint* is any directory that ``AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` accept: ours (``RUN_DIR/checkpoints/step_XXXXXX``), a TRL one, a

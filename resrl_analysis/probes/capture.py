@@ -5,7 +5,7 @@ right-padded to the longest response, so position P − 1 + t predicts response 
 row and the model keeps logits only for those T positions (``logits_to_keep``). The vector that
 enters the LM head is captured by a forward pre-hook on the output embedding (exact for any
 architecture, whatever ``hidden_states[-1]`` holds); the penultimate state is HF
-``hidden_states[-2]`` (DESIGN §2). Log-probs and entropy come from
+``hidden_states[-2]`` (docs/MATH.md § Representation and subspace). Log-probs and entropy come from
 :func:`resrl_analysis.ops.token_logprobs_and_entropy`, chunked over tokens in float32, so no
 float32 (B, T, V) tensor exists; the logits themselves stay in the model's dtype.
 """
