@@ -117,7 +117,7 @@ def test_readme_loop_runs_as_written_and_leaves_the_tree_clean(repo_copy, tmp_pa
 _EXT = r"(?:md|py|png|pdf|ipynb|sh|json|jsonl|yaml|yml|toml|txt|cfg)"
 _PATH = re.compile(rf"(?<![\w./$<{{-])((?:[\w.-]+/)+[\w.-]*\.{_EXT}|[\w-]+\.{_EXT})(?![\w/])")
 _DIR = re.compile(r"`((?:[\w.-]+/)+)`")
-_ANCHOR = re.compile(rf"((?:[\w.-]+/)*[\w.-]+\.md)?#([\w-]+)")
+_ANCHOR = re.compile(r"((?:[\w.-]+/)*[\w.-]+\.md)?#([\w-]+)")
 _SECTION = re.compile(r"((?:[\w.-]+/)*[\w.-]+\.md)\s*§\s*([^,;:.)`\n]+)")
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
