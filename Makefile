@@ -3,7 +3,8 @@
 # Linux, PyPI serves the CUDA build; a machine with its own index may serve the CPU one). A CPU-only
 # machine asks for the CPU build with
 #     make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# or installs a wheel file with TORCH_SPEC=/path/to/torch-....whl.
+# or installs a wheel file with TORCH_SPEC=/path/to/torch-....whl. The constraint holds the installed
+# distribution's version (what pip compares; `pip freeze` would write `torch @ file://...` for a wheel).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,7 +19,7 @@ $(BIN)/resrl: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL) )$(TORCH_SPEC)
-	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(BIN)/python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $(BIN)/resrl
 
