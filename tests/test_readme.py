@@ -4,7 +4,7 @@
     repository (the tracked files only) with a fresh HOME and the venv's bin on PATH (as the README
     says: `source .venv/bin/activate`); afterwards the copy's tracked files are unchanged and its run
     directories are ignored by git.
-(b) Every file path, `docs/X.md#anchor` and `docs/X.md § Section` cited by the markdown files (and by
+(b) Every file path, `docs/<page>.md#anchor` and `docs/<page>.md § Section` cited by the markdown files (and by
     the docstrings and notebooks that cite docs/) exists.
 """
 
@@ -78,6 +78,23 @@ def repo_copy(tmp_path) -> Path:
     return dst
 
 
+def console_scripts(repo: Path, bin_dir: Path) -> Path:
+    """The console scripts that installing ``repo`` would create (its ``[project.scripts]``), for this
+    interpreter, in ``bin_dir``: the copy's own entry points, whatever the venv was installed from."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    toml = (repo / "pyproject.toml").read_text(encoding="utf-8")  # tomllib is 3.11+; this table is simple
+    table = re.search(r"^\[project\.scripts\]\n(.*?)(?=^\[|\Z)", toml, flags=re.S | re.M)
+    assert table, "pyproject.toml has no [project.scripts]"
+    scripts = dict(re.findall(r'^([\w-]+)\s*=\s*"([\w.]+:\w+)"', table.group(1), flags=re.M))
+    assert "resrl" in scripts, table.group(1)
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        f = bin_dir / name
+        f.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n")
+        f.chmod(0o755)
+    return bin_dir
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_readme_loop_runs_as_written_and_leaves_the_tree_clean(repo_copy, tmp_path):
@@ -92,7 +109,8 @@ def test_readme_loop_runs_as_written_and_leaves_the_tree_clean(repo_copy, tmp_pa
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RESRL_", "MPL", "PYTHON"))}
     env.update(HOME=str(home), PYTHONPATH=str(repo_copy),  # the copy's code, not an installed one
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+               PATH=os.pathsep.join([str(console_scripts(repo_copy, tmp_path / "bin")),
+                                     str(Path(sys.executable).parent), env.get("PATH", "")]))
     for cmd in commands:
         proc = subprocess.run(["bash", "-c", cmd], cwd=repo_copy, env=env, capture_output=True, text=True,
                               timeout=LOOP_TIMEOUT_S)
