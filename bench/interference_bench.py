@@ -5,9 +5,10 @@ tokens ``y`` of two token sets a and b. They return the (Ta, Tb) matrix K[i, j] 
 ∇_W log p_b,j[y_b,j]>_F.
 
 - **factorised** (ours): :func:`resrl_analysis.head_gradient_inner` (two matrix products and gathers;
-  DESIGN §2). It is timed twice: *given p*, the way the probes and NTHR call it (the probabilities come from
-  the forward pass that produced h), which is the row's verdict; and *from (W, h)*, which also pays for
-  p = softmax(h Wᵀ), the head's matrix product (reported beside it: the conservative number).
+  docs/MATH.md § Factorised head gradient). It is timed twice: *given p*, the way the probes and NTHR call it
+  (the probabilities come from the forward pass that produced h), which is the row's verdict; and
+  *from (W, h)*, which also pays for p = softmax(h Wᵀ), the head's matrix product (reported beside it: the
+  conservative number).
 - **naive**: every token's V×d gradient by ``torch.func.vmap(grad(log p[y]))`` (per-sample gradients of the
   head), flattened, then one matrix product of the gradients. The b side's gradients are kept, the a side's
   are made ``chunk`` tokens at a time (so its peak is (Tb + chunk)·V·d floats, not (Ta + Tb)·V·d).

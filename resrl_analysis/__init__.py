@@ -1,6 +1,6 @@
 """resrl-analysis: diagnostics for gradient interference in LLM reinforcement learning.
 
-The names of DESIGN §4 (the contract) are importable from here::
+The public names (the stable contract) are importable from here::
 
     >>> from resrl_analysis import pass_at_k, resrl_token_weights, head_gradient_inner
     >>> round(float(pass_at_k(4, 2, 2)), 4)

@@ -1,4 +1,4 @@
-"""The alignment bound of the ResRL paper and the head-gradient bound (DESIGN §2).
+"""The alignment bound of the ResRL paper and the head-gradient bound (docs/MATH.md § Alignment bound).
 
 Split both vectors into their parts in S (projector P = V Vᵀ) and in S⊥ and apply Cauchy–Schwarz to
 each part:

@@ -1,4 +1,4 @@
-"""Load Hugging Face causal-LM checkpoints and run directories; build probe sets (DESIGN §2, §4).
+"""Load Hugging Face causal-LM checkpoints and run directories; build probe sets (docs/RUN_DIRECTORY.md).
 
 A *checkpoint* is any directory that ``AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` accept: ours (``RUN_DIR/checkpoints/step_XXXXXX``), a TRL one, a
@@ -27,6 +27,7 @@ import hashlib
 import json
 import re
 import struct
+import sys
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,7 @@ __all__ = [
     "check_safetensors",
     "load_checkpoint",
     "load_tokenizer",
+    "quiet_progress_bars_unless_tty",
     "check_compatible",
     "read_jsonl",
     "ProbeGroup",
@@ -208,6 +210,28 @@ def validate_checkpoint_files(path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def quiet_progress_bars_unless_tty(stream: Any = None) -> bool:
+    """Turn transformers' (and the Hub's) progress bars off when ``stream`` (stderr) is not a terminal.
+
+    "Loading weights 0%...100%" written to a log file or a pipe is noise; warnings and errors are
+    untouched (only the bars go). Returns whether the bars were turned off. Call it once at the start
+    of a command that loads models outside :func:`load_checkpoint` (which is always quiet).
+
+    >>> import io
+    >>> quiet_progress_bars_unless_tty(io.StringIO())
+    True
+    >>> from transformers.utils import logging; logging.enable_progress_bar()  # as it was
+    """
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        return False
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # also the Hub's download bars
+    return True
 
 
 @contextlib.contextmanager

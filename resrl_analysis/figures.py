@@ -1,5 +1,7 @@
 """`resrl figures RUN_DIR [RUN_DIR ...] [--out DIR]`: every paper-style figure from runs on disk.
 
+Without ``--out`` the figures go beside the input, into ``FIRST_RUN_DIR/figures``.
+
 Reads what the trainer and `resrl probe` wrote (docs/RUN_DIRECTORY.md): ``config.yaml`` for the
 algorithm's name, ``metrics.jsonl``, ``rollouts/`` and ``probes/``; draws with :mod:`.plots` only.
 A figure whose data is missing is skipped with the reason, never drawn from anything else.
@@ -21,7 +23,7 @@ from . import plots
 from .plots.style import paper_style, save_figure
 from .results import ProbeResult, load_results
 
-__all__ = ["RunData", "load_run", "draw_all", "add_figures_arguments", "run_figures"]
+__all__ = ["RunData", "load_run", "draw_all", "default_out", "add_figures_arguments", "run_figures"]
 
 PAPER_REPRESENTATION = "penultimate/ln/centred"
 
@@ -322,12 +324,31 @@ def draw_all(run_dirs: Sequence[str | Path], out: str | Path, *, formats: Sequen
     return report
 
 
+def default_out(run_dirs: Sequence[str | Path]) -> Path:
+    """Where `resrl figures` writes without ``--out``: beside its input, ``FIRST_RUN_DIR/figures``.
+
+    >>> default_out(["runs/resrl", "runs/grpo"]).as_posix()
+    'runs/resrl/figures'
+    """
+    return Path(run_dirs[0]) / "figures"
+
+
 def add_figures_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of `resrl figures`."""
+    """Arguments of `resrl figures`.
+
+    >>> p = add_figures_arguments(argparse.ArgumentParser(prog="resrl figures"))
+    >>> "(default: )" in p.format_help() or "(default: None)" in p.format_help()
+    False
+    """
+    # Defaults are written in the help texts, so a dispatcher's ArgumentDefaultsHelpFormatter
+    # cannot append "(default: None)" or "(default: )" to them.
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (probed with `resrl probe`)")
-    parser.add_argument("--out", default="figures", help="output directory")
-    parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(FIGURES)}")
-    parser.add_argument("--formats", default="png,pdf", help="comma-separated output formats")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: FIRST_RUN_DIR/figures, beside the first run's probes)")
+    parser.add_argument("--only", default="",
+                        help=f"comma-separated subset of: {', '.join(FIGURES)} (default: all of them)")
+    parser.add_argument("--formats", default="png,pdf", help="comma-separated output formats (default: %(default)s)")
     return parser
 
 
@@ -339,7 +360,8 @@ def run_figures(args: argparse.Namespace) -> int:
         print(f"resrl figures: unknown figure(s) {unknown}; choose from {list(FIGURES)}", file=sys.stderr)
         return 2
     try:
-        report = draw_all(args.run_dirs, args.out, formats=[s for s in args.formats.split(",") if s], only=only)
+        out = Path(args.out) if args.out else default_out(args.run_dirs)
+        report = draw_all(args.run_dirs, out, formats=[s for s in args.formats.split(",") if s], only=only)
     except (FileNotFoundError, ValueError) as e:
         print(f"resrl figures: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Head-gradient interference between tokens, from the factorised form (DESIGN §2).
+"""Head-gradient interference between tokens, from the factorised form (docs/MATH.md § Factorised head gradient).
 
 For a token with head input h, probabilities p = softmax(W h) and sampled token y, the gradient of
 log p[y] with respect to the head matrix W is the rank-one matrix g = (e_y − p) hᵀ. Hence

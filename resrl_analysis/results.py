@@ -313,7 +313,8 @@ class ScoresResult(ProbeResult):
 
 @dataclass(frozen=True, eq=False)
 class LLDResult(ProbeResult):
-    """Lazy likelihood displacement Δ(x) per prompt between pairs of checkpoints (DESIGN §2).
+    """Lazy likelihood displacement Δ(x) per prompt between pairs of checkpoints
+    (docs/MATH.md § Lazy likelihood displacement).
 
     ``deltas``: one row per (comparison, step_from, step_to, group). ``comparison`` is
     ``vs_initial`` (against the first step), ``step_to_step`` (consecutive steps) or ``pair``.
@@ -390,7 +391,8 @@ class FirstOrderResult(ProbeResult):
 
 @dataclass(frozen=True, eq=False)
 class InterferenceResult(ProbeResult):
-    """Head-gradient interference between positive and negative tokens, per group (DESIGN §2).
+    """Head-gradient interference between positive and negative tokens, per group
+    (docs/MATH.md § Factorised head gradient).
 
     ``groups``: one row per (step, group). ``cos_*`` summarise the exact token-level cosines
     cos(g⁺, g⁻) over all positive×negative token pairs (> 0: lowering the negative token also
@@ -438,7 +440,8 @@ class InterferenceResult(ProbeResult):
 
 @dataclass(frozen=True, eq=False)
 class SubspaceResult(ProbeResult):
-    """The ResRL subspace, residual energies and the alignment bound, per representation (DESIGN §2).
+    """The ResRL subspace, residual energies and the alignment bound, per representation
+    (docs/MATH.md § Alignment bound).
 
     A representation is (``layer``: ``penultimate`` = HF ``hidden_states[-2]`` or ``head_input``;
     ``layer_norm``: LayerNorm without affine applied; ``center``: centred on the group's positive

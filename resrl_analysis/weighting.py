@@ -1,4 +1,4 @@
-"""ResRL: the positive subspace, residual energy and the negative-token weights (DESIGN §2).
+"""ResRL: the positive subspace, residual energy and the negative-token weights (docs/MATH.md § ResRL weights).
 
 One implementation, used by the trainer (to scale advantages) and by the probes (to measure them).
 
@@ -363,7 +363,7 @@ def resrl_token_weights(
     svd: SVDMethod = _DEF.svd,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """ResRL token weights (B, T), float32 (DESIGN §2 and §4).
+    """ResRL token weights (B, T), float32 (docs/MATH.md § ResRL weights).
 
     For each prompt group (all rows sharing a group id, wherever they sit in the batch): LayerNorm (no
     affine) of the raw hidden states, centring on the group's positive mean, the top-k subspace of

@@ -85,6 +85,14 @@ def assert_figures_shown(nb, name: str) -> None:
             assert shown, f"{name}: cell {i} drew no figure:\n{cell.source}"
 
 
+def assert_no_progress_warning(nb, name: str) -> None:
+    """tqdm's "IProgress not found" warning means the environment lacks ipywidgets (in the dev and
+    notebooks extras): the bars fall back to text and every notebook prints a warning."""
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            assert "TqdmWarning" not in out.get("text", ""), f"{name}: cell {i}: {out.get('text')}"
+
+
 def test_the_four_notebooks_exist():
     assert set(EXPECTED) <= {p.name for p in NOTEBOOK_DIR.glob("*.ipynb")}
 
@@ -110,6 +118,13 @@ def test_quickstart_notebook_runs(kernel, tmp_path, monkeypatch):
     monkeypatch.delenv("RESRL_RUN_DIR", raising=False)
     nb, seconds = execute(QUICKSTART, kernel)
     assert_figures_shown(nb, QUICKSTART)
+    assert_no_progress_warning(nb, QUICKSTART)
+    # the batch shape is printed from the config, not written by hand
+    from trainer.config import preset_config
+
+    cfg = preset_config("tiny")
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"{cfg.prompts_per_step} prompts × {cfg.n} responses per step" in printed
     print(f"{QUICKSTART}: {seconds:.1f} s")
 
 
@@ -119,6 +134,7 @@ def test_analysis_notebook_runs(name, kernel, small_run, monkeypatch):
     monkeypatch.setenv("RESRL_RUN_DIR", str(small_run))
     nb, seconds = execute(name, kernel)
     assert_figures_shown(nb, name)
+    assert_no_progress_warning(nb, name)
     first = nb.cells[next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")]
     assert str(small_run) in first.outputs[-1]["data"]["text/plain"], "the notebook did not read RESRL_RUN_DIR"
     print(f"{name}: {seconds:.1f} s")

@@ -104,3 +104,41 @@ def test_subspace_and_heatmap_and_first_order(tmp_path):
     np.testing.assert_allclose(ax.collections[0].get_offsets(), [[.1, .1], [.2, .3]])
     paths = save_figure(ax.figure, tmp_path / "fo")
     assert all(p.stat().st_size > 0 for p in paths) and not list(tmp_path.glob(".*"))
+
+
+def test_pass_at_k_checkpoints_of_one_run_are_distinguishable():
+    # One run, a line per checkpoint: one colour, but each step its own line style and marker,
+    # in step order (4 before 40), and the legend names the step.
+    ks = [1, 2, 4]
+    labels = ["step 40", "step 0", "step 4"]
+    f = pd.DataFrame({"k": ks * 3, "pass_at_k": np.linspace(.1, .9, 9), "label": np.repeat(labels, 3)})
+    ax = plots.plot_pass_at_k(f).axes[0]
+    assert [ln.get_label() for ln in ax.lines] == ["step 0", "step 4", "step 40"]
+    styles = {(ln.get_linestyle(), ln.get_marker()) for ln in ax.lines}
+    assert len(styles) == 3
+    assert len({matplotlib.colors.to_rgb(ln.get_color()) for ln in ax.lines}) == 1
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["step 0", "step 4", "step 40"]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), f[f.label == "step 0"].pass_at_k)
+
+
+def test_pass_at_k_two_runs_of_one_algorithm_differ_in_style():
+    f = pd.DataFrame({"k": [1, 2] * 3, "pass_at_k": [.1, .2, .3, .4, .5, .6],
+                      "label": ["resrl-a"] * 2 + ["resrl-b"] * 2 + ["grpo"] * 2})
+    lines = {ln.get_label(): ln for ln in plots.plot_pass_at_k(f).axes[0].lines}
+    a, b = lines["resrl-a"], lines["resrl-b"]
+    assert matplotlib.colors.to_rgb(a.get_color()) == pytest.approx(ALGORITHM_COLORS["resrl"])
+    assert a.get_color() == b.get_color() and a.get_linestyle() != b.get_linestyle()
+    assert lines["grpo"].get_linestyle() == "-"
+
+
+def test_saved_figures_get_the_ordinary_file_mode(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        paths = save_figure(plt.subplots()[0], tmp_path / "m", ("png", "pdf"))
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [0o644, 0o644]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pdf", "m.png"]  # no temporary file left

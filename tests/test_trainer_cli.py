@@ -1,4 +1,4 @@
-"""End to end: ``resrl train`` in a subprocess (the CLI of DESIGN §4), bad input, and a SIGKILL + resume;
+"""End to end: ``resrl train`` in a subprocess (the CLI of README.md § The loop), bad input, and a SIGKILL + resume;
 every setting a flag (with TRL/verl names), the precedence of the sources, and the dispatcher's start-up."""
 
 from __future__ import annotations

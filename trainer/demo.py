@@ -173,18 +173,24 @@ def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALG
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `resrl demo`."""
-    parser.add_argument("--out", default="demo_out", help="output directory (runs/, figures/, summary.md)")
+    # Defaults are written in the help texts, so a dispatcher's ArgumentDefaultsHelpFormatter
+    # cannot append a second "(default: ...)" to them.
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--out", default="demo_out",
+                        help="output directory: runs/, figures/, summary.md (default: %(default)s)")
     from .config import ALGORITHM_NAMES
 
     parser.add_argument("--algorithms", default=",".join(DEMO_ALGORITHMS),
-                        help=f"comma-separated algorithms, of {','.join(ALGORITHM_NAMES)}")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per algorithm")
-    parser.add_argument("--save-every", type=int, default=4, help="checkpoint (and probe) every K steps")
-    parser.add_argument("--seed", type=int, default=0, help="one seed for every run")
+                        help=f"comma-separated algorithms, of {','.join(ALGORITHM_NAMES)} (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per algorithm (default: %(default)s)")
+    parser.add_argument("--save-every", type=int, default=4,
+                        help="checkpoint (and probe) every K steps (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="one seed for every run (default: %(default)s)")
     parser.add_argument("--model", default=None,
                         help="policy to start from (default: the tiny preset's shipped warm start)")
     parser.add_argument("--figures-dir", default=None,
-                        help="also copy the PNG figures here (the repository's figures/ is made this way)")
+                        help="also copy the PNG figures here (the repository's figures/ is made this way; "
+                             "default: no copy)")
     return parser
 
 

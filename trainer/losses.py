@@ -1,6 +1,6 @@
 """The policy loss: PPO-clip with separate low/high ε and dual clip, optional k3 KL and entropy bonus.
 
-Per response token, with ratio ρ = exp(log π_θ − log π_old) and advantage A (DESIGN §2, as verl):
+Per response token, with ratio ρ = exp(log π_θ − log π_old) and advantage A (docs/MATH.md § PPO-clip loss, as verl):
 
     ℓ_clip = max(−A ρ, −A clamp(ρ, 1 − ε_low, 1 + ε_high))
     ℓ      = min(ℓ_clip, −A c)  if A < 0  (dual clip: a negative token's loss is bounded by c|A|)

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .style import color_for, order_labels
+from .style import color_for, line_styles, order_labels
 
 __all__ = ["plot_pass_at_k", "plot_training_dynamics"]
 
@@ -33,6 +33,9 @@ def plot_pass_at_k(frame: pd.DataFrame, *, label: str = "label", task: str | Non
     ...                   "label": ["grpo"] * 3 + ["resrl"] * 3})
     >>> fig = plot_pass_at_k(f); len(fig.axes[0].lines)
     2
+
+    Labels that share a colour (``"step 0"``, ``"step 40"``: the checkpoints of one run) differ in
+    line style and marker, and the legend names each.
     """
     _require(frame, ["k", "pass_at_k", label], "plot_pass_at_k")
     tasks = sorted(frame[task].unique()) if task and task in frame.columns else [None]
@@ -43,9 +46,11 @@ def plot_pass_at_k(frame: pd.DataFrame, *, label: str = "label", task: str | Non
         axes = list(axes[0])
     for a, t in zip(axes, tasks):
         sub = frame if t is None else frame[frame[task] == t]
-        for lab in order_labels(list(sub[label].unique())):
+        labs = order_labels(list(sub[label].unique()))
+        styles = line_styles(labs)  # checkpoints of one run: one colour, a line style and marker each
+        for lab in labs:
             d = sub[sub[label] == lab].groupby("k", as_index=False)["pass_at_k"].mean().sort_values("k")
-            a.plot(d["k"], d["pass_at_k"], marker="o", ms=3, color=color_for(lab), label=str(lab))
+            a.plot(d["k"], d["pass_at_k"], ms=4, label=str(lab), **styles[lab])
         a.set_xscale("log", base=2)
         a.set_xlabel("k")
         a.set_ylabel("pass@k")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ if os.environ.get("DISPLAY", "") == "" and "MPLBACKEND" not in os.environ:
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-__all__ = ["ALGORITHM_COLORS", "ALGORITHM_ORDER", "color_for", "paper_style", "save_figure", "new_axes"]
+__all__ = ["ALGORITHM_COLORS", "ALGORITHM_ORDER", "color_for", "line_styles", "paper_style", "save_figure", "new_axes"]
 
 _palette = sns.color_palette("colorblind", 10)
 ALGORITHM_ORDER = ["grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl", "base"]
@@ -49,14 +50,44 @@ def color_for(label: str) -> tuple[float, float, float]:
     return _extra[sum(map(ord, key)) % len(_extra)]
 
 
+def line_styles(labels: Sequence[str]) -> dict[str, dict[str, object]]:
+    """Colour, line style and marker per label, distinguishable even where labels share a colour.
+
+    Labels of one colour ("step 0" and "step 40" of one run, "resrl-a" and "resrl-b") keep it and
+    differ in line style and marker, in the order given.
+
+    >>> s = line_styles(["step 0", "step 40"])
+    >>> s["step 0"]["color"] == s["step 40"]["color"], s["step 0"]["linestyle"] != s["step 40"]["linestyle"]
+    (True, True)
+    """
+    dashes = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    shared: dict[tuple, int] = {}
+    out: dict[str, dict[str, object]] = {}
+    for lab in dict.fromkeys(labels):
+        key = str(lab).lower()
+        # checkpoints of one run ("step 0", "step 40") are one curve family: one colour for all
+        color = color_for("base") if key.startswith("step ") else color_for(lab)
+        i = shared.get(color, 0)
+        shared[color] = i + 1
+        out[lab] = {"color": color, "linestyle": dashes[i % len(dashes)], "marker": markers[i % len(markers)]}
+    return out
+
+
 def order_labels(labels: Sequence[str]) -> list[str]:
     """Labels in the canonical algorithm order, others after, alphabetically.
 
     >>> order_labels(["resrl", "zeta", "grpo"])
     ['grpo', 'resrl', 'zeta']
+    >>> order_labels(["step 40", "step 0", "step 4"])  # numbers in labels compare as numbers
+    ['step 0', 'step 4', 'step 40']
     """
     rank = {n: i for i, n in enumerate(ALGORITHM_ORDER)}
-    return sorted(dict.fromkeys(labels), key=lambda s: (rank.get(str(s).lower(), len(rank)), str(s)))
+
+    def natural(s: str) -> list:
+        return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s.replace(" ", "")) if t]
+
+    return sorted(dict.fromkeys(labels), key=lambda s: (rank.get(str(s).lower(), len(rank)), natural(str(s))))
 
 
 @contextmanager
@@ -91,6 +122,8 @@ def new_axes(ax=None, figsize: tuple[float, float] = (5.0, 3.6)):
 def save_figure(fig, stem: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Write ``fig`` as STEM.png and STEM.pdf, each atomically (temp file, then rename).
 
+    Files get the ordinary mode of new files (0666 less the umask, e.g. 0644), like any other output.
+
     >>> import matplotlib.pyplot as plt, tempfile, pathlib
     >>> fig, _ = plt.subplots(); d = tempfile.mkdtemp()
     >>> [p.suffix for p in save_figure(fig, pathlib.Path(d) / "x")]
@@ -101,14 +134,13 @@ def save_figure(fig, stem: str | Path, formats: Sequence[str] = ("png", "pdf")) 
     out = []
     for fmt in formats:
         target = stem.with_suffix(f".{fmt}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=stem.parent)
-        os.close(fd)
+        # A unique name opened by savefig itself (not mkstemp, which creates files 0600).
+        tmp = stem.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
         try:
             fig.savefig(tmp, format=fmt, dpi=150)
             os.replace(tmp, target)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
         out.append(target)
     plt.close(fig)
     return out

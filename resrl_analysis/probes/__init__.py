@@ -1,6 +1,6 @@
 """Probes: functions from (model, probe set, options) to result objects (:mod:`resrl_analysis.results`).
 
-One module per measurement of DESIGN §2; none plots, prints or writes files (the command line,
+One module per measurement of docs/MATH.md; none plots, prints or writes files (the command line,
 :mod:`.runner`, does the writing):
 
 - :mod:`.capture`: teacher-forced forward passes (log-probs, entropy, head inputs, hidden states).

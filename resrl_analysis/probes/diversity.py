@@ -1,4 +1,4 @@
-"""Sampling probes: pass@k, Avg@n, distinct-n, self-BLEU and distinct final answers (DESIGN §2).
+"""Sampling probes: pass@k, Avg@n, distinct-n, self-BLEU and distinct final answers (docs/MATH.md § Pass@k).
 
 For every prompt of the probe set, ``n`` responses are sampled from the checkpoint at a given
 temperature (pure sampling: no top-k, no top-p) with the project's one sampler

@@ -1,4 +1,5 @@
-"""First-order prediction of one SGD step's effect on log π(y), from one forward pass (DESIGN §2).
+"""First-order prediction of one SGD step's effect on log π(y), from one forward pass
+(docs/MATH.md § First-order prediction).
 
 For the loss L = −(1/Z) Σ_{j,s} A_{j,s} log p_{j,s}[y_{j,s}] of one group (Z = its number of
 response tokens, token-mean), one SGD step of size η on the head matrix W moves W by

@@ -1,6 +1,6 @@
 """Interference between a group's positive and negative tokens: the head's picture and the model's.
 
-Per mixed group (DESIGN §2):
+Per mixed group (docs/MATH.md § Factorised head gradient):
 
 - token level: the exact cosine cos(g⁺, g⁻) of the head gradients of every positive×negative
   token pair, from the factorised core (two matrix products and gathers; never a V×d gradient,

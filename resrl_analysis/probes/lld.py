@@ -1,4 +1,5 @@
-"""Lazy likelihood displacement (Deng et al., arXiv 2505.18830) and probe-set entropy (DESIGN §2).
+"""Lazy likelihood displacement (Deng et al., arXiv 2505.18830) and probe-set entropy
+(docs/MATH.md § Lazy likelihood displacement).
 
 Every checkpoint scores the same teacher-forced responses (:func:`score_responses`): log π(y|x) =
 Σ_t log p_t[y_t], its per-token mean, and the mean token entropy. Comparing two checkpoints θ → θ′,

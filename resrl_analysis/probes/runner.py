@@ -409,6 +409,8 @@ def _run(args: argparse.Namespace) -> int:
         os.replace(staging / "summary.json", out / "summary.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    print(f"resrl probe: wrote {', '.join(sorted(results))} for {len(steps)} checkpoint(s) to {out}"
+          f" (summary: {out / 'summary.json'})")
     return 0
 
 

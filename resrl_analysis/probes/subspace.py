@@ -1,4 +1,5 @@
-"""The ResRL subspace, residual energy and the alignment bound, under every representation (DESIGN §2).
+"""The ResRL subspace, residual energy and the alignment bound, under every representation
+(docs/MATH.md § Alignment bound).
 
 For each mixed group and each representation x of the tokens — layer (``penultimate`` = HF
 ``hidden_states[-2]``, the paper's choice, or ``head_input``), LayerNorm without affine on or off,
