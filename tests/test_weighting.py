@@ -74,7 +74,7 @@ def test_weights_from_residuals_formula():
 
 
 def _reference_weights(hidden, mask, pos, gids, rank, q_low, q_high, min_w):
-    """Slow numpy/float64 reference of docs/MATH.md § ResRL weights (exact SVD, no sub-sampling)."""
+    """Slow numpy/float64 reference of docs/MATH.md § ResRL weights, with an exact SVD and no sub-sampling."""
     H, M, P, G = hidden.double().numpy(), mask.numpy(), pos.numpy(), gids.numpy()
     out = np.ones(M.shape)
     for gid in np.unique(G):

@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _, run = _load(args.command)
+    # Every subcommand loads models; "Loading weights 0%...100%" in a log file or a pipe is noise.
+    from resrl_analysis.checkpoints import quiet_progress_bars_unless_tty
+
+    quiet_progress_bars_unless_tty()
     return int(run(args) or 0)
 
 

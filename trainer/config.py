@@ -406,8 +406,8 @@ _PAPER_MATH: dict[str, Any] = dict(
     n=4,
     max_prompt_length=2048,
     max_response_length=4096,
-    # The reference implementation's docs say 0.6, but its training rollouts ran at 1.0 (docs/MATH.md § Departures from the reference implementation):
-    # we train at 1.0, stated here, and validate at 0.6.
+    # The reference implementation's docs say 0.6, but its training rollouts ran at 1.0
+    # (docs/MATH.md § Departures from the reference implementation): we train at 1.0 and validate at 0.6.
     temperature=1.0,
     val_temperature=0.6,
     val_every=20,

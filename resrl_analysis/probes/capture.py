@@ -5,8 +5,9 @@ right-padded to the longest response (:func:`group_batch`), run through
 :func:`resrl_analysis.forward.response_forward` like the trainer's rows: the model keeps logits only
 for the positions that predict response tokens, the LM head's input is captured by a pre-hook on the
 output embedding (exact for any architecture) and the penultimate state (HF ``hidden_states[-2]``,
-docs/MATH.md § Representation and subspace) by a hook on the second-to-last decoder layer. Log-probs and entropy are chunked over tokens
-in float32, so no float32 (B, T, V) tensor exists; the logits themselves stay in the model's dtype.
+docs/MATH.md § Representation and subspace) by a hook on the second-to-last decoder layer. Log-probs
+and entropy are chunked over tokens in float32, so no float32 (B, T, V) tensor exists; the logits
+themselves stay in the model's dtype.
 """
 
 from __future__ import annotations
