@@ -27,7 +27,9 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..checkpoints import ProbeError, ProbeSet, check_compatible, checkpoint_step, list_checkpoints, load_tokenizer
+from .. import rundir
+from ..checkpoints import ProbeError, ProbeSet, check_compatible, load_tokenizer
+from ..rundir import CHECKPOINTS, RunLock, RunLocked, atomic_write, list_checkpoints, parse_step
 
 __all__ = ["PROBES", "add_probe_arguments", "run_probe", "main"]
 
@@ -143,7 +145,7 @@ def _steps_spec(spec: str, steps: list[int]) -> set[int]:
 
 def _select_checkpoints(args: argparse.Namespace) -> tuple[str, list[tuple[int, Path]]]:
     root: Path = args.run_dir
-    if (root / "checkpoints").is_dir():
+    if (root / CHECKPOINTS).is_dir():
         ckpts = list_checkpoints(root)
         if not ckpts:
             raise ProbeError(f"{root / 'checkpoints'}: no complete checkpoint (step_XXXXXX)")
@@ -160,7 +162,7 @@ def _select_checkpoints(args: argparse.Namespace) -> tuple[str, list[tuple[int, 
             ckpts = [(s, p) for s, p in ckpts if s in (first, last) or (s - first) % args.every == 0]
         return "run", ckpts
     if (root / "config.json").is_file():
-        return "checkpoint", [(checkpoint_step(root) or 0, root)]
+        return "checkpoint", [(parse_step(root) or 0, root)]
     raise ProbeError(f"{root}: neither a run directory (checkpoints/) nor a checkpoint (config.json)")
 
 
@@ -224,8 +226,6 @@ def _set_threads(requested: int, model, device: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     unknown = sorted(set(args.probes) - set(PROBES))
     if unknown or not args.probes:
         raise ProbeError(f"unknown probes {unknown}; choose from {','.join(PROBES)}")
@@ -255,10 +255,24 @@ def _run(args: argparse.Namespace) -> int:
     vocab = json.loads((ckpts[0][1] / "config.json").read_text()).get("vocab_size")
     if isinstance(vocab, int):
         probe_set.check_vocab(vocab, where=str(ckpts[0][1]))
-    out: Path = args.out or (args.run_dir / "probes")
+    out: Path = args.out or (args.run_dir / rundir.PROBES)
     _check_writable(out)
+    # One writer per output directory: a second `resrl probe` on it is refused (the kernel drops the lock when
+    # this process ends, however it ends).
+    try:
+        lock = RunLock(out, "resrl probe").acquire()
+    except RunLocked as e:
+        raise ProbeError(str(e)) from None
+    try:
+        return _probe_and_write(args, mode, ckpts, probes, probe_set, out, t_start)
+    finally:
+        lock.release()
 
+
+def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int, Path]], probes: set[str],
+                     probe_set: ProbeSet, out: Path, t_start: float) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     from ..checkpoints import load_checkpoint
     from ..results import (
@@ -268,7 +282,6 @@ def _run(args: argparse.Namespace) -> int:
         ScoresResult,
         SubspaceResult,
         _replace_dir,
-        atomic_write_text,
         to_jsonable,
     )
     from ..weighting import ResRLWeightConfig
@@ -385,7 +398,7 @@ def _run(args: argparse.Namespace) -> int:
             "results": {name: {"path": name, "kind": res.KIND, **res.summary()} for name, res in results.items()},
             "skipped": skipped, "timing_s": timing,
         }
-        atomic_write_text(staging / "summary.json", json.dumps(to_jsonable(summary), indent=1, allow_nan=False))
+        atomic_write(staging / "summary.json", json.dumps(to_jsonable(summary), indent=1, allow_nan=False))
         (out / "summary.json").unlink(missing_ok=True)
         for name in results:
             _replace_dir(staging / name, out / name)
