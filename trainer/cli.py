@@ -33,7 +33,7 @@ __all__ = ["add_train_arguments", "main", "resolve_config", "run_train"]
 # Flag -> config field, for the flags of the contract (DESIGN §4) plus --model.
 _FLAGS = {
     "algorithm": "algorithm", "steps": "steps", "micro_batch_size": "micro_batch_size", "seed": "seed",
-    "output_dir": "output_dir", "save_every": "save_every", "model": "model",
+    "output_dir": "output_dir", "save_every": "save_every", "model": "model", "resume_from": "resume_from",
 }
 
 
@@ -74,9 +74,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, default=None, help="checkpoint every K optimizer steps")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its latest complete checkpoint up to --steps")
+    parser.add_argument("--resume-from", type=int, default=None, metavar="STEP", action=_ResumeFrom,
+                        help="continue the run in --output-dir from its checkpoint step_STEP (implies --resume); later "
+                             "checkpoints, rollouts and metrics lines are moved into RUN_DIR/superseded/<UTC time>/")
     parser.add_argument("--model", default=None, help="policy: a local HF model directory or tiny-warmstart")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="set any setting listed below (repeatable), e.g. --set lr=1e-4")
+
+
+class _ResumeFrom(argparse.Action):
+    """``--resume-from STEP`` is a ``--resume`` too (so the run's own config.yaml is used, as with --resume)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.resume = True
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
