@@ -18,6 +18,7 @@ write a run through this one module.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -341,14 +342,16 @@ class RunLock:
     """An OS lock (``fcntl.flock``) on ``DIR/.lock``: one writing process per directory.
 
     The kernel drops the lock when the holder exits, however it exits (SIGKILL included), so a crash never leaves
-    a stale lock; the file itself stays, holding the last holder's PID. ``acquire`` raises :class:`RunLocked`
-    with a one-line message naming the PID of the live holder. Re-entrant within one process.
+    a stale lock (only the file, holding the dead holder's PID; a release removes it). ``acquire`` raises
+    :class:`RunLocked` with a one-line message naming the PID of the live holder. Re-entrant within one process.
 
     >>> import tempfile
     >>> d = Path(tempfile.mkdtemp())
     >>> with RunLock(d, "resrl train"), RunLock(d, "resrl train"):  # re-entrant
     ...     int((d / ".lock").read_text().split()[0]) == os.getpid()
     True
+    >>> (d / ".lock").exists()
+    False
     """
 
     def __init__(self, directory: str | Path, what: str = "resrl") -> None:
@@ -368,15 +371,25 @@ class RunLock:
                 _held[key][1] += 1
                 self._key = key
                 return self
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    os.close(fd)
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise
+                    raise RunLocked(f"{self.directory} is in use by another process ({self._holder()}); wait for "
+                                    "it to finish or stop it (a killed process releases the lock)") from None
+                # The holder removes the file when it is done: a lock won on a file already unlinked guards
+                # nothing, so take it again on the file now at the path.
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
                 os.close(fd)
-                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
-                raise RunLocked(f"{self.directory} is in use by another process ({self._holder()}); wait for it to "
-                                f"finish or stop it (a killed process releases the lock)") from None
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {self.what}\n".encode())
             _held[key] = [fd, 1]
@@ -392,6 +405,10 @@ class RunLock:
             if entry is not None:
                 entry[1] -= 1
                 if entry[1] == 0:
+                    # Remove the file while still holding the lock (acquire re-checks the path), so that a run
+                    # that ended leaves no lock file; one killed leaves the file but never a lock.
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.path)
                     os.close(entry[0])  # closing the descriptor releases the flock
                     del _held[self._key]
         self._key = None

@@ -73,8 +73,8 @@ from trainer.setup import (
     prepare_run_dir,
     resume_command,
     save,
-    save_checkpoint,  # noqa: F401 - re-exported: tests patch trainer.loop.save_checkpoint's old home
-    save_config_yaml,  # noqa: F401 - (likewise)
+    save_checkpoint,
+    save_config_yaml,
     setup_training,
     suggest_lr,
     want_progress,
@@ -117,7 +117,8 @@ def train(config: TrainConfig) -> Path:
         run_dir = cfg.resolved_output_dir()
         lock = lock_run_dir(run_dir, ctx)  # before anything in it is read
         resume = find_resume_point(cfg, run_dir, ctx)
-        moved = prepare_run_dir(cfg, run_dir, resume, ctx)
+        # The run's two writers are named here, where the loop's steps are (and where tests substitute them).
+        moved = prepare_run_dir(cfg, run_dir, resume, ctx, write_config=save_config_yaml)
         model, optimizer, scheduler = setup_training(cfg, model, resume, dtype, ctx)
         ref_model = load_reference(cfg, ctx, dtype) if cfg.kl_coef > 0 else None
         algo = get_algorithm(cfg.algorithm)
@@ -136,7 +137,7 @@ def train(config: TrainConfig) -> Path:
         def checkpoint(step: int) -> None:  # a resumed run's first checkpoint is already on disk
             if is_save_step(cfg, step) and not (resume is not None and step == start):
                 save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, watch.skipped, watch.consecutive,
-                     ctx)
+                     ctx, write=save_checkpoint)
 
         for batch_step in range(start, cfg.steps, cfg.updates_per_rollout):
             checkpoint(batch_step)

@@ -262,13 +262,14 @@ def find_resume_point(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Resu
     return Resume(step=step, path=Path(path), state=state, skipped=skipped)
 
 
-def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: Resume | None, ctx: DistContext) -> Path | None:
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: Resume | None, ctx: DistContext, *,
+                    write_config: Any = save_config_yaml) -> Path | None:
     """Create the run directory, clear crash debris, cut metrics and rollouts back to the start, write config.yaml.
 
     Past the start: after a crash (plain resume) the lost steps are simply re-run, so their metrics lines and
     rollout dumps go; with ``resume_from`` the later checkpoints, rollout dumps and metrics lines are moved into
     ``superseded/<UTC time>/`` (returned), never deleted. Runs under the lock, so no live writer's
-    temporary files are touched.
+    temporary files are touched. ``write_config(cfg, path)`` writes config.yaml.
     """
     err, moved = None, None
     if ctx.is_main:
@@ -290,7 +291,7 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: Resume | None, ctx:
                     p.unlink()
             truncate_metrics(run_dir / rundir.METRICS, start)
             # Saved without resume_from: a later plain --resume with this file must not roll back again.
-            save_config_yaml(replace(cfg, resume_from=-1), run_dir / rundir.CONFIG)
+            write_config(replace(cfg, resume_from=-1), run_dir / rundir.CONFIG)
         except OSError as exc:
             err = f"cannot write to the output directory {run_dir}: {exc.strerror or exc}"
     raise_on_all_ranks(err, SetupError, ctx)
@@ -450,9 +451,11 @@ def restore_rng(per_rank: list[dict[str, Any]] | None, ctx: DistContext) -> None
 
 def save(
     cfg: TrainConfig, run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
-    optimizer: torch.optim.Optimizer, scheduler: Any, skipped: int, consecutive: int, ctx: DistContext,
+    optimizer: torch.optim.Optimizer, scheduler: Any, skipped: int, consecutive: int, ctx: DistContext, *,
+    write: Any = save_checkpoint,
 ) -> None:
-    """Write checkpoints/step_XXXXXX (every rank takes part in gathering the state; rank 0 writes)."""
+    """Write checkpoints/step_XXXXXX (every rank takes part in gathering the state; rank 0 writes it with
+    ``write``, :func:`trainer.checkpointing.save_checkpoint`'s signature)."""
     model_sd = full_model_state_dict(model, ctx)
     optim_sd = full_optimizer_state_dict(model, optimizer, ctx)
     rngs = all_gather_objects(rng_state(ctx), ctx)
@@ -482,7 +485,7 @@ def save(
                     hf_logging.enable_progress_bar()
 
         try:
-            save_checkpoint(run_dir, step, write_model, state)
+            write(run_dir, step, write_model, state)
         except CheckpointError as exc:
             err = str(exc)
     raise_on_all_ranks(err, CheckpointError, ctx)
