@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from resrl_analysis.rundir import METRIC_KEYS, rollout_path
+from resrl_analysis.rundir import CHECKPOINTS, METRIC_KEYS, rollout_path
 from trainer.algorithms import AlgoInputs, AlgoOutput, get_algorithm
 from trainer.config import TrainConfig, config_to_dict
 from trainer.distributed import (
@@ -312,7 +312,7 @@ class _Watch:
 
     def _recovery(self) -> str:
         """Where to resume from: the last checkpoint before the trouble whose weights are finite and sane."""
-        cfg, ckpts = self.cfg, self.run_dir / "checkpoints"
+        cfg, ckpts = self.cfg, self.run_dir / CHECKPOINTS
         sane = None
         if self.ctx.is_main:
             sane = last_sane_checkpoint(self.run_dir, before=self.first_bad, max_abs=cfg.sane_weight_max)
