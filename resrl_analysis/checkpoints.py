@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 import struct
 import sys
 import zipfile
@@ -33,6 +32,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from . import rundir
+from .rundir import STEP_DIR, JsonlError, parse_step
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +57,6 @@ __all__ = [
     "ProbeSet",
 ]
 
-STEP_DIR = re.compile(r"^step_(\d{6})$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
@@ -77,15 +78,12 @@ def checkpoint_step(path: str | Path) -> int | None:
     >>> checkpoint_step("runs/a/checkpoints/step_000120"), checkpoint_step("my-model")
     (120, None)
     """
-    m = STEP_DIR.match(Path(path).name)
-    return int(m.group(1)) if m else None
+    return parse_step(path) if STEP_DIR.match(Path(path).name) else None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint of a run, sorted by step.
-
-    Complete means named ``step_XXXXXX`` (six digits): the trainer writes into ``.tmp-…`` siblings
-    and renames when done, so temporary debris is ignored, as is anything else in the folder.
+    """(step, path) of every complete checkpoint of a run, sorted by step (:func:`resrl_analysis.rundir.
+    list_checkpoints`), with a one-line :class:`ProbeError` when ``run_dir`` has no ``checkpoints/``.
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -94,15 +92,10 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     >>> [s for s, _ in list_checkpoints(d)]
     [0, 10]
     """
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / rundir.CHECKPOINTS
     if not root.is_dir():
         raise ProbeError(f"{root}: no checkpoints directory (is {run_dir} a run directory?)")
-    out = []
-    for p in root.iterdir():
-        step = checkpoint_step(p)
-        if step is not None and p.is_dir():
-            out.append((step, p))
-    return sorted(out)
+    return rundir.list_checkpoints(run_dir)
 
 
 def run_checkpoints(run: str | Path | Sequence[str | Path], *, base_model: str | Path | None = None
@@ -398,7 +391,8 @@ def check_compatible(paths: Sequence[str | Path]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; one-line :class:`ProbeError` naming file:line.
+    """(line number, object) for every non-blank line (:func:`resrl_analysis.rundir.read_jsonl`); a one-line
+    :class:`ProbeError` naming file:line, also for a missing or empty file.
 
     >>> import tempfile, pathlib
     >>> f = pathlib.Path(tempfile.mkdtemp()) / "a.jsonl"; _ = f.write_text('{"a": 1}\\n\\n{"a": 2}\\n')
@@ -408,22 +402,10 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise ProbeError(f"{path}: file not found")
-    out: list[tuple[int, dict]] = []
-    with path.open("rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ProbeError(f"{path}:{i}: not UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise ProbeError(f"{path}:{i}: bad JSON ({_one_line(e)})") from None
-            if not isinstance(obj, dict):
-                raise ProbeError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-            out.append((i, obj))
+    try:
+        out = rundir.read_jsonl(path)
+    except JsonlError as e:
+        raise ProbeError(str(e)) from None
     if not out:
         raise ProbeError(f"{path}: empty file")
     return out

@@ -10,7 +10,6 @@ A figure whose data is missing is skipped with the reason, never drawn from anyt
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import yaml
 from . import plots
 from .plots.style import paper_style, save_figure
 from .results import ProbeResult, load_results
+from .rundir import CONFIG, METRICS, PROBES, list_rollouts, read_jsonl, step_dir
 
 __all__ = ["RunData", "load_run", "draw_all", "default_out", "add_figures_arguments", "run_figures"]
 
@@ -38,20 +38,6 @@ class RunData:
     metrics: pd.DataFrame
     probes: dict[str, ProbeResult] = field(default_factory=dict)
     rollouts: dict[int, list[dict]] = field(default_factory=dict)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    return rows
 
 
 # TRL's log_history names → ours, so the training-dynamics figure reads a TRL run as it reads ours.
@@ -88,7 +74,7 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
     FileNotFoundError: /nonexistent: not a run directory (no config.yaml)
     """
     p = Path(path)
-    cfg_path = p / "config.yaml"
+    cfg_path = p / CONFIG
     if not cfg_path.is_file() and p.is_dir() and (foreign := _load_foreign_run(p, label)) is not None:
         return foreign
     if not cfg_path.is_file():
@@ -97,11 +83,9 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
         config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{cfg_path}: not valid YAML ({e})") from None
-    metrics = pd.DataFrame(_read_jsonl(p / "metrics.jsonl")) if (p / "metrics.jsonl").is_file() else pd.DataFrame()
-    probes = load_results(p / "probes") if (p / "probes" / "summary.json").is_file() else {}
-    rollouts = {}
-    for f in sorted((p / "rollouts").glob("step_*.jsonl")) if (p / "rollouts").is_dir() else []:
-        rollouts[int(f.stem.split("_")[1])] = _read_jsonl(f)
+    metrics = pd.DataFrame([r for _, r in read_jsonl(p / METRICS)]) if (p / METRICS).is_file() else pd.DataFrame()
+    probes = load_results(p / PROBES) if (p / PROBES / "summary.json").is_file() else {}
+    rollouts = {step: [r for _, r in read_jsonl(f)] for step, f in list_rollouts(p)}
     return RunData(p, label or str(config.get("algorithm", p.name)), config, metrics, probes, rollouts)
 
 
@@ -226,8 +210,9 @@ def fig_residual_weights(runs: Sequence[RunData]):
                 w += [v for v, e in zip(row["resrl_weights"], row["resrl_residuals"]) if e is not None]
     if not res:
         return f"{r.path}: the rollout dumps hold no ResRL residuals (no mixed groups?)"
-    fig = plots.plot_residual_weight_hist(res, w, q_low=float(r.config.get("q_low", 0.2)),
-                                          q_high=float(r.config.get("q_high", 0.8)))
+    # config.yaml is a TrainConfig: the quantiles are its resrl_q_low / resrl_q_high.
+    fig = plots.plot_residual_weight_hist(res, w, q_low=float(r.config.get("resrl_q_low", 0.2)),
+                                          q_high=float(r.config.get("resrl_q_high", 0.8)))
     fig.suptitle(f"{r.label}: negative tokens of every dumped step (quantiles pooled; the trainer's are per group)",
                  y=1.04, fontsize="small")
     return fig
@@ -239,7 +224,7 @@ def fig_token_heatmap(runs: Sequence[RunData]):
         return "no ResRL run with rollout dumps"
     from .checkpoints import load_tokenizer  # transformers only here, outside the plots package
 
-    tok = load_tokenizer(r.path / "checkpoints" / "step_000000")
+    tok = load_tokenizer(step_dir(r.path, 0))
     step = max(r.rollouts)
     cands = [row for row in r.rollouts[step] if not row.get("is_positive") and row.get("resrl_residuals")
              and any(v is not None for v in row["resrl_residuals"])]

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .checkpoints import ProbeError
+from .rundir import TMP_PREFIX, atomic_write
 
 __all__ = [
     "ProbeResult",
@@ -79,24 +80,9 @@ def to_jsonable(x: Any) -> Any:
     return str(x)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary sibling, then rename it onto ``path`` (no partial file on failure).
-
-    >>> import tempfile, pathlib
-    >>> p = atomic_write_text(pathlib.Path(tempfile.mkdtemp()) / "s.json", "{}")
-    >>> p.read_text()
-    '{}'
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+#: The run directory's one atomic writer (text or bytes; temporary sibling, fsync, ``os.replace``), under the
+#: name results have always used.
+atomic_write_text = atomic_write
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
@@ -209,7 +195,7 @@ class ProbeResult:
             raise ValueError(f"format must be 'parquet' or 'csv', got {format!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
+        tmp = path.parent / f"{TMP_PREFIX}-{path.name}-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir()
             for name in self.TABLES:

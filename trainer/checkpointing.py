@@ -2,7 +2,8 @@
 
 A checkpoint is written into a temporary sibling ``checkpoints/.tmp-step_XXXXXX-<random>`` and renamed to
 ``checkpoints/step_XXXXXX`` only when complete, so a directory named ``step_XXXXXX`` is always complete and
-a crash leaves only ``.tmp*`` debris, which readers ignore and :func:`remove_debris` deletes on resume.
+a crash leaves only ``.tmp*`` debris, which readers ignore and :func:`remove_debris` deletes on resume (under
+the run's lock, so never a live writer's).
 
 >>> import tempfile
 >>> run = Path(tempfile.mkdtemp())
@@ -14,7 +15,6 @@ a crash leaves only ``.tmp*`` debris, which readers ignore and :func:`remove_deb
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from resrl_analysis.rundir import CHECKPOINTS, ROLLOUTS, TMP_PREFIX, TRAINER_STATE, fsync_dir, list_checkpoints
+from resrl_analysis.rundir import step_dir as checkpoint_dir
 
 __all__ = [
     "CheckpointError",
@@ -34,41 +37,14 @@ __all__ = [
     "save_checkpoint",
 ]
 
-TRAINER_STATE = "trainer_state.pt"
-_STEP_DIR = re.compile(r"^step_(\d{6})$")
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; earlier checkpoints are untouched."""
 
 
-def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    """``RUN_DIR/checkpoints/step_XXXXXX``.
-
-    >>> checkpoint_dir("runs/a", 12).as_posix()
-    'runs/a/checkpoints/step_000012'
-    """
-    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints ``(step, path)`` in increasing step order; ``.tmp*`` debris is ignored."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        # The rename makes any step_ directory complete; checking the state file too guards against a
-        # directory copied or edited by hand.
-        if m and p.is_dir() and (p / TRAINER_STATE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
 def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
-    """The complete checkpoint with the highest step, or None."""
-    ckpts = list_checkpoints(run_dir)
+    """The resumable checkpoint (complete, with ``trainer_state.pt``) with the highest step, or None."""
+    ckpts = list_checkpoints(run_dir, with_trainer_state=True)
     return ckpts[-1] if ckpts else None
 
 
@@ -76,31 +52,17 @@ def remove_debris(run_dir: str | Path) -> list[Path]:
     """Delete ``.tmp*`` files and directories left by an interrupted write; returns what was removed."""
     removed = []
     run = Path(run_dir)
-    for d in (run, run / "checkpoints", run / "rollouts"):
+    for d in (run, run / CHECKPOINTS, run / ROLLOUTS):
         if not d.is_dir():
             continue
         for p in d.iterdir():
-            if p.name.startswith(".tmp"):
+            if p.name.startswith(TMP_PREFIX):
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
-
-
-def _fsync_dir(path: Path) -> None:
-    # Make the rename durable (best effort: not every platform/filesystem allows opening a directory).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -137,7 +99,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, Exception):

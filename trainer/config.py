@@ -61,6 +61,7 @@ RESUMABLE_CHANGES = frozenset({
     "logprob_micro_batch_size", "progress_bar", "log_every", "tensorboard", "dump_rollouts", "device",
     "gradient_checkpointing", "logprob_memory_mb", "rollout_backend", "val_every", "preset", "cpu_threads",
     "rollout_compile", "lr", "grad_clip", "max_consecutive_skips", "report_to",
+    "resume_from", "blowup_param_ratio", "blowup_update_norm", "max_blowup_steps", "sane_weight_max",
 })
 
 #: Experiment trackers of ``report_to`` (trainer/loggers.py); ``none`` = only metrics.jsonl.
@@ -97,6 +98,9 @@ class TrainConfig:
     save_every: int = _f(10, "Save a checkpoint (and dump the rollouts) every this many optimizer steps; "
                               "step 0 and the last step are always saved.")
     resume: bool = _f(False, "Continue the run in output_dir from its latest complete checkpoint.")
+    resume_from: int = _f(-1, "Continue the run in output_dir from the complete checkpoint of this step (implies "
+                              "resume; -1 = the latest). Later checkpoints, rollout dumps and metrics lines are "
+                              "moved into RUN_DIR/superseded/<UTC time>/, never deleted.")
 
     # ---------------------------------------------------------------- model
     model: str = _f("tiny-warmstart", "Policy to train: a local Hugging Face model directory, 'tiny-warmstart' "
@@ -203,6 +207,15 @@ class TrainConfig:
                                  "equal to 'tensorboard' in report_to.")
     dump_rollouts: bool = _f(True, "Write rollouts/step_XXXXXX.jsonl at step 0 and every saved step.")
     max_consecutive_skips: int = _f(5, "Stop the run after this many non-finite steps in a row.")
+    blowup_param_ratio: float = _f(1.5, "Report a step as a blow-up when it grows the parameter norm by more than "
+                                        "this factor (||θ_after|| / ||θ_before||; 0 = off).")
+    blowup_update_norm: float = _f(0.0, "Report a step as a blow-up when its update norm ||θ_after - θ_before|| "
+                                        "exceeds this (0 = off: it costs a copy of the parameters per step).")
+    max_blowup_steps: int = _f(3, "Stop the run as diverged after this many blow-up steps (see blowup_*; also a "
+                                  "step with entropy and grad norm both 0, a collapsed policy) since the (re)start; "
+                                  "0 = only report them.")
+    sane_weight_max: float = _f(1e4, "After a divergence, a checkpoint is offered for --resume-from only if its "
+                                     "weights are finite with max |w| below this.")
 
     # ---------------------------------------------------------------- derived and checks
     def _resolve_report_to(self) -> None:
@@ -248,6 +261,14 @@ class TrainConfig:
                      "val_every", "length_start", "cpu_threads", "train_prompts"):
             if getattr(self, name) < 0:
                 raise e(f"{name}={getattr(self, name)} must be >= 0")
+        if self.resume_from < -1:
+            raise e(f"resume_from={self.resume_from} must be a checkpoint step >= 0 (or -1: the latest)")
+        if self.resume_from >= 0:
+            self.resume = True  # resuming from a chosen checkpoint is a resume
+        if self.max_blowup_steps < 0 or self.blowup_update_norm < 0 or self.sane_weight_max <= 0:
+            raise e("max_blowup_steps and blowup_update_norm must be >= 0, sane_weight_max > 0")
+        if self.blowup_param_ratio != 0 and self.blowup_param_ratio <= 1:
+            raise e(f"blowup_param_ratio={self.blowup_param_ratio} must be > 1 (a growth factor), or 0 (off)")
         if self.n < 2 and self.algorithm in GROUP_ALGORITHMS:
             raise e(f"n={self.n}: {self.algorithm} compares responses within a prompt group and needs n >= 2 "
                     "responses per prompt; raise n or use psr/nsr/w-reinforce")

@@ -1,6 +1,7 @@
 """The training loop: config → setup → rollout → reward → advantage → update → log → checkpoint.
 
-:func:`train` is the whole trainer; it reads top to bottom. What it adds to plain GRPO bookkeeping:
+:func:`train` is the whole algorithm and reads top to bottom; loading, the run directory, resume, the RNG
+plumbing and saving live in :mod:`trainer.setup`. What it adds to plain GRPO bookkeeping:
 
 - **Optimizer steps are the unit.** ``steps`` counts optimizer steps. One rollout batch of
   ``prompts_per_step`` prompts × ``n`` responses feeds ``prompts_per_step / mini_batch_size * ppo_epochs``
@@ -13,9 +14,12 @@
   data stream is a pure function of (seed, position), and the checkpoint holds optimizer, scheduler,
   counters and the global RNG states; so an interrupted run resumed from its latest checkpoint ends with
   the parameters of an uninterrupted one.
+- **A watch on the numbers.** A non-finite step is skipped; a step that blows the weights up (parameter-norm
+  jump, update norm) or leaves a collapsed policy (entropy and grad norm 0) is reported; too many of either
+  stop the run with the command that resumes it from its last sane checkpoint (:class:`_Watch`).
 - **One path for one or many processes** (:mod:`trainer.distributed`): each rank samples its share of
   the prompts (a group never spans ranks), loss normalisers and metrics are reduced across ranks, only
-  rank 0 writes.
+  rank 0 writes, and it alone holds the run directory's lock.
 
 >>> import tempfile
 >>> cfg = TrainConfig(model="tiny-random", steps=1, prompts_per_step=2, mini_batch_size=2, n=2,
@@ -28,11 +32,7 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import os
-import platform
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -51,50 +51,49 @@ from resrl_analysis.advantages import (
     params_from_config,
 )
 from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
+from resrl_analysis.rundir import CHECKPOINTS, METRIC_KEYS, rollout_path
 from resrl_analysis.sampling import SamplingParams, encode_prompts, eos_token_ids, sample
-from trainer.checkpointing import (
-    CheckpointError,
-    latest_checkpoint,
-    load_trainer_state,
-    remove_debris,
-    save_checkpoint,
-)
-from trainer.config import (
-    RESUMABLE_CHANGES,
-    ConfigError,
-    TrainConfig,
-    config_differences,
-    config_from_sources,
-    save_config_yaml,
-)
+from trainer.config import TrainConfig
 from trainer.distributed import (
     DistContext,
     all_gather_objects,
     all_reduce_max,
     all_reduce_sum,
-    barrier,
     broadcast_object,
-    full_model_state_dict,
-    full_optimizer_state_dict,
     gathered_for_inference,
-    load_full_state,
     setup_distributed,
     teardown_distributed,
-    wrap_model,
 )
 from trainer.losses import LossNorm, policy_loss
-from trainer.metrics_log import METRIC_KEYS, MetricsLog, RunWriteError, truncate_metrics, write_rollouts
+from trainer.metrics_log import MetricsLog, write_rollouts
+from trainer.setup import (
+    SetupError,
+    TrainingDiverged,
+    check_world,
+    compute_dtype,
+    find_resume_point,
+    is_save_step,
+    last_sane_checkpoint,
+    limit_prompts,
+    load_policy,
+    load_reference,
+    lock_run_dir,
+    prepare_run_dir,
+    resume_command,
+    save,
+    save_checkpoint,
+    save_config_yaml,
+    setup_training,
+    suggest_lr,
+    want_progress,
+)
+from trainer.setup import build_task as _build_task  # a module global here: tests substitute their own task
+from trainer.setup import check_world as _check_world  # noqa: F401 - old name, used by tests
+from trainer.setup import generator as _generator
+from trainer.setup import on_all_ranks as _on_all_ranks
 from trainer.tasks import Prompt, Task
 
 __all__ = ["SetupError", "TrainingDiverged", "train"]
-
-
-class SetupError(RuntimeError):
-    """The run cannot start (model not found, output directory not writable or already used, ...)."""
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row; the last checkpoint is intact."""
 
 
 # =========================================================================================== the loop
@@ -105,392 +104,234 @@ def train(config: TrainConfig) -> Path:
 
     Works in one process or under ``torchrun``; every rank returns the same path. Raises
     :class:`trainer.tasks.DataError` (bad data), :class:`ConfigError`/:class:`SetupError` (impossible
-    settings) before anything is written, and :class:`TrainingDiverged` after
-    ``max_consecutive_skips`` non-finite steps in a row.
+    settings, or the run directory is in use by another process) before anything is written, and
+    :class:`TrainingDiverged` after ``max_consecutive_skips`` non-finite steps in a row or ``max_blowup_steps``
+    blow-ups, naming the checkpoint to resume from.
     """
     cfg = config
     ctx = setup_distributed(cfg.device, cfg.fsdp)
     log = MetricsLog("", enabled=False)
+    lock = None
     threads = torch.get_num_threads()
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     try:
         # ------------------------------------------------------------------ setup (nothing written yet)
-        _check_world(cfg, ctx)
-        compute_dtype = _compute_dtype(cfg, ctx)
-        tokenizer, model = _load_policy(cfg, ctx)
-        # A DataError surfaces here, before the run directory exists.
-        task = _limit_prompts(_build_task(cfg, tokenizer), cfg.train_prompts)
-        # ------------------------------------------------------------------ run directory, resume point
+        check_world(cfg, ctx)
+        dtype = compute_dtype(cfg, ctx)
+        tokenizer, model = load_policy(cfg, ctx)
+        task = limit_prompts(_build_task(cfg, tokenizer), cfg.train_prompts)  # a DataError surfaces here
+        # ------------------------------------------------------------------ run directory: lock, resume point
         run_dir = cfg.resolved_output_dir()
-        resume = _find_resume_point(cfg, run_dir, ctx)
-        _prepare_run_dir(cfg, run_dir, resume, ctx)
-        model, optimizer, scheduler, counters = _setup_training(cfg, model, resume, compute_dtype, ctx)
-        step, skipped, consecutive = counters
-        ref_model = _load_reference(cfg, ctx, compute_dtype) if cfg.kl_coef > 0 else None
+        lock = lock_run_dir(run_dir, ctx)  # before anything in it is read
+        resume = find_resume_point(cfg, run_dir, ctx)
+        # The run's two writers are named here, where the loop's steps are (and where tests substitute them).
+        moved = prepare_run_dir(cfg, run_dir, resume, ctx, write_config=save_config_yaml)
+        model, optimizer, scheduler = setup_training(cfg, model, resume, dtype, ctx)
+        ref_model = load_reference(cfg, ctx, dtype) if cfg.kl_coef > 0 else None
         algo = get_algorithm(cfg.algorithm)
-        k = cfg.updates_per_rollout
+        start = resume.step if resume is not None else 0
         log = MetricsLog(
-            run_dir, enabled=ctx.is_main, progress=_want_progress(cfg, ctx), tensorboard=cfg.tensorboard,
-            total_steps=cfg.steps, start_step=step, log_every=cfg.log_every,
+            run_dir, enabled=ctx.is_main, progress=want_progress(cfg, ctx), tensorboard=cfg.tensorboard,
+            total_steps=cfg.steps, start_step=start, log_every=cfg.log_every,
         )
         if resume is not None:
-            log.info(f"resuming {run_dir} from checkpoint step {step} (target {cfg.steps} steps)")
-        first_step = step
-        pending: list[Rollouts] = []
-        roll_metrics: dict[str, Any] = {}
-        while True:
-            if ctx.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(ctx.device)
-            if step % k == 0:
-                # ---------------------------------------------------------- checkpoint (between batches)
-                if _is_save_step(cfg, step) and not (resume is not None and step == first_step):
-                    _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, skipped, consecutive, ctx)
-                if step >= cfg.steps:
-                    if cfg.dump_rollouts and not (run_dir / "rollouts" / f"step_{step:06d}.jsonl").exists():
-                        # What the final policy samples (the batch a continued run would train on).
-                        data, _ = _collect(cfg, step, model, ref_model, tokenizer, task, algo, ctx)
-                        _dump(run_dir, step, data, tokenizer, ctx)
-                    break
-                # ---------------------------------------------------------- rollout → reward → advantage
-                t0 = time.perf_counter()
-                data, roll_metrics = _collect(cfg, step, model, ref_model, tokenizer, task, algo, ctx)
-                roll_metrics["timing/rollout_s"] = time.perf_counter() - t0
-                if cfg.dump_rollouts and _is_save_step(cfg, step):
-                    _dump(run_dir, step, data, tokenizer, ctx)
-                pending = _minibatches(data, cfg, ctx)
-            # -------------------------------------------------------------- update (one optimizer step)
-            t1 = time.perf_counter()
-            upd = _optimizer_step(model, optimizer, scheduler, pending.pop(0), cfg, ctx)
-            update_s = time.perf_counter() - t1
-            step += 1
-            if upd["finite"]:
-                consecutive = 0
-            else:
-                skipped, consecutive = skipped + 1, consecutive + 1
-            # -------------------------------------------------------------- log
-            rollout_s = roll_metrics.pop("timing/rollout_s", 0.0)  # charged to the first step of a batch
-            metrics = {key: None for key in METRIC_KEYS}
-            metrics.update(roll_metrics)
-            metrics.update({
-                "step": step, **upd["metrics"],
-                "timing/rollout_s": rollout_s, "timing/update_s": update_s,
-                "timing/step_s": rollout_s + update_s, "perf/tokens_per_s": upd["tokens"] / (rollout_s + update_s),
-                "train/skipped_steps": skipped,
-            })
-            if ctx.device.type == "cuda":
-                metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
-            if cfg.val_every and step % cfg.val_every == 0:
-                metrics.update(_validate(cfg, step, model, tokenizer, task, ctx))
-            _on_all_ranks(log.log if ctx.is_main else None, metrics, what=str(run_dir / "metrics.jsonl"), ctx=ctx)
-            if not upd["finite"]:
-                log.info(f"step {step}: non-finite loss or gradient, update skipped ({consecutive} in a row)")
-                if consecutive >= cfg.max_consecutive_skips:
-                    raise TrainingDiverged(
-                        f"{consecutive} non-finite steps in a row (steps {step - consecutive + 1}-{step}): stopping. "
-                        f"The last checkpoint in {run_dir / 'checkpoints'} is intact; lower lr or check the "
-                        f"data, then --resume (e.g. --resume --output-dir {run_dir} --set lr={cfg.lr / 10:g})"
-                    )
+            log.info(f"resuming {run_dir} from checkpoint step {start} (target {cfg.steps} steps)")
+        if moved is not None:
+            log.info(f"moved the checkpoints, rollouts and metrics after step {start} to {moved}")
+        watch = _Watch(cfg, run_dir, ctx, log, skipped=resume.skipped if resume is not None else 0)
+        watch.param_norm = _param_norm(model, ctx)
+
+        def checkpoint(step: int) -> None:  # a resumed run's first checkpoint is already on disk
+            if is_save_step(cfg, step) and not (resume is not None and step == start):
+                save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, watch.skipped, watch.consecutive,
+                     ctx, write=save_checkpoint)
+
+        for batch_step in range(start, cfg.steps, cfg.updates_per_rollout):
+            checkpoint(batch_step)
+            # -------------------------------------------------------------- rollout → reward → advantage
+            _reset_peak_memory(ctx)
+            t0 = time.perf_counter()
+            data, roll_metrics = _collect(cfg, batch_step, model, ref_model, tokenizer, task, algo, ctx)
+            roll_metrics["timing/rollout_s"] = time.perf_counter() - t0
+            if cfg.dump_rollouts and is_save_step(cfg, batch_step):
+                _dump(run_dir, batch_step, data, tokenizer, ctx)
+            # -------------------------------------------------------------- update: one optimizer step per mini-batch
+            for i, mb in enumerate(_minibatches(data, cfg, ctx)):
+                step = batch_step + i + 1
+                if i:
+                    _reset_peak_memory(ctx)
+                before = _param_copy(model) if cfg.blowup_update_norm > 0 else None
+                t1 = time.perf_counter()
+                upd = _optimizer_step(model, optimizer, scheduler, mb, cfg, ctx)
+                update_s = time.perf_counter() - t1
+                # ---------------------------------------------------------- log
+                rollout_s = roll_metrics.pop("timing/rollout_s", 0.0)  # charged to the first step of a batch
+                metrics = {key: None for key in METRIC_KEYS}
+                metrics.update(roll_metrics)
+                metrics.update({
+                    "step": step, **upd["metrics"],
+                    "timing/rollout_s": rollout_s, "timing/update_s": update_s,
+                    "timing/step_s": rollout_s + update_s,
+                    "perf/tokens_per_s": upd["tokens"] / (rollout_s + update_s),
+                })
+                metrics.update(watch.observe(step, upd["finite"], metrics, model, before))
+                if ctx.device.type == "cuda":
+                    metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+                if cfg.val_every and step % cfg.val_every == 0:
+                    metrics.update(_validate(cfg, step, model, tokenizer, task, ctx))
+                _on_all_ranks(log.log if ctx.is_main else None, metrics, what=str(run_dir / "metrics.jsonl"),
+                              ctx=ctx)
+                watch.stop_if_diverged(step)
+        # ------------------------------------------------------------------ the end: the final policy
+        end = max(start, cfg.steps)
+        checkpoint(end)
+        if cfg.dump_rollouts and not rollout_path(run_dir, end).exists():
+            # What the final policy samples (the batch a continued run would train on).
+            data, _ = _collect(cfg, end, model, ref_model, tokenizer, task, algo, ctx)
+            _dump(run_dir, end, data, tokenizer, ctx)
         return run_dir
     finally:
         log.close()
+        if lock is not None:
+            lock.release()
         teardown_distributed(ctx)
         torch.set_num_threads(threads)
 
 
-# =========================================================================================== setup
+def _reset_peak_memory(ctx: DistContext) -> None:
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
 
 
-def _check_world(cfg: TrainConfig, ctx: DistContext) -> None:
-    w = ctx.world_size
-    if cfg.prompts_per_step % w or cfg.mini_batch_size % w:
-        raise ConfigError(
-            f"prompts_per_step={cfg.prompts_per_step} and mini_batch_size={cfg.mini_batch_size} must be divisible "
-            f"by the {w} ranks (each rank samples whole prompt groups): use multiples of {w}"
-        )
+# =========================================================================================== the watch
+
+#: A policy whose mean token entropy and gradient norm are both below these has collapsed: it samples one
+#: response, every group has one reward, and nothing can move it again.
+_COLLAPSED_ENTROPY = 1e-4
+_COLLAPSED_GRAD_NORM = 1e-8
 
 
-def _compute_dtype(cfg: TrainConfig, ctx: DistContext) -> torch.dtype:
-    name = cfg.param_dtype
-    if name == "auto":  # bf16 compute needs FSDP's float32 master copy
-        name = "bfloat16" if ctx.device.type == "cuda" and ctx.use_fsdp else "float32"
-    dtype = getattr(torch, name)
-    if dtype != torch.float32 and not ctx.use_fsdp:
-        raise ConfigError(f"param_dtype={name} needs FSDP (fsdp=auto or on), which keeps float32 master weights; "
-                          "use param_dtype=float32 with fsdp=off")
-    return dtype
+def _param_norm(model: torch.nn.Module, ctx: DistContext) -> float:
+    """||θ||₂ over all parameters (float64; FSDP2 shards summed over ranks)."""
+    sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    sharded = False
+    for p in model.parameters():
+        t = p.detach()
+        if hasattr(t, "to_local"):  # a DTensor shard
+            t, sharded = t.to_local(), True
+        sq += t.double().pow(2).sum()
+    if sharded:
+        sq = all_reduce_sum(sq, ctx)
+    return math.sqrt(float(sq))
 
 
-def _load_policy(cfg: TrainConfig, ctx: DistContext) -> tuple[Any, torch.nn.Module]:
-    """(tokenizer, float32 model on the device)."""
-    if cfg.model == "tiny-warmstart":
-        from trainer.warmstart import load_tiny_warmstart
-
-        model, tokenizer = load_tiny_warmstart()
-    elif cfg.model == "tiny-random":
-        from trainer.models import build_tiny_model
-        from trainer.tokenizer import build_char_tokenizer
-
-        tokenizer = build_char_tokenizer()
-        model = build_tiny_model(seed=cfg.seed, tokenizer=tokenizer, attn_implementation=cfg.attn_implementation)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = Path(cfg.model)
-        if not (path / "config.json").is_file():
-            raise SetupError(f"model={cfg.model}: not a Hugging Face model directory (no config.json); give the "
-                             "path of a local checkpoint, or 'tiny-warmstart'")
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation=cfg.attn_implementation
-        )
-    if cfg.tokenizer and cfg.model.startswith("tiny-"):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = model.float().to(ctx.device)  # float32 master weights
-    model.config.use_cache = False
-    return tokenizer, model
+def _param_copy(model: torch.nn.Module) -> list[Tensor]:
+    return [(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).clone() for p in model.parameters()]
 
 
-def _build_task(cfg: TrainConfig, tokenizer: Any) -> Task:
-    from trainer.tasks import make_task
-
-    if cfg.task == "multiplication":
-        return make_task("multiplication")
-    return make_task(
-        "math", train_files=cfg.train_files, val_files=cfg.val_files or None, tokenizer=tokenizer,
-        max_prompt_tokens=cfg.max_prompt_length, on_long_prompt=cfg.on_long_prompt,
-        use_chat_template=cfg.use_chat_template,
-    )
-
-
-class _PromptSubset(Task):
-    """``n`` of a task's training prompts, evenly spread over its fixed order; reward and validation as the task's."""
-
-    def __init__(self, task: Task, n: int) -> None:
-        self.task, self.n = task, n
-        self.name = task.name
-        self.default_max_new_tokens = task.default_max_new_tokens
-
-    @property
-    def num_train(self) -> int:
-        return self.n
-
-    def train_item(self, index: int) -> Prompt:
-        return self.task.train_item(index * self.task.num_train // self.n)
-
-    def validation_prompts(self) -> list[Prompt]:
-        return self.task.validation_prompts()
-
-    def reward(self, response_text: str, ground_truth: str) -> float:
-        return self.task.reward(response_text, ground_truth)
-
-
-def _limit_prompts(task: Task, n: int) -> Task:
-    return _PromptSubset(task, n) if 0 < n < task.num_train else task
+def _update_norm(model: torch.nn.Module, before: list[Tensor], ctx: DistContext) -> float:
+    """||θ_after − θ_before||₂ (FSDP2 shards summed over ranks)."""
+    sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    sharded = False
+    for p, b in zip(model.parameters(), before):
+        t = p.detach()
+        if hasattr(t, "to_local"):
+            t, sharded = t.to_local(), True
+        sq += (t.double() - b.double()).pow(2).sum()
+    if sharded:
+        sq = all_reduce_sum(sq, ctx)
+    return math.sqrt(float(sq))
 
 
 @dataclass
-class _Resume:
-    step: int
-    path: Path
-    state: dict[str, Any]
-    skipped: int
-    consecutive: int
+class _Watch:
+    """Counts non-finite and blow-up steps and stops a diverged run with the command that recovers it.
 
+    Non-finite: the optimizer skipped the step (``max_consecutive_skips`` in a row stop the run). Blow-up: a
+    finite step that grew the parameter norm by more than ``blowup_param_ratio``, moved the weights by more
+    than ``blowup_update_norm``, or was taken by a collapsed policy (entropy and grad norm both 0);
+    ``max_blowup_steps`` of them since the (re)start stop the run. Both counters of a resumed run start
+    again at 0, except the run's total of skipped steps.
+    """
 
-def _find_resume_point(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> _Resume | None:
-    """Rank 0 finds the latest complete checkpoint; the step and counters are broadcast."""
-    found: Any = None
-    if ctx.is_main:
-        if not cfg.resume:
-            used = (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file()
-            found = ("error", f"output directory {run_dir} already holds a run; pass --resume to continue it "
-                              "or choose another --output-dir") if used else None
+    cfg: TrainConfig
+    run_dir: Path
+    ctx: DistContext
+    log: MetricsLog
+    skipped: int = 0  # non-finite steps of the whole run
+    consecutive: int = 0  # non-finite steps in a row
+    blowups: int = 0  # blow-up steps since the (re)start
+    param_norm: float = 0.0  # ||θ|| now
+    worst_ratio: float | None = None  # largest parameter-norm jump of a blow-up step
+    first_bad: int | None = None  # the first step whose weights are suspect (checkpoints before it are not)
+    reasons: list[str] = field(default_factory=list)
+
+    def observe(self, step: int, finite: bool, metrics: dict[str, Any], model: torch.nn.Module,
+                before: list[Tensor] | None) -> dict[str, Any]:
+        """Check the step just taken; returns its ``actor/param_norm*`` and ``train/*`` metrics."""
+        cfg, out = self.cfg, {}
+        old, new = self.param_norm, _param_norm(model, self.ctx)
+        ratio = new / old if old > 0 else 1.0
+        self.param_norm = new
+        out.update({"actor/param_norm": new, "actor/param_norm_ratio": ratio})
+        why = []
+        if not finite:
+            self.skipped, self.consecutive = self.skipped + 1, self.consecutive + 1
+            self.first_bad = step if self.first_bad is None else self.first_bad
+            self.log.info(f"step {step}: non-finite loss or gradient, update skipped ({self.consecutive} in a row)")
         else:
-            old_cfg = run_dir / "config.yaml"
-            if old_cfg.is_file():
-                diff = {k: v for k, v in config_differences(config_from_sources(None, old_cfg), cfg).items()
-                        if k not in RESUMABLE_CHANGES}
-                if diff:
-                    pretty = ", ".join(f"{k} ({a!r} → {b!r})" for k, (a, b) in diff.items())
-                    found = ("error", f"--resume: settings differ from {old_cfg}: {pretty}; pass the run's "
-                                      f"settings (e.g. --config {old_cfg}) to continue it exactly")
-            ck = latest_checkpoint(run_dir) if found is None else None
-            if ck is not None:
-                state = load_trainer_state(ck[1])
-                found = ("ok", ck[0], str(ck[1]), int(state.get("skipped_steps", 0)),
-                         int(state.get("consecutive_skips", 0)), state)
-    head = broadcast_object(found[:-1] if found and found[0] == "ok" else found, ctx)
-    if head is None:
-        return None
-    if head[0] == "error":
-        raise SetupError(head[1])
-    _, step, path, skipped, consecutive = head
-    state = found[-1] if ctx.is_main else {}
-    return _Resume(step=step, path=Path(path), state=state, skipped=skipped, consecutive=consecutive)
+            self.consecutive = 0
+            if cfg.blowup_param_ratio and not ratio <= cfg.blowup_param_ratio:
+                why.append(f"parameter norm ×{ratio:.3g} in one step (bound blowup_param_ratio="
+                           f"{cfg.blowup_param_ratio:g})")
+                self.worst_ratio = max(self.worst_ratio or 0.0, ratio if math.isfinite(ratio) else 1e300)
+            if before is not None:
+                un = _update_norm(model, before, self.ctx)
+                out["actor/update_norm"] = un
+                if not un <= cfg.blowup_update_norm:
+                    why.append(f"update norm {un:.3g} (bound blowup_update_norm={cfg.blowup_update_norm:g})")
+            ent, gn = metrics.get("actor/entropy"), metrics.get("actor/grad_norm")
+            collapsed = (ent is not None and gn is not None and ent < _COLLAPSED_ENTROPY
+                         and gn < _COLLAPSED_GRAD_NORM)
+            if collapsed:
+                why.append(f"entropy {ent:.2g} and grad norm {gn:.2g}: the policy has collapsed")
+        if why:
+            self.blowups += 1
+            # A jump spoils the weights this step writes; a collapse was already in the weights it started from.
+            bad = step - 1 if why[-1].endswith("collapsed") and len(why) == 1 else step
+            self.first_bad = bad if self.first_bad is None else min(self.first_bad, bad)
+            self.reasons = why
+            limit = f" of {cfg.max_blowup_steps} allowed" if cfg.max_blowup_steps else ""
+            self.log.info(f"step {step}: warning: blow-up ({self.blowups}{limit}): {'; '.join(why)}")
+        out.update({"train/skipped_steps": self.skipped, "train/blowup_steps": self.blowups})
+        return out
 
+    def stop_if_diverged(self, step: int) -> None:
+        """Raise :class:`TrainingDiverged` (on every rank) when a limit is reached."""
+        cfg = self.cfg
+        if self.consecutive >= cfg.max_consecutive_skips:
+            what = (f"{self.consecutive} non-finite steps in a row (steps {step - self.consecutive + 1}-{step})")
+        elif cfg.max_blowup_steps and self.blowups >= cfg.max_blowup_steps:
+            what = f"{self.blowups} blow-up steps (the last, step {step}: {'; '.join(self.reasons)})"
+        else:
+            return
+        raise TrainingDiverged(f"{what}: stopping. {self._recovery()}")
 
-def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: _Resume | None, ctx: DistContext) -> None:
-    """Create the run directory, clear crash debris, cut metrics back to the checkpoint, write config.yaml."""
-    err = None
-    if ctx.is_main:
-        try:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            probe = run_dir / f".tmp-write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-            remove_debris(run_dir)
-            start = resume.step if resume is not None else 0
-            truncate_metrics(run_dir / "metrics.jsonl", start)
-            roll = run_dir / "rollouts"
-            if roll.is_dir():  # dumps from beyond the checkpoint are re-written as the run proceeds
-                for p in roll.glob("step_*.jsonl"):
-                    if p.stem[5:].isdigit() and int(p.stem[5:]) > start:
-                        p.unlink()
-            save_config_yaml(cfg, run_dir / "config.yaml")
-        except OSError as exc:
-            err = f"cannot write to the output directory {run_dir}: {exc.strerror or exc}"
-    err = broadcast_object(err, ctx)
-    if err:
-        raise SetupError(err)
-
-
-def _setup_training(
-    cfg: TrainConfig, model: torch.nn.Module, resume: _Resume | None, dtype: torch.dtype, ctx: DistContext,
-) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, tuple[int, int, int]]:
-    """Wrap the policy (FSDP2 or not), build AdamW and the schedule, and restore them from ``resume``.
-
-    Returns (model, optimizer, scheduler, (step, skipped steps, consecutive skipped steps)).
-    """
-    if resume is not None and ctx.is_main:
-        from transformers import AutoModelForCausalLM
-
-        # Rank 0 reads the checkpoint; under FSDP the weights reach the other ranks by broadcast.
-        model = AutoModelForCausalLM.from_pretrained(
-            resume.path, dtype=torch.float32, attn_implementation=cfg.attn_implementation
-        ).to(ctx.device)
-    model_sd = None  # a plain module already holds the checkpoint; FSDP ranks receive rank 0's copy
-    if resume is not None and ctx.use_fsdp:
-        model_sd = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        model_sd = model_sd if ctx.is_main else {}
-    if cfg.gradient_checkpointing:
-        _enable_activation_checkpointing(model)
-    model = wrap_model(model, ctx, dtype)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    if resume is None:
-        _seed_global_rng(cfg, ctx)
-        return model, optimizer, scheduler, (0, 0, 0)
-    state = resume.state
-    load_full_state(model, optimizer, model_sd, state.get("optimizer", {}) if ctx.is_main else {}, ctx)
-    scheduler.load_state_dict(broadcast_object(state.get("scheduler") if ctx.is_main else None, ctx))
-    # The loaded state carries the old run's lr; a resume may lower it (after a divergence, say).
-    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
-        group["lr"] = cfg.lr * _lr_lambda(cfg)(scheduler.last_epoch)
-    _restore_rng(broadcast_object(state.get("rng") if ctx.is_main else None, ctx), ctx)
-    return model, optimizer, scheduler, (resume.step, resume.skipped, resume.consecutive)
-
-
-def _load_reference(cfg: TrainConfig, ctx: DistContext, dtype: torch.dtype) -> torch.nn.Module:
-    """The frozen initial policy for the KL penalty (loaded only when kl_coef > 0)."""
-    _, ref = _load_policy(cfg, ctx)
-    ref.requires_grad_(False)
-    ref.eval()
-    return wrap_model(ref, ctx, dtype)
-
-
-def _lr_lambda(cfg: TrainConfig) -> Any:
-    """Multiplier of ``lr`` after s scheduler steps: linear warm-up, then constant or cosine.
-
-    Depends on ``steps`` only through ``lr_decay_steps = 0`` with the cosine schedule.
-    """
-    decay = cfg.lr_decay_steps or cfg.steps
-
-    def f(s: int) -> float:
-        if cfg.warmup_steps and s < cfg.warmup_steps:
-            return (s + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        t = min(1.0, (s - cfg.warmup_steps) / max(1, decay - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return f
-
-
-def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each decoder layer's activations in backward (non-reentrant, as FSDP2 needs)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:  # older transformers (the GPU image's 5.17 may be one)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _want_progress(cfg: TrainConfig, ctx: DistContext) -> bool:
-    if not ctx.is_main or cfg.progress_bar == "off":
-        return False
-    return cfg.progress_bar == "on" or sys.stderr.isatty()
-
-
-def _is_save_step(cfg: TrainConfig, step: int) -> bool:
-    return step == 0 or step % cfg.save_every == 0 or step == cfg.steps
-
-
-def _on_all_ranks(fn: Any, *args: Any, what: str, ctx: DistContext) -> None:
-    """Run a rank-0 write (``fn`` is None elsewhere); its failure is raised as :class:`RunWriteError` on every
-    rank. Without this, rank 0 would die while the others wait in their next collective."""
-    err = None
-    if fn is not None:
-        try:
-            fn(*args)
-        except RunWriteError as exc:
-            err = str(exc)
-        except OSError as exc:
-            err = f"writing {what} failed: {exc.strerror or exc}; earlier checkpoints are intact"
-    err = broadcast_object(err, ctx)
-    if err:
-        raise RunWriteError(err)
-
-
-# =========================================================================================== randomness
-
-
-def _seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts, stable across processes and Python versions (unlike ``hash``)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _generator(*parts: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*parts))
-
-
-def _seed_global_rng(cfg: TrainConfig, ctx: DistContext) -> None:
-    # Only model code (dropout, if a model has any) draws from the global RNG; seed it per rank.
-    torch.manual_seed(_seed(cfg.seed, "global", ctx.rank))
-
-
-def _rng_state(ctx: DistContext) -> dict[str, Tensor | None]:
-    cuda = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
-    return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
-
-def _restore_rng(per_rank: list[dict[str, Any]] | None, ctx: DistContext) -> None:
-    if not per_rank or len(per_rank) != ctx.world_size:
-        return  # a different world size: the per-step generators still make the run deterministic
-    mine = per_rank[ctx.rank]
-    torch.set_rng_state(mine["cpu"])
-    if mine.get("cuda") is not None and ctx.device.type == "cuda":
-        torch.cuda.set_rng_state(mine["cuda"], ctx.device)
+    def _recovery(self) -> str:
+        """Where to resume from: the last checkpoint before the trouble whose weights are finite and sane."""
+        cfg, ckpts = self.cfg, self.run_dir / CHECKPOINTS
+        sane = None
+        if self.ctx.is_main:
+            sane = last_sane_checkpoint(self.run_dir, before=self.first_bad, max_abs=cfg.sane_weight_max)
+        sane = broadcast_object(sane, self.ctx)
+        text = f"The last checkpoint in {ckpts} is intact"
+        if sane is None:
+            return text + (f", but none before step {self.first_bad} has finite weights below sane_weight_max="
+                           f"{cfg.sane_weight_max:g}: start a new run with a lower lr")
+        lr = suggest_lr(cfg.lr, self.worst_ratio, cfg.blowup_param_ratio)
+        return (text + f"; the last one with sane weights (finite, max |w| < {cfg.sane_weight_max:g}) is step "
+                f"{sane}: lower lr or check the data, then resume from it: {resume_command(self.run_dir, sane, lr)}")
 
 
 # =========================================================================================== rollouts
@@ -854,49 +695,3 @@ def _validate(cfg: TrainConfig, step: int, model: torch.nn.Module, tokenizer: An
     every = [c for part in all_gather_objects(correct, ctx) for c in part]
     return {"val/reward_mean": sum(every) / (len(every) * cfg.val_n),
             f"val/pass@{cfg.val_n}": sum(c > 0 for c in every) / len(every)}
-
-
-# =========================================================================================== checkpoint
-
-
-def _save(
-    cfg: TrainConfig, run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
-    optimizer: torch.optim.Optimizer, scheduler: Any, skipped: int, consecutive: int, ctx: DistContext,
-) -> None:
-    """Write checkpoints/step_XXXXXX (every rank takes part in gathering the state; rank 0 writes)."""
-    model_sd = full_model_state_dict(model, ctx)
-    optim_sd = full_optimizer_state_dict(model, optimizer, ctx)
-    rngs = all_gather_objects(_rng_state(ctx), ctx)
-    err = None
-    if ctx.is_main:
-        import transformers
-
-        state = {
-            "step": step, "data_position": (step // cfg.updates_per_rollout) * cfg.prompts_per_step,
-            "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "rng": rngs,
-            "skipped_steps": skipped, "consecutive_skips": consecutive, "world_size": ctx.world_size,
-            "seed": cfg.seed, "algorithm": cfg.algorithm,
-            "versions": {"torch": str(torch.__version__), "transformers": str(transformers.__version__),
-                         "python": platform.python_version()},
-        }
-
-        def write_model(d: Path) -> None:
-            from transformers.utils import logging as hf_logging
-
-            bar = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
-            try:
-                model.save_pretrained(d, state_dict=model_sd)
-                tokenizer.save_pretrained(d)
-            finally:
-                if bar:
-                    hf_logging.enable_progress_bar()
-
-        try:
-            save_checkpoint(run_dir, step, write_model, state)
-        except CheckpointError as exc:
-            err = str(exc)
-    err = broadcast_object(err, ctx)
-    barrier(ctx)
-    if err:
-        raise CheckpointError(err)

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from resrl_analysis.rundir import METRIC_KEYS, METRICS, ROLLOUT_FIELDS, atomic_write, read_jsonl
 
 __all__ = [
     "METRIC_KEYS",
@@ -35,25 +36,6 @@ __all__ = [
     "truncate_metrics",
     "write_rollouts",
 ]
-
-#: Keys of every metrics.jsonl line (docs/RUN_DIRECTORY.md); None where a key does not apply.
-METRIC_KEYS = (
-    "step", "reward/mean", "reward/std", "reward/zero_std_group_frac",
-    "prompt/length_mean", "response/length_mean", "response/length_min", "response/length_max",
-    "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy", "actor/grad_norm", "actor/lr",
-    "actor/advantage_mean", "actor/advantage_min", "actor/advantage_max",
-    "resrl/weight_mean", "resrl/weight_q10", "resrl/weight_q50", "resrl/weight_q90",
-    "nthr/downweighted_frac", "timing/rollout_s", "timing/update_s", "timing/step_s", "perf/tokens_per_s",
-    "train/skipped_steps",
-)
-
-#: Fields of every line of rollouts/step_XXXXXX.jsonl, in order.
-ROLLOUT_FIELDS = (
-    "step", "group_id", "prompt_uid", "data_source", "prompt", "prompt_ids", "response", "response_ids",
-    "ground_truth", "reward", "is_positive", "finished", "advantage", "token_advantages", "resrl_weights",
-    "resrl_residuals", "nthr_weights", "nthr_scores",
-)
-
 
 class RunWriteError(RuntimeError):
     """A run file (metrics.jsonl, a rollout dump) could not be written; checkpoints already written are intact."""
@@ -74,53 +56,40 @@ def _clean(v: Any) -> Any:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The valid lines of a metrics.jsonl (a torn last line, from a crash mid-write, is skipped)."""
-    out = []
     p = Path(path)
     if not p.is_file():
-        return out
-    for line in p.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            out.append(rec)
-    return out
+        return []
+    return [rec for _, rec in read_jsonl(p, skip_invalid=True) if "step" in rec]
 
 
-def truncate_metrics(path: str | Path, max_step: int) -> int:
-    """Keep the lines with ``step <= max_step`` (and drop torn ones), atomically; returns the count kept.
+def truncate_metrics(path: str | Path, max_step: int) -> list[dict[str, Any]]:
+    """Keep the lines with ``step <= max_step`` (and drop torn ones), atomically; returns the lines removed.
 
     After a resume from checkpoint ``max_step`` the steps beyond it are re-run, so their old lines go.
     """
     p = Path(path)
     if not p.is_file():
-        return 0
+        return []
     seen: set[int] = set()
-    kept = []
+    kept, removed = [], []
     for rec in read_metrics(p):
         s = int(rec["step"])
         if s <= max_step and s not in seen:
             seen.add(s)
             kept.append(rec)
-    tmp = p.with_name(f".tmp-{p.name}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, p)
-    return len(kept)
+        else:
+            removed.append(rec)
+    atomic_write(p, "".join(json.dumps(r) + "\n" for r in kept))
+    return removed
 
 
 def write_rollouts(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write one JSON object per response (fields :data:`ROLLOUT_FIELDS`), atomically."""
     p = Path(path)
-    tmp = p.with_name(f".tmp-{p.name}")
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps({k: _clean(r[k]) for k in ROLLOUT_FIELDS}, ensure_ascii=False) + "\n")
-        os.replace(tmp, p)
+        atomic_write(p, "".join(json.dumps({k: _clean(r[k]) for k in ROLLOUT_FIELDS}, ensure_ascii=False) + "\n"
+                                for r in rows))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise RunWriteError(f"writing {p} failed: {exc.strerror or exc}; earlier checkpoints are intact") from exc
 
 
@@ -161,7 +130,7 @@ class MetricsLog:
         if not enabled:
             return
         run = Path(run_dir)
-        self._file = open(run / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._file = open(run / METRICS, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         from trainer.loggers import make_loggers
 
         run_config = _saved_config(run)

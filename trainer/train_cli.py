@@ -49,7 +49,7 @@ from trainer.config import (
 __all__ = ["add_train_arguments", "main", "resolve_config", "run_train"]
 
 #: Fields set by the hand-written flags below, not by a generated one.
-_HAND_WRITTEN_FIELDS = ("preset", "resume")
+_HAND_WRITTEN_FIELDS = ("preset", "resume", "resume_from")
 
 
 def _default(f: Field) -> Any:
@@ -86,8 +86,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = "Train a policy with a GRPO-family algorithm (GRPO, PSR, NSR, W-REINFORCE, NTHR, ResRL)."
     parser.epilog = _settings_epilog()
-    parser.usage = ("%(prog)s [--preset NAME] [--config FILE.yaml] [--resume] [--set KEY=VALUE ...] "
-                    "[--<setting> VALUE ...]")
+    parser.usage = ("%(prog)s [--preset NAME] [--config FILE.yaml] [--resume | --resume-from STEP] "
+                    "[--set KEY=VALUE ...] [--<setting> VALUE ...]")
     parser.allow_abbrev = False  # `--lr` must never silently mean `--lr-schedule`
     # ---------------------------------------------------------------- hand-written flags
     # Flags that are not a TrainConfig field, or behave differently from the generated ones. Add new ones
@@ -98,11 +98,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML mapping of settings (any subset; a run's config.yaml gives every one)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its latest complete checkpoint up to --steps")
+    parser.add_argument("--resume-from", dest="resume_from", type=int, default=None, metavar="STEP",
+                        action=_ResumeFrom,
+                        help="continue the run in --output-dir from its checkpoint step_STEP (implies --resume); later "
+                             "checkpoints, rollouts and metrics lines are moved into RUN_DIR/superseded/<UTC time>/")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="set any setting listed below (repeatable), e.g. --set lr=1e-4; applied last")
     # ---------------------------------------------------------------- one flag per TrainConfig field
     _add_field_flags(parser.add_argument_group(
         "settings (one flag per setting; a flag not given keeps the preset's or the --config file's value)"))
+
+
+class _ResumeFrom(argparse.Action):
+    """``--resume-from STEP`` is a ``--resume`` too (so the run's own config.yaml is used, as with --resume)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.resume = True
 
 
 class _BoolFlag(argparse.Action):
@@ -181,6 +194,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             overrides[f.name] = given[f.name]
     if args.resume:
         overrides["resume"] = True
+    if args.resume_from is not None:
+        overrides["resume_from"] = args.resume_from
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

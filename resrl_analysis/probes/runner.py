@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..checkpoints import ProbeError, ProbeSet, check_compatible, load_tokenizer
+from ..rundir import RunLock, RunLocked, atomic_write
 
 __all__ = ["PROBES", "add_probe_arguments", "run_probe", "main"]
 
@@ -234,8 +235,6 @@ def _set_threads(requested: int, model, device: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     unknown = sorted(set(args.probes) - set(PROBES))
     if unknown or not args.probes:
         raise ProbeError(f"unknown probes {unknown}; choose from {','.join(PROBES)}")
@@ -274,8 +273,22 @@ def _run(args: argparse.Namespace) -> int:
         probe_set.check_vocab(vocab, where=str(ckpts[0][1]))
     out: Path = args.out or args.run_info.probes_dir
     _check_writable(out)
+    # One writer per output directory: a second `resrl probe` on it is refused (the kernel drops the lock when
+    # this process ends, however it ends).
+    try:
+        lock = RunLock(out, "resrl probe").acquire()
+    except RunLocked as e:
+        raise ProbeError(str(e)) from None
+    try:
+        return _probe_and_write(args, mode, ckpts, probes, probe_set, out, t_start)
+    finally:
+        lock.release()
 
+
+def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int, Path]], probes: set[str],
+                     probe_set: ProbeSet, out: Path, t_start: float) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     from ..checkpoints import load_checkpoint
     from ..results import (
@@ -285,7 +298,6 @@ def _run(args: argparse.Namespace) -> int:
         ScoresResult,
         SubspaceResult,
         _replace_dir,
-        atomic_write_text,
         to_jsonable,
     )
     from .capture import forward_group, pad_id_of
@@ -402,7 +414,7 @@ def _run(args: argparse.Namespace) -> int:
             "results": {name: {"path": name, "kind": res.KIND, **res.summary()} for name, res in results.items()},
             "skipped": skipped, "timing_s": timing,
         }
-        atomic_write_text(staging / "summary.json", json.dumps(to_jsonable(summary), indent=1, allow_nan=False))
+        atomic_write(staging / "summary.json", json.dumps(to_jsonable(summary), indent=1, allow_nan=False))
         (out / "summary.json").unlink(missing_ok=True)
         for name in results:
             _replace_dir(staging / name, out / name)
