@@ -123,13 +123,13 @@ def test_every_setting_is_a_flag_of_its_own():
     from dataclasses import fields
 
     for f in fields(TrainConfig):
-        if f.name in ("preset", "resume"):  # hand-written flags (--preset NAME, --resume)
+        if f.name in ("preset", "resume", "resume_from"):  # hand-written flags (--preset, --resume, --resume-from)
             continue
         for flag in {f"--{f.name.replace('_', '-')}", f"--{f.name}"}:
             value = "grpo" if f.name == "algorithm" else "7"
             got = vars(_parse(flag, value))
             assert got[f.name] == value, flag  # still a string: TrainConfig converts it
-            others = {k for k in got if k not in ("config", "preset", "resume", "overrides")} - {f.name}
+            others = {k for k in got if k not in ("config", "preset", "resume", "resume_from", "overrides")} - {f.name}
             assert not others, (flag, others)  # a flag not given leaves no trace
 
 
