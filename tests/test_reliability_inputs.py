@@ -659,3 +659,36 @@ def test_probe_set_group_id_not_an_integer_through_the_cli(fake_run, tmp_path, c
     line = _one_error_line(capsys.readouterr().err, "resrl probe: error: ")
     assert line.endswith(f"{f}:2: field 'group_id' must be an integer, got str 'abc'")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_partial_reprobe_lists_every_table_and_removes_those_of_another_probe_set(tmp_path):
+    """`resrl probe RUN --probes lld,interference` over an earlier full pass made from another probe set left the
+    old first_order/, subspace/, diversity/ beside a summary.json that no longer listed them."""
+    from resrl_analysis.probes.runner import main as probe_main
+    from resrl_analysis.probes.synthetic import write_fake_run
+    from resrl_analysis.results import load_results
+
+    run = write_fake_run(tmp_path / "run", steps=(0, 1))
+    opts = ["--no-progress", "--samples", "2", "--algorithms", "grpo"]
+    assert probe_main([str(run), *opts]) == 0  # full pass, probe set of rollouts/step_000000
+    out = run / "probes"
+    full = set(json.loads((out / "summary.json").read_text())["tables"])
+    assert {"scores", "lld", "first_order", "interference", "subspace", "diversity"} <= full
+    # Same probe set, fewer probes: the other tables stay, listed as from an earlier pass of that set.
+    assert probe_main([str(run), "--probes", "lld,interference", *opts]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["tables"]) == full == set(load_results(out)) and summary["removed_stale"] == []
+    assert {n for n, t in summary["tables"].items() if t["this_pass"]} == {"scores", "lld", "interference"}
+    assert len({t["probe_set"]["sha256"] for t in summary["tables"].values()}) == 1
+    # Another probe set (two of the groups): tables it did not rewrite are removed, and say so.
+    rows = [json.loads(x) for x in (run / "rollouts" / "step_000000.jsonl").read_text().splitlines()]
+    first_two = sorted({r["group_id"] for r in rows})[:2]
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows if r["group_id"] in first_two))
+    assert probe_main([str(run), "--probes", "lld,interference", "--probe-set", str(other), *opts]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["tables"]) == {"scores", "lld", "interference"} == set(load_results(out))
+    assert {s["table"] for s in summary["removed_stale"]} == full - {"scores", "lld", "interference"}
+    assert all(s["probe_set"]["sha256"] != summary["probe_set"]["sha256"] for s in summary["removed_stale"])
+    assert {t["probe_set"]["source"] for t in summary["tables"].values()} == {summary["probe_set"]["source"]}

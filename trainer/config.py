@@ -461,7 +461,7 @@ def load_yaml_overrides(path: str | Path) -> dict[str, Any]:
     >>> _ = p.write_text("algorithm: grpo\\nlr: 1.0e-4\\n")
     >>> load_yaml_overrides(p)
     {'algorithm': 'grpo', 'lr': 0.0001}
-    >>> _ = p.write_text("output_dir: null\nmodel:\n")  # null: the default
+    >>> _ = p.write_text("output_dir: null\\nmodel:\\n")  # null: the default
     >>> load_yaml_overrides(p)
     {}
     """
