@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import struct
 import sys
 import zipfile
@@ -568,6 +569,8 @@ class ProbeSet:
                     raise ProbeError(f"{where}: prompt_ids differ within group {gid}")
                 ids = _int_list(obj, "response_ids", where)
                 reward = float(_field(obj, "reward", (int, float), where))
+                if not math.isfinite(reward):
+                    raise ProbeError(f"{where}: field 'reward' must be a finite number, got {reward}")
                 if "is_positive" in obj and bool(obj["is_positive"]) != (reward > 0):
                     raise ProbeError(f"{where}: is_positive={obj['is_positive']} disagrees with reward {reward}")
                 if not ids:
@@ -634,6 +637,8 @@ class ProbeSet:
                                  f"{len(responses)} and {len(rewards)}")
             if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
                 raise ProbeError(f"{where}: field 'rewards' must hold numbers")
+            if not all(math.isfinite(r) for r in rewards):
+                raise ProbeError(f"{where}: field 'rewards' must hold finite numbers, got {rewards}")
             if not all(isinstance(r, str) for r in responses):
                 raise ProbeError(f"{where}: field 'responses' must hold strings")
             if "prompt_ids" in obj and "response_ids" in obj:
@@ -653,6 +658,8 @@ class ProbeSet:
                 raise ProbeError(f"{where}: a response has no tokens")
             gt = obj.get("ground_truth")
             gid = obj.get("group_id", n)
+            if isinstance(gid, bool) or not isinstance(gid, int):
+                raise ProbeError(f"{where}: field 'group_id' must be an integer, got {type(gid).__name__} {gid!r}")
             groups.append(ProbeGroup(
                 group_id=int(gid), prompt_ids=prompt_ids, response_ids=resp,
                 rewards=tuple(float(r) for r in rewards), prompt=prompt, responses=tuple(responses),

@@ -20,7 +20,9 @@ import contextlib
 import errno
 import json
 import os
+import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -321,3 +323,120 @@ def test_probe_results_failing_to_write_midway(tmp_path, capsys, monkeypatch):
     assert rc in (1, 2), f"{type(rc).__name__}: {rc} escaped `resrl probe`"
     assert "No space left on device" in _one_error_line(capsys.readouterr().err, "resrl probe: error: ")
 
+
+
+# ================================================================================== a full disk, named as such
+
+
+@contextlib.contextmanager
+def _small_filesystem(path: Path, size: str):
+    """A real file system of ``size`` (tmpfs) at ``path``: writes past it fail with ENOSPC as on a full disk.
+    Needs the right to mount (root in a container); skipped elsewhere."""
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.integration
+def test_disk_full_in_a_checkpoint_write_is_named_with_the_space_needed(tmp_path, capsys):
+    """Issue 14.4: on a full disk torch.save raised "[enforce fail at inline_container.cc:672] . unexpected pos …"
+    (safetensors "… (os error 28)"), and that was the whole message. A real 8 MiB file system: config.yaml and the
+    3 MiB step_000000 fit, the 9 MiB step_000002 (weights and AdamW state) does not."""
+    with _small_filesystem(tmp_path / "small", "8m") as fs:
+        run = fs / "run"
+        rc = _train(run, "--steps", "2", "--save-every", "2", "--set", "tensorboard=false")
+        line = _one_error_line(capsys.readouterr().err, "resrl train: error: ")
+        assert rc == 1, f"{type(rc).__name__}: {rc} escaped `resrl train`"
+        assert f"writing checkpoint {run / 'checkpoints' / 'step_000002'} failed: no space left on device" in line
+        assert re.search(rf"\(on {re.escape(str(fs))}: at least \d+\.\d MiB needed, [\d.]+ (KiB|B|MiB) free\)", line)
+        assert "earlier checkpoints are intact" in line and "unexpected pos" not in line
+        assert _names(run) == ["step_000000"]
+        _assert_step0_intact(run)
+        # With room made, the run resumes from step 0 and completes.
+        subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
+        assert _train(run, "--steps", "2", "--save-every", "2", "--set", "tensorboard=false", "--resume") == 0
+        assert _names(run) == ["step_000000", "step_000002"]
+
+
+@pytest.mark.integration
+def test_disk_full_reported_by_torch_as_runtime_error_is_named(tmp_path, capsys, monkeypatch):
+    """Without the right to mount: the kernel refuses the write midway (RLIMIT_FSIZE, so torch.save raises its
+    RuntimeError "unexpected pos", not an OSError) while the file system reports no free space, as a full disk
+    does. The error must name the full disk, the checkpoint and the space needed."""
+    real_save = loop.save_checkpoint
+    real_usage = shutil.disk_usage
+
+    def full_disk(path):
+        return real_usage(path)._replace(free=0)
+
+    def limited(run_dir, step, write_model, state):
+        if step < 2:
+            return real_save(run_dir, step, write_model, state)
+        with _file_size_limit(4_000_000), monkeypatch.context() as mp:
+            mp.setattr(shutil, "disk_usage", full_disk)
+            return real_save(run_dir, step, write_model, state)
+
+    monkeypatch.setattr(loop, "save_checkpoint", limited)
+    run = tmp_path / "run"
+    assert _train(run, "--steps", "2", "--save-every", "2") == 1
+    line = _one_error_line(capsys.readouterr().err, "resrl train: error: ")
+    assert f"writing checkpoint {run / 'checkpoints' / 'step_000002'} failed: no space left on device (on " in line
+    assert re.search(r"at least \d+\.\d MiB needed, 0 B free\); earlier checkpoints are intact", line), line
+    assert _names(run) == ["step_000000"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("what", ["rollouts/step_000002.jsonl", "metrics.jsonl"])
+def test_disk_full_in_a_run_file_write_is_named(tmp_path, capsys, what):
+    """A rollout dump or a metrics line on a (real) disk that fills up just before it: one line naming the file,
+    the full disk and the space needed; exit 1."""
+    with _small_filesystem(tmp_path / "small", "32m") as fs:
+        run = fs / "run"
+        ballast = fs / "ballast"
+        real = loop.write_rollouts if what.startswith("rollouts") else loop.MetricsLog.log
+
+        def fill_then(*args):  # the disk fills up just before this write
+            rows_or_metrics = args[-1]
+            step = rows_or_metrics["step"] if isinstance(rows_or_metrics, dict) else Path(args[0]).stem
+            # (metrics: the first line, as a later one may fit in the slack of the file's last page)
+            if step in (1, "step_000002"):
+                with open(ballast, "wb", buffering=0) as f, contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * 4096)
+            return real(*args)
+
+        with pytest.MonkeyPatch.context() as mp:
+            if what.startswith("rollouts"):
+                mp.setattr(loop, "write_rollouts", fill_then)
+            else:
+                mp.setattr(loop.MetricsLog, "log", fill_then)
+            rc = _train(run, "--steps", "4", "--save-every", "2", "--set", "tensorboard=false")
+        assert rc == 1, f"{type(rc).__name__}: {rc} escaped `resrl train`"
+        line = _one_error_line(capsys.readouterr().err, "resrl train: error: ")
+        assert f"writing {run / what} failed: no space left on device (on {fs}: at least " in line, line
+        assert "needed" in line and "earlier checkpoints are intact" in line
+
+
+@pytest.mark.unit
+def test_write_failure_reason_names_only_a_full_disk(tmp_path, monkeypatch):
+    from trainer.metrics_log import write_failure_reason
+
+    efbig = OSError(errno.EFBIG, "File too large")
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4263360 vs 4263248")
+    assert write_failure_reason(efbig, tmp_path / "x") == "File too large"  # plenty of space: its own message
+    assert write_failure_reason(torch_error, tmp_path / "x").startswith("[enforce fail at")
+    # ENOSPC while the disk has ample space (a quota; space freed since): the system's words, no contradicting numbers
+    assert write_failure_reason(ENOSPC, tmp_path / "no" / "such" / "dir") == "No space left on device"
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=512 * 1024))
+    assert write_failure_reason(torch_error, tmp_path / "x", needed=5 * 2**20).endswith(
+        "at least 5.0 MiB needed, 512.0 KiB free)")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=2 * 2**20))
+    assert write_failure_reason(torch_error, tmp_path / "x").startswith("[enforce")  # 2 MiB free, nothing needed
+    assert write_failure_reason(torch_error, tmp_path / "x", needed=3 * 2**20).startswith("no space left")
+    assert write_failure_reason(ENOSPC, tmp_path / "x", needed=3 * 2**20).startswith("no space left on device (on ")

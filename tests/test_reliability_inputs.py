@@ -107,6 +107,17 @@ BAD_DATA = {
     "every_prompt_too_long_skipped": ([_rec(0, prompt="8" * 30), _rec(1, prompt="9" * 40)], [],
                                       "no training prompts left: all 2 exceed 20 tokens", False),
     "missing_file": (None, [], "{f}: no such file", False),
+    # issue 14.5: accepted silently before, or with a misleading message
+    "nan_ground_truth": ([_rec(0), b'{"prompt": "1+1=", "reward_model": {"ground_truth": NaN}}'], [],
+                         "{f}:2: field 'reward_model.ground_truth' is nan, expected a finite number or text", False),
+    "empty_ground_truth": ([_rec(0), {**_rec(1), "reward_model": {"ground_truth": "  "}}], [],
+                           "{f}:2: field 'reward_model.ground_truth' is empty", False),
+    "empty_prompt": ([_rec(0), _rec(1), _rec(2, prompt=" ")], [], "{f}:3: field 'prompt' is empty", False),
+    "empty_chat_prompt": ([_rec(0), _rec(1, prompt=[{"role": "user", "content": ""}])], [],
+                          "{f}:2: field 'prompt' has no message with content", False),
+    "reward_model_not_an_object": ([_rec(0), {"prompt": "1+1=", "reward_model": "2"}], [],
+                                   "{f}:2: field 'reward_model' must be an object with 'ground_truth', got str '2'",
+                                   False),
 }
 _SUBPROCESS_CASES = [k for k, v in BAD_DATA.items() if v[3]]
 
@@ -569,3 +580,115 @@ def test_probe_subprocess_exit_code_on_a_truncated_checkpoint(fake_run, tmp_path
     line = _one_error_line(proc.stderr, "resrl probe: error: ")
     assert str(run / "checkpoints" / "step_000002" / "model.safetensors") in line and "truncated" in line
     assert not out.exists()
+
+
+# ====================================================================================== issue 14.5: smaller ones
+
+
+@pytest.mark.integration
+def test_a_directory_given_as_data_file_is_named_a_directory(tmp_path, capsys):
+    d = tmp_path / "train.jsonl"
+    d.mkdir()
+    out = tmp_path / "run"
+    assert resrl_main(["train", "--output-dir", str(out), *MATH, "--set", f"train_files=[{d}]"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "resrl train: error: ")
+    assert f"{d}: is a directory, expected a .jsonl or .parquet file" in line
+    assert not out.exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("key", ["output_dir", "model", "algorithm", "train_files", "lr"])
+def test_yaml_null_means_the_default(tmp_path, key):
+    """`output_dir: null` used to become the string 'None' (a run directory ./None); null is the default."""
+    from trainer.config import config_from_sources
+
+    f = tmp_path / "c.yaml"
+    f.write_text(f"{key}: null\nsteps: 2\n")
+    cfg = config_from_sources(None, f)
+    assert getattr(cfg, key) == getattr(TrainConfig(), key) and cfg.steps == 2
+    assert str(cfg.resolved_output_dir()) == "runs/tiny-resrl-seed0"
+
+
+@pytest.mark.unit
+def test_none_in_python_is_rejected_not_turned_into_a_string():
+    with pytest.raises(ConfigError, match=r"^output_dir=None is not a valid str: leave output_dir out for its default"):
+        TrainConfig(output_dir=None)
+
+
+def _probe_file(path: Path, **group) -> Path:
+    row = {"prompt": "x", "responses": ["a", "b"], "rewards": [1.0, 0.0], "prompt_ids": [1, 2],
+           "response_ids": [[3], [4]], **group}
+    path.write_text(json.dumps({"prompt": "y", "responses": ["c"], "rewards": [0.0], "prompt_ids": [1],
+                                "response_ids": [[5]]}) + "\n" + json.dumps(row) + "\n")
+    return path
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("group", "message"), [
+    ({"group_id": "abc"}, ":2: field 'group_id' must be an integer, got str 'abc'"),
+    ({"group_id": 1.5}, ":2: field 'group_id' must be an integer, got float 1.5"),
+    ({"rewards": [float("nan"), 0.0]}, ":2: field 'rewards' must hold finite numbers, got [nan, 0.0]"),
+    ({"rewards": [1.0, float("inf")]}, ":2: field 'rewards' must hold finite numbers, got [1.0, inf]"),
+])
+def test_bad_probe_set_fields_are_one_line_errors(tmp_path, group, message):
+    from resrl_analysis.checkpoints import ProbeError, ProbeSet
+
+    f = _probe_file(tmp_path / "p.jsonl", **group)
+    with pytest.raises(ProbeError) as info:
+        ProbeSet.from_jsonl(f)
+    assert str(info.value) == f"{f}{message}"
+
+
+@pytest.mark.unit
+def test_nan_reward_in_a_rollout_dump_probe_set_is_rejected(tmp_path):
+    from resrl_analysis.checkpoints import ProbeError, ProbeSet
+
+    rows = [{"group_id": 0, "prompt_ids": [1], "response_ids": [2], "reward": r} for r in (1.0, float("nan"))]
+    f = tmp_path / "step_000000.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ProbeError, match=rf"^{re.escape(str(f))}:2: field 'reward' must be a finite number, got nan$"):
+        ProbeSet.from_rollouts(f)
+
+
+@pytest.mark.e2e
+def test_probe_set_group_id_not_an_integer_through_the_cli(fake_run, tmp_path, capsys):
+    """`resrl probe --probe-set` with "group_id": "abc": a raw ValueError traceback and exit 1 before."""
+    f = _probe_file(tmp_path / "p.jsonl", group_id="abc")
+    rc = resrl_main(["probe", str(fake_run), "--probe-set", str(f), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2
+    line = _one_error_line(capsys.readouterr().err, "resrl probe: error: ")
+    assert line.endswith(f"{f}:2: field 'group_id' must be an integer, got str 'abc'")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_partial_reprobe_lists_every_table_and_removes_those_of_another_probe_set(tmp_path):
+    """`resrl probe RUN --probes lld,interference` over an earlier full pass made from another probe set left the
+    old first_order/, subspace/, diversity/ beside a summary.json that no longer listed them."""
+    from resrl_analysis.probes.runner import main as probe_main
+    from resrl_analysis.probes.synthetic import write_fake_run
+    from resrl_analysis.results import load_results
+
+    run = write_fake_run(tmp_path / "run", steps=(0, 1))
+    opts = ["--no-progress", "--samples", "2", "--algorithms", "grpo"]
+    assert probe_main([str(run), *opts]) == 0  # full pass, probe set of rollouts/step_000000
+    out = run / "probes"
+    full = set(json.loads((out / "summary.json").read_text())["tables"])
+    assert {"scores", "lld", "first_order", "interference", "subspace", "diversity"} <= full
+    # Same probe set, fewer probes: the other tables stay, listed as from an earlier pass of that set.
+    assert probe_main([str(run), "--probes", "lld,interference", *opts]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["tables"]) == full == set(load_results(out)) and summary["removed_stale"] == []
+    assert {n for n, t in summary["tables"].items() if t["this_pass"]} == {"scores", "lld", "interference"}
+    assert len({t["probe_set"]["sha256"] for t in summary["tables"].values()}) == 1
+    # Another probe set (two of the groups): tables it did not rewrite are removed, and say so.
+    rows = [json.loads(x) for x in (run / "rollouts" / "step_000000.jsonl").read_text().splitlines()]
+    first_two = sorted({r["group_id"] for r in rows})[:2]
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows if r["group_id"] in first_two))
+    assert probe_main([str(run), "--probes", "lld,interference", "--probe-set", str(other), *opts]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["tables"]) == {"scores", "lld", "interference"} == set(load_results(out))
+    assert {s["table"] for s in summary["removed_stale"]} == full - {"scores", "lld", "interference"}
+    assert all(s["probe_set"]["sha256"] != summary["probe_set"]["sha256"] for s in summary["removed_stale"])
+    assert {t["probe_set"]["source"] for t in summary["tables"].values()} == {summary["probe_set"]["source"]}

@@ -5,6 +5,7 @@ Marked ``multiprocess`` but not skipped on CPU: it runs in the normal suite wher
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,8 @@ import pytest
 import torch.distributed as dist
 from safetensors.torch import load_file
 from trainer_runner import fast_args
+
+from trainer.distributed import GLOO_SERIAL, setup_distributed, teardown_distributed
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -59,3 +62,39 @@ def test_two_process_run_resume_and_run_directory(tmp_path):
         assert float((a[k] - b[k]).abs().max()) <= 1e-6 * max(float(a[k].abs().max()), 1e-3) + 1e-7, k
     start = load_file(str(full / "checkpoints" / "step_000000" / "model.safetensors"))
     assert any(float((a[k] - start[k]).abs().max()) > 1e-4 for k in a)  # it trained
+
+
+def _gloo_worker_threads() -> int:
+    """Threads of this process that are gloo worker loops (torch names them ``pt_gloo_runloop``)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+    return names.count("pt_gloo_runloop")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc (Linux)")
+def test_cpu_group_has_one_worker_thread_and_teardown_drains_it(monkeypatch):
+    """The SIGABRT at exit (docs/RELIABILITY.md): a gloo worker thread releasing a finished collective's tensors
+    while the interpreter finalized. The group must run its collectives on one worker thread, and a normal
+    teardown must end with a barrier (which that thread runs after releasing everything before it); a teardown
+    during an exception must not (the other ranks may never reach it)."""
+    import torch
+
+    barriers = []
+    real_barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **kw: (barriers.append(1), real_barrier(*a, **kw))[1])
+    for failing in (False, True):
+        before = _gloo_worker_threads()  # groups other tests leaked stay alive (their mesh holds them)
+        ctx = setup_distributed("cpu", "on")  # one process: a one-rank group on an in-memory store
+        with contextlib.suppress(RuntimeError):
+            try:  # as in train(): teardown in `finally`
+                assert ctx.owns_group and dist.get_backend() == GLOO_SERIAL
+                dist.broadcast(torch.ones(3), src=0)  # gloo starts its threads with the first collective
+                assert _gloo_worker_threads() - before == 1
+                if failing:
+                    raise RuntimeError("a failing rank")
+            finally:
+                teardown_distributed(ctx)
+        assert not dist.is_initialized() and not ctx.owns_group
+        assert len(barriers) == 1  # the normal teardown drained; the one during the exception did not

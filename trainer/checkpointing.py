@@ -101,15 +101,22 @@ def save_checkpoint(
             os.replace(tmp, final)
         fsync_dir(root)
     except BaseException as exc:
+        if not isinstance(exc, Exception):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # Writers report a refused write in their own ways: OSError, torch's RuntimeError ("unexpected
+        # pos"), safetensors' SafetensorError ("File too large", "os error 28"); a full disk is named as such,
+        # measured before the partial checkpoint is removed. It needs about as much as the newest complete one.
+        from trainer.metrics_log import write_failure_reason
+
+        def du(d: Path) -> int:
+            return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else 0
+
+        done = [d for d in sorted(root.glob("step_*")) if d.name != final.name and (d / TRAINER_STATE).is_file()]
+        needed = max(du(done[-1]) if done else 0, du(tmp)) or None
+        why = write_failure_reason(exc, tmp, needed=needed)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, Exception):
-            # Writers report a refused write in their own ways: OSError, torch's RuntimeError ("unexpected
-            # pos"), safetensors' SafetensorError ("File too large").
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
-            raise CheckpointError(
-                f"writing checkpoint {final} failed: {why}; earlier checkpoints are intact"
-            ) from exc
-        raise
+        raise CheckpointError(f"writing checkpoint {final} failed: {why}; earlier checkpoints are intact") from exc
     return final
 
 

@@ -369,6 +369,9 @@ _FALSE = {"false", "0", "no", "off"}
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:
     """Convert YAML / command-line values to the field's type; ConfigError naming the field if impossible."""
+    if value is None:  # no field is optional: None would otherwise become the string 'None'
+        raise ConfigError(f"{name}=None is not a valid {getattr(typ, '__name__', typ)}: leave {name} out for its "
+                          "default")
     origin = typing.get_origin(typ)
     try:
         if typ is bool:
@@ -602,6 +605,9 @@ def load_yaml_overrides(path: str | Path) -> dict[str, Any]:
     >>> _ = p.write_text("algorithm: grpo\\nlr: 1.0e-4\\n")
     >>> load_yaml_overrides(p)
     {'algorithm': 'grpo', 'lr': 0.0001}
+    >>> _ = p.write_text("output_dir: null\\nmodel:\\n")  # null: the default
+    >>> load_yaml_overrides(p)
+    {}
     """
     path = Path(path)
     try:
@@ -620,7 +626,9 @@ def load_yaml_overrides(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of setting: value, got {type(data).__name__}")
-    return canonical_keys(data, str(path))
+    # `key: null` (or a bare `key:`) means "the default", as leaving the key out does; kept, it would become
+    # the string 'None' (a run directory ./None, a model named None).
+    return {k: v for k, v in canonical_keys(data, str(path)).items() if v is not None}
 
 
 def config_from_sources(

@@ -4,7 +4,8 @@ The loop never branches on rank: it calls the helpers here, which are collective
 exists and the identity otherwise, and it writes through a logger that is a no-op off rank 0.
 
 Parallelism is FSDP2 (``torch.distributed.fsdp.fully_shard``) on GPU *and* on CPU: FSDP2 works over gloo
-with CPU tensors (torch >= 2.6 checked here on 2.13), so the 2-process CPU tests exercise the very code
+(with one worker thread per group, see :func:`_serial_gloo_backend`) with CPU tensors (torch >= 2.6 checked
+here on 2.13), so the 2-process CPU tests exercise the very code
 that runs on GPUs, not a DDP-style substitute. Each decoder layer is a shard group, the root holds the
 embeddings, final norm and head. The parameters FSDP2 keeps are float32 (the master weights, and so the
 AdamW state is float32); with ``param_dtype=bfloat16`` the all-gather casts them to bfloat16 for compute
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -115,7 +117,7 @@ def setup_distributed(device: str = "auto", fsdp: str = "auto") -> DistContext:
         raise ValueError(f"fsdp=off works in a single process only; this run has {world} ranks (use fsdp=auto)")
     owns = False
     if use_fsdp and not already:
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = "nccl" if dev.type == "cuda" else _serial_gloo_backend()
         timeout = datetime.timedelta(minutes=30)
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
             kw: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
@@ -129,9 +131,51 @@ def setup_distributed(device: str = "auto", fsdp: str = "auto") -> DistContext:
                        owns_group=owns)
 
 
-def teardown_distributed(ctx: DistContext) -> None:
-    """Destroy the process group if :func:`setup_distributed` created it."""
-    if ctx.owns_group and dist.is_initialized():
+#: Name of the CPU backend registered by :func:`_serial_gloo_backend`: gloo with one worker thread per group.
+GLOO_SERIAL = "gloo_serial"
+
+
+def _make_serial_gloo(store: Any, rank: int, size: int, timeout: datetime.timedelta) -> Any:
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    opts._devices = [dist.ProcessGroupGloo.create_default_device()]
+    opts._threads = 1  # works run, and are released, in the order they were issued
+    return dist.ProcessGroupGloo(store, rank, size, opts)
+
+
+def _serial_gloo_backend() -> str:
+    """Register (once) and return the name of gloo with a single worker thread per process group.
+
+    Why not plain gloo: its worker threads release each finished collective's tensors themselves, and when
+    that release drops the last reference to a tensor that Python created, the thread must take the GIL.
+    ``destroy_process_group`` does not stop those threads while anything still holds the group (FSDP2's
+    device mesh and DTensor metadata keep it alive to the end of the process), so a worker delayed on a busy
+    machine could ask for the GIL while the interpreter was already finalizing; Python 3.11 then ends the
+    thread inside a ``noexcept`` destructor and the process dies of ``std::terminate`` (SIGABRT) after the
+    run had finished. With one worker thread and the barrier in :func:`teardown_distributed`, every earlier
+    collective has been released before the barrier completes, and the barrier itself holds no Python tensor.
+    """
+    if not hasattr(dist.Backend, GLOO_SERIAL.upper()):
+        dist.Backend.register_backend(GLOO_SERIAL, _make_serial_gloo, devices=["cpu"])
+    return GLOO_SERIAL
+
+
+def teardown_distributed(ctx: DistContext, *, drain: bool | None = None) -> None:
+    """Destroy the process group if :func:`setup_distributed` created it.
+
+    With ``drain`` (the default unless an exception is propagating, i.e. the run ended normally, on every rank
+    together) a barrier first waits until the group's worker thread has released every earlier collective
+    (see :func:`_serial_gloo_backend`), so none is left to race the interpreter's exit. A rank leaving on an
+    exception skips it: the other ranks may never reach a barrier.
+    """
+    if not (ctx.owns_group and dist.is_initialized()):
+        return
+    if drain is None:
+        drain = sys.exc_info()[0] is None
+    try:
+        if drain and dist.get_backend() == GLOO_SERIAL:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
         ctx.owns_group = False
 

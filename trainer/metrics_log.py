@@ -18,8 +18,12 @@ step      1  reward 0.500  pg_loss -  entropy -  grad_norm -  len -  -s
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,11 +38,71 @@ __all__ = [
     "MetricsLog",
     "read_metrics",
     "truncate_metrics",
+    "write_failure_reason",
     "write_rollouts",
 ]
 
 class RunWriteError(RuntimeError):
     """A run file (metrics.jsonl, a rollout dump) could not be written; checkpoints already written are intact."""
+
+
+#: Below this much free space a failed write is taken for a full disk, whatever error the writer raised.
+_LOW_SPACE = 1 << 20
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _mount_free(path: Path) -> tuple[Path, int] | None:
+    """(the file system's mount point, bytes free to this user) for ``path`` or its nearest existing parent."""
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return None
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p, free
+
+
+def write_failure_reason(exc: BaseException, path: str | Path, needed: int | None = None) -> str:
+    """Why writing ``path`` failed, in words; a full disk is named as such with the free and needed space.
+
+    Writers report a full disk in their own ways: ``OSError(ENOSPC)``, torch.save's ``RuntimeError``
+    ("unexpected pos …"), safetensors' ``SafetensorError`` ("… (os error 28)"). So the free space is measured
+    (call this *before* removing partial files): under 1 MiB free, or less than ``needed`` bytes (the caller's
+    lower bound of what the write takes), is a full disk, whatever the error. ENOSPC/EDQUOT with ample space
+    (a quota, space freed since) keeps the system's message, as does any other error.
+
+    >>> import errno, tempfile
+    >>> write_failure_reason(OSError(errno.EIO, "Input/output error"), tempfile.gettempdir())
+    'Input/output error'
+    >>> write_failure_reason(RuntimeError("unexpected pos 576 vs 534"), "/", needed=2**62)  # doctest: +ELLIPSIS
+    'no space left on device (on /: at least 4294967296.0 GiB needed, ... free)'
+    """
+    where = _mount_free(Path(path))
+    code = getattr(exc, "errno", None)
+    text = " ".join(str(exc).split())
+    own = exc.strerror if isinstance(exc, OSError) and exc.strerror else text
+    low = where is not None and (where[1] < _LOW_SPACE or (needed is not None and where[1] < needed))
+    if code in (errno.ENOSPC, errno.EDQUOT) and where is not None and not low:
+        return own  # a quota, or a full disk already freed again: the numbers would only contradict it
+    if not (low or code == errno.ENOSPC or "os error 28" in text):
+        return own
+    detail = []
+    if needed:
+        detail.append(f"at least {_size(needed)} needed")
+    if where is not None:
+        detail.append(f"{_size(where[1])} free")
+    on = f"on {where[0]}: " if where is not None else ""
+    return f"no space left on device ({on}{', '.join(detail)})" if detail else "no space left on device"
 
 
 def _clean(v: Any) -> Any:
@@ -86,11 +150,12 @@ def truncate_metrics(path: str | Path, max_step: int) -> list[dict[str, Any]]:
 def write_rollouts(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write one JSON object per response (fields :data:`ROLLOUT_FIELDS`), atomically."""
     p = Path(path)
+    text = "".join(json.dumps({k: _clean(r[k]) for k in ROLLOUT_FIELDS}, ensure_ascii=False) + "\n" for r in rows)
     try:
-        atomic_write(p, "".join(json.dumps({k: _clean(r[k]) for k in ROLLOUT_FIELDS}, ensure_ascii=False) + "\n"
-                                for r in rows))
+        atomic_write(p, text)
     except OSError as exc:
-        raise RunWriteError(f"writing {p} failed: {exc.strerror or exc}; earlier checkpoints are intact") from exc
+        why = write_failure_reason(exc, p, needed=len(text.encode()))
+        raise RunWriteError(f"writing {p} failed: {why}; earlier checkpoints are intact") from exc
 
 
 class MetricsLog:
@@ -155,12 +220,19 @@ class MetricsLog:
         rec = {k: _clean(v) for k, v in metrics.items()}
         assert self._file is not None
         # One write call per line, flushed: a crash leaves at most one torn last line, which readers skip.
+        line = json.dumps(rec) + "\n"
         try:
-            self._file.write(json.dumps(rec) + "\n")
+            self._file.write(line)
             self._file.flush()
         except OSError as exc:
-            raise RunWriteError(f"writing {self._file.name} failed: {exc.strerror or exc}; earlier checkpoints "
-                                "are intact") from exc
+            name = self._file.name
+            why = write_failure_reason(exc, name, needed=len(line.encode()))
+            # The unwritten line stays buffered, and close() (in train()'s `finally`) would fail again on it and
+            # replace this error by a bare OSError: close the file now, ignoring that second failure.
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+            raise RunWriteError(f"writing {name} failed: {why}; earlier checkpoints are intact") from exc
         step = int(rec["step"])
         if self._loggers:
             from trainer.loggers import scalars

@@ -382,7 +382,9 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
 
     # -- assemble and write (each result atomically; summary last) -----------------------------------
     results: dict = {}
-    common = {"run_dir": str(args.run_dir), "probe_set": probe_set.describe(), "steps": steps}
+    probe_set_info = {**probe_set.describe(), "sha256": _probe_set_hash(probe_set)}
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    common = {"run_dir": str(args.run_dir), "probe_set": probe_set_info, "steps": steps, "created": created}
     if parts["scores"]:
         scores = ScoresResult.concat(parts["scores"]).with_meta(**common)
         results["scores"] = scores
@@ -403,11 +405,26 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
             timed("write", res.save, staging / name, format=args.format)
         skipped = [{"probe": name, **s} for name, res in results.items() for s in res.skipped]
         timing["total"] = time.perf_counter() - t_start
+        # Tables of an earlier pass that this one does not rewrite (a partial re-probe, --probes lld,...): kept
+        # and listed when they came from the same probe set, removed below when from another (or unknown) one.
+        tables = {name: {"probe_set": _brief(probe_set_info), "steps": steps, "created": created, "this_pass": True}
+                  for name in results}
+        stale = []
+        for name, meta in _saved_tables(out).items():
+            if name in results:
+                continue
+            entry = {"probe_set": _brief(meta.get("probe_set") or {}), "steps": meta.get("steps"),
+                     "created": meta.get("created"), "this_pass": False}
+            if entry["probe_set"].get("sha256") == probe_set_info["sha256"]:
+                tables[name] = entry
+            else:
+                stale.append({"table": name, **entry, "reason": "made from another probe set: removed"})
         summary = {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": created,
             "run_dir": str(args.run_dir), "mode": mode, "out": str(out),
             "checkpoints": [{"step": s, "path": str(p)} for s, p in ckpts],
-            "probe_set": probe_set.describe(), "probes": sorted(probes),
+            "probe_set": probe_set_info, "probes": sorted(probes),
+            "tables": tables, "removed_stale": stale,
             "full_model_steps": sorted(full_steps),
             "diversity_steps": sorted(div_steps) if "diversity" in probes else [],
             "options": {k: v for k, v in vars(args).items() if k not in ("func", "run_info")},
@@ -418,12 +435,38 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
         (out / "summary.json").unlink(missing_ok=True)
         for name in results:
             _replace_dir(staging / name, out / name)
+        for entry in stale:
+            shutil.rmtree(out / entry["table"], ignore_errors=True)
         os.replace(staging / "summary.json", out / "summary.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"resrl probe: wrote {', '.join(sorted(results))} for {len(steps)} checkpoint(s) to {out}"
           f" (summary: {out / 'summary.json'})")
     return 0
+
+
+def _probe_set_hash(probe_set: ProbeSet) -> str:
+    """A short fingerprint of what a probe set scores (token ids and rewards), to tell tables of two sets apart."""
+    import hashlib
+
+    content = [[g.group_id, g.prompt_ids, g.response_ids, g.rewards] for g in probe_set.groups]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
+
+def _brief(info: dict) -> dict:
+    return {"source": info.get("source"), "sha256": info.get("sha256"), "n_groups": info.get("n_groups")}
+
+
+def _saved_tables(out: Path) -> dict[str, dict]:
+    """``name -> meta`` of every saved result directly under ``out`` (``{}`` meta when unreadable)."""
+    found = {}
+    for d in sorted(out.iterdir()) if out.is_dir() else []:
+        if d.is_dir() and not d.name.startswith(".") and (d / "meta.json").is_file():
+            try:
+                found[d.name] = json.loads((d / "meta.json").read_text(encoding="utf-8")).get("meta") or {}
+            except (OSError, ValueError):
+                found[d.name] = {}
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,7 @@ message naming the file and line (jsonl) or row and field (parquet).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -79,8 +80,14 @@ def _field(record: Any, dotted: str, where: str, types: tuple[type, ...], requir
     if not isinstance(record, dict):
         raise DataError(f"{where}: record must be a JSON object, got {type(record).__name__}")
     value: Any = record
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value or value[part] is None:
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if i and not isinstance(value, dict):
+            # e.g. "reward_model": "2" where {"ground_truth": "2"} was meant
+            outer = ".".join(parts[:i])
+            raise DataError(f"{where}: field '{outer}' must be an object with '{parts[i]}', got "
+                            f"{type(value).__name__} {value!r}"[:300])
+        if part not in value or value[part] is None:
             if required:
                 raise DataError(f"{where}: missing field '{dotted}'")
             return None
@@ -94,13 +101,27 @@ def _field(record: Any, dotted: str, where: str, types: tuple[type, ...], requir
 
 def _messages(prompt: Any, where: str) -> list[dict[str, str]] | str:
     if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DataError(f"{where}: field 'prompt' is empty")
         return prompt
     if not prompt:
         raise DataError(f"{where}: field 'prompt' is an empty list")
     for i, m in enumerate(prompt):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise DataError(f"{where}: field 'prompt[{i}]' must be an object with string 'role' and 'content'")
+    if not any(m["content"].strip() for m in prompt):
+        raise DataError(f"{where}: field 'prompt' has no message with content")
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def _ground_truth(value: str | int | float, where: str) -> str:
+    # JSON allows NaN/Infinity literals and parquet NaN floats: no answer can be verified against them.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: field 'reward_model.ground_truth' is {value}, expected a finite number or text")
+    text = str(value)
+    if not text.strip():
+        raise DataError(f"{where}: field 'reward_model.ground_truth' is empty")
+    return text
 
 
 class MathTask(Task):
@@ -158,6 +179,8 @@ class MathTask(Task):
         return prompts
 
     def _load_file(self, path: Path) -> list[Prompt]:
+        if path.is_dir():
+            raise DataError(f"{path}: is a directory, expected a .jsonl or .parquet file")
         if not path.is_file():
             raise DataError(f"{path}: no such file")
         suffix = path.suffix.lower()
@@ -180,7 +203,7 @@ class MathTask(Task):
 
     def _parse_record(self, record: Any, where: str, stem: str, row: int) -> Prompt | None:
         raw_prompt = _field(record, "prompt", where, (str, list))
-        gt = _field(record, "reward_model.ground_truth", where, (str, int, float))
+        gt = _ground_truth(_field(record, "reward_model.ground_truth", where, (str, int, float)), where)
         source = _field(record, "data_source", where, (str,), required=False) or stem
         uid = _field(record, "uid", where, (str, int), required=False)
         if uid is None:
@@ -201,7 +224,7 @@ class MathTask(Task):
                     )
                 self.num_skipped_long += 1
                 return None
-        return Prompt(uid=uid, text=text, ground_truth=str(gt), data_source=source)
+        return Prompt(uid=uid, text=text, ground_truth=gt, data_source=source)
 
     def _render(self, messages: list[dict[str, str]] | str) -> tuple[str, bool]:
         tok = self.tokenizer
