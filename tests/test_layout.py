@@ -1,4 +1,4 @@
-"""The direction of imports (docs/ARCHITECTURE: the core never imports the trainer, not even lazily): checked twice,
+"""The direction of imports (docs/ARCHITECTURE.md: the core never imports the trainer, not even lazily): checked twice,
 statically over the source of every ``resrl_analysis`` module, and by importing each of them."""
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from transformers import (
 
 from resrl_analysis.forward import pack_rows, response_forward
 from resrl_analysis.sampling import (
-    RolloutBatch,
+    SampledBatch,
     SamplingParams,
     draw_uniforms,
     filter_logits,
@@ -86,7 +86,7 @@ def eos_model() -> torch.nn.Module:
     return model
 
 
-def _teacher_forced_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+def _teacher_forced_logits(model: torch.nn.Module, batch: SampledBatch) -> torch.Tensor:
     rows = pack_rows(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
     with torch.no_grad():
         return response_forward(model, rows, return_logits=True).logits.float()  # (B, Tr, V)
@@ -445,7 +445,7 @@ def test_n_responses_per_prompt_are_contiguous(qwen):
 
 @pytest.mark.unit
 def test_forward_inputs_and_token_lists():
-    batch = RolloutBatch(
+    batch = SampledBatch(
         prompt_ids=torch.tensor([[0, 0, 5], [6, 7, 8]]),
         prompt_mask=torch.tensor([[False, False, True], [True, True, True]]),
         response_ids=torch.tensor([[9, 3, 0], [9, 9, 9]]),

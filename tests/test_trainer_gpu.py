@@ -43,7 +43,7 @@ def test_update_does_not_depend_on_micro_batch_size_on_cuda():
     base = build_tiny_model(seed=0, num_hidden_layers=2).to(dev)
     mb = _synthetic_minibatch(base.cpu())
     base.to(dev)
-    mb = loop.Rollouts(**{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in vars(mb).items()})
+    mb = loop.ScoredBatch(**{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in vars(mb).items()})
     ctx = DistContext.single(dev)
     params = []
     for micro in (8, 1, 3):

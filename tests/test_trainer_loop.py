@@ -22,7 +22,7 @@ from resrl_analysis.forward import pack_rows, response_forward
 from trainer.checkpointing import CheckpointError, latest_checkpoint
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext
-from trainer.loop import Rollouts, SetupError, TrainingDiverged, train
+from trainer.loop import ScoredBatch, SetupError, TrainingDiverged, train
 from trainer.metrics_log import METRIC_KEYS, ROLLOUT_FIELDS, read_metrics
 from trainer.models import build_tiny_model
 from trainer.tasks import DataError
@@ -63,7 +63,7 @@ def reference_run(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------ micro-batch invariance
 
 
-def _synthetic_minibatch(model: torch.nn.Module, B: int = 8) -> Rollouts:
+def _synthetic_minibatch(model: torch.nn.Module, B: int = 8) -> ScoredBatch:
     g = torch.Generator().manual_seed(0)
     tp, tr = 6, 7
     plen = torch.randint(2, tp + 1, (B,), generator=g)
@@ -77,7 +77,7 @@ def _synthetic_minibatch(model: torch.nn.Module, B: int = 8) -> Rollouts:
     old = torch.zeros(B, tr)
     old[:, : lp.shape[1]] = lp + 0.3 * torch.randn(lp.shape, generator=g)  # off-policy: clipping is active
     adv = torch.randn(B, tr, generator=g).masked_fill(~rmask, 0.0)
-    return Rollouts(prompt_ids=pids, prompt_mask=pmask, response_ids=rids, response_mask=rmask,
+    return ScoredBatch(prompt_ids=pids, prompt_mask=pmask, response_ids=rids, response_mask=rmask,
                     finished=torch.ones(B, dtype=torch.bool), group_ids=torch.arange(B) // 4,
                     rewards=torch.zeros(B), old_logp=old, advantages=adv[:, 0], token_advantages=adv,
                     ref_logp=old - 0.1)
@@ -154,7 +154,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(reference_run, tmp_pat
     for a, b in zip(ref_lines, lines):
         for key in ("reward/mean", "actor/pg_loss", "actor/grad_norm", "resrl/weight_mean"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
-    # Rollouts of the resumed part are identical too.
+    # ScoredBatch of the resumed part are identical too.
     assert (run / "rollouts" / "step_000004.jsonl").read_text() == (
         reference_run / "rollouts" / "step_000004.jsonl").read_text()
 

@@ -379,9 +379,6 @@ class ScoredBatch:
         return int(self.response_ids.shape[0])
 
 
-Rollouts = ScoredBatch  # the former name, still used by the update code
-
-
 def _encode_prompts(tokenizer: Any, prompts: list[Prompt]) -> list[list[int]]:
     return encode_prompts(tokenizer, [p.text for p in prompts])
 
@@ -450,7 +447,7 @@ def _pad_cols(x: Tensor, width: int, value: float = 0.0) -> Tensor:
 def _collect(
     cfg: TrainConfig, step: int, model: torch.nn.Module, ref_model: torch.nn.Module | None, tokenizer: Any,
     task: Task, algo: Any, ctx: DistContext,
-) -> tuple[Rollouts, dict[str, Any]]:
+) -> tuple[ScoredBatch, dict[str, Any]]:
     """Sample this rank's share of the step's prompts, reward them, run the no-grad forward, compute advantages."""
     # ---- rollout: rank r takes prompts [r·P/W, (r+1)·P/W) of the step's batch: whole groups per rank
     P, W = cfg.prompts_per_step, ctx.world_size
@@ -593,14 +590,14 @@ def _dump(run_dir: Path, step: int, data: ScoredBatch, tokenizer: Any, ctx: Dist
 # =========================================================================================== update
 
 
-def _minibatches(data: Rollouts, cfg: TrainConfig, ctx: DistContext) -> list[Rollouts]:
+def _minibatches(data: ScoredBatch, cfg: TrainConfig, ctx: DistContext) -> list[ScoredBatch]:
     """This rank's share of each optimizer step: whole groups, ``mini_batch_size / W`` prompts, per epoch."""
     rows = cfg.mini_batch_size // ctx.world_size * cfg.n
     one_epoch = [data.select(slice(s, s + rows)) for s in range(0, data.num_rows, rows)]
     return [mb for _ in range(cfg.ppo_epochs) for mb in one_epoch]
 
 
-def _micro_slices(mb: Rollouts, cfg: TrainConfig) -> list[slice]:
+def _micro_slices(mb: ScoredBatch, cfg: TrainConfig) -> list[slice]:
     """Micro-batches: ``micro_batch_size`` rows, or as many rows as fit ``micro_batch_tokens`` padded tokens."""
     B = mb.num_rows
     if not cfg.micro_batch_tokens:
@@ -618,7 +615,7 @@ def _micro_slices(mb: Rollouts, cfg: TrainConfig) -> list[slice]:
 
 
 def _optimizer_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, mb: Rollouts, cfg: TrainConfig,
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, mb: ScoredBatch, cfg: TrainConfig,
     ctx: DistContext,
 ) -> dict[str, Any]:
     """Gradient accumulation over micro-batches, clipping, and one optimizer step (skipped if non-finite)."""

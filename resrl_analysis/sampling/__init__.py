@@ -2,7 +2,7 @@
 
 The RL trainer samples ``n`` responses per prompt, then needs, for every row, the prompt (left-padded), the
 response (right-padded, pad after EOS), masks, lengths, and the log-probability the sampler assigned to each
-token. :func:`sample` returns all of that as a :class:`RolloutBatch`.
+token. :func:`sample` returns all of that as a :class:`SampledBatch`.
 
 Backends (``backend=``):
 
@@ -49,13 +49,13 @@ Example:
 
 from .api import Backend, sample
 from .draw import draw_uniforms, filter_logits, sample_from_uniforms
-from .params import RolloutBatch, SamplingParams
+from .params import SampledBatch, SamplingParams
 from .prompts import encode_prompts, eos_token_ids
 from .static import release_static_cache
 
 __all__ = [
     "Backend",
-    "RolloutBatch",
+    "SampledBatch",
     "SamplingParams",
     "draw_uniforms",
     "encode_prompts",

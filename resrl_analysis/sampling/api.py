@@ -12,7 +12,7 @@ from .decode import _assemble, _eos_tensor, _pack_prompts, _run_dynamic
 from .draw import draw_uniforms
 from .hf_backend import _run_hf
 from .hf_compat import _eval_mode, _model_device_dtype
-from .params import RolloutBatch, SamplingParams
+from .params import SampledBatch, SamplingParams
 from .static import _run_static
 
 __all__ = ["Backend", "sample"]
@@ -47,7 +47,7 @@ def sample(
     compile: bool | None = None,
     return_logprobs: bool = True,
     check_every: int | None = None,
-) -> RolloutBatch:
+) -> SampledBatch:
     """Sample ``params.n`` responses for each prompt.
 
     Args:
@@ -72,7 +72,7 @@ def sample(
             16 on CUDA.
 
     Returns:
-        A :class:`RolloutBatch` with ``B = len(prompt_ids) * params.n`` rows.
+        A :class:`SampledBatch` with ``B = len(prompt_ids) * params.n`` rows.
 
     Example:
         >>> import torch

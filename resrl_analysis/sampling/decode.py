@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..forward import position_ids
 from .draw import sample_from_uniforms
 from .hf_compat import _forward_spec, _model_call, _new_dynamic_cache, _sync
-from .params import RolloutBatch, SamplingParams
+from .params import SampledBatch, SamplingParams
 
 
 def _pack_prompts(
@@ -90,7 +90,7 @@ def _assemble(
     pad_token_id: int,
     backend: str,
     stats: dict[str, float],
-) -> RolloutBatch:
+) -> SampledBatch:
     tr = max(int(lengths.max()), 1) if lengths.numel() else 1  # keep one column so shapes stay (B, >=1)
     tokens = tokens[:, :tr]
     if tokens.shape[1] < tr:  # pragma: no cover - defensive
@@ -99,7 +99,7 @@ def _assemble(
     tokens = tokens.masked_fill(~mask, pad_token_id)
     if logprobs is not None:
         logprobs = logprobs[:, :tr].masked_fill(~mask, 0.0)
-    return RolloutBatch(
+    return SampledBatch(
         prompt_ids=prompt,
         prompt_mask=prompt_mask,
         response_ids=tokens,

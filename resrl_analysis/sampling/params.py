@@ -1,4 +1,4 @@
-"""What to sample (:class:`SamplingParams`) and what comes back (:class:`RolloutBatch`)."""
+"""What to sample (:class:`SamplingParams`) and what comes back (:class:`SampledBatch`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["RolloutBatch", "SamplingParams"]
+__all__ = ["SampledBatch", "SamplingParams"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class SamplingParams:
 
 
 @dataclass
-class RolloutBatch:
+class SampledBatch:
     """Sampled responses, one row per (prompt, sample); the ``n`` rows of a prompt are contiguous.
 
     ``B = len(prompts) * n``, ``Tp`` = longest prompt, ``Tr`` = longest response (at most
@@ -82,7 +82,7 @@ class RolloutBatch:
 
     Example:
         >>> import torch
-        >>> b = RolloutBatch(
+        >>> b = SampledBatch(
         ...     prompt_ids=torch.tensor([[0, 5]]), prompt_mask=torch.tensor([[False, True]]),
         ...     response_ids=torch.tensor([[7, 1, 0]]), response_mask=torch.tensor([[True, True, False]]),
         ...     response_lengths=torch.tensor([2]), finished=torch.tensor([True]), prompt_index=torch.tensor([0]))
