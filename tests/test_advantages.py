@@ -9,6 +9,7 @@ import torch
 
 from resrl_analysis.advantages import ALGORITHMS, AlgoInputs, get_algorithm, params_from_config
 from trainer.config import ALGORITHM_NAMES
+from trainer.setup import seed_of
 
 pytestmark = pytest.mark.unit
 
@@ -339,7 +340,7 @@ def test_trainer_and_probe_advantages_are_identical(tiny, algorithm, layer):
                                 torch.full((G,), group.group_id))
     trainer_out = algo.fn(inp)
     fwd = forward_group(tiny, group)
-    probe = token_advantages(fwd, algorithm, params_from_config(cfg), seed=loop._seed(cfg.seed, "resrl", step))
+    probe = token_advantages(fwd, algorithm, params_from_config(cfg), seed=seed_of(cfg.seed, "resrl", step))
     assert torch.equal(probe, trainer_out.token_advantages)
     assert (probe[~fwd.mask] == 0).all() and (probe[fwd.mask] != 0).any()
     if algorithm == "resrl":  # the group is weighted, not left at weight 1
