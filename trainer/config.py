@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 import resrl_analysis.advantages as _advantages
+from resrl_analysis.rundir import atomic_write
 
 __all__ = [
     "ALGORITHM_NAMES",
@@ -667,10 +668,7 @@ def save_config_yaml(cfg: TrainConfig, path: str | Path) -> None:
     >>> config_from_sources(None, p).steps
     3
     """
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def config_differences(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, Any]]:
