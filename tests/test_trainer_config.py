@@ -73,7 +73,8 @@ def test_paper_presets_state_their_settings():
     cfg = preset_config("qwen3-1.7b-math", model="/m", train_files=["t.parquet"])
     assert (cfg.prompts_per_step, cfg.mini_batch_size, cfg.n) == (256, 64, 4)
     assert (cfg.max_prompt_length, cfg.max_response_length) == (2048, 4096)
-    assert (cfg.lr, cfg.warmup_steps, cfg.weight_decay, cfg.kl_coef) == (1e-6, 10, 0.1, 0.0)
+    assert (cfg.lr, cfg.warmup_steps, cfg.weight_decay, cfg.kl_coef) == (1e-6, 40, 0.1, 0.0)
+    assert cfg.warmup_steps == 10 * cfg.updates_per_rollout  # the reference: 10 rollout batches of warm-up
     assert (cfg.temperature, cfg.val_temperature) == (1.0, 0.6)  # training temperature stated explicitly
     assert cfg.length_scale and cfg.length_start == 3500 and cfg.length_end_scale == 0.7
     assert cfg.updates_per_rollout == 4
