@@ -91,7 +91,9 @@ METRIC_KEYS = (
     "actor/param_norm", "actor/param_norm_ratio",
     "actor/advantage_mean", "actor/advantage_min", "actor/advantage_max",
     "resrl/weight_mean", "resrl/weight_q10", "resrl/weight_q50", "resrl/weight_q90",
-    "nthr/downweighted_frac", "timing/sample_s", "timing/rollout_s", "timing/update_s", "timing/step_s",
+    "nthr/downweighted_frac", "lld/batch_frac", "lld/batch_delta_mean", "lld/shared_token_delta_mean",
+    "lld/unique_token_delta_mean", "lld/mixed_groups",
+    "timing/sample_s", "timing/rollout_s", "timing/update_s", "timing/step_s",
     "perf/tokens_per_s", "train/skipped_steps", "train/blowup_steps",
 )
 

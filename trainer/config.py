@@ -61,7 +61,7 @@ RESUMABLE_CHANGES = frozenset({
     "steps", "save_every", "resume", "output_dir", "micro_batch_size", "micro_batch_tokens",
     "logprob_micro_batch_size", "progress_bar", "log_every", "tensorboard", "dump_rollouts", "device",
     "gradient_checkpointing", "logprob_memory_mb", "rollout_backend", "val_every", "preset", "cpu_threads",
-    "rollout_compile", "lr", "grad_clip", "max_consecutive_skips", "report_to",
+    "rollout_compile", "lr", "grad_clip", "max_consecutive_skips", "report_to", "lld_in_batch",
     "resume_from", "blowup_param_ratio", "blowup_update_norm", "max_blowup_steps", "sane_weight_max",
 })
 
@@ -207,6 +207,9 @@ class TrainConfig:
     tensorboard: bool = _f(True, "Deprecated (use report_to): false removes 'tensorboard' from report_to; kept "
                                  "equal to 'tensorboard' in report_to.")
     dump_rollouts: bool = _f(True, "Write rollouts/step_XXXXXX.jsonl at step 0 and every saved step.")
+    lld_in_batch: bool = _f(True, "Measure lazy likelihood displacement live: after each rollout batch's last update, "
+                                  "one no-grad forward re-scores the positives of its mixed groups (lld/* metrics; "
+                                  "shared vs unique tokens). Off in the paper presets.")
     max_consecutive_skips: int = _f(5, "Stop the run after this many non-finite steps in a row.")
     blowup_param_ratio: float = _f(1.5, "Report a step as a blow-up when it grows the parameter norm by more than "
                                         "this factor (||θ_after|| / ||θ_before||; 0 = off).")
@@ -456,6 +459,7 @@ _PAPER_MATH: dict[str, Any] = dict(
     gradient_checkpointing=True,
     logprob_memory_mb=1024.0,
     cpu_threads=0,
+    lld_in_batch=False,  # one more forward of the batch's positives per rollout batch: opt in
 )
 
 #: name -> overrides of the dataclass defaults (which are the ``tiny`` preset).

@@ -50,6 +50,7 @@ from resrl_analysis.advantages import (
     get_algorithm,
     params_from_config,
 )
+from resrl_analysis.displacement import group_displacements, in_batch_lld_metrics
 from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
 from resrl_analysis.rundir import CHECKPOINTS, METRIC_KEYS, rollout_path
 from resrl_analysis.sampling import SamplingParams, encode_prompts, eos_token_ids, sample
@@ -157,7 +158,8 @@ def train(config: TrainConfig) -> Path:
             if cfg.dump_rollouts and is_save_step(cfg, batch_step):
                 _dump(run_dir, batch_step, data, tokenizer, ctx)
             # -------------------------------------------------------------- update: one optimizer step per mini-batch
-            for i, mb in enumerate(_minibatches(data, cfg, ctx)):
+            minibatches = _minibatches(data, cfg, ctx)
+            for i, mb in enumerate(minibatches):
                 step = batch_step + i + 1
                 if i:
                     _reset_peak_memory(ctx)
@@ -175,6 +177,8 @@ def train(config: TrainConfig) -> Path:
                     "timing/step_s": rollout_s + update_s,
                     "perf/tokens_per_s": upd["tokens"] / (rollout_s + update_s),
                 })
+                if cfg.lld_in_batch and i == len(minibatches) - 1:  # after the batch's last update
+                    metrics.update(_in_batch_lld(model, data, cfg, ctx))
                 metrics.update(watch.observe(step, upd["finite"], metrics, model, before))
                 if ctx.device.type == "cuda":
                     metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
@@ -585,6 +589,43 @@ def _dump(run_dir: Path, step: int, data: ScoredBatch, tokenizer: Any, ctx: Dist
         _on_all_ranks(write_rollouts, path, merged, what=str(path), ctx=ctx)
     else:
         _on_all_ranks(None, what="", ctx=ctx)
+
+
+# =========================================================================================== in-batch LLD
+
+
+def _in_batch_lld(model: torch.nn.Module, data: ScoredBatch, cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+    """``lld/*`` of a rollout batch (docs/MATH.md § Lazy likelihood displacement): its mixed groups' positive
+    responses re-scored by one no-grad forward after the batch's last update, against the rollout's log-probs."""
+    pos = data.rewards > 0  # (B,)
+    mixed = torch.zeros_like(pos)
+    for g in torch.unique(data.group_ids):
+        rows = data.group_ids == g
+        if pos[rows].any() and not pos[rows].all():
+            mixed |= rows
+    idx = torch.nonzero(mixed & pos).flatten()
+    per = cfg.logprob_micro_batch_size or cfg.micro_batch_size
+    chunks = [idx[s : s + per] for s in range(0, idx.numel(), per)]
+    # Every rank runs as many forwards as the busiest one (FSDP collectives); extra ones score a dummy row.
+    n = int(all_reduce_max(torch.tensor([len(chunks)]), ctx)[0])
+    new_logp = torch.zeros_like(data.old_logp)  # (B, Tr)
+    was_training = model.training
+    model.eval()  # as the rollout's no-grad forward, which gave old_logp
+    try:
+        with torch.no_grad():
+            for i in range(n):
+                sel = chunks[i] if i < len(chunks) else torch.arange(1)
+                rows = pack_rows(data.prompt_ids[sel], data.prompt_mask[sel], data.response_ids[sel],
+                                 data.response_mask[sel])
+                fo = response_forward(model, rows, temperature=cfg.temperature, memory_mb=cfg.logprob_memory_mb)
+                if i < len(chunks):
+                    new_logp[sel, : rows.response_len] = fo.logp.float()
+    finally:
+        model.train(was_training)
+    mine = group_displacements(data.old_logp, new_logp, data.response_ids, data.response_mask, data.rewards,
+                               data.group_ids)
+    every = all_gather_objects(mine, ctx)  # a group never spans ranks
+    return in_batch_lld_metrics([g for part in every for g in part])
 
 
 # =========================================================================================== update
