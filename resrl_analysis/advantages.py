@@ -223,10 +223,11 @@ NTHR_SCORES = _extra("nthr_scores", math.nan, "NTHR score s⁻ of each valid neg
 @dataclass(frozen=True)
 class MetricsHook:
     """Per-algorithm rollout metrics in two steps, so a multi-process caller can gather in between:
-    ``local(extras, negative_token_mask)`` summarises one rank's rows into something picklable;
+    ``local(extras, negative_token_mask, mixed_negative_token_mask)`` summarises one rank's rows into something
+    picklable (the second mask keeps the negative tokens of mixed groups only);
     ``reduce(summaries of every rank)`` returns the metrics (``namespace/name`` -> float)."""
 
-    local: Callable[[dict[str, Tensor], Tensor], Any]
+    local: Callable[[dict[str, Tensor], Tensor, Tensor], Any]
     reduce: Callable[[list[Any]], dict[str, float]]
 
 
@@ -318,7 +319,7 @@ def w_reinforce(b: AlgoInputs) -> AlgoOutput:
     return _baseline(b, "w-reinforce")
 
 
-def _nthr_local(extras: dict[str, Tensor], neg_tok: Tensor) -> tuple[int, int]:
+def _nthr_local(extras: dict[str, Tensor], neg_tok: Tensor, mixed_neg_tok: Tensor) -> tuple[int, int]:
     return int((extras[NTHR_WEIGHTS][neg_tok] < 1).sum()), int(neg_tok.sum())
 
 
@@ -346,19 +347,25 @@ def nthr(b: AlgoInputs) -> AlgoOutput:
 _QUANTILE_SAMPLE = 65536  # quantiles from an evenly spaced subsample: bounded gather size
 
 
-def _resrl_local(extras: dict[str, Tensor], neg_tok: Tensor) -> list[float]:
-    w = extras[RESRL_WEIGHTS][neg_tok & torch.isfinite(extras[RESRL_RESIDUALS])].float().cpu()  # weighted tokens
+def _resrl_local(extras: dict[str, Tensor], neg_tok: Tensor, mixed_neg_tok: Tensor) -> tuple[list[float], int, int]:
+    assessed = torch.isfinite(extras[RESRL_RESIDUALS])  # (B, T) tokens a positive subspace weighed
+    w = extras[RESRL_WEIGHTS][neg_tok & assessed].float().cpu()  # weighted tokens
     if w.numel() > _QUANTILE_SAMPLE:
         w = w[torch.linspace(0, w.numel() - 1, _QUANTILE_SAMPLE).long()]
-    return w.tolist()
+    return w.tolist(), int((mixed_neg_tok & assessed).sum()), int(mixed_neg_tok.sum())
 
 
-def _resrl_reduce(parts: list[list[float]]) -> dict[str, float]:
-    w = torch.tensor([x for p in parts for x in p], dtype=torch.float64)
+def _resrl_reduce(parts: list[tuple[list[float], int, int]]) -> dict[str, float]:
+    weighted, total = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    # Of the negative tokens of mixed groups, the fraction a subspace weighed (ω from the residual; ω can be
+    # exactly 1 above the group's q_high quantile). 1 here by construction; the reference's per-micro-batch
+    # weighting leaves most of them unweighted (docs/MATH.md § Departures from the reference implementation).
+    out = {"resrl/weighted_token_frac": weighted / total} if total else {}
+    w = torch.tensor([x for p in parts for x in p[0]], dtype=torch.float64)
     if not w.numel():
-        return {}
+        return out
     q = torch.quantile(w, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-    return {"resrl/weight_mean": float(w.mean()), "resrl/weight_q10": float(q[0]),
+    return {**out, "resrl/weight_mean": float(w.mean()), "resrl/weight_q10": float(q[0]),
             "resrl/weight_q50": float(q[1]), "resrl/weight_q90": float(q[2])}
 
 

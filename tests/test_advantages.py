@@ -402,6 +402,15 @@ def test_rollout_metrics_read_the_extras_generically():
     assert m["resrl/weight_mean"] == pytest.approx(float(weighted.mean()), rel=1e-12)
     assert m["resrl/weight_q50"] == pytest.approx(float(weighted.quantile(0.5)), rel=1e-12)
     assert "nthr/downweighted_frac" not in m
+    assert m["resrl/weighted_token_frac"] == 1.0  # every negative token of the two (mixed) groups has a residual
+    # a mixed group whose negatives no subspace weighed (the reference's per-micro-batch weights): 1/2 left
+    res2 = res.clone()
+    res2[4:] = float("nan")
+    m2 = loop._rollout_metrics(loop.ScoredBatch(**{**vars(data), "extras": {"resrl_weights": w,
+                                                                             "resrl_residuals": res2}}),
+                               TrainConfig(algorithm="resrl"), ctx)
+    neg = mask & (rewards <= 0)[:, None]
+    assert m2["resrl/weighted_token_frac"] == pytest.approx(float(neg[:4].sum() / neg.sum()))
     # A slice keeps the extras with the rows
     part = data.select(slice(4, 8))
     assert torch.equal(part.extras["resrl_weights"], w[4:]) and part.num_rows == 4

@@ -530,7 +530,12 @@ def _rollout_metrics(data: ScoredBatch, cfg: TrainConfig, ctx: DistContext) -> d
         "adv": (float(adv.sum()), adv.numel(), float(adv.min()), float(adv.max())) if adv.numel() else None,
     }
     if algo.metrics is not None:
-        local["algo"] = algo.metrics.local(data.extras, neg_tok)
+        pos = data.rewards > 0
+        mixed = torch.zeros_like(pos)
+        for g in torch.unique(data.group_ids):
+            rows = data.group_ids == g
+            mixed |= rows & bool(pos[rows].any() and not pos[rows].all())
+        local["algo"] = algo.metrics.local(data.extras, neg_tok, neg_tok & mixed[:, None])
     every = all_gather_objects(local, ctx)
     r = torch.tensor([x for e in every for x in e["rewards"]], dtype=torch.float64)
     g = torch.tensor([x for e in every for x in e["groups"]])
