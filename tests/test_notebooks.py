@@ -135,6 +135,8 @@ def test_quickstart_notebook_runs(kernel, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ANALYSIS)
 def test_analysis_notebook_runs(name, kernel, small_run, monkeypatch):
     monkeypatch.setenv("RESRL_RUN_DIR", str(small_run))
+    for var in ("RESRL_BASE_MODEL", "RESRL_PROBE_SET"):  # the run's own probe set, whatever the shell has set
+        monkeypatch.delenv(var, raising=False)
     nb, seconds = execute(name, kernel)
     assert_figures_shown(nb, name)
     assert_no_progress_warning(nb, name)
