@@ -75,6 +75,14 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "  resrl probe runs/tiny --every 5 --probes lld,interference\n"
         "  resrl probe my-hf-model/ --probe-set probes.jsonl  a checkpoint not written by the trainer;\n"
         "      probes.jsonl: one JSON object per prompt with prompt, responses, rewards (and ground_truth)\n"
+        "\n"
+        "runs the trainer did not write (docs/FOREIGN_RUNS.md):\n"
+        "  resrl probe out/grpo --base-model BASE --probe-set out/grpo/completions/completions_00001.parquet\n"
+        "      a TRL output directory (checkpoint-N/ is step N); BASE, the starting policy, is probed as step 0\n"
+        "  resrl probe ckpts --base-model BASE --probe-set rollout_data/\n"
+        "      a verl checkpoint directory (merged global_step_N/actor/huggingface/); its oldest rollout dump\n"
+        "  resrl probe out/checkpoint-50 out/checkpoint-100 --base-model BASE\n"
+        "      a list of checkpoints, in this order (or --checkpoints A,B,C); outputs in their parent's probes/\n"
     )
     a = parser.add_argument
     a("paths", metavar="RUN_DIR", type=Path, nargs="*",
