@@ -93,7 +93,16 @@ def test_registered_and_validated():
     held = {p.text for p in small.validation_prompts()}
     assert small.num_train + len(held) == 90 * 90 and 10 <= len(held) <= 20
     assert _check_scratchpad("47+38=", small.sft_target(Prompt("u", "47+38=", "85", "addition"))) == 85
-    with pytest.raises(ValueError, match="digits must be in"):
-        AdditionTask(digits=0)
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="digits must be in"):
+            AdditionTask(digits=bad)
     with pytest.raises(ValueError, match="validation_pairs must be in"):
         AdditionTask(digits=1, validation_pairs=1000)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("digits", [1, 2, 3])
+def test_response_budget_fits_the_longest_answer(digits):
+    t = AdditionTask(digits=digits, validation_pairs=1)
+    longest = worked_solution(t.high, t.high, digits)
+    assert len(longest) + 1 < t.default_max_new_tokens

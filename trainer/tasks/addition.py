@@ -63,7 +63,7 @@ class AdditionTask(Task):
     (:meth:`sft_target`) is the full worked solution.
 
     Args:
-        digits: digits of each operand (1..6).
+        digits: digits of each operand (1..3).
         validation_pairs: number of unordered operand pairs held out (each in both orders, so about
             twice as many validation prompts).
     """
@@ -71,18 +71,19 @@ class AdditionTask(Task):
     name = "addition"
     data_source = "addition"
     # Longest correct response at 3 digits: "9+9=18;9+9+1=19;9+9+1=19;=1998" (30 characters) + EOS;
-    # about 13 characters more per extra digit. A little slack to observe run-ons.
+    # 10 characters per digit in general. A little slack to observe run-ons (set per instance).
     default_max_new_tokens = 40
 
     def __init__(self, digits: int = 3, validation_pairs: int = 512) -> None:
-        if not 1 <= digits <= 6:
-            raise ValueError(f"digits must be in [1, 6], got {digits}")
+        if not 1 <= digits <= 3:  # the pool is enumerated: 4 digits would be 81M prompts
+            raise ValueError(f"digits must be in [1, 3], got {digits}")
         low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
         n = high - low + 1
         num_unordered = n * (n + 1) // 2
         if not 0 <= validation_pairs < num_unordered:
             raise ValueError(f"validation_pairs must be in [0, {num_unordered}), got {validation_pairs}")
         self.digits, self.low, self.high = digits, low, high
+        self.default_max_new_tokens = 10 * digits + 10
         # Draw held-out unordered pairs one at a time from a fixed stream, so the split does not depend
         # on numpy's vectorised sampling algorithms, only on the generator's integer stream.
         rng = np.random.default_rng(SPLIT_SEED)
