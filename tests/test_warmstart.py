@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
+import platform
+from dataclasses import asdict
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.models import build_tiny_model
-from trainer.tasks import Prompt
+from trainer.tasks import Prompt, make_task
 from trainer.tasks.multiplication import MultiplicationTask
 from trainer.tokenizer import build_char_tokenizer
 from trainer.warmstart import (
+    TINY_ADDITION_WARMSTART_DIR,
     TINY_WARMSTART_DIR,
     WarmstartRecipe,
     evaluate_sampled,
@@ -21,6 +25,7 @@ from trainer.warmstart import (
     run_warmstart,
     sample_responses,
     sft_batch,
+    shared_token_fraction,
 )
 
 
@@ -139,3 +144,106 @@ def test_shipped_checkpoint_quick_sampled_eval():
     # temperature 1 is noisier than greedy, and greedy is clearly better than chance
     greedy = evaluate_sampled(model, tok, prompts, task.reward, num_samples=1, temperature=0.0)
     assert greedy["accuracy"] > 0.1
+
+
+# -- the addition task's recipe and shipped asset -------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_sft_batch_trains_on_the_worked_solution():
+    tok = build_char_tokenizer()
+    task = make_task("addition")
+    p = Prompt("a", "347+285=", "632", "addition")
+    ids, mask, labels = sft_batch([p], tok, [task.sft_target(p)])
+    assert tok.decode(labels[0][labels[0] >= 0]) == "7+5=12;4+8+1=13;3+2+1=6;=632<eos>"
+    assert tok.decode(ids[0]) == "<bos>347+285=7+5=12;4+8+1=13;3+2+1=6;=632<eos>"
+    with pytest.raises(ValueError, match="targets for"):
+        sft_batch([p], tok, [])
+
+
+@pytest.mark.unit
+def test_shared_token_fraction_against_a_brute_force_reference():
+    gen = torch.Generator().manual_seed(0)
+    groups = []
+    for _ in range(30):
+        base = torch.randint(0, 3, (6,), generator=gen).tolist()
+        group = []
+        for _ in range(5):
+            cut = int(torch.randint(0, 7, (1,), generator=gen))
+            tail = torch.randint(0, 3, (int(torch.randint(0, 4, (1,), generator=gen)),), generator=gen).tolist()
+            group.append((base[:cut] + tail, bool(torch.rand(1, generator=gen) < 0.5)))
+        groups.append(group)
+
+    def shared_at(pos: list[int], t: int, negs: list[list[int]]) -> bool:  # the definition, position by position
+        return any(len(q) > t and q[: t + 1] == pos[: t + 1] for q in negs)
+
+    num = den = 0
+    for g in groups:
+        negs = [r for r, ok in g if not ok]
+        if negs and len(negs) < len(g):
+            for r, ok in g:
+                if ok:
+                    num += sum(shared_at(r, t, negs) for t in range(len(r)))
+                    den += len(r)
+    assert den > 0 and shared_token_fraction(groups) == pytest.approx(num / den)
+    assert math.isnan(shared_token_fraction([[([1, 2], True)]]))
+
+
+@pytest.mark.integration
+def test_addition_recipe_short_run_reproduces_the_shipped_first_losses(tmp_path):
+    rec = read_warmstart_record(TINY_ADDITION_WARMSTART_DIR)
+    head = rec["loss_head"]
+    recipe = WarmstartRecipe.for_task("addition", steps=len(head))
+    assert {k: v for k, v in asdict(recipe).items() if k != "steps"} == \
+        {k: v for k, v in rec["recipe"].items() if k != "steps"}
+    res = run_warmstart(tmp_path, recipe, evaluate=False, verbose=False)
+    env = rec["environment"]
+    if (env["torch"], env["machine"]) == (torch.__version__, platform.machine()):
+        assert res.losses == head  # bit for bit: same build, one thread, deterministic algorithms
+    else:
+        assert res.losses == pytest.approx(head, rel=1e-4)
+
+
+@pytest.mark.integration
+def test_shipped_addition_record_generalises_and_is_in_band():
+    rec = read_warmstart_record(TINY_ADDITION_WARMSTART_DIR)
+    held, seen = rec["heldout"], rec["train_subset"]
+    assert rec["task"] == "addition" and held["num_samples"] == 8 and held["num_prompts"] >= 1000
+    assert 0.2 <= held["accuracy"] <= 0.7 and abs(held["accuracy"] - seen["accuracy"]) <= 0.1
+    assert 0.3 <= held["mixed_fraction"] <= 0.9  # errors spread over prompts: more mixed groups than multiplication
+    assert held["shared_token_fraction"] > 0.3  # right and wrong answers share long stretches
+    assert 15 <= held["response_tokens_mean"] <= 40
+    assert (TINY_ADDITION_WARMSTART_DIR / "model.safetensors").stat().st_size < 2.1 * 2**20
+
+
+@pytest.mark.integration
+def test_shipped_addition_checkpoint_quick_sampled_eval():
+    model, tok = load_tiny_warmstart(TINY_ADDITION_WARMSTART_DIR)
+    rec = read_warmstart_record(TINY_ADDITION_WARMSTART_DIR)
+    task = make_task("addition")
+    prompts = task.validation_prompts()[::16]  # 64 held-out prompts spread over the split
+    assert len(prompts) == 64
+    stats = evaluate_sampled(model, tok, prompts, task.reward, num_samples=4, seed=7,
+                             max_new_tokens=rec["sampling"]["max_new_tokens"])
+    # 64 prompts x 4 samples: the standard error is at most ~0.063, so ±0.2 is > 3 standard errors.
+    assert abs(stats["accuracy"] - rec["sampled_accuracy"]) < 0.2, (stats, rec["sampled_accuracy"])
+    assert stats["truncated_fraction"] < 0.1 and 15 <= stats["response_tokens_mean"] <= 40
+
+
+@pytest.mark.integration
+def test_tiny_addition_preset_trains_four_steps(tmp_path):
+    from trainer.config import preset_config
+    from trainer.loop import _build_task, train
+    from trainer.metrics_log import read_metrics
+
+    cfg = preset_config("tiny-addition", steps=4, save_every=4, output_dir=str(tmp_path / "run"),
+                        progress_bar="off", report_to=["none"], dump_rollouts=False)
+    try:  # an older loop builds every task but multiplication as a `math` task from train_files
+        routed = _build_task(cfg, build_char_tokenizer()).name == "addition"
+    except ValueError:
+        routed = False
+    if not routed:
+        pytest.skip("trainer/loop.py _build_task does not route task=addition to make_task yet")
+    run = train(cfg)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert len(rows) == 4 and all(math.isfinite(r["actor/pg_loss"]) for r in rows)

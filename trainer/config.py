@@ -110,7 +110,8 @@ class TrainConfig:
     attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained ('sdpa', 'eager', ...).")
 
     # ---------------------------------------------------------------- data and reward
-    task: str = _f("multiplication", "Task: 'multiplication' (embedded, synthetic) or 'math' (train_files).")
+    task: str = _f("multiplication", "Task: 'multiplication' or 'addition' (embedded, synthetic) or 'math' "
+                                     "(train_files).")
     train_files: list[str] = _f([], "Training files (.jsonl/.parquet, verl RLVR layout) for task=math.")
     val_files: list[str] = _f([], "Validation files for task=math (optional).")
     max_prompt_length: int = _f(64, "Prompts longer than this many tokens are handled by on_long_prompt.")
@@ -341,7 +342,7 @@ class TrainConfig:
         if self.length_scale and self.length_start >= self.max_response_length:
             raise e(f"length_scale needs length_start={self.length_start} < max_response_length="
                     f"{self.max_response_length}")
-        choices = {"task": ("multiplication", "math"), "on_long_prompt": ("skip", "error"),
+        choices = {"task": ("multiplication", "addition", "math"), "on_long_prompt": ("skip", "error"),
                    "lr_schedule": ("constant", "cosine"), "device": ("auto", "cpu", "cuda"),
                    "param_dtype": ("auto", "bfloat16", "float32"), "fsdp": ("auto", "on", "off"),
                    "progress_bar": ("auto", "on", "off"),
@@ -465,6 +466,10 @@ _PAPER_MATH: dict[str, Any] = dict(
 #: name -> overrides of the dataclass defaults (which are the ``tiny`` preset).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
+    # 3-digit addition with the carry chain written out (responses of 23-31 tokens that right and wrong
+    # answers largely share), from its shipped warm start, on the whole pool of ~810k prompts.
+    "tiny-addition": dict(task="addition", train_prompts=0, max_response_length=40,
+                          model=str(Path(__file__).resolve().parent / "assets" / "tiny_addition_warmstart")),
     "qwen3-1.7b-math": dict(_PAPER_MATH),
     "qwen3-4b-math": dict(_PAPER_MATH),
 }

@@ -11,6 +11,16 @@ prompts, which RL samples from, 52% and 65% (`warmstart.json` records all of it)
 
     python -m trainer.warmstart --out trainer/assets/tiny_warmstart
 
+That checkpoint memorises: its 2-token answers share almost nothing between right and wrong. The
+`addition` task writes its carry chain out (`"347+285="` → `"7+5=12;4+8+1=13;3+2+1=6;=632"`, 23-31
+tokens), so right and wrong responses share long prefixes, and its pool of ~810k prompts is far
+beyond what SFT memorises. Its warm start (`tiny_addition_warmstart/`: 3 layers, 0.47M parameters,
+205 steps, ~30 s) samples 60% right on held-out prompts and 63% on training prompts, 86% of its
+8-response groups mixed, and 61% of a positive response's tokens shared with a negative of its
+group (same token after the same prefix). Rebuild it with
+
+    python -m trainer.warmstart --task addition --out trainer/assets/tiny_addition_warmstart
+
 Use it:
 
     >>> model, tok = load_tiny_warmstart()
@@ -38,20 +48,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from resrl_analysis.sampling import SamplingParams, encode_prompts, sample
 from trainer.models import build_tiny_model
-from trainer.tasks import Prompt
-from trainer.tasks.multiplication import MultiplicationTask
+from trainer.tasks import Prompt, make_task
+from trainer.tasks.multiplication import MultiplicationTask  # noqa: F401  (the module doctest uses it)
 from trainer.tokenizer import build_char_tokenizer
 
 TINY_WARMSTART_DIR: Path = Path(__file__).resolve().parent / "assets" / "tiny_warmstart"
+#: The warm start of the `addition` task (written-out carry chain): `WarmstartRecipe.for_task("addition")`.
+TINY_ADDITION_WARMSTART_DIR: Path = Path(__file__).resolve().parent / "assets" / "tiny_addition_warmstart"
 RECORD_FILE = "warmstart.json"
 
 
 @dataclass
 class WarmstartRecipe:
-    """Supervised warm-start of the tiny model on the multiplication task's training split.
+    """Supervised warm-start of the tiny model on a task's training split.
 
-    The loss covers the answer digits and the EOS only (not the prompt). Defaults reproduce the
-    shipped checkpoint.
+    The loss covers the response (`Task.sft_target`: the answer digits, or the worked solution of
+    `addition`) and the EOS only, not the prompt. Defaults reproduce the shipped multiplication
+    checkpoint; `WarmstartRecipe.for_task(name)` gives each embedded task's shipped recipe.
     """
 
     steps: int = 5000
@@ -78,14 +91,57 @@ class WarmstartRecipe:
     num_threads: int = 1
     """Torch CPU threads during the recipe. One thread makes the result independent of the core
     count, and on 2 busy cores it was also the fastest (small matrices, no spin-waiting)."""
+    task: str = "multiplication"
+    """Embedded task trained on (`make_task(task)` with its defaults)."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """`Qwen3Config` fields changed from the tiny model's (`trainer.models.tiny_model_config`)."""
+    eval_max_new_tokens: int = 6
+    """Most tokens sampled per response in the evaluations (EOS included)."""
 
     def __post_init__(self) -> None:
-        if min(self.steps, self.batch_size, self.eval_samples, self.num_threads) < 1:
-            raise ValueError("steps, batch_size, eval_samples and num_threads must be ≥ 1")
+        if min(self.steps, self.batch_size, self.eval_samples, self.num_threads, self.eval_max_new_tokens) < 1:
+            raise ValueError("steps, batch_size, eval_samples, num_threads and eval_max_new_tokens must be ≥ 1")
+        if self.task not in _TASK_RECIPES:
+            raise ValueError(f"task={self.task!r} has no warm-start recipe; choose one of {', '.join(_TASK_RECIPES)}")
         if not 0 <= self.warmup_steps:
             raise ValueError(f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+    @classmethod
+    def for_task(cls, task: str, **overrides: Any) -> WarmstartRecipe:
+        """The shipped recipe of an embedded task, with `overrides` applied.
+
+        >>> r = WarmstartRecipe.for_task("addition", steps=10)
+        >>> r.task, r.steps, r.eval_max_new_tokens
+        ('addition', 10, 40)
+        """
+        if task not in _TASK_RECIPES:
+            raise ValueError(f"task={task!r} has no warm-start recipe; choose one of {', '.join(_TASK_RECIPES)}")
+        return cls(**{**_TASK_RECIPES[task], **overrides})
+
+
+#: Per task: the fields of the shipped recipe that differ from the dataclass defaults.
+_TASK_RECIPES: dict[str, dict[str, Any]] = {
+    "multiplication": {},
+    # Responses of 23-31 tokens. The model is smaller than the tiny default (3 layers, MLP 256: the
+    # shipped file stays under 2 MB); SFT sees 13k of the ~810k prompts, so there is nothing to
+    # memorise and held-out accuracy tracks training accuracy. Learning is a sharp transition:
+    # sampled accuracy is ~0 at step 100 and ~98% by step 300 (cosine over 300); 190 / 205 / 210 / 240
+    # steps give 53 / 60 / 75 / 85% held-out. 205 sits inside the 20-70% band. The errors are spread
+    # over the prompts (greedy is right 87% of the time), so more groups are mixed (86%) than with
+    # multiplication; about half are mixed only at ~85% accuracy (240 steps).
+    "addition": dict(
+        task="addition",
+        steps=205,
+        batch_size=64,
+        lr=3e-3,
+        warmup_steps=100,
+        model_overrides=dict(intermediate_size=256, num_hidden_layers=3),
+        eval_max_new_tokens=40,
+    ),
+}
 
 
 @dataclass
@@ -104,21 +160,25 @@ class WarmstartResult:
 
 
 def sft_batch(
-    prompts: Sequence[Prompt], tokenizer: PreTrainedTokenizerBase
+    prompts: Sequence[Prompt], tokenizer: PreTrainedTokenizerBase, targets: Sequence[str] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded `<bos> prompt answer <eos>` sequences with labels on the answer and EOS only.
 
+    The answer is `targets[i]` if given (a worked solution, say), else the prompt's ground truth.
     Returns (input_ids, attention_mask, labels), each (B, T); labels are -100 where no loss applies.
 
     >>> ids, mask, labels = sft_batch([Prompt("u", "2*3=", "6", "s")], build_char_tokenizer())
     >>> build_char_tokenizer().decode(labels[labels >= 0])
     '6<eos>'
     """
+    if targets is not None and len(targets) != len(prompts):
+        raise ValueError(f"got {len(targets)} targets for {len(prompts)} prompts")
     rows: list[list[int]] = []
     n_prompt: list[int] = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         prompt_ids = tokenizer(p.text)["input_ids"]
-        answer_ids = tokenizer(p.ground_truth, add_special_tokens=False)["input_ids"]
+        answer = p.ground_truth if targets is None else targets[i]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         rows.append(prompt_ids + answer_ids + [tokenizer.eos_token_id])
         n_prompt.append(len(prompt_ids))
     width = max(len(r) for r in rows)
@@ -154,12 +214,54 @@ def sample_responses(
     >>> len(outs), len(outs[0]) <= 4
     (1, True)
     """
-    eos = tokenizer.eos_token_id
-    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
-    batch = sample(model, encode_prompts(tokenizer, prompts), params, eos_token_id=eos,
-                   pad_token_id=tokenizer.pad_token_id, generator=generator, return_logprobs=False)
-    rows = [r[:-1] if batch.finished[i] else r for i, r in enumerate(batch.response_token_lists())]  # drop EOS
+    rows = [r[:-1] if done else r for r, done in _sample_rows(model, tokenizer, prompts, max_new_tokens,
+                                                             temperature, generator)]  # drop EOS
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def _sample_rows(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> list[tuple[list[int], bool]]:
+    """(response token ids with the EOS if any, finished) per prompt, as the rollouts sample them."""
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
+    batch = sample(model, encode_prompts(tokenizer, prompts), params, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, generator=generator, return_logprobs=False)
+    return list(zip(batch.response_token_lists(), batch.finished.tolist()))
+
+
+def shared_token_fraction(groups: Sequence[Sequence[tuple[Sequence[int], bool]]]) -> float:
+    """Fraction of positive-response tokens that some negative response of their group shares.
+
+    `groups` holds, per prompt, (response token ids, correct) pairs. Only mixed groups count. A token
+    of a positive response at position t is *shared* if some negative response of the group has the
+    same token at t after the same prefix (tokens 0..t-1), i.e. if t is below the longest common
+    prefix with some negative. Token-weighted over all positive responses of mixed groups; NaN if
+    no group is mixed.
+
+    >>> shared_token_fraction([[([5, 6, 7, 2], True), ([5, 6, 8, 2], False), ([9, 2], False)]])
+    0.5
+    """
+    shared = total = 0
+    for group in groups:
+        neg = [r for r, ok in group if not ok]
+        pos = [r for r, ok in group if ok]
+        if not neg or not pos:
+            continue
+        for p in pos:
+            best = 0
+            for q in neg:
+                k = 0
+                while k < min(len(p), len(q)) and p[k] == q[k]:
+                    k += 1
+                best = max(best, k)
+            shared += best
+            total += len(p)
+    return shared / total if total else float("nan")
 
 
 def evaluate_sampled(
@@ -176,25 +278,39 @@ def evaluate_sampled(
     """Sampled accuracy and group statistics over `prompts`, `num_samples` responses each.
 
     Returns accuracy (mean reward), mixed_fraction (prompts with some right and some wrong
-    responses), all_correct_fraction, all_wrong_fraction, num_prompts, num_samples.
+    responses), all_correct_fraction, all_wrong_fraction, shared_token_fraction (of the positive
+    responses' tokens in mixed groups, :func:`shared_token_fraction`), response_tokens_mean / _min /
+    _max (sampled response lengths, EOS included), truncated_fraction (no EOS within
+    `max_new_tokens`), num_prompts, num_samples.
     """
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     flat = [p for p in prompts for _ in range(num_samples)]
     rewards: list[float] = []
+    rows: list[tuple[list[int], bool]] = []
     for start in range(0, len(flat), batch_size):
         chunk = flat[start : start + batch_size]
-        texts = sample_responses(model, tokenizer, [p.text for p in chunk], max_new_tokens, temperature, gen)
+        got = _sample_rows(model, tokenizer, [p.text for p in chunk], max_new_tokens, temperature, gen)
+        texts = tokenizer.batch_decode([r[:-1] if done else r for r, done in got], skip_special_tokens=True)
         rewards.extend(reward_fn(t, p.ground_truth) for t, p in zip(texts, chunk))
+        rows.extend(got)
     model.train(was_training)
     r = torch.tensor(rewards).view(len(prompts), num_samples)  # (P, G)
     correct = (r > 0).sum(-1)  # (P,)
+    lengths = torch.tensor([len(ids) for ids, _ in rows], dtype=torch.float32)  # (P*G,)
+    groups = [[(rows[i * num_samples + j][0], rewards[i * num_samples + j] > 0) for j in range(num_samples)]
+              for i in range(len(prompts))]
     return {
         "accuracy": float(r.mean()),
         "mixed_fraction": float(((correct > 0) & (correct < num_samples)).float().mean()),
         "all_correct_fraction": float((correct == num_samples).float().mean()),
         "all_wrong_fraction": float((correct == 0).float().mean()),
+        "shared_token_fraction": shared_token_fraction(groups),
+        "response_tokens_mean": float(lengths.mean()),
+        "response_tokens_min": float(lengths.min()),
+        "response_tokens_max": float(lengths.max()),
+        "truncated_fraction": float(sum(not done for _, done in rows) / len(rows)),
         "num_prompts": float(len(prompts)),
         "num_samples": float(num_samples),
     }
@@ -220,7 +336,7 @@ def run_warmstart(
     verbose: bool = True,
     probe_every: int = 0,
 ) -> WarmstartResult:
-    """Train the tiny model on multiplication and save it (model, tokenizer, `warmstart.json`).
+    """Train the tiny model on the recipe's task and save it (model, tokenizer, `warmstart.json`).
 
     Args:
         out_dir: created if needed; existing files of the same names are overwritten.
@@ -247,8 +363,9 @@ def run_warmstart(
     torch.set_num_threads(recipe.num_threads)
     try:
         tokenizer = build_char_tokenizer()
-        task = MultiplicationTask()
-        model = build_tiny_model(seed=recipe.seed, tokenizer=tokenizer)
+        task = make_task(recipe.task)
+        model = build_tiny_model(seed=recipe.seed, tokenizer=tokenizer, **recipe.model_overrides)
+        n_eval = recipe.eval_max_new_tokens
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
         losses: list[float] = []
@@ -258,7 +375,7 @@ def run_warmstart(
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, recipe)
             batch = task.train_batch(step * recipe.batch_size, recipe.batch_size, seed=recipe.seed)
-            ids, mask, labels = sft_batch(batch, tokenizer)
+            ids, mask, labels = sft_batch(batch, tokenizer, [task.sft_target(p) for p in batch])
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -273,11 +390,12 @@ def run_warmstart(
                     flush=True,
                 )
             if verbose and probe_every > 0 and (step + 1) % probe_every == 0:
-                held = evaluate_sampled(model, tokenizer, val_probe, task.reward)
-                seen = evaluate_sampled(model, tokenizer, train_probe, task.reward)
+                held = evaluate_sampled(model, tokenizer, val_probe, task.reward, max_new_tokens=n_eval)
+                seen = evaluate_sampled(model, tokenizer, train_probe, task.reward, max_new_tokens=n_eval)
                 print(
                     f"step {step + 1:5d}  sampled accuracy (128 prompts): held-out {held['accuracy']:.3f} "
-                    f"(mixed {held['mixed_fraction']:.3f}), train {seen['accuracy']:.3f}",
+                    f"(mixed {held['mixed_fraction']:.3f}, shared {held['shared_token_fraction']:.3f}), "
+                    f"train {seen['accuracy']:.3f}",
                     flush=True,
                 )
         train_seconds = time.perf_counter() - t0
@@ -286,15 +404,17 @@ def run_warmstart(
         train_ev: dict[str, float] = {}
         if evaluate:
             val = task.validation_prompts()
-            ev = evaluate_sampled(model, tokenizer, val, task.reward, recipe.eval_samples, seed=recipe.eval_seed)
+            ev = evaluate_sampled(model, tokenizer, val, task.reward, recipe.eval_samples, max_new_tokens=n_eval,
+                                  seed=recipe.eval_seed)
             ev["greedy_accuracy"] = evaluate_sampled(
-                model, tokenizer, val, task.reward, 1, temperature=0.0, seed=recipe.eval_seed
+                model, tokenizer, val, task.reward, 1, temperature=0.0, max_new_tokens=n_eval, seed=recipe.eval_seed
             )["accuracy"]
             # The same number of *training* prompts: a large gap would mean memorisation, and RL
             # samples from the training split.
             seen = [task.train_item(i) for i in range(0, task.num_train, task.num_train // len(val))][: len(val)]
-            train_ev = evaluate_sampled(model, tokenizer, seen, task.reward, recipe.eval_samples, seed=recipe.eval_seed)
-        _save(model, tokenizer, out, recipe, losses, ev, train_ev, train_seconds)
+            train_ev = evaluate_sampled(model, tokenizer, seen, task.reward, recipe.eval_samples,
+                                        max_new_tokens=n_eval, seed=recipe.eval_seed)
+        _save(model, tokenizer, out, recipe, losses, ev, train_ev, train_seconds, task.default_max_new_tokens)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(was_threads)
@@ -313,27 +433,31 @@ def _save(
     ev: dict[str, float],
     train_ev: dict[str, float],
     train_seconds: float,
+    max_new_tokens: int,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # `model.generate(...)` with no sampling arguments then samples like the RL rollouts do
     # (full softmax), instead of transformers' greedy / top_k=50 defaults.
     gen = model.generation_config
     gen.do_sample, gen.temperature, gen.top_k, gen.top_p = True, 1.0, 0, 1.0
-    gen.max_new_tokens = MultiplicationTask.default_max_new_tokens
+    gen.max_new_tokens = max_new_tokens
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     n = len(losses)
     k = max(1, n // 20)
     record: dict[str, Any] = {
-        "task": "multiplication",
+        "task": recipe.task,
         "recipe": asdict(recipe),
-        "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6},
+        "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": recipe.eval_max_new_tokens},
         "heldout": ev,
         "train_subset": train_ev,
         "sampled_accuracy": ev.get("accuracy"),
         "mixed_group_fraction": ev.get("mixed_fraction"),
         "loss_first": sum(losses[:k]) / k,
         "loss_last": sum(losses[-k:]) / k,
+        # The first losses exactly (repr round-trips floats): a shortened run reproduces them bit for bit,
+        # since the warm-up part of the schedule does not depend on the total step count.
+        "loss_head": losses[: min(n, recipe.warmup_steps, 20)],
         "loss_curve": [round(sum(losses[i : i + k]) / len(losses[i : i + k]), 5) for i in range(0, n, k)],
         "train_seconds": round(train_seconds, 1),
         "num_parameters": model.num_parameters(),
@@ -377,26 +501,28 @@ def read_warmstart_record(path: str | Path = TINY_WARMSTART_DIR) -> dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m trainer.warmstart --out DIR [--steps N] [--seed S]`."""
-    defaults = WarmstartRecipe()
+    """`python -m trainer.warmstart [--task NAME] --out DIR [--steps N] [--seed S]`.
+
+    Hyper-parameters not given on the command line are the task's shipped recipe
+    (`WarmstartRecipe.for_task`); `--out` defaults to the task's shipped asset directory.
+    """
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=TINY_WARMSTART_DIR, help="output directory")
-    ap.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per step")
-    ap.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    ap.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
-    ap.add_argument("--seed", type=int, default=defaults.seed, help="init and data-order seed")
+    ap.add_argument("--task", default="multiplication", choices=sorted(_TASK_RECIPES),
+                    help="embedded task (its shipped recipe gives the defaults below)")
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default: the task's shipped asset)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per step")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    ap.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    ap.add_argument("--seed", type=int, default=None, help="init and data-order seed")
     ap.add_argument("--no-eval", action="store_true", help="skip the sampled evaluation")
     ap.add_argument("--probe-every", type=int, default=0, help="quick held-out accuracy every N steps")
     args = ap.parse_args(argv)
-    recipe = WarmstartRecipe(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-    )
-    run_warmstart(args.out, recipe, evaluate=not args.no_eval, probe_every=args.probe_every)
+    given = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                   weight_decay=args.weight_decay, seed=args.seed).items() if v is not None}
+    recipe = WarmstartRecipe.for_task(args.task, **given)
+    out = args.out or (TINY_ADDITION_WARMSTART_DIR if args.task == "addition" else TINY_WARMSTART_DIR)
+    run_warmstart(out, recipe, evaluate=not args.no_eval, probe_every=args.probe_every)
 
 
 if __name__ == "__main__":

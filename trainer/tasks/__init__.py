@@ -74,6 +74,17 @@ class Task(ABC):
     def reward(self, response_text: str, ground_truth: str) -> float:
         """1.0 if the response is correct, else 0.0."""
 
+    def sft_target(self, prompt: Prompt) -> str:
+        """The response a supervised warm start is trained to write: the ground truth by default.
+
+        Tasks whose responses show their work (the scratchpad of `addition`) return the full
+        worked solution, of which the ground truth is only the end.
+
+        >>> make_task("multiplication").sft_target(Prompt("u", "2*3=", "6", "s"))
+        '6'
+        """
+        return prompt.ground_truth
+
     # -- the resumable stream -------------------------------------------------------------------
 
     _perm_cache: tuple[int, int, np.ndarray] | None = None
@@ -117,19 +128,24 @@ class Task(ABC):
             position += 1
 
 
-TASK_NAMES = ("multiplication", "math")
+TASK_NAMES = ("multiplication", "addition", "math")
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
-    """Build a task by name: "multiplication" (the embedded default) or "math" (local files).
+    """Build a task by name: "multiplication" (the embedded default), "addition" (embedded, with a
+    written-out carry chain) or "math" (local files).
 
-    >>> make_task("multiplication").name
-    'multiplication'
+    >>> make_task("multiplication").name, make_task("addition").name
+    ('multiplication', 'addition')
     """
     if name == "multiplication":
         from trainer.tasks.multiplication import MultiplicationTask
 
         return MultiplicationTask(**kwargs)
+    if name == "addition":
+        from trainer.tasks.addition import AdditionTask
+
+        return AdditionTask(**kwargs)
     if name == "math":
         from trainer.tasks.math import MathTask
 
