@@ -238,12 +238,7 @@ def test_tiny_addition_preset_trains_four_steps(tmp_path):
 
     cfg = preset_config("tiny-addition", steps=4, save_every=4, output_dir=str(tmp_path / "run"),
                         progress_bar="off", report_to=["none"], dump_rollouts=False)
-    try:  # an older loop builds every task but multiplication as a `math` task from train_files
-        routed = _build_task(cfg, build_char_tokenizer()).name == "addition"
-    except ValueError:
-        routed = False
-    if not routed:
-        pytest.skip("trainer/loop.py _build_task does not route task=addition to make_task yet")
+    assert _build_task(cfg, build_char_tokenizer()).name == "addition"
     run = train(cfg)
     rows = read_metrics(run / "metrics.jsonl")
     assert len(rows) == 4 and all(math.isfinite(r["actor/pg_loss"]) for r in rows)

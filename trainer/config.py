@@ -105,7 +105,8 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- model
     model: str = _f("tiny-warmstart", "Policy to train: a local Hugging Face model directory, 'tiny-warmstart' "
-                                      "(the shipped tiny checkpoint) or 'tiny-random' (a fresh tiny model).")
+                                      "(the shipped tiny multiplication checkpoint), 'tiny-addition-warmstart' (the "
+                                      "shipped tiny addition checkpoint) or 'tiny-random' (a fresh tiny model).")
     tokenizer: str = _f("", "Tokenizer directory; empty = the model's.")
     attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained ('sdpa', 'eager', ...).")
 
@@ -468,8 +469,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     # 3-digit addition with the carry chain written out (responses of 23-31 tokens that right and wrong
     # answers largely share), from its shipped warm start, on the whole pool of ~810k prompts.
-    "tiny-addition": dict(task="addition", train_prompts=0, max_response_length=40,
-                          model=str(Path(__file__).resolve().parent / "assets" / "tiny_addition_warmstart")),
+    "tiny-addition": dict(task="addition", train_prompts=0, max_response_length=40, model="tiny-addition-warmstart"),
     "qwen3-1.7b-math": dict(_PAPER_MATH),
     "qwen3-4b-math": dict(_PAPER_MATH),
 }

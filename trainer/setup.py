@@ -122,10 +122,11 @@ def compute_dtype(cfg: TrainConfig, ctx: DistContext) -> torch.dtype:
 
 def load_policy(cfg: TrainConfig, ctx: DistContext) -> tuple[Any, torch.nn.Module]:
     """(tokenizer, float32 model on the device)."""
-    if cfg.model == "tiny-warmstart":
-        from trainer.warmstart import load_tiny_warmstart
+    if cfg.model in ("tiny-warmstart", "tiny-addition-warmstart"):  # the shipped checkpoints, by name
+        from trainer.warmstart import TINY_ADDITION_WARMSTART_DIR, TINY_WARMSTART_DIR, load_tiny_warmstart
 
-        model, tokenizer = load_tiny_warmstart()
+        model, tokenizer = load_tiny_warmstart(
+            TINY_WARMSTART_DIR if cfg.model == "tiny-warmstart" else TINY_ADDITION_WARMSTART_DIR)
     elif cfg.model == "tiny-random":
         from trainer.models import build_tiny_model
         from trainer.tokenizer import build_char_tokenizer
@@ -138,7 +139,7 @@ def load_policy(cfg: TrainConfig, ctx: DistContext) -> tuple[Any, torch.nn.Modul
         path = Path(cfg.model)
         if not (path / "config.json").is_file():
             raise SetupError(f"model={cfg.model}: not a Hugging Face model directory (no config.json); give the "
-                             "path of a local checkpoint, or 'tiny-warmstart'")
+                             "path of a local checkpoint, 'tiny-warmstart' or 'tiny-addition-warmstart'")
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, attn_implementation=cfg.attn_implementation
@@ -157,8 +158,8 @@ def load_policy(cfg: TrainConfig, ctx: DistContext) -> tuple[Any, torch.nn.Modul
 def build_task(cfg: TrainConfig, tokenizer: Any) -> Task:
     from trainer.tasks import make_task
 
-    if cfg.task == "multiplication":
-        return make_task("multiplication")
+    if cfg.task != "math":  # the embedded tasks build themselves; math reads the configured files
+        return make_task(cfg.task)
     return make_task(
         "math", train_files=cfg.train_files, val_files=cfg.val_files or None, tokenizer=tokenizer,
         max_prompt_tokens=cfg.max_prompt_length, on_long_prompt=cfg.on_long_prompt,
