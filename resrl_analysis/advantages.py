@@ -171,6 +171,10 @@ class AlgoInputs:
     ``hidden`` is the ResRL representation (the configured layer, raw, (B, T, d)); ``head_input`` the vector
     entering the LM head and ``logits`` the head's raw output (before the temperature), both at the positions
     that predict each response token. ``generator`` seeds ResRL's sub-sampling and randomized SVD.
+    ``weight_group_ids``, if given, are the row sets ResRL computes its subspaces and residual quantiles in
+    instead of the prompt groups (the advantages stay per prompt group): the trainer's
+    ``resrl_grouping: micro_batch`` passes (prompt group, reference micro-batch) pairs
+    (:func:`resrl_analysis.balancing.micro_batch_groups`).
     """
 
     rewards: Tensor  # (B,)
@@ -182,6 +186,7 @@ class AlgoInputs:
     head_input: Tensor | None = None  # (B, T, d)
     logits: Tensor | None = None  # (B, T, V)
     generator: torch.Generator | None = None
+    weight_group_ids: Tensor | None = None  # (B,) ResRL's weight sets; None = group_ids
 
 
 @dataclass
@@ -380,8 +385,9 @@ def resrl(b: AlgoInputs) -> AlgoOutput:
     is_pos = b.rewards > 0
     adv = group_advantages(b.rewards, b.group_ids, "grpo", eps=p.adv_eps)
     adv = torch.where(is_pos, adv * p.pos_weight, adv)  # (B,)
+    sets = b.group_ids if b.weight_group_ids is None else b.weight_group_ids  # (B,)
     det = resrl_weight_details(
-        b.hidden, b.response_mask, is_pos, b.group_ids, generator=b.generator, **dataclasses.asdict(p.resrl),
+        b.hidden, b.response_mask, is_pos, sets, generator=b.generator, **dataclasses.asdict(p.resrl),
     )
     w = det.weights.to(adv.device)  # (B, T)
     return AlgoOutput(advantages=adv, token_advantages=_per_token(adv, b.response_mask, w),
