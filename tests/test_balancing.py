@@ -3,8 +3,9 @@ trainer's ``resrl_grouping: micro_batch``, which computes ResRL's weights within
 
 Unit: the Karmarkar–Karp partition on hand-made lengths and against a brute-force optimum, the micro-batch
 assignment by hand, the registry's per-set weights against the weights of each set computed alone, the
-coverage count. Integration: the loop on one process against a hand-computed split, its metric against the
-count; a simulation of the reference's configuration (docs/MATH.md § Departures); two processes (slow).
+coverage count, and a simulation of the reference's configuration (the measured fraction of
+docs/MATH.md § Departures from the reference implementation). Integration: the loop on one process against a
+hand-computed split, its metric against the count; two processes (slow).
 """
 
 from __future__ import annotations
@@ -191,8 +192,9 @@ def test_coverage_counts_the_negative_tokens_a_set_can_weigh():
 
 
 def test_reference_configuration_leaves_most_negative_tokens_unweighted():
-    # 256 prompts × 4, 8 ranks, 64 prompts per update, 4-row micro-batches (docs/MATH.md § Departures: the
-    # measured ~14%). Seeded; the range covers the spread between simulated batches (8-20% over 20 seeds).
+    # 256 prompts × 4, 8 ranks, 64 prompts per update, 4-row micro-batches: the ~14% of
+    # docs/MATH.md § Departures from the reference implementation. Seeded; the range covers the spread
+    # between simulated batches (8-20% over 20 seeds).
     runs = [simulate(seed) for seed in range(4)]
     frac = sum(c.weighted_token_frac for c in runs) / len(runs)
     assert 0.05 < frac < 0.25
@@ -291,3 +293,7 @@ def test_micro_batch_grouping_on_two_processes_follows_the_balancing(tmp_path):
     cov = micro_batch_coverage([r["group_id"] for r in rows], sets, [r["is_positive"] for r in rows],
                                [len(r["response_ids"]) for r in rows])
     assert metric == pytest.approx(cov.weighted_token_frac)
+    # Seeded: the balancing sends rows of one prompt to both ranks' micro-batches, and some negatives lose
+    # their weight.
+    assert any({m < 4 for m, r in zip(ids, rows) if r["group_id"] == g} == {True, False} for g in range(4))
+    assert 0.0 < metric < 1.0

@@ -483,9 +483,10 @@ def _collect(
         params = _algo_params(cfg)
         weight_sets = None  # (B,) ResRL's weight sets, resrl_grouping=micro_batch only
         if cfg.resrl_grouping == "micro_batch" and "hidden" in algo.needs:
-            # The reference's sets (docs/MATH.md § Departures): its update micro-batches after verl's length
-            # balancing of the whole batch over the W ranks. A group never spans our ranks, so each rank can
-            # weigh its own (group, micro-batch) pairs once it knows every row's length.
+            # The reference's weight sets (docs/MATH.md § Departures from the reference implementation): its
+            # update micro-batches after verl's length balancing of the whole batch over the W ranks. A group
+            # never spans our ranks, so each rank weighs its own (group, micro-batch) pairs once it knows every
+            # row's length.
             lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).tolist()  # verl: attention_mask.sum
             every = all_gather_objects(lengths, ctx)  # rank-major = the batch's prompt order
             ids = micro_batch_ids([x for part in every for x in part], world_size=W,
