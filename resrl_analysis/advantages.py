@@ -363,8 +363,9 @@ def _resrl_local(extras: dict[str, Tensor], neg_tok: Tensor, mixed_neg_tok: Tens
 def _resrl_reduce(parts: list[tuple[list[float], int, int]]) -> dict[str, float]:
     weighted, total = sum(p[1] for p in parts), sum(p[2] for p in parts)
     # Of the negative tokens of mixed groups, the fraction a subspace weighed (ω from the residual; ω can be
-    # exactly 1 above the group's q_high quantile). 1 here by construction; the reference's per-micro-batch
-    # weighting leaves most of them unweighted (docs/MATH.md § Departures from the reference implementation).
+    # exactly 1 above the group's q_high quantile). 1 with per-group weights by construction; the reference's
+    # per-micro-batch weighting (weight_group_ids) leaves most of them unweighted
+    # (docs/MATH.md § Departures from the reference implementation).
     out = {"resrl/weighted_token_frac": weighted / total} if total else {}
     w = torch.tensor([x for p in parts for x in p[0]], dtype=torch.float64)
     if not w.numel():
