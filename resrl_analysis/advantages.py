@@ -171,6 +171,10 @@ class AlgoInputs:
     ``hidden`` is the ResRL representation (the configured layer, raw, (B, T, d)); ``head_input`` the vector
     entering the LM head and ``logits`` the head's raw output (before the temperature), both at the positions
     that predict each response token. ``generator`` seeds ResRL's sub-sampling and randomized SVD.
+    ``weight_group_ids``, if given, are the row sets ResRL computes its subspaces and residual quantiles in
+    instead of the prompt groups (the advantages stay per prompt group): the trainer's
+    ``resrl_grouping: micro_batch`` passes (prompt group, reference micro-batch) pairs
+    (:func:`resrl_analysis.balancing.micro_batch_groups`).
     """
 
     rewards: Tensor  # (B,)
@@ -182,6 +186,7 @@ class AlgoInputs:
     head_input: Tensor | None = None  # (B, T, d)
     logits: Tensor | None = None  # (B, T, V)
     generator: torch.Generator | None = None
+    weight_group_ids: Tensor | None = None  # (B,) ResRL's weight sets; None = group_ids
 
 
 @dataclass
@@ -358,8 +363,9 @@ def _resrl_local(extras: dict[str, Tensor], neg_tok: Tensor, mixed_neg_tok: Tens
 def _resrl_reduce(parts: list[tuple[list[float], int, int]]) -> dict[str, float]:
     weighted, total = sum(p[1] for p in parts), sum(p[2] for p in parts)
     # Of the negative tokens of mixed groups, the fraction a subspace weighed (ω from the residual; ω can be
-    # exactly 1 above the group's q_high quantile). 1 here by construction; the reference's per-micro-batch
-    # weighting leaves most of them unweighted (docs/MATH.md § Departures from the reference implementation).
+    # exactly 1 above the group's q_high quantile). 1 with per-group weights by construction; the reference's
+    # per-micro-batch weighting (weight_group_ids) leaves most of them unweighted
+    # (docs/MATH.md § Departures from the reference implementation).
     out = {"resrl/weighted_token_frac": weighted / total} if total else {}
     w = torch.tensor([x for p in parts for x in p[0]], dtype=torch.float64)
     if not w.numel():
@@ -380,8 +386,9 @@ def resrl(b: AlgoInputs) -> AlgoOutput:
     is_pos = b.rewards > 0
     adv = group_advantages(b.rewards, b.group_ids, "grpo", eps=p.adv_eps)
     adv = torch.where(is_pos, adv * p.pos_weight, adv)  # (B,)
+    sets = b.group_ids if b.weight_group_ids is None else b.weight_group_ids  # (B,)
     det = resrl_weight_details(
-        b.hidden, b.response_mask, is_pos, b.group_ids, generator=b.generator, **dataclasses.asdict(p.resrl),
+        b.hidden, b.response_mask, is_pos, sets, generator=b.generator, **dataclasses.asdict(p.resrl),
     )
     w = det.weights.to(adv.device)  # (B, T)
     return AlgoOutput(advantages=adv, token_advantages=_per_token(adv, b.response_mask, w),

@@ -188,6 +188,13 @@ class TrainConfig:
     resrl_layer: str = _f(_ALGO["resrl_layer"], "ResRL representation: 'penultimate' (hidden_states[-2], the paper's), "
                                          "'head_input' (hidden_states[-1]) or an integer index into "
                                          "hidden_states.")
+    resrl_grouping: str = _f("group", "ResRL: the rows a subspace and its residual quantiles are computed in. "
+                                      "'group': each whole prompt group. 'micro_batch': as the published "
+                                      "reference code does, within each update micro-batch after verl's length "
+                                      "balancing over the run's ranks (micro_batch_size rows, whatever "
+                                      "micro_batch_tokens says), so a group split over micro-batches is weighted "
+                                      "only where its positives landed; to measure that flaw "
+                                      "(resrl/weighted_token_frac). Cannot change on resume.")
 
     # ---------------------------------------------------------------- system
     device: str = _f("auto", "'auto' (cuda when available), 'cpu' or 'cuda'.")
@@ -330,6 +337,9 @@ class TrainConfig:
             raise e("resrl_max_pos_tokens must be >= 2 and resrl_niter >= 0")
         if not 0.0 <= self.resrl_q_low < self.resrl_q_high <= 1.0:
             raise e(f"resrl_q_low={self.resrl_q_low} must be below resrl_q_high={self.resrl_q_high}, both in [0, 1]")
+        if self.resrl_grouping not in ("group", "micro_batch"):
+            raise e(f"resrl_grouping={self.resrl_grouping!r}: choose 'group' (whole prompt groups) or 'micro_batch' "
+                    "(the reference implementation's per-micro-batch weights)")
         if self.resrl_svd not in ("lowrank", "exact"):
             raise e(f"resrl_svd={self.resrl_svd!r}: choose 'lowrank' or 'exact'")
         if self.resrl_layer not in ("penultimate", "head_input"):

@@ -50,6 +50,7 @@ from resrl_analysis.advantages import (
     get_algorithm,
     params_from_config,
 )
+from resrl_analysis.balancing import micro_batch_groups, micro_batch_ids
 from resrl_analysis.displacement import group_displacements, in_batch_lld_metrics
 from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
 from resrl_analysis.rundir import CHECKPOINTS, METRIC_KEYS, rollout_path
@@ -480,6 +481,20 @@ def _collect(
         if "head_input" in algo.needs:
             capture["head_input"] = "head_input"
         params = _algo_params(cfg)
+        weight_sets = None  # (B,) ResRL's weight sets, resrl_grouping=micro_batch only
+        if cfg.resrl_grouping == "micro_batch" and "hidden" in algo.needs:
+            # The reference's weight sets (docs/MATH.md § Departures from the reference implementation): its
+            # update micro-batches after verl's length balancing of the whole batch over the W ranks. A group
+            # never spans our ranks, so each rank weighs its own (group, micro-batch) pairs once it knows every
+            # row's length.
+            lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).tolist()  # verl: attention_mask.sum
+            every = all_gather_objects(lengths, ctx)  # rank-major = the batch's prompt order
+            ids = micro_batch_ids([x for part in every for x in part], world_size=W,
+                                  mini_batch_rows=cfg.mini_batch_size * cfg.n // W,
+                                  micro_batch_rows=cfg.micro_batch_size)
+            first = sum(len(part) for part in every[: ctx.rank])
+            weight_sets = micro_batch_groups(group_ids, torch.tensor(ids[first : first + B], device=dev),
+                                             max(ids) + 1)
         was_training = model.training
         model.eval()
         try:
@@ -495,6 +510,8 @@ def _collect(
                                               memory_mb=cfg.logprob_memory_mb)
                         ref_logp[sl, : rows.response_len] = rf.logp
                     inp = _algo_inputs(cfg, step, params, rows, fo, rewards[sl], group_ids[sl])
+                    if weight_sets is not None:  # chunks hold whole groups, hence whole (group, micro-batch) pairs
+                        inp.weight_group_ids = weight_sets[sl]
                     outs.append((sl, algo.fn(inp)))
         finally:
             model.train(was_training)
