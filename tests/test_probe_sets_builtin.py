@@ -110,7 +110,7 @@ def _logp_sum(model, prompt_ids, response_ids) -> float:
 def test_batch_probe_set_is_in_batch_lld_between_consecutive_checkpoints(run, tmp_path):
     run_dir, _ = run
     out = tmp_path / "b"
-    assert main([str(run_dir), "--probe-set", "batch", "--probes", "lld", "--groups", "0", "--out", str(out),
+    assert main([str(run_dir), "--probe-set", "batch", "--groups", "0", "--out", str(out),
                  "--no-progress"]) == 0
     lld = LLDResult.load(out / "lld_batch").deltas
     assert set(zip(lld.step_from, lld.step_to)) == {(0, 1), (1, 2)} and set(lld.comparison) == {"in_batch"}
@@ -130,3 +130,5 @@ def test_batch_probe_set_is_in_batch_lld_between_consecutive_checkpoints(run, tm
             assert bool(got.lld_sum.iloc[0]) == (want <= 0)
             checked += 1
     assert checked >= 4
+    assert main([str(run_dir), "--probe-set", "batch", "--probes", "interference", "--out", str(tmp_path / "c"),
+                 "--no-progress"]) == 2  # batch is the lld probe only, said in one line

@@ -189,12 +189,13 @@ def summary_markdown(agg: dict[str, Any], *, seconds: float, settings: dict[str,
     lines += ["", "## Differences (Welch 95% interval)", ""]
     if not agg["comparisons"]:
         lines.append("No comparison: ResRL, NSR, GRPO and PSR did not all run.")
-    judged = [c for c in agg["comparisons"] if c["lo"] is not None]
-    if agg["comparisons"] and not judged:
-        lines.append(f"No difference has an interval at {len(seeds)} seed(s), so none can be judged; the "
+    listed = agg["comparisons"] if len(seeds) > 1 else []
+    if agg["comparisons"] and not listed:
+        lines.append(f"No difference has an interval at {len(seeds)} seed, so none can be judged; the "
                      "differences of the means are in summary.json (`comparisons`).")
-    for c in judged:
+    for c in listed:  # a difference without an interval (no spread at all) says so in its sentence
         lines.append(f"- {c['sentence'].replace('pass@n', f'pass@{pk}' if pk else 'pass@n')}")
+    judged = [c for c in listed if c["lo"] is not None]
     if judged:
         shown = [c for c in judged if c["excludes_zero"]]
         lines += ["", f"{len(shown)} of {len(judged)} differences exclude 0 at {len(seeds)} seeds (of {len(judged)} "

@@ -498,7 +498,7 @@ def _run_batch(args: argparse.Namespace, ckpts: list[tuple[int, Path]], t_start:
     from .lld import lld_between, scores_from_forwards
 
     unknown = sorted(set(args.probes) - {"lld", "entropy"})
-    if unknown:
+    if unknown and list(args.probes) != list(PROBES):  # the default (all) means: what batch can run
         raise ProbeError(f"--probe-set batch runs the lld probe only (asked for {unknown}); use --probes lld")
     dumps = dict(rundir.list_rollouts(args.run_dir))
     pairs = [(a, pa, b, pb) for (a, pa), (b, pb) in zip(ckpts[:-1], ckpts[1:]) if a in dumps]
