@@ -114,10 +114,11 @@ def aggregate(rows: list[dict[str, Any]], algorithms: tuple[str, ...]) -> dict[s
     """Per algorithm and metric the mean with its 95% t interval across seeds, and the comparisons.
 
     >>> rows = [{"algorithm": a, "seed": s, "lld/batch_frac": v} for a, s, v in
-    ...         [("resrl", 0, 0.1), ("resrl", 1, 0.2), ("nsr", 0, 0.4), ("nsr", 1, 0.5)]]
+    ...         [("resrl", 0, 0.1), ("resrl", 1, 0.2), ("resrl", 2, 0.15), ("nsr", 0, 0.4), ("nsr", 1, 0.5),
+    ...          ("nsr", 2, 0.45)]]
     >>> agg = aggregate(rows, ("nsr", "resrl"))
     >>> agg["algorithms"]["resrl"]["lld/batch_frac"]["seeds"]
-    [0.1, 0.2]
+    [0.1, 0.2, 0.15]
     >>> c = agg["comparisons"][0]
     >>> c["a"], c["b"], round(c["diff"], 3), c["excludes_zero"]
     ('resrl', 'nsr', -0.3, True)
