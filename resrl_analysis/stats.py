@@ -253,17 +253,21 @@ def describe_interval(iv: Interval, digits: int = 3) -> str:
     return f"{fmt_number(iv.mean, digits)} [{fmt_number(iv.lo, digits)}, {fmt_number(iv.hi, digits)}]"
 
 
-def describe_difference(label: str, iv: Interval, digits: int = 3) -> str:
-    """One sentence on a difference, from its numbers: whether its interval excludes 0, and on which side.
+def describe_difference(label: str, iv: Interval, digits: int = 3, *,
+                        names: tuple[str, str] = ("the first", "the second")) -> str:
+    """One sentence on a difference a − b, from its numbers: whether its interval excludes 0, and which of
+    ``names`` (a's, b's) is then higher.
 
     >>> describe_difference("A − B", welch_difference([3.0, 3.1, 2.9], [1.0, 1.1, 0.9]))
     'A − B: 2.000 [1.773, 2.227]: the interval excludes 0 (the first is higher) at 3 seeds'
+    >>> describe_difference("A − B", welch_difference([1.0, 1.1, 0.9], [3.0, 3.1, 2.9]), names=("A", "B"))
+    'A − B: −2.000 [−2.227, −1.773]: the interval excludes 0 (B is higher) at 3 seeds'
     """
     seeds = f"{iv.n} seed{'s' if iv.n != 1 else ''}"
     head = f"{label}: {describe_interval(iv, digits)}"
     if not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
         return f"{head}: no interval at {seeds}, nothing can be said about a difference"
     if iv.excludes_zero:
-        side = "the first is higher" if iv.lo > 0 else "the first is lower"
+        side = f"{names[0] if iv.lo > 0 else names[1]} is higher"
         return f"{head}: the interval excludes 0 ({side}) at {seeds}"
     return f"{head}: the interval includes 0, no difference shown at {seeds}"

@@ -53,7 +53,8 @@ def test_demo_shortened_writes_runs_figures_and_a_summary_with_intervals(tmp_pat
         iv = welch_difference(summary["algorithms"]["resrl"][c["metric"]]["seeds"],
                               summary["algorithms"]["nsr"][c["metric"]]["seeds"])
         assert c["excludes_zero"] == iv.excludes_zero and c["diff"] == pytest.approx(iv.mean)
-        want = describe_difference(f"{_NAMES['resrl']} − {_NAMES['nsr']} {HEADLINE_METRICS[c['metric']]}", iv)
+        want = describe_difference(f"{_NAMES['resrl']} − {_NAMES['nsr']} {HEADLINE_METRICS[c['metric']]}", iv,
+                                   names=("ResRL", "NSR"))
         assert c["sentence"] == want
         assert want.replace("pass@n", "pass@4") in md
     assert (out / "figures" / "training_dynamics.png").is_file()

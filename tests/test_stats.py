@@ -79,7 +79,8 @@ def test_sentences_follow_the_numbers():
     s = describe_difference("ResRL − NSR in-batch LLD Δ", inc)
     assert s.startswith("ResRL − NSR in-batch LLD Δ: −0.083 [") and "includes 0, no difference shown at 3 seeds" in s
     exc = welch_difference([-1.0, -1.1, -0.9], [0.1, 0.0, 0.2])
-    assert exc.excludes_zero and "excludes 0 (the first is lower) at 3 seeds" in describe_difference("d", exc)
+    assert exc.excludes_zero and "excludes 0 (the second is higher) at 3 seeds" in describe_difference("d", exc)
+    assert "excludes 0 (PSR is higher)" in describe_difference("d", exc, names=("NSR", "PSR"))
     one = welch_difference([1.0], [0.0])
     assert "no interval at 1 seed" in describe_difference("d", one)
     assert describe_interval(mean_interval([0.5])) == "0.500 (1 seed, no interval)"

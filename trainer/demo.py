@@ -147,7 +147,8 @@ def aggregate(rows: list[dict[str, Any]], algorithms: tuple[str, ...]) -> dict[s
             comps.append({"a": a, "b": b, "metric": key, "diff": iv.mean,
                           "lo": iv.lo if math.isfinite(iv.lo) else None, "hi": iv.hi if math.isfinite(iv.hi) else None,
                           "excludes_zero": iv.excludes_zero, "n_seeds": iv.n,
-                          "sentence": describe_difference(f"{_NAMES.get(a, a)} − {_NAMES.get(b, b)} {name}", iv)})
+                          "sentence": describe_difference(f"{_NAMES.get(a, a)} − {_NAMES.get(b, b)} {name}", iv,
+                                                          names=(_NAMES.get(a, a), _NAMES.get(b, b)))})
     return {"algorithms": per, "comparisons": comps}
 
 
