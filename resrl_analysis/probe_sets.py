@@ -49,8 +49,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["ProbeSet", "ProbeGroup", "encode_prompt", "render_prompt", "detect_format", "load_probe_set",
-           "from_records", "from_trl_completions", "from_verl_rollouts", "from_dataset", "reward_origin"]
+           "from_records", "from_trl_completions", "from_verl_rollouts", "from_dataset", "reward_origin",
+           "PROBE_SET_KEYWORDS", "final_answer_reward", "from_run_prompts"]
 
+#: ``resrl probe --probe-set KEYWORD``: built from the run directory instead of a file.
+PROBE_SET_KEYWORDS = ("heldout", "train", "batch")
 FORMATS = ("rollouts", "jsonl", "trl_completions", "verl_rollouts", "dataset")
 _TRL_FIXED = {"step", "prompt", "completion", "advantage", "image", "images"}
 
@@ -407,6 +410,106 @@ def from_dataset(path: str | Path, tokenizer: Any, model: PreTrainedModel | str 
     if dropped:
         notes.append(f"dropped {dropped} empty responses")
     return ProbeSet(groups=tuple(groups), source=str(path), step=None, notes=tuple(notes))
+
+
+# ----------------------------------------------------------------------------- the run's own prompts
+
+
+def final_answer_reward(response_text: str, ground_truth: str) -> float:
+    """1.0 iff the response's final answer, the text after its last ``=`` (the whole response when it has none),
+    stripped, is exactly the ground truth: the embedded tasks' rule (a bare product, or a worked solution ending in
+    ``=answer``), recomputed here because the core cannot call the trainer's reward.
+
+    >>> final_answer_reward("7+5=12;4+8+1=13;=132", "132"), final_answer_reward(" 1081", "1081")
+    (1.0, 1.0)
+    >>> final_answer_reward("7+5=12;=13", "132"), final_answer_reward("", "")
+    (0.0, 0.0)
+    """
+    answer = response_text.rsplit("=", 1)[-1].strip()
+    return float(bool(answer) and answer == ground_truth.strip())
+
+
+def _prompt_file_reward(data_source: str) -> Callable[[str, str], float]:
+    # Multiplication responses are the bare product: whole-text exact match, exactly the trainer's rule there.
+    from .probes.diversity import exact_match_reward
+
+    return exact_match_reward if data_source == "multiplication" else final_answer_reward
+
+
+def _run_setting(run_dir: Path, key: str, default: Any) -> Any:
+    """One field of the run's config.yaml (``default`` when the file or the field is missing)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return default
+    v = cfg.get(key, default) if isinstance(cfg, dict) else default
+    return default if v is None else v
+
+
+def from_run_prompts(run_dir: str | Path, which: str, tokenizer: Any, model: PreTrainedModel | str | Path, *,
+                     n_samples: int | None = None, max_new_tokens: int | None = None,
+                     temperature: float | None = None, seed: int = 0) -> ProbeSet:
+    """The ``heldout`` or ``train`` probe set of one of our runs, from ``RUN_DIR/prompts/<which>.jsonl``.
+
+    Each prompt's group is its reference response (the task's correct response, reward 1) followed by
+    ``n_samples`` responses sampled by ``model`` (the starting policy: the step-0 checkpoint) through the core
+    sampler, scored by :func:`final_answer_reward` against the ground truth. Defaults come from the run's
+    config.yaml: ``n`` samples at the training ``temperature``, at most ``max_response_length`` tokens.
+
+    Raises:
+        ProbeError: the run has no such file (written by runs before it existed: give ``--probe-set FILE``).
+    """
+    from . import rundir
+
+    if which not in ("heldout", "train"):
+        raise ProbeError(f"probe set {which!r}: expected 'heldout' or 'train'")
+    run_dir = Path(run_dir)
+    path = run_dir / (rundir.PROMPTS_HELDOUT if which == "heldout" else rundir.PROMPTS_TRAIN)
+    if not path.is_file():
+        raise ProbeError(f"{path}: not found; this run did not write its prompt files (older trainer, or "
+                         "probe_prompts=0): give --probe-set FILE")
+    rows = read_jsonl(path)
+    if not rows:
+        raise ProbeError(f"{path}: no prompts")
+    for i, obj in rows:
+        missing = [k for k in ("uid", "prompt_ids", "ground_truth", "reference_ids") if k not in obj]
+        if missing:
+            raise ProbeError(f"{path}:{i}: missing field(s) {missing}")
+    n = int(n_samples if n_samples is not None else _run_setting(run_dir, "n", 8))
+    temp = float(temperature if temperature is not None else _run_setting(run_dir, "temperature", 1.0))
+    longest = max(len(obj["reference_ids"]) for _, obj in rows)
+    m = int(max_new_tokens if max_new_tokens is not None else _run_setting(run_dir, "max_response_length", longest))
+    if isinstance(model, (str, Path)):
+        from .checkpoints import load_checkpoint
+
+        model = load_checkpoint(model, tokenizer=False).model
+    samples = _sample_for_probe_set(model, tokenizer, [obj["prompt_ids"] for _, obj in rows], n=n,
+                                    max_new_tokens=m, temperature=temp, seed=seed) if n > 0 else [[] for _ in rows]
+    eos = tokenizer.eos_token_id
+    groups, names, dropped = [], set(), 0
+    for gid, ((_, obj), resp) in enumerate(zip(rows, samples)):
+        ds = str(obj.get("data_source", ""))
+        fn = _prompt_file_reward(ds)
+        names.add(fn.__name__)
+        kept = [tuple(x) for x in resp if x]
+        dropped += len(resp) - len(kept)
+        texts = [tokenizer.decode([t for t in x if t != eos], skip_special_tokens=True) for x in kept]
+        ref_text = str(obj.get("reference_response", obj["ground_truth"]))
+        groups.append(ProbeGroup(
+            group_id=gid, prompt_ids=tuple(obj["prompt_ids"]),
+            response_ids=(tuple(obj["reference_ids"]), *kept),
+            rewards=(1.0, *(float(fn(x, obj["ground_truth"])) for x in texts)),
+            prompt=str(obj.get("prompt", "")), responses=(ref_text, *texts), ground_truth=str(obj["ground_truth"]),
+            prompt_uid=str(obj["uid"]), data_source=ds))
+    notes = [f"rewards: recomputed with {','.join(sorted(names))} (exact match of the final answer against the "
+             "ground truth, the embedded tasks' rule; the reference response counts as correct)",
+             f"{which}: {len(groups)} prompts of {path.name}, each with its reference response and {n} responses "
+             f"sampled by the starting policy at temperature {temp}, seed {seed}"]
+    if dropped:
+        notes.append(f"dropped {dropped} empty responses")
+    return ProbeSet(groups=tuple(groups), source=str(path), step=0, notes=tuple(notes))
 
 
 # ----------------------------------------------------------------------------- one entry point

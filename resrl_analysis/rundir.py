@@ -38,6 +38,10 @@ __all__ = [
     "METRIC_KEYS",
     "OPTIONAL_METRIC_KEYS",
     "PROBES",
+    "PROMPTS",
+    "PROMPTS_HELDOUT",
+    "PROMPTS_TRAIN",
+    "PROMPT_FIELDS",
     "ROLLOUTS",
     "ROLLOUT_FIELDS",
     "RUN_ENTRIES",
@@ -70,6 +74,9 @@ METRICS = "metrics.jsonl"  #: one JSON object per optimizer step
 ROLLOUTS = "rollouts"  #: rollouts/step_XXXXXX.jsonl
 CHECKPOINTS = "checkpoints"  #: checkpoints/step_XXXXXX/
 PROBES = "probes"  #: what ``resrl probe`` writes
+PROMPTS = "prompts"  #: prompts/heldout.jsonl, prompts/train.jsonl: the task's prompts, for probe sets
+PROMPTS_HELDOUT = "prompts/heldout.jsonl"  #: held-out (validation) prompts with their reference responses
+PROMPTS_TRAIN = "prompts/train.jsonl"  #: prompts of the training pool with their reference responses
 TENSORBOARD = "tb"  #: TensorBoard events
 SUPERSEDED = "superseded"  #: superseded/<UTC timestamp>/: what ``--resume-from`` moved aside
 LOCK = ".lock"  #: held by the one process writing the directory; holds its PID
@@ -77,7 +84,7 @@ TRAINER_STATE = "trainer_state.pt"  #: inside a checkpoint: optimizer, scheduler
 TMP_PREFIX = ".tmp"  #: temporary files and directories (debris after a crash)
 
 #: Every entry a run directory may hold at its top level (documented in docs/RUN_DIRECTORY.md).
-RUN_ENTRIES = (CONFIG, METRICS, ROLLOUTS, CHECKPOINTS, PROBES, TENSORBOARD, SUPERSEDED, LOCK)
+RUN_ENTRIES = (CONFIG, METRICS, ROLLOUTS, CHECKPOINTS, PROBES, PROMPTS, TENSORBOARD, SUPERSEDED, LOCK)
 
 STEP_DIR = re.compile(r"^step_(\d{6})$")  #: a checkpoint directory name
 STEP_FILE = re.compile(r"^step_(\d{6})\.jsonl$")  #: a rollout dump name
@@ -109,6 +116,10 @@ ROLLOUT_FIELDS = (
     "resrl_residuals", "nthr_weights", "nthr_scores",
 )
 
+#: Fields of every line of prompts/heldout.jsonl and prompts/train.jsonl, in order.
+PROMPT_FIELDS = (
+    "uid", "data_source", "prompt", "prompt_ids", "ground_truth", "reference_response", "reference_ids",
+)
 
 # ----------------------------------------------------------------------------- paths
 

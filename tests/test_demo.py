@@ -1,4 +1,5 @@
-"""`resrl demo` end to end in a subprocess, shortened (the full demo is the README's main job)."""
+"""`resrl demo` end to end in a subprocess, shortened (the full demo is the README's main job): two algorithms,
+two seeds, a few steps; the summary's structure, and its sentences recomputed from its own numbers."""
 
 from __future__ import annotations
 
@@ -8,28 +9,57 @@ import sys
 
 import pytest
 
+from resrl_analysis.stats import describe_difference, welch_difference
+from trainer.demo import _NAMES, HEADLINE_METRICS
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_demo_shortened_writes_runs_figures_and_summary(tmp_path):
+def test_demo_shortened_writes_runs_figures_and_a_summary_with_intervals(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "trainer.cli", "demo", "--out", str(out), "--steps", "2", "--save-every", "1",
-         "--algorithms", "grpo,resrl", "--figures-dir", str(tmp_path / "figs")],
-        capture_output=True, text=True, timeout=600,
+         "--algorithms", "nsr,resrl", "--seeds", "0,1", "--jobs", "2", "--samples", "4",
+         "--figures-dir", str(tmp_path / "figs")],
+        capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[demo" in proc.stdout and "| algorithm |" in proc.stdout
-    for algo in ("grpo", "resrl"):
-        run = out / "runs" / algo
-        assert (run / "checkpoints" / "step_000002" / "model.safetensors").is_file()
-        assert (run / "probes" / "summary.json").is_file()
+    assert "[demo" in proc.stdout and "| metric |" in proc.stdout
+    for algo in ("nsr", "resrl"):
+        for seed in (0, 1):
+            run = out / "runs" / f"{algo}-s{seed}"
+            assert (run / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+            probes = json.loads((run / "probes" / "summary.json").read_text())
+            assert probes["probe_set"]["source"].endswith("prompts/heldout.jsonl")
+            assert probes["diversity_steps"] == [0, 2]
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["algorithm"] for r in summary["runs"]] == ["grpo", "resrl"]
-    assert all(r["tight_violations"] == 0 for r in summary["runs"])
+    assert sorted((r["algorithm"], r["seed"]) for r in summary["runs"]) == [
+        ("nsr", 0), ("nsr", 1), ("resrl", 0), ("resrl", 1)]
+    assert summary["settings"]["seeds"] == [0, 1] and summary["settings"]["pass_k"] == 4
+    for algo in ("nsr", "resrl"):
+        per = summary["algorithms"][algo]
+        for key in ("lld/batch_delta_mean", "heldout_delta_end", "pass@1_end", "pass@n_end"):
+            d = per[key]
+            assert set(d) >= {"mean", "lo", "hi", "seeds"} and len(d["seeds"]) == 2
+            assert d["mean"] == pytest.approx(sum(d["seeds"]) / 2)
+            runs = sorted((r for r in summary["runs"] if r["algorithm"] == algo), key=lambda r: r["seed"])
+            assert d["seeds"] == [r[key] for r in runs]
+            if d["lo"] is not None:
+                assert d["lo"] <= d["mean"] <= d["hi"]
+    comps = summary["comparisons"]
+    assert comps and {(c["a"], c["b"]) for c in comps} == {("resrl", "nsr")}
+    md = (out / "summary.md").read_text()
+    for c in comps:  # each sentence follows from the per-seed numbers, recomputed here
+        iv = welch_difference(summary["algorithms"]["resrl"][c["metric"]]["seeds"],
+                              summary["algorithms"]["nsr"][c["metric"]]["seeds"])
+        assert c["excludes_zero"] == iv.excludes_zero and c["diff"] == pytest.approx(iv.mean)
+        want = describe_difference(f"{_NAMES['resrl']} − {_NAMES['nsr']} {HEADLINE_METRICS[c['metric']]}", iv,
+                                   names=("ResRL", "NSR"))
+        assert c["sentence"] == want
+        assert want.replace("pass@n", "pass@4") in md
     assert (out / "figures" / "training_dynamics.png").is_file()
     assert (tmp_path / "figs" / "training_dynamics.png").is_file()
-    assert "| grpo |" in (out / "summary.md").read_text()
+    assert "| in-batch LLD fraction (live, mean over steps) |" in md
 
 
 def test_demo_rejects_unknown_algorithm(tmp_path):

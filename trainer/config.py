@@ -141,6 +141,9 @@ class TrainConfig:
     val_every: int = _f(0, "Validate every this many optimizer steps (0 = never).")
     val_prompts: int = _f(64, "Validation prompts used (the first ones of the task's held-out list).")
     val_n: int = _f(4, "Responses per validation prompt.")
+    probe_prompts: int = _f(64, "Prompts written to RUN_DIR/prompts/heldout.jsonl (the first of the task's held-out "
+                                "list) and at most this many of the training pool to prompts/train.jsonl, for "
+                                "`resrl probe --probe-set heldout|train` (0 = write neither).")
     val_temperature: float = _f(0.6, "Validation sampling temperature.")
 
     # ---------------------------------------------------------------- update
@@ -271,7 +274,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise e(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("micro_batch_tokens", "logprob_micro_batch_size", "warmup_steps", "lr_decay_steps",
-                     "val_every", "length_start", "cpu_threads", "train_prompts"):
+                     "val_every", "length_start", "cpu_threads", "train_prompts",
+                     "probe_prompts"):
             if getattr(self, name) < 0:
                 raise e(f"{name}={getattr(self, name)} must be >= 0")
         if self.resume_from < -1:

@@ -1,14 +1,20 @@
-"""`resrl demo`: the main job on the embedded default, end to end on a CPU.
+"""`resrl demo`: the main job on the embedded default, end to end on a CPU, with controls, seeds and intervals.
 
-From the shipped warm start, train GRPO, NSR, W-REINFORCE and ResRL with the same seed and budget,
-probe every checkpoint of each run, draw every figure and write a short markdown summary:
+From the preset's warm start (``--preset``, default ``tiny``), train GRPO, PSR (the control without a negative
+gradient), NSR, W-REINFORCE and ResRL, each with every seed of ``--seeds`` (default 0,1,2), as independent runs in
+``--jobs`` parallel processes. Each run logs the live in-batch LLD metrics (``lld_in_batch``) and is probed on its
+held-out probe set (``--probe-set heldout``: held-out prompts, each with its reference answer and responses of the
+starting policy) at every checkpoint, with pass@k from ``--samples`` (≥ 64) samples per prompt at the first and the
+last checkpoint. Then:
 
-    OUT/runs/<algorithm>/     the four run directories (docs/RUN_DIRECTORY.md), probed
-    OUT/figures/              the figures (PNG + PDF)
-    OUT/summary.md            per algorithm: reward, pass@1, pass@k, LLD fraction, interference, bound
+    OUT/runs/<algorithm>-s<seed>/   the run directories (docs/RUN_DIRECTORY.md), probed
+    OUT/figures/                    the figures (PNG + PDF) of the first seed's runs
+    OUT/summary.json                per algorithm and metric {"mean", "lo", "hi", "seeds"}; the comparisons
+    OUT/summary.md                  the same as tables, and one generated sentence per comparison
 
-The figures under the repository's ``figures/`` are this command's output:
-``resrl demo --out demo_out --figures-dir figures``.
+Every headline number is a mean over seeds with a 95% t interval (:mod:`resrl_analysis.stats`); ResRL vs NSR,
+ResRL vs GRPO and NSR vs PSR are compared by Welch's interval of the difference, and the sentence says, from
+the numbers, whether it excludes 0. ``--quick`` runs one seed (no intervals: the summary says so).
 """
 
 from __future__ import annotations
@@ -19,142 +25,279 @@ import math
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_ALGORITHMS", "add_demo_arguments", "run_demo", "demo", "summarize_run", "summary_markdown"]
+__all__ = ["DEMO_ALGORITHMS", "DEMO_SEEDS", "COMPARISONS", "HEADLINE_METRICS", "add_demo_arguments", "run_demo",
+           "demo", "summarize_run", "aggregate", "summary_markdown"]
 
-DEMO_ALGORITHMS = ("grpo", "nsr", "w-reinforce", "resrl")
+DEMO_ALGORITHMS = ("grpo", "psr", "nsr", "w-reinforce", "resrl")
+DEMO_SEEDS = (0, 1, 2)
+#: (a, b): the summary reports a − b for every headline metric (when both algorithms ran).
+COMPARISONS = (("resrl", "nsr"), ("resrl", "grpo"), ("nsr", "psr"))
+#: key → what the summary calls it. Live metrics are means over the run's steps; probe metrics use the held-out set.
+HEADLINE_METRICS = {
+    "lld/batch_frac": "in-batch LLD fraction (live, mean over steps)",
+    "lld/batch_delta_mean": "in-batch Δ log π(y⁺) (live, mean over steps)",
+    "lld/shared_token_delta_mean": "in-batch Δ on shared tokens (live)",
+    "lld/unique_token_delta_mean": "in-batch Δ on unique tokens (live)",
+    "heldout_lld_frac_end": "held-out LLD fraction (last vs step 0)",
+    "heldout_delta_end": "held-out Δ log π(y⁺) (last vs step 0)",
+    "pass@1_start": "held-out pass@1 (step 0)",
+    "pass@1_end": "held-out pass@1 (last)",
+    "pass@n_start": "held-out pass@n (step 0)",
+    "pass@n_end": "held-out pass@n (last)",
+    "reward_last": "training reward (last 5 steps)",
+    "cos_mean_end": "mean pos×neg head cos (last)",
+}
+_LIVE = ("lld/batch_frac", "lld/batch_delta_mean", "lld/shared_token_delta_mean", "lld/unique_token_delta_mean")
 
 
 def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _nan_to_none(x: Any) -> Any:
-    return None if isinstance(x, float) and not math.isfinite(x) else x
+def _finite(x: Any) -> float | None:
+    return float(x) if x is not None and isinstance(x, (int, float)) and math.isfinite(float(x)) else None
 
 
 def summarize_run(run_dir: Path) -> dict[str, Any]:
-    """Headline numbers of one probed run (each None when the run did not measure it)."""
-    from resrl_analysis.figures import PAPER_REPRESENTATION, load_run
+    """Headline numbers of one probed run (each None when the run did not measure it).
+
+    ``pass@n_*`` is pass@k at the largest k (= the samples per prompt), recorded as ``pass_k``.
+    """
+    from resrl_analysis.figures import load_run
 
     r = load_run(run_dir)
-    out: dict[str, Any] = {"algorithm": r.label}
+    out: dict[str, Any] = {"algorithm": str(r.config.get("algorithm", r.label)), "seed": r.config.get("seed")}
     m = r.metrics
     if not m.empty and "reward/mean" in m:
         rew = m.sort_values("step")["reward/mean"].astype(float)
         k = min(5, len(rew))
-        out["reward_first"] = float(rew.iloc[:k].mean())
-        out["reward_last"] = float(rew.iloc[-k:].mean())
+        out["reward_first"] = _finite(rew.iloc[:k].mean())
+        out["reward_last"] = _finite(rew.iloc[-k:].mean())
+    for key in _LIVE:  # mean over the steps that had a mixed group (NaN elsewhere)
+        out[key] = _finite(m[key].astype(float).mean()) if not m.empty and key in m else None
     div = r.probes.get("diversity")
     if div is not None and len(div.pass_at_k):
         pk = div.pass_at_k
         for tag, s in (("start", int(pk.step.min())), ("end", int(pk.step.max()))):
             d = pk[pk.step == s].sort_values("k")
-            out[f"pass@1_{tag}"] = float(d.pass_at_k.iloc[0])
-            out[f"pass@{int(d.k.iloc[-1])}_{tag}"] = float(d.pass_at_k.iloc[-1])
+            out[f"pass@1_{tag}"] = _finite(d.pass_at_k.iloc[0])
+            out[f"pass@n_{tag}"] = _finite(d.pass_at_k.iloc[-1])
+            out["pass_k"] = int(d.k.iloc[-1])
     lld = r.probes.get("lld")
     if lld is not None and len(lld.deltas):
-        f = lld.fraction()
-        f = f[(f.comparison == "vs_initial") & (f.variant == "sum")]
-        if len(f):
-            out["lld_frac_end"] = _nan_to_none(float(f.sort_values("step_to").frac_lld.iloc[-1]))
+        d = lld.deltas[lld.deltas.comparison == "vs_initial"]
+        if len(d):
+            last = d[d.step_to == d.step_to.max()]
+            out["heldout_delta_end"] = _finite(last.delta_pos_sum.astype(float).mean())
+            flags = last.lld_sum.dropna()
+            out["heldout_lld_frac_end"] = _finite(flags.astype(float).mean()) if len(flags) else None
+            out["lld_steps"] = [int(d.step_from.min()), int(last.step_to.iloc[0])]
     inter = r.probes.get("interference")
     if inter is not None and len(inter.groups):
         g = inter.groups[inter.groups.status == "ok"] if "status" in inter.groups else inter.groups
         g = g[g.step == g.step.max()] if len(g) else g
         if len(g):
-            out["cos_mean_end"] = _nan_to_none(float(g.cos_mean.mean()))
-            out["cos_frac_positive_end"] = _nan_to_none(float(g.cos_frac_positive.mean()))
+            out["cos_mean_end"] = _finite(g.cos_mean.mean())
     sub = r.probes.get("subspace")
     if sub is not None and len(sub.groups):
         g = sub.groups[sub.groups.status == "ok"]
         out["tight_violations"] = int(g.tight_violations.sum())
         out["pairs_checked"] = int(g.n_pairs.sum())
-        paper = g[g.representation == PAPER_REPRESENTATION]
-        out["head_violations_paper_rep"] = int(paper.head_tight_violations.sum())
-        c = sub.correlation[sub.correlation.representation == PAPER_REPRESENTATION]
-        if len(c):
-            out["spearman_paper_rep"] = _nan_to_none(float(c.spearman_sum.mean()))
     return out
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
+def aggregate(rows: list[dict[str, Any]], algorithms: tuple[str, ...]) -> dict[str, Any]:
+    """Per algorithm and metric the mean with its 95% t interval across seeds, and the comparisons.
+
+    >>> rows = [{"algorithm": a, "seed": s, "lld/batch_frac": v} for a, s, v in
+    ...         [("resrl", 0, 0.1), ("resrl", 1, 0.2), ("resrl", 2, 0.15), ("nsr", 0, 0.4), ("nsr", 1, 0.5),
+    ...          ("nsr", 2, 0.45)]]
+    >>> agg = aggregate(rows, ("nsr", "resrl"))
+    >>> agg["algorithms"]["resrl"]["lld/batch_frac"]["seeds"]
+    [0.1, 0.2, 0.15]
+    >>> c = agg["comparisons"][0]
+    >>> c["a"], c["b"], round(c["diff"], 3), c["excludes_zero"]
+    ('resrl', 'nsr', -0.3, True)
+    """
+    from resrl_analysis.stats import describe_difference, mean_interval, welch_difference
+
+    per: dict[str, dict[str, Any]] = {}
+    for algo in algorithms:
+        mine = sorted((r for r in rows if r["algorithm"] == algo), key=lambda r: r.get("seed") or 0)
+        per[algo] = {}
+        for key in HEADLINE_METRICS:
+            vals = [_finite(r.get(key)) for r in mine]
+            if any(v is not None for v in vals):
+                # "seeds": the per-seed values; "seed_ids": which seed each came from.
+                per[algo][key] = {**mean_interval(vals).to_dict(),
+                                  "seed_ids": [r.get("seed") for r, v in zip(mine, vals) if v is not None]}
+    comps = []
+    for a, b in COMPARISONS:
+        if a not in per or b not in per:
+            continue
+        for key, name in HEADLINE_METRICS.items():
+            # Step-0 numbers are the shared starting policy's: equal across algorithms by construction.
+            if key.endswith("_start") or key not in per[a] or key not in per[b]:
+                continue
+            iv = welch_difference(per[a][key]["seeds"], per[b][key]["seeds"])
+            comps.append({"a": a, "b": b, "metric": key, "diff": iv.mean,
+                          "lo": iv.lo if math.isfinite(iv.lo) else None, "hi": iv.hi if math.isfinite(iv.hi) else None,
+                          "excludes_zero": iv.excludes_zero, "n_seeds": iv.n,
+                          "sentence": describe_difference(f"{_NAMES.get(a, a)} − {_NAMES.get(b, b)} {name}", iv,
+                                                          names=(_NAMES.get(a, a), _NAMES.get(b, b)))})
+    return {"algorithms": per, "comparisons": comps}
+
+
+_NAMES = {"grpo": "GRPO", "psr": "PSR", "nsr": "NSR", "w-reinforce": "W-REINFORCE", "resrl": "ResRL", "nthr": "NTHR"}
+
+
+def _cell(d: dict | None) -> str:
+    from resrl_analysis.stats import Interval, describe_interval
+
+    if not d or d.get("mean") is None:
         return "–"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return str(v)
+    if d["lo"] is None or d["hi"] is None:  # one seed: the table's caption says there is no interval
+        from resrl_analysis.stats import fmt_number
+
+        return fmt_number(d["mean"])
+    nan = float("nan")
+    iv = Interval(d["mean"], d["lo"] if d["lo"] is not None else nan, d["hi"] if d["hi"] is not None else nan,
+                  n=len(d["seeds"]))
+    return describe_interval(iv)
 
 
-def summary_markdown(rows: list[dict[str, Any]], *, seconds: float, settings: dict[str, Any]) -> str:
-    """The demo's summary table as markdown."""
-    cols = [("algorithm", "algorithm"), ("reward_first", "reward (first 5 steps)"),
-            ("reward_last", "reward (last 5 steps)"), ("pass@1_end", "pass@1 (end)")]
-    pk = sorted({k for r in rows for k in r if k.startswith("pass@") and k.endswith("_end") and k != "pass@1_end"})
-    cols += [(k, f"{k[:-4]} (end)") for k in pk]
-    cols += [("lld_frac_end", "LLD fraction (vs step 0)"), ("cos_mean_end", "mean pos×neg head cos"),
-             ("cos_frac_positive_end", "frac cos > 0"), ("tight_violations", "tight-bound violations"),
-             ("pairs_checked", "pairs checked"), ("spearman_paper_rep", "Spearman ρ(residual, interference)")]
+def summary_markdown(agg: dict[str, Any], *, seconds: float, settings: dict[str, Any]) -> str:
+    """The demo's summary as markdown: one table of means with intervals, then one sentence per comparison."""
+    algos = list(agg["algorithms"])
+    keys = [k for k in HEADLINE_METRICS if any(k in agg["algorithms"][a] for a in algos)]
+    seeds = settings["seeds"]
+    pk = settings.get("pass_k")
     lines = ["# resrl demo", "",
-             f"Embedded default (tiny model, 2-digit multiplication), {settings['steps']} optimizer steps per "
-             f"algorithm, seed {settings['seed']}, checkpoints every {settings['save_every']} steps; "
-             f"wall time {seconds / 60:.1f} min.", "",
-             "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
-    lines += ["", "Rewards are training-batch means (sampled at the training temperature); pass@k comes from "
-              "the diversity probe's samples on the probe set's prompts at the first and last probed checkpoint. "
-              "LLD: fraction of prompts whose positive responses lost log-likelihood (summed Δ ≤ 0) against step "
-              "0. Interference: token-level cosine between the head gradients of positive and negative tokens, "
-              "averaged over mixed groups at the last checkpoint. Bound: the tight alignment bound over every "
-              "positive×negative pair of every representation (0 violations expected up to float tolerance); ρ: "
-              "the paper representation's Spearman correlation between a negative token's residual energy and "
-              "its summed |<g⁺, g⁻>| (the paper predicts it negative).", ""]
+             f"Preset `{settings['preset']}` (task {settings['task']}), {settings['steps']} optimizer steps per run, "
+             f"seeds {', '.join(map(str, seeds))} for each of {', '.join(_NAMES.get(a, a) for a in algos)}; "
+             f"checkpoints every {settings['save_every']} steps; wall time {seconds / 60:.1f} min with "
+             f"{settings['jobs']} parallel job(s).", "",
+             f"Each cell: mean over {len(seeds)} seed(s) [95% t interval]"
+             + (" (one seed: no interval)." if len(seeds) < 2 else "."), ""]
+    head = "| metric | " + " | ".join(_NAMES.get(a, a) for a in algos) + " |"
+    lines += [head, "|" + "---|" * (len(algos) + 1)]
+    for k in keys:
+        label = HEADLINE_METRICS[k].replace("pass@n", f"pass@{pk}" if pk else "pass@n")
+        lines.append(f"| {label} | " + " | ".join(_cell(agg["algorithms"][a].get(k)) for a in algos) + " |")
+    lines += ["", "## Differences (Welch 95% interval)", ""]
+    if not agg["comparisons"]:
+        lines.append("No comparison: ResRL, NSR, GRPO and PSR did not all run.")
+    listed = agg["comparisons"] if len(seeds) > 1 else []
+    if agg["comparisons"] and not listed:
+        lines.append(f"No difference has an interval at {len(seeds)} seed, so none can be judged; the "
+                     "differences of the means are in summary.json (`comparisons`).")
+    for c in listed:  # a difference without an interval (no spread at all) says so in its sentence
+        lines.append(f"- {c['sentence'].replace('pass@n', f'pass@{pk}' if pk else 'pass@n')}")
+    judged = [c for c in listed if c["lo"] is not None]
+    if judged:
+        shown = [c for c in judged if c["excludes_zero"]]
+        lines += ["", f"{len(shown)} of {len(judged)} differences exclude 0 at {len(seeds)} seeds (of {len(judged)} "
+                  f"independent 95% intervals about {0.05 * len(judged):.1f} would exclude 0 by chance alone)."]
+    lines += ["",
+              "Definitions. Live in-batch LLD (trainer, `lld_in_batch`): for each mixed group of a rollout batch, "
+              "Δ log π(y⁺) of its own positive responses across that batch's update; the fraction of groups with "
+              "summed Δ ≤ 0, the mean Δ per positive response, and that Δ split into tokens a negative response "
+              "shares (same token after the same prefix) and the rest; each averaged over the run's steps. "
+              "Held-out probe set (`resrl probe --probe-set heldout`): held-out prompts with the reference answer "
+              "as a positive plus responses of the starting policy; Δ compares the last checkpoint with step 0; "
+              f"pass@k from {settings['samples']} samples per prompt. Training reward: batch mean at the training "
+              "temperature. Interference: cosine of the head gradients of positive and negative tokens, averaged "
+              f"over mixed groups at the last checkpoint. Figures: the runs of seed {seeds[0]}.", ""]
     return "\n".join(lines)
 
 
-def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALGORITHMS, steps: int = 40,
-         save_every: int = 4, seed: int = 0, figures_dir: str | Path | None = None,
+def _one_run(preset: str, overrides: dict[str, Any], probe_argv: list[str]) -> str:
+    """Train one run and probe it (in a worker process); returns the run directory."""
+    import argparse as _ap
+
+    from resrl_analysis.probes.runner import add_probe_arguments, run_probe
+
+    from .config import preset_config
+    from .loop import train
+
+    cfg = preset_config(preset, **overrides)
+    run_dir = Path(cfg.output_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # the demo is a fresh experiment each time
+    t0 = time.time()
+    train(cfg)
+    _say(f"trained {run_dir.name} in {time.time() - t0:.0f} s")
+    args = add_probe_arguments(_ap.ArgumentParser(prog="resrl probe")).parse_args([str(run_dir), *probe_argv])
+    t1 = time.time()
+    if run_probe(args) != 0:
+        raise RuntimeError(f"resrl probe failed on {run_dir}")
+    _say(f"probed {run_dir.name} in {time.time() - t1:.0f} s")
+    return str(run_dir)
+
+
+def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALGORITHMS,
+         seeds: tuple[int, ...] = DEMO_SEEDS, jobs: int = 2, steps: int = 40, save_every: int = 4,
+         preset: str = "tiny", samples: int = 64, figures_dir: str | Path | None = None,
          probe_args: tuple[str, ...] = (), model: str | None = None) -> Path:
     """Run the demo; returns the path of ``summary.md``.
 
-    ``model`` overrides the tiny preset's policy (e.g. ``tiny-random`` for a fast smoke run);
-    ``probe_args`` are passed on to `resrl probe`.
+    ``model`` overrides the preset's policy (e.g. ``tiny-random`` for a fast smoke run); ``probe_args`` are
+    passed on to `resrl probe` after the demo's own.
 
     >>> demo("/tmp/x", algorithms=("nope",))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     trainer.config.ConfigError: ...
     """
-    from resrl_analysis.figures import draw_all
-    from resrl_analysis.probes.runner import add_probe_arguments, run_probe
+    import multiprocessing as mp
 
-    from .config import preset_config
-    from .loop import train
+    from resrl_analysis.figures import draw_all
+
+    from .config import ConfigError, preset_config
 
     t0 = time.time()
     out = Path(out)
-    configs = [preset_config("tiny", algorithm=a, steps=steps, save_every=save_every, seed=seed,
-                             output_dir=str(out / "runs" / a), progress_bar="off", log_every=5,
-                             **({"model": model} if model else {}))
-               for a in algorithms]  # all validated before anything runs
-    runs = []
-    for i, cfg in enumerate(configs, 1):
-        _say(f"train {i}/{len(configs)}: {cfg.algorithm}, {steps} steps")
-        run_dir = Path(cfg.output_dir)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # the demo is a fresh experiment each time
-        runs.append(train(cfg))
-    for i, run_dir in enumerate(runs, 1):
-        _say(f"probe {i}/{len(runs)}: {run_dir.name}")
-        p = add_probe_arguments(argparse.ArgumentParser(prog="resrl probe"))
-        args = p.parse_args([str(run_dir), "--no-progress", *probe_args])
-        if run_probe(args) != 0:
-            raise RuntimeError(f"resrl probe failed on {run_dir}")
-    _say("figures")
-    report = draw_all(runs, out / "figures", formats=("png", "pdf"))
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if samples < 2:
+        raise ConfigError(f"--samples must be >= 2, got {samples}")
+    runs = [(a, s, {"algorithm": a, "seed": s, "steps": steps, "save_every": save_every,
+                    "output_dir": str(out / "runs" / f"{a}-s{s}"), "progress_bar": "off", "log_every": 10,
+                    "lld_in_batch": True, "cpu_threads": 1, **({"model": model} if model else {})})
+            for a in algorithms for s in seeds]
+    cfgs = [preset_config(preset, **o) for _, _, o in runs]  # all validated before anything runs
+    # Held-out probe set at every checkpoint (LLD), pass@k from `samples` samples at the first and last one.
+    probe_argv = ["--probe-set", "heldout", "--groups", "0", "--samples", str(samples), "--diversity-steps", "ends",
+                  "--full-model-steps", "none", "--threads", "1", "--no-progress", *probe_args]
+    # The subspace and first-order probes feed only the figures (drawn from the first seed): the other seeds skip
+    # them, which keeps the default demo within 20 minutes on 2 cores.
+    rest_argv = [*probe_argv, "--probes", "lld,entropy,diversity,interference"]
+
+    def argv_of(seed: int) -> list[str]:
+        return probe_argv if seed == seeds[0] else rest_argv
+
+    _say(f"{len(runs)} runs ({len(algorithms)} algorithms × {len(seeds)} seeds), {jobs} at a time")
+    done: dict[tuple[str, int], Path] = {}
+    if jobs == 1:
+        for a, s, o in runs:
+            done[(a, s)] = Path(_one_run(preset, o, argv_of(s)))
+    else:
+        # spawn: a fresh interpreter per worker (torch and fork do not mix). First seeds first: they take longest.
+        order = sorted(runs, key=lambda r: r[1] != seeds[0])
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(_one_run, preset, o, argv_of(s)): (a, s) for a, s, o in order}
+            for f in as_completed(futs):
+                done[futs[f]] = Path(f.result())
+    run_dirs = [done[(a, s)] for a, s, _ in runs]
+    _say("figures (first seed)")
+    first = [done[(a, seeds[0])] for a in algorithms]
+    report = draw_all(first, out / "figures", formats=("png", "pdf"))
     for name, what in report.items():
         _say(f"  {name}: {what}")
     if figures_dir is not None:
@@ -162,13 +305,26 @@ def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALG
         fd.mkdir(parents=True, exist_ok=True)
         for f in sorted((out / "figures").glob("*.png")):
             shutil.copy2(f, fd / f.name)
-    rows = [summarize_run(r) for r in runs]
+    rows = [summarize_run(r) for r in run_dirs]
+    agg = aggregate(rows, algorithms)
     seconds = time.time() - t0
-    md = summary_markdown(rows, seconds=seconds, settings={"steps": steps, "seed": seed, "save_every": save_every})
+    pass_k = next((r["pass_k"] for r in rows if r.get("pass_k")), None)
+    settings = {"preset": preset, "task": cfgs[0].task, "steps": steps, "save_every": save_every,
+                "seeds": list(seeds), "jobs": jobs, "samples": samples, "pass_k": pass_k,
+                "algorithms": list(algorithms), "interval": "95% t across seeds; differences: Welch"}
+    md = summary_markdown(agg, seconds=seconds, settings=settings)
     (out / "summary.md").write_text(md, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps({"runs": rows, "seconds": seconds}, indent=1), encoding="utf-8")
+    payload = {"settings": settings, "seconds": seconds, **agg, "runs": rows}
+    (out / "summary.json").write_text(json.dumps(payload, indent=1, allow_nan=False), encoding="utf-8")
     _say(f"done in {seconds / 60:.1f} min: {out / 'summary.md'}")
     return out / "summary.md"
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -177,17 +333,25 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     # cannot append a second "(default: ...)" to them.
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--out", default="demo_out",
-                        help="output directory: runs/, figures/, summary.md (default: %(default)s)")
+                        help="output directory: runs/, figures/, summary.md, summary.json (default: %(default)s)")
     from .config import ALGORITHM_NAMES
 
     parser.add_argument("--algorithms", default=",".join(DEMO_ALGORITHMS),
                         help=f"comma-separated algorithms, of {','.join(ALGORITHM_NAMES)} (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per algorithm (default: %(default)s)")
+    parser.add_argument("--preset", default="tiny", help="the preset every run starts from (default: %(default)s)")
+    parser.add_argument("--seeds", type=_int_list, default=DEMO_SEEDS,
+                        help="comma-separated seeds, one run per algorithm and seed (default: 0,1,2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one seed (the first of --seeds): no intervals, about a third of the time")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained and probed in parallel (default: 2)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default: %(default)s)")
     parser.add_argument("--save-every", type=int, default=4,
                         help="checkpoint (and probe) every K steps (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="one seed for every run (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=64,
+                        help="samples per held-out prompt for pass@k at the first and last checkpoint "
+                             "(default: %(default)s)")
     parser.add_argument("--model", default=None,
-                        help="policy to start from (default: the tiny preset's shipped warm start)")
+                        help="policy to start from (default: the preset's shipped warm start)")
     parser.add_argument("--figures-dir", default=None,
                         help="also copy the PNG figures here (the repository's figures/ is made this way; "
                              "default: no copy)")
@@ -199,8 +363,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from .config import ConfigError
 
     algos = tuple(a for a in args.algorithms.split(",") if a)
+    seeds = tuple(args.seeds)[:1] if args.quick else tuple(args.seeds)
     try:
-        summary = demo(args.out, algorithms=algos, steps=args.steps, save_every=args.save_every, seed=args.seed,
+        summary = demo(args.out, algorithms=algos, seeds=seeds, jobs=args.jobs, steps=args.steps,
+                       save_every=args.save_every, preset=args.preset, samples=args.samples,
                        figures_dir=args.figures_dir, model=args.model)
     except (ConfigError, ValueError, OSError) as e:
         print(f"resrl demo: {e}", file=sys.stderr)

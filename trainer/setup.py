@@ -86,6 +86,7 @@ __all__ = [
     "setup_training",
     "suggest_lr",
     "want_progress",
+    "write_prompt_files",
 ]
 
 
@@ -264,13 +265,15 @@ def find_resume_point(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Resu
 
 
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: Resume | None, ctx: DistContext, *,
-                    write_config: Any = save_config_yaml) -> Path | None:
+                    write_config: Any = save_config_yaml, task: Task | None = None,
+                    tokenizer: Any = None) -> Path | None:
     """Create the run directory, clear crash debris, cut metrics and rollouts back to the start, write config.yaml.
 
     Past the start: after a crash (plain resume) the lost steps are simply re-run, so their metrics lines and
     rollout dumps go; with ``resume_from`` the later checkpoints, rollout dumps and metrics lines are moved into
     ``superseded/<UTC time>/`` (returned), never deleted. Runs under the lock, so no live writer's
-    temporary files are touched. ``write_config(cfg, path)`` writes config.yaml.
+    temporary files are touched. ``write_config(cfg, path)`` writes config.yaml; :func:`write_prompt_files` the
+    prompt files (from ``task`` and ``tokenizer`` when given, else rebuilt from ``cfg``).
     """
     err, moved = None, None
     if ctx.is_main:
@@ -293,11 +296,56 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: Resume | None, ctx:
             truncate_metrics(run_dir / rundir.METRICS, start)
             # Saved without resume_from: a later plain --resume with this file must not roll back again.
             write_config(replace(cfg, resume_from=-1), run_dir / rundir.CONFIG)
+            write_prompt_files(cfg, run_dir, ctx, task=task, tokenizer=tokenizer)
         except OSError as exc:
             err = f"cannot write to the output directory {run_dir}: {exc.strerror or exc}"
     raise_on_all_ranks(err, SetupError, ctx)
     moved = broadcast_object(str(moved) if moved else None, ctx)
     return Path(moved) if moved else None
+
+
+def _prompt_record(prompt: Prompt, task: Task, tokenizer: Any) -> dict[str, Any]:
+    from resrl_analysis.sampling import encode_prompts
+
+    inner = getattr(task, "task", task)  # a _PromptSubset forwards to its task
+    target = getattr(inner, "sft_target", None)
+    reference = target(prompt) if callable(target) else prompt.ground_truth
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rec = {"uid": prompt.uid, "data_source": prompt.data_source, "prompt": prompt.text,
+           "prompt_ids": encode_prompts(tokenizer, [prompt.text])[0], "ground_truth": prompt.ground_truth,
+           "reference_response": reference,
+           "reference_ids": list(tokenizer(reference, add_special_tokens=False)["input_ids"]) + eos}
+    return {k: rec[k] for k in rundir.PROMPT_FIELDS}
+
+
+def write_prompt_files(cfg: TrainConfig, run_dir: Path, ctx: DistContext, *, task: Task | None = None,
+                       tokenizer: Any = None) -> None:
+    """Write ``prompts/heldout.jsonl`` and ``prompts/train.jsonl`` (docs/RUN_DIRECTORY.md), rank 0 only.
+
+    The core builds the ``heldout`` and ``train`` probe sets from them (it never imports the trainer): the first
+    ``cfg.probe_prompts`` validation prompts, and at most that many training prompts spread evenly over the pool,
+    each with the task's correct response (``Task.sft_target`` when the task has it, else the ground truth).
+    Without ``task``/``tokenizer`` both are rebuilt from ``cfg`` (the tiny policies load in well under a second).
+    """
+    if not ctx.is_main or cfg.probe_prompts <= 0:
+        return
+    if tokenizer is None:
+        if cfg.tokenizer or not cfg.model.startswith("tiny-"):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+        else:
+            tokenizer, _ = load_policy(cfg, DistContext.single(torch.device("cpu")))  # a tiny policy: its tokenizer
+    if task is None:
+        task = limit_prompts(build_task(cfg, tokenizer), cfg.train_prompts)
+    n = cfg.probe_prompts
+    heldout = task.validation_prompts()[:n]
+    m = min(n, task.num_train)
+    train = [task.train_item(i * task.num_train // m) for i in range(m)] if m else []
+    (run_dir / rundir.PROMPTS).mkdir(parents=True, exist_ok=True)
+    for name, prompts in ((rundir.PROMPTS_HELDOUT, heldout), (rundir.PROMPTS_TRAIN, train)):
+        lines = [json.dumps(_prompt_record(p, task, tokenizer), ensure_ascii=False) for p in prompts]
+        rundir.atomic_write(run_dir / name, "".join(line + "\n" for line in lines))
 
 
 # =========================================================================================== optimizer and schedule

@@ -102,10 +102,15 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                      help="probe every K-th checkpoint step (the first and the last always)")
     a("--probe-set-step", type=int, default=0, metavar="S",
       help="take the probe set from RUN_DIR/rollouts/step_S.jsonl (default 0: what the starting policy sampled)")
-    a("--probe-set", type=Path, default=None, metavar="FILE",
-      help="a probe set instead: our rollout dump, a JSONL (one prompt per line: prompt, responses, rewards"
-           "[, ground_truth]), a TRL completions parquet, a verl rollout JSONL, or an RLVR dataset (JSONL/parquet, "
-           "sampled with --base-model); default: the run's first rollout/completion dump")
+    a("--probe-set", type=Path, default=None, metavar="heldout|train|batch|FILE",
+      help="a probe set instead: 'heldout' (the run's held-out prompts, RUN_DIR/prompts/heldout.jsonl, each with its "
+           "reference response plus --probe-set-samples responses of the step-0 policy), 'train' (the training "
+           "pool, likewise), 'batch' (each step's own rollout dump between its checkpoint and the next: in-batch "
+           "LLD offline; lld only), or a file: our rollout dump, a JSONL (one prompt per line: prompt, responses, "
+           "rewards[, ground_truth]), a TRL completions parquet, a verl rollout JSONL, or an RLVR dataset "
+           "(JSONL/parquet, sampled with --base-model); default: the run's first rollout/completion dump")
+    a("--probe-set-samples", type=int, default=None, metavar="N",
+      help="responses sampled per prompt for the heldout/train probe sets (default: the run's group size n)")
     a("--groups", type=int, default=8, metavar="N",
       help="probe the first N prompt groups, mixed ones first (default 8; 0 = all)")
     a("--group-batch", type=int, default=8, metavar="G",
@@ -261,7 +266,21 @@ def _run(args: argparse.Namespace) -> int:
     mode, ckpts = _select_checkpoints(args)
     check_compatible([p for _, p in ckpts])
     sources = args.run_info.probe_set_sources
-    if args.probe_set is not None or (mode != "run" and sources):
+    keyword = _probe_set_keyword(args)
+    if keyword == "batch":
+        if mode != "run":
+            raise ProbeError(f"{args.run_dir}: --probe-set batch needs one of our run directories (rollout dumps)")
+        return _run_batch(args, ckpts, t_start)
+    if keyword is not None:
+        if mode != "run":
+            raise ProbeError(f"{args.run_dir}: --probe-set {keyword} needs one of our run directories "
+                             f"(prompts/{keyword}.jsonl)")
+        from ..probe_sets import from_run_prompts
+
+        tok = load_tokenizer(ckpts[0][1])
+        probe_set = from_run_prompts(args.run_dir, keyword, tok, ckpts[0][1], n_samples=args.probe_set_samples,
+                                     max_new_tokens=args.max_new_tokens, seed=args.seed)
+    elif args.probe_set is not None or (mode != "run" and sources):
         from ..probe_sets import load_probe_set
 
         # Text needs the checkpoints' tokenizer; a file with token ids (or a rollout dump) does not.
@@ -329,6 +348,11 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
         reward_fn = exact_match_reward
     elif args.reward == "math":
         reward_fn = math_verify_reward
+    elif _probe_set_keyword(args) is not None:  # the rule the probe set's own rewards came from
+        from ..probe_sets import _prompt_file_reward
+
+        sources = {g.data_source for g in probe_set.groups}
+        reward_fn = _prompt_file_reward(sources.pop() if len(sources) == 1 else "")
     else:
         sources = {g.data_source for g in probe_set.groups}
         reward_fn = default_reward_fn(sources.pop() if len(sources) == 1 else "")
@@ -450,6 +474,77 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
         shutil.rmtree(staging, ignore_errors=True)
     print(f"resrl probe: wrote {', '.join(sorted(results))} for {len(steps)} checkpoint(s) to {out}"
           f" (summary: {out / 'summary.json'})")
+    return 0
+
+
+def _probe_set_keyword(args: argparse.Namespace) -> str | None:
+    """``heldout``/``train``/``batch`` when ``--probe-set`` names one (and no file of that name exists), else None."""
+    from ..probe_sets import PROBE_SET_KEYWORDS
+
+    ps = getattr(args, "probe_set", None)
+    return str(ps) if ps is not None and str(ps) in PROBE_SET_KEYWORDS and not Path(ps).exists() else None
+
+
+def _run_batch(args: argparse.Namespace, ckpts: list[tuple[int, Path]], t_start: float) -> int:
+    """``--probe-set batch``: in-batch LLD offline. For each probed checkpoint s with a rollout dump and a next
+    probed checkpoint s′, Δ log π of the dump's positives between s and s′ (comparison ``in_batch``); with
+    consecutive checkpoints every step (``--save-every 1``), this is the update of that batch alone."""
+    import pandas as pd
+
+    from .. import rundir
+    from ..checkpoints import load_checkpoint
+    from ..results import LLDResult, ScoresResult, to_jsonable
+    from .capture import forward_group, pad_id_of
+    from .lld import lld_between, scores_from_forwards
+
+    unknown = sorted(set(args.probes) - {"lld", "entropy"})
+    if unknown and list(args.probes) != list(PROBES):  # the default (all) means: what batch can run
+        raise ProbeError(f"--probe-set batch runs the lld probe only (asked for {unknown}); use --probes lld")
+    dumps = dict(rundir.list_rollouts(args.run_dir))
+    pairs = [(a, pa, b, pb) for (a, pa), (b, pb) in zip(ckpts[:-1], ckpts[1:]) if a in dumps]
+    if not pairs:
+        raise ProbeError(f"{args.run_dir}: no probed checkpoint with a rollout dump and a later checkpoint "
+                         f"(dumps at {sorted(dumps)}, checkpoints {[s for s, _ in ckpts]})")
+    sets = {a: ProbeSet.from_rollouts(dumps[a]).select(args.groups or None, prefer_mixed=True) for a, *_ in pairs}
+    out: Path = args.out or args.run_info.probes_dir
+    _check_writable(out)
+    device = _device(args.device)
+    parts = []
+    cache: dict[int, object] = {}
+
+    def score(step: int, path: Path, ps: ProbeSet) -> ScoresResult:
+        if step not in cache:  # each checkpoint is loaded once, however many pairs it is in
+            cache.clear()
+            cache[step] = load_checkpoint(path, dtype=args.dtype, device=device, tokenizer=False).model
+        model = cache[step]
+        _set_threads(args.threads, model, device)
+        fwd = [forward_group(model, g, keep_hidden=False, keep_logits=False, pad_id=pad_id_of(model))
+               for g in ps.groups]
+        return scores_from_forwards(fwd, step=step)
+
+    for a, pa, b, pb in pairs:
+        before = score(a, pa, sets[a])
+        after = score(b, pb, sets[a])
+        parts.append(lld_between(before, after, eps=args.eps, step_from=a, step_to=b, comparison="in_batch"))
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    info = {"source": "batch", "steps": sorted(sets), "n_groups": sum(p.n_groups for p in sets.values()),
+            "notes": [f"in-batch: step {a}'s rollout dump scored at checkpoints {a} and {b}" for a, _, b, _ in pairs]}
+    lld = LLDResult(deltas=pd.concat([p.deltas for p in parts], ignore_index=True),
+                    meta={"run_dir": str(args.run_dir), "probe_set": info, "eps": args.eps, "created": created,
+                          "steps": [s for s, _ in ckpts]})
+    try:
+        lock = RunLock(out, "resrl probe").acquire()
+    except RunLocked as e:
+        raise ProbeError(str(e)) from None
+    try:
+        lld.save(out / "lld_batch", format=args.format)
+        summary = {"created": created, "run_dir": str(args.run_dir), "mode": "run", "out": str(out),
+                   "probe_set": info, "probes": ["lld"], "results": {"lld_batch": {"path": "lld_batch",
+                   "kind": lld.KIND, **lld.summary()}}, "timing_s": {"total": time.perf_counter() - t_start}}
+        atomic_write(out / "summary_batch.json", json.dumps(to_jsonable(summary), indent=1, allow_nan=False))
+    finally:
+        lock.release()
+    print(f"resrl probe: wrote lld_batch (in-batch LLD over {len(pairs)} step(s)) to {out}")
     return 0
 
 
