@@ -128,7 +128,8 @@ def train(config: TrainConfig) -> Path:
         lock = lock_run_dir(run_dir, ctx)  # before anything in it is read
         resume = find_resume_point(cfg, run_dir, ctx)
         # The run's two writers are named here, where the loop's steps are (and where tests substitute them).
-        moved = prepare_run_dir(cfg, run_dir, resume, ctx, write_config=save_config_yaml)
+        moved = prepare_run_dir(cfg, run_dir, resume, ctx, write_config=save_config_yaml, task=task,
+                                tokenizer=tokenizer)
         model, optimizer, scheduler = setup_training(cfg, model, resume, dtype, ctx)
         ref_model = load_reference(cfg, ctx, dtype) if cfg.kl_coef > 0 else None
         algo = get_algorithm(cfg.algorithm)
