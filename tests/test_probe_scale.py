@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from resrl_analysis.bounds import alignment_bound, alignment_bound_paper
-from resrl_analysis.checkpoints import ProbeSet
+from resrl_analysis.checkpoints import ProbeGroup, ProbeSet
 from resrl_analysis.interference import (
     NTHRWeights,
     group_gradient_alignment,
@@ -315,3 +315,96 @@ def old_predict_delta(fwd: GroupForward, advantages: Tensor | Sequence[Tensor], 
     n = len(advs)
     from_pos, from_neg = per_resp[:, :n], per_resp[:, n:]
     return (from_pos[:, 0], from_neg[:, 0]) if single else (from_pos, from_neg)
+
+
+# ----------------------------------------------------------------------------- new against old
+
+
+def _qwen3_shaped(T: int, *, V: int = 32_000, d: int = 256, layers: int = 2, seed: int = 0):
+    """A random Qwen3-shaped causal LM (the issue's benchmark shape), float32, eval mode."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=V, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=d // 4,
+                      max_position_embeddings=2 * T + 64, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _probe_set(rewards, T: int, V: int, seed: int, *, prompt_len: int = 8) -> ProbeSet:
+    rng = np.random.default_rng(seed)
+    groups = []
+    for gi, rw in enumerate(rewards):
+        resp = tuple(tuple(int(t) for t in rng.integers(3, V, size=int(rng.integers(T // 2, T + 1))))
+                     for _ in rw)
+        groups.append(ProbeGroup(gi, tuple(int(t) for t in rng.integers(3, V, size=prompt_len)), resp,
+                                 tuple(float(r) for r in rw)))
+    return ProbeSet(tuple(groups))
+
+
+def _assert_frames_close(new: pd.DataFrame, old: pd.DataFrame, rtol: float, atol: float,
+                         loose: dict[str, tuple[float, float]] | None = None) -> None:
+    """Equal columns, names and order; floats to (rtol, atol), or to ``loose[col]`` for those named."""
+    assert list(new.columns) == list(old.columns)
+    assert len(new) == len(old)
+    for col in old.columns:
+        a, b = new[col].to_numpy(), old[col].to_numpy()
+        if a.dtype.kind in "fc" or b.dtype.kind in "fc":
+            r, t = (loose or {}).get(col, (rtol, atol))
+            np.testing.assert_allclose(a.astype(float), b.astype(float), rtol=r, atol=t, err_msg=col)
+        else:
+            assert (a == b).all(), col
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from resrl_analysis.probes.synthetic import random_probe_set, tiny_model
+
+    model = tiny_model(seed=3, dtype=torch.float64)
+    ps = random_probe_set([[1, 0, 0, 1, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0, 1]], max_len=6, seed=5)
+    return model, ps, forward_probe_set(model, ps)
+
+
+@pytest.fixture(scope="module")
+def qwen256():
+    """G = 8 responses of up to T = 256 tokens, V = 32,000, d = 256 (the issue's CPU shape)."""
+    model = _qwen3_shaped(256)
+    ps = _probe_set([[1, 0, 1, 0, 0, 1, 0, 0]], 256, 32_000, seed=1)
+    return model, ps, forward_probe_set(model, ps)
+
+
+def _interference_tables(model, ps, fwds):
+    from resrl_analysis.probes.interference import interference_probe
+
+    new = interference_probe(model, ps, forwards=fwds, max_cosine_samples=64)
+    old = old_interference_probe(model, ps, forwards=fwds, max_cosine_samples=64)
+    return new, old
+
+
+def test_interference_matches_the_old_path_tiny(tiny):
+    new, old = _interference_tables(*tiny)
+    # The old NTHR formed float32 probabilities even from a float64 model; the shared Gram keeps float64.
+    loose = {"nthr_tau": (1e-6, 1e-6), "nthr_score": (1e-6, 1e-6)}
+    for name in ("groups", "tokens", "cosine_samples"):
+        _assert_frames_close(getattr(new, name), getattr(old, name), rtol=1e-9, atol=1e-12, loose=loose)
+
+
+def test_interference_matches_the_old_path_qwen3_shape(qwen256):
+    new, old = _interference_tables(*qwen256)
+    # float32: summation orders differ (vocabulary chunks against one product), so a float32 tolerance
+    # relative to the cosines' scale; NTHR flags may differ only where a score ties its threshold.
+    g_new, g_old = new.groups, old.groups
+    for col in g_old.columns:
+        if g_old[col].dtype.kind == "f":
+            np.testing.assert_allclose(g_new[col], g_old[col], rtol=2e-4, atol=2e-6, err_msg=col)
+        else:
+            assert (g_new[col] == g_old[col]).all(), col
+    t_new, t_old = new.tokens, old.tokens
+    assert list(t_new.columns) == list(t_old.columns)
+    for col in ("response_index", "position", "token_id"):
+        assert (t_new[col] == t_old[col]).all()
+    for col in ("cos_mean", "cos_max", "cos_frac_positive", "nthr_score"):
+        np.testing.assert_allclose(t_new[col], t_old[col], rtol=2e-4, atol=2e-6, err_msg=col)
+    assert (t_new.nthr_flagged != t_old.nthr_flagged).mean() < 0.01
+    np.testing.assert_allclose(new.cosine_samples.cosine, old.cosine_samples.cosine, rtol=2e-4, atol=2e-6)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..checkpoints import ProbeGroup, ProbeSet
 from ..forward import PackedRows, capture, model_device, pack_rows, response_forward
+from ..interference import GroupGrams, group_grams
 from ..ops import DEFAULT_MEMORY_BUDGET_MB, softmax_probs
 
 __all__ = [
@@ -124,10 +125,27 @@ class GroupForward:
     head_input: Tensor | None = None
     penultimate: Tensor | None = None
     logits: Tensor | None = None
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def tokens(self, rows: Tensor) -> dict[str, Tensor]:
+    def grams(self, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> GroupGrams:
+        """The group's head-gradient Gram (:func:`resrl_analysis.interference.group_grams`), computed on
+        the first call and shared by every probe that reads this forward (interference, subspace, first
+        order); :meth:`release` frees it."""
+        if "grams" not in self._cache:
+            if self.logits is None or self.head_input is None:
+                raise ValueError("the Gram needs logits and head inputs (forward with keep_hidden/keep_logits)")
+            self._cache["grams"] = group_grams(self.head_input, self.logits, self.labels, self.mask,
+                                               self.is_positive, memory_budget_mb=memory_budget_mb)
+        return self._cache["grams"]
+
+    def release(self) -> None:
+        """Drop the cached Gram (its (N, N) matrix is the largest thing a probe keeps besides the logits)."""
+        self._cache.clear()
+
+    def tokens(self, rows: Tensor, *, with_logits: bool = True) -> dict[str, Tensor]:
         """The valid tokens of ``rows`` (indices into G), flattened row-major: ``y`` (N,), ``h`` (N, d)
-        head inputs, ``row`` (N,) and ``pos`` (N,) indices, and ``logits`` (N, V) when kept."""
+        head inputs, ``row`` (N,) and ``pos`` (N,) indices, and ``logits`` (N, V) when kept and
+        ``with_logits`` (a copy of N·V values: the probes pass False and read :meth:`grams`)."""
         m = self.mask[rows]  # (R, T)
         T = self.mask.shape[1]
         out = {"y": self.labels[rows][m],
@@ -135,7 +153,7 @@ class GroupForward:
                "pos": torch.arange(T, device=m.device)[None, :].expand(len(rows), -1)[m]}
         if self.head_input is not None:
             out["h"] = self.head_input[rows][m]
-        if self.logits is not None:
+        if self.logits is not None and with_logits:
             out["logits"] = self.logits[rows][m]
         return out
 
