@@ -408,3 +408,29 @@ def test_interference_matches_the_old_path_qwen3_shape(qwen256):
         np.testing.assert_allclose(t_new[col], t_old[col], rtol=2e-4, atol=2e-6, err_msg=col)
     assert (t_new.nthr_flagged != t_old.nthr_flagged).mean() < 0.01
     np.testing.assert_allclose(new.cosine_samples.cosine, old.cosine_samples.cosine, rtol=2e-4, atol=2e-6)
+
+
+def test_subspace_matches_the_old_path_tiny(tiny):
+    from resrl_analysis.probes.subspace import subspace_probe
+
+    model, ps, fwds = tiny
+    cfg = ResRLWeightConfig(rank=3, svd="exact")
+    new, old = subspace_probe(model, ps, forwards=fwds, config=cfg), old_subspace_probe(model, ps, forwards=fwds,
+                                                                                         config=cfg)
+    for name in ("groups", "tokens", "explained_variance", "pairs", "correlation"):
+        _assert_frames_close(getattr(new, name), getattr(old, name), rtol=1e-9, atol=1e-12)
+
+
+def test_subspace_matches_the_old_path_qwen3_shape(qwen256):
+    from resrl_analysis.probes.subspace import subspace_probe
+
+    model, ps, fwds = qwen256
+    reps = [Representation("penultimate", True, True), Representation("head_input", False, False)]
+    new = subspace_probe(model, ps, forwards=fwds, representations=reps)
+    old = old_subspace_probe(model, ps, forwards=fwds, representations=reps)
+    # float32 head interference from the chunked Gram: relative tolerance; violation counts equal.
+    loose = {c: (2e-4, 1e-6) for c in ("interference_sum_abs", "interference_max_abs", "head_abs",
+                                       "head_tight_bound")}
+    for name in ("groups", "tokens", "explained_variance", "pairs"):
+        _assert_frames_close(getattr(new, name), getattr(old, name), rtol=1e-5, atol=1e-7, loose=loose)
+    np.testing.assert_allclose(new.correlation.spearman_sum, old.correlation.spearman_sum, atol=1e-3)
