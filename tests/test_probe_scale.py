@@ -434,3 +434,54 @@ def test_subspace_matches_the_old_path_qwen3_shape(qwen256):
     for name in ("groups", "tokens", "explained_variance", "pairs"):
         _assert_frames_close(getattr(new, name), getattr(old, name), rtol=1e-5, atol=1e-7, loose=loose)
     np.testing.assert_allclose(new.correlation.spearman_sum, old.correlation.spearman_sum, atol=1e-3)
+
+
+def _all_advantages(fwd):
+    from resrl_analysis.probes.first_order import ALGORITHMS, token_advantages
+
+    return [token_advantages(fwd, alg) for alg in ALGORITHMS]
+
+
+@pytest.mark.parametrize("which", ["tiny", "qwen256"])
+def test_first_order_prediction_matches_the_old_path(which, request):
+    from resrl_analysis.probes.first_order import predict_delta
+
+    model, ps, fwds = request.getfixturevalue(which)
+    tol = {"tiny": (1e-9, 1e-12), "qwen256": (2e-4, 1e-7)}[which]
+    for fwd in fwds:
+        advs = _all_advantages(fwd)
+        new, old = predict_delta(fwd, advs, 1e-3), old_predict_delta(fwd, advs, 1e-3)
+        for a, b in zip(new, old):
+            scale = float(b.abs().max()) or 1.0
+            torch.testing.assert_close(a, b, rtol=tol[0], atol=tol[1] * scale)
+
+
+def test_full_step_micro_batched_with_checkpointing_equals_one_batch(tiny):
+    from resrl_analysis.probes.first_order import _checkpointing, full_step_delta
+
+    model, ps, fwds = tiny
+    fwd = fwds[0]
+    adv = _all_advantages(fwd)[0]
+    with _checkpointing(model, True) as on:
+        assert on and model.training
+    assert not model.training and not model.is_activation_checkpointing
+    whole = full_step_delta(model, fwd, adv, 1e-2, micro_batch=None, checkpointing=False)
+    parts = full_step_delta(model, fwd, adv, 1e-2, micro_batch=2, checkpointing=True)
+    torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-9)
+    assert not model.training
+
+
+def test_real_steps_only_where_asked_and_stated(tiny):
+    from resrl_analysis.probes.first_order import first_order_prediction
+
+    model, ps, fwds = tiny
+    r = first_order_prediction(model, ps, forwards=fwds, algorithms=["grpo", "nsr"], step_algorithms=["nsr"],
+                               step_groups=2)
+    p = r.predictions
+    ids = [f.group.group_id for f in fwds][:2]
+    stepped = p.group_id.isin(ids) & (p.algorithm == "nsr")
+    assert p.actual_head[stepped].notna().all() and p.actual_head[~stepped].isna().all()
+    assert r.meta["real_step_algorithms"] == ["nsr"] and r.meta["real_step_group_ids"] == sorted(ids)
+    # The predictions do not depend on which real steps ran.
+    every = first_order_prediction(model, ps, forwards=fwds, algorithms=["grpo", "nsr"], head_step=False)
+    np.testing.assert_allclose(every.predictions.predicted, p.predicted, rtol=1e-12)
