@@ -251,6 +251,7 @@ def nthr_token_weights(
     beta: float = 1.0,
     temperature: float = 1.0,
     chunk: int = 1024,
+    memory_budget_mb: float = 256.0,
 ) -> NTHRWeights:
     """NTHR (Deng et al.) token multipliers for a batch, per prompt group.
 
@@ -263,6 +264,7 @@ def nthr_token_weights(
         head_input: (B, T, d) vectors entering the LM head; logits: (B, T, V) at the same positions
         (probabilities are formed per group, float32); labels: (B, T) the sampled tokens;
         response_mask: (B, T) bool; is_positive: (B,) bool; group_ids: (B,) ints.
+        chunk: unused (kept for callers); memory_budget_mb: the vocabulary chunks of :func:`group_grams`.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> out = nthr_token_weights(torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 11, generator=g),
@@ -271,7 +273,7 @@ def nthr_token_weights(
     >>> out.groups[0]["eta"], bool(((out.weights == 1) | (out.weights == 0.5)).all())
     (0.5, True)
     """
-    from .ops import group_index, softmax_probs
+    from .ops import group_index
 
     B, T, _ = head_input.shape
     dev = head_input.device
@@ -292,14 +294,17 @@ def nthr_token_weights(
             info["status"] = "not_mixed"
             groups.append(info)
             continue
-        hp = head_input[prow][pmask].float()  # (Tp, d)
-        hn = head_input[nrow][nmask].float()  # (Tn, d)
-        pp = softmax_probs(logits[prow][pmask], temperature=temperature)  # (Tp, V)
-        pn = softmax_probs(logits[nrow][nmask], temperature=temperature)  # (Tn, V)
-        yp, yn = labels[prow][pmask], labels[nrow][nmask]
-        which = torch.arange(len(prow), device=dev)[:, None].expand(-1, T)[pmask]  # (Tp,)
-        tau = nthr_threshold(hp, pp, yp, which, beta, chunk=chunk)
-        s = nthr_scores(hn, pn, yn, hp, pp, yp, chunk=chunk)  # (Tn,)
+        # One Gram of the group's tokens, straight from the logits in vocabulary chunks (no (Tp, V) copies).
+        gr = group_grams(head_input, logits, labels, response_mask, is_positive.to(dev), temperature=temperature,
+                         rows=torch.cat([prow, nrow]), memory_budget_mb=memory_budget_mb)
+        pp = gr.block("pos", "pos").sum(0)  # (Tp,) positive-on-positive scores
+        which = gr.row[: gr.n_pos]  # (Tp,) the positive response of each token
+        uniq_r, inv_r = torch.unique(which, return_inverse=True)
+        sums = torch.zeros(len(uniq_r), dtype=pp.dtype, device=dev).index_add_(0, inv_r, pp)
+        counts = torch.zeros(len(uniq_r), dtype=pp.dtype, device=dev).index_add_(0, inv_r, torch.ones_like(pp))
+        tau = beta * float((sums / counts).min())
+        s = gr.block("pos", "neg").sum(0)  # (Tn,) in the order of nmask (row-major over nrow)
+        del gr
         f = s > tau
         wn = torch.ones(len(nrow), T, dtype=torch.float32, device=dev)
         sn = torch.full((len(nrow), T), float("nan"), dtype=torch.float32, device=dev)
@@ -367,6 +372,7 @@ def group_grams(
     *,
     temperature: float = 1.0,
     memory_budget_mb: float = 256.0,
+    rows: Tensor | None = None,
 ) -> GroupGrams:
     """All token-pair head-gradient inner products of one group, computed once (the probes share it).
 
@@ -379,7 +385,7 @@ def group_grams(
 
     Args:
         head_input: (G, T, d); logits: (G, T, V) at the same positions; labels, mask: (G, T);
-        is_positive: (G,) bool.
+        is_positive: (G,) bool; rows: the batch rows of the group (default all), read in place.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> h, z = torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 7, generator=g)
@@ -390,13 +396,14 @@ def group_grams(
     >>> bool(torch.allclose(gr.block("pos", "neg"), ref, atol=1e-6)), gr.n_pos
     (True, 2)
     """
-    G, T, V = logits.shape
+    _, T, V = logits.shape
     dev = logits.device
-    pos = is_positive.bool().to(dev)
-    rows = torch.cat([torch.nonzero(pos).squeeze(-1), torch.nonzero(~pos).squeeze(-1)])  # positives first
-    m = mask.bool().to(dev)[rows]  # (G, T)
+    rows = torch.arange(logits.shape[0], device=dev) if rows is None else rows.to(dev)
+    pos = is_positive.bool().to(dev)[rows]
+    rows = torch.cat([rows[pos], rows[~pos]])  # positives first
+    m = mask.bool().to(dev)[rows]  # (R, T)
     ridx = rows[:, None].expand(-1, T)[m]  # (N,)
-    tidx = torch.arange(T, device=dev)[None, :].expand(G, -1)[m]  # (N,)
+    tidx = torch.arange(T, device=dev)[None, :].expand(len(rows), -1)[m]  # (N,)
     y = labels.to(dev)[ridx, tidx]  # (N,)
     n_pos = int(m[: int(pos.sum())].sum())
     N = int(y.shape[0])
