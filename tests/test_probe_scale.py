@@ -457,16 +457,17 @@ def test_first_order_prediction_matches_the_old_path(which, request):
 
 
 def test_full_step_micro_batched_with_checkpointing_equals_one_batch(tiny):
-    from resrl_analysis.probes.first_order import _checkpointing, full_step_delta
+    from resrl_analysis.probes.capture import checkpointing
+    from resrl_analysis.probes.first_order import full_step_delta
 
     model, ps, fwds = tiny
     fwd = fwds[0]
     adv = _all_advantages(fwd)[0]
-    with _checkpointing(model, True) as on:
+    with checkpointing(model) as on:
         assert on and model.training
     assert not model.training and not model.is_activation_checkpointing
-    whole = full_step_delta(model, fwd, adv, 1e-2, micro_batch=None, checkpointing=False)
-    parts = full_step_delta(model, fwd, adv, 1e-2, micro_batch=2, checkpointing=True)
+    whole = full_step_delta(model, fwd, adv, 1e-2, micro_batch=None, use_checkpointing=False)
+    parts = full_step_delta(model, fwd, adv, 1e-2, micro_batch=2, use_checkpointing=True)
     torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-9)
     assert not model.training
 
@@ -485,3 +486,14 @@ def test_real_steps_only_where_asked_and_stated(tiny):
     # The predictions do not depend on which real steps ran.
     every = first_order_prediction(model, ps, forwards=fwds, algorithms=["grpo", "nsr"], head_step=False)
     np.testing.assert_allclose(every.predictions.predicted, p.predicted, rtol=1e-12)
+
+
+def test_full_model_cosine_micro_batched_equals_one_batch(tiny):
+    model, ps, fwds = tiny
+    fwd = next(f for f in fwds if f.group.is_mixed)
+    gids = torch.zeros(fwd.mask.shape[0], dtype=torch.long)
+    adv = group_advantages(fwd.rewards.float(), gids, "grpo")[:, None].expand_as(fwd.mask).float()
+    whole = full_model_gradient_cosine(model, fwd, adv, micro_batch=None, use_checkpointing=False)
+    parts = full_model_gradient_cosine(model, fwd, adv, micro_batch=1, use_checkpointing=True)
+    for k, v in whole.items():
+        assert parts[k] == pytest.approx(v, rel=1e-7, abs=1e-12), k

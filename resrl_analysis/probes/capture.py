@@ -34,6 +34,8 @@ __all__ = [
     "model_device",
     "token_probs",
     "pad_id_of",
+    "row_slice",
+    "checkpointing",
 ]
 
 
@@ -213,6 +215,44 @@ def token_probs(logits: Tensor) -> Tensor:
     if logits.dtype == torch.float64:
         return torch.softmax(logits, -1)
     return softmax_probs(logits, dtype=torch.float32)
+
+
+def row_slice(rows: PackedRows, idx: slice) -> PackedRows:
+    """Rows ``idx`` of packed model inputs (a micro-batch of a group's responses)."""
+    return PackedRows(rows.input_ids[idx], rows.attention_mask[idx], rows.position_ids[idx],
+                      rows.response_ids[idx], rows.response_mask[idx])
+
+
+@contextlib.contextmanager
+def checkpointing(model: nn.Module, *, enable: bool = True) -> Iterator[bool]:
+    """HF activation checkpointing for the whole-model gradients, where it cannot change the numbers.
+
+    HF checkpoints only in train mode, so it is switched on only when the model has no active dropout
+    (train mode then computes what eval mode does); the mode and the setting are restored after.
+    Yields whether checkpointing is on.
+    """
+    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    cfg = getattr(model, "config", None)
+    dropout = dropout or any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout",
+                                                                               "dropout", "resid_pdrop"))
+    ok = enable and not dropout and getattr(model, "supports_gradient_checkpointing", False)
+    # transformers renamed gradient to activation checkpointing (the old names warn); use what exists.
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    was_training = model.training
+    was_on = bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False))
+    if not ok or was_on:
+        yield was_on
+        return
+    if new_api:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        yield True
+    finally:
+        (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+        model.train(was_training)
 
 
 def pad_id_of(model: nn.Module, tokenizer=None) -> int:

@@ -17,9 +17,8 @@ and reported beside a real SGD step of the whole model (:func:`full_step_delta`)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
@@ -27,9 +26,9 @@ from torch import Tensor, nn
 
 from ..advantages import ALGORITHM_NAMES, AdvantageParams, AlgoInputs, get_algorithm
 from ..checkpoints import ProbeSet
-from ..forward import PackedRows, response_forward
+from ..forward import response_forward
 from ..results import FirstOrderResult
-from .capture import GroupForward, forward_probe_set, group_batch, model_device, pad_id_of
+from .capture import GroupForward, checkpointing, forward_probe_set, group_batch, model_device, pad_id_of, row_slice
 
 __all__ = [
     "ALGORITHMS",
@@ -165,51 +164,14 @@ def head_step_delta(fwd: GroupForward, advantages: Tensor, lr: float, head: nn.M
     return torch.zeros(G, dtype=cdt, device=h.device).index_add_(0, row, lp1 - lp0.detach())
 
 
-def _rows(rows: PackedRows, idx: slice) -> PackedRows:
-    return PackedRows(rows.input_ids[idx], rows.attention_mask[idx], rows.position_ids[idx],
-                      rows.response_ids[idx], rows.response_mask[idx])
-
-
-@contextlib.contextmanager
-def _checkpointing(model: nn.Module, enable: bool) -> Iterator[bool]:
-    """HF gradient checkpointing for the whole-model step, where it cannot change the numbers.
-
-    HF checkpoints only in train mode, so it is switched on only when the model has no active dropout
-    (train mode then computes what eval mode does); the mode and the setting are restored after.
-    Yields whether checkpointing is on.
-    """
-    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
-    cfg = getattr(model, "config", None)
-    dropout = dropout or any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout",
-                                                                               "dropout", "resid_pdrop"))
-    ok = enable and not dropout and getattr(model, "supports_gradient_checkpointing", False)
-    # transformers renamed gradient to activation checkpointing (the old names warn); use what exists.
-    new_api = hasattr(model, "activation_checkpointing_enable")
-    was_training = model.training
-    was_on = bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False))
-    if not ok or was_on:
-        yield was_on
-        return
-    if new_api:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    try:
-        yield True
-    finally:
-        (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
-        model.train(was_training)
-
-
 def full_step_delta(model: nn.Module, fwd: GroupForward, advantages: Tensor, lr: float, *,
-                    pad_id: int = 0, micro_batch: int | None = None, checkpointing: bool = True) -> Tensor:
+                    pad_id: int = 0, micro_batch: int | None = None, use_checkpointing: bool = True) -> Tensor:
     """Real Δ log π(y_i) (G,) after one SGD step of size ``lr`` on every trainable parameter.
 
     The parameters are copied before the step and restored afterwards (also on error), so the
     model is unchanged on return. Same loss as the prediction (token-mean over the group). The
     gradient is accumulated over ``micro_batch`` responses at a time (default: all at once), with
-    gradient checkpointing where it cannot change the result (:func:`_checkpointing`), so peak
+    activation checkpointing where it cannot change the result (:func:`~.capture.checkpointing`), so peak
     activation memory is one micro-batch's layer inputs.
     """
     batch = group_batch(fwd.group, model_device(model), pad_id)
@@ -221,10 +183,10 @@ def full_step_delta(model: nn.Module, fwd: GroupForward, advantages: Tensor, lr:
     params = [p for p in model.parameters() if p.requires_grad]
     grads: list[Tensor | None] = [None] * len(params)
     lp0 = torch.zeros(G, dtype=torch.float32, device=mask.device)
-    with _checkpointing(model, checkpointing), torch.enable_grad():
+    with checkpointing(model, enable=use_checkpointing), torch.enable_grad():
         for s in range(0, G, mb):
             i = slice(s, s + mb)
-            lp = response_forward(model, _rows(batch.rows, i)).logp  # (mb, T), 0 on padding
+            lp = response_forward(model, row_slice(batch.rows, i)).logp  # (mb, T), 0 on padding
             m = mask[i, : lp.shape[1]]
             loss = -(adv[i, : lp.shape[1]] * lp * m).sum() / Z
             part = torch.autograd.grad(loss, params, allow_unused=True)
@@ -240,7 +202,7 @@ def full_step_delta(model: nn.Module, fwd: GroupForward, advantages: Tensor, lr:
                     p.add_(g, alpha=-lr)
             for s in range(0, G, mb):
                 i = slice(s, s + mb)
-                lp = response_forward(model, _rows(batch.rows, i)).logp  # (mb, T)
+                lp = response_forward(model, row_slice(batch.rows, i)).logp  # (mb, T)
                 lp1[i] = (lp * mask[i, : lp.shape[1]]).sum(1).float()
     finally:
         with torch.no_grad():

@@ -28,16 +28,27 @@ from ..forward import response_forward
 from ..interference import GroupGrams, device_quantiles, nthr_eta
 from ..ops import group_advantages
 from ..results import InterferenceResult
-from .capture import GroupForward, forward_probe_set, group_batch, model_device, pad_id_of
+from .capture import (
+    GroupForward,
+    checkpointing,
+    forward_probe_set,
+    group_batch,
+    model_device,
+    pad_id_of,
+    row_slice,
+)
 
 __all__ = ["interference_probe", "full_model_gradient_cosine", "QUANTILES"]
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def full_model_gradient_cosine(model: nn.Module, fwd: GroupForward, advantages: Tensor, *, pad_id: int = 0) -> dict:
+def full_model_gradient_cosine(model: nn.Module, fwd: GroupForward, advantages: Tensor, *, pad_id: int = 0,
+                               micro_batch: int | None = 4, use_checkpointing: bool = True) -> dict:
     """Cosine between ∇θ L⁺ and ∇θ L⁻, the gradients of the positive and negative parts of the group's
-    token-mean loss L = −(1/Z) Σ A log p (autograd: one forward, two backward passes).
+    token-mean loss L = −(1/Z) Σ A log p (autograd: per micro-batch of ``micro_batch`` responses one
+    forward and two backward passes, accumulated; activation checkpointing where it cannot change the
+    numbers, :func:`~.capture.checkpointing`).
 
     Returns ``full_update_cosine`` (all trainable parameters), ``full_update_inner``, and
     ``full_head_cosine`` (the LM head matrix's block only; with tied embeddings it also carries the
@@ -49,13 +60,28 @@ def full_model_gradient_cosine(model: nn.Module, fwd: GroupForward, advantages: 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     head_w = model.get_output_embeddings().weight
-    with torch.enable_grad():
-        lp = response_forward(model, batch.rows).logp  # (G, T), 0 on padding
-        Z = mask.sum()
-        l_pos = -(adv * lp * (mask & pos[:, None])).sum() / Z
-        l_neg = -(adv * lp * (mask & ~pos[:, None])).sum() / Z
-        g_pos = torch.autograd.grad(l_pos, params, retain_graph=True, allow_unused=True)
-        g_neg = torch.autograd.grad(l_neg, params, allow_unused=True)
+    G = mask.shape[0]
+    mb = max(1, micro_batch or G)
+    Z = mask.sum()
+
+    def acc(total: list, part: tuple) -> list:
+        return [b if a is None else (a if b is None else a + b) for a, b in zip(total, part)]
+
+    g_pos: list = [None] * len(params)
+    g_neg: list = [None] * len(params)
+    with checkpointing(model, enable=use_checkpointing), torch.enable_grad():
+        for s in range(0, G, mb):
+            i = slice(s, s + mb)
+            lp = response_forward(model, row_slice(batch.rows, i)).logp  # (mb, T), 0 on padding
+            m, a = mask[i, : lp.shape[1]], adv[i, : lp.shape[1]]
+            l_pos = -(a * lp * (m & pos[i, None])).sum() / Z
+            l_neg = -(a * lp * (m & ~pos[i, None])).sum() / Z
+            # A micro-batch of only positives (or negatives) has a constant other part: no gradient.
+            if l_pos.requires_grad and bool((m & pos[i, None]).any()):
+                g_pos = acc(g_pos, torch.autograd.grad(l_pos, params, retain_graph=True, allow_unused=True))
+            if l_neg.requires_grad and bool((m & ~pos[i, None]).any()):
+                g_neg = acc(g_neg, torch.autograd.grad(l_neg, params, allow_unused=True))
+            del lp, l_pos, l_neg
     inner = npos = nneg = 0.0
     h_inner = h_pos = h_neg = 0.0
     for p, a, b in zip(params, g_pos, g_neg):
