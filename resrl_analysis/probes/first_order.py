@@ -144,24 +144,29 @@ def head_step_delta(fwd: GroupForward, advantages: Tensor, lr: float, head: nn.M
     bias = head.bias.detach().to(cdt) if getattr(head, "bias", None) is not None else None
     W = head.weight.detach().to(cdt).clone().requires_grad_(True)  # (V, d)
 
-    def logp_of(Wm: Tensor, chunk: int = 1024) -> Tensor:
-        # A plain log-softmax in ``cdt``, independent of the core (this is the reference), and in row
-        # chunks so no (N, V) temporary beyond autograd's own is made; ops.token_logprobs would
-        # round to float32.
-        parts = []
-        for s in range(0, h.shape[0], chunk):
-            z = h[s : s + chunk] @ Wm.T  # (c, V)
-            z = z + bias if bias is not None else z
-            parts.append(torch.log_softmax(z, -1).gather(-1, y[s : s + chunk, None]).squeeze(-1))
-        return torch.cat(parts)  # (N,)
+    def logp_chunk(Wm: Tensor, s: int, chunk: int) -> Tensor:
+        # A plain log-softmax in ``cdt``, independent of the core (this is the reference);
+        # ops.token_logprobs would round to float32.
+        z = h[s : s + chunk] @ Wm.T  # (c, V)
+        z = z + bias if bias is not None else z
+        return torch.log_softmax(z, -1).gather(-1, y[s : s + chunk, None]).squeeze(-1)  # (c,)
 
+    # Row chunks of about 64 MB, each differentiated at once (the gradient is a sum over tokens), so
+    # autograd never holds more than one chunk's (c, V) log-softmax: not the (N, V) of one graph.
+    N, V = h.shape[0], W.shape[0]
+    chunk = max(1, min(N, (64 * 2**20) // max(1, V * torch.finfo(cdt).bits // 8)))
+    g = torch.zeros_like(W)  # (V, d)
+    lp0 = torch.empty(N, dtype=cdt, device=h.device)
     with torch.enable_grad():
-        lp0 = logp_of(W)
-        loss = -(a * lp0).sum() / h.shape[0]
-        (g,) = torch.autograd.grad(loss, W)
+        for s in range(0, N, chunk):
+            lp = logp_chunk(W, s, chunk)
+            (part,) = torch.autograd.grad(-(a[s : s + chunk] * lp).sum() / N, W)
+            g += part
+            lp0[s : s + chunk] = lp.detach()
     with torch.no_grad():
-        lp1 = logp_of(W - lr * g)
-    return torch.zeros(G, dtype=cdt, device=h.device).index_add_(0, row, lp1 - lp0.detach())
+        W1 = W.detach() - lr * g
+        lp1 = torch.cat([logp_chunk(W1, s, chunk) for s in range(0, N, chunk)])
+    return torch.zeros(G, dtype=cdt, device=h.device).index_add_(0, row, lp1 - lp0)
 
 
 def full_step_delta(model: nn.Module, fwd: GroupForward, advantages: Tensor, lr: float, *,

@@ -1,0 +1,323 @@
+"""The memory plan of a probe pass: peak memory per probe from shapes alone, before any work.
+
+``resrl probe`` calls :func:`plan_probes` with the model's ``config.json`` (no weights needed) and the
+probe set's shapes, prints the plan, picks the largest group batching that fits the budget, and
+refuses with one line naming the probe and the setting to change when nothing fits. The estimate
+counts the tensors the probes hold (bytes of each dtype), not allocator slack:
+
+- kept per group until its probes are done: the response logits (G·T·V, model dtype), two hidden
+  states (2·G·T·d) and the shared head-gradient Gram (N², float32, N = G·T valid tokens);
+- transient, per probe: the forward's activations and log-prob chunks; the (Tp, Tn) cosine and
+  bound blocks (interference, subspace); the head step's saved log-softmax (N·V, float32) and the
+  whole-model step's gradients, parameter copy and one micro-batch's checkpointed activations.
+
+A test checks the estimate against the measured peak RSS on CPU (within 25%).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ModelShape", "ProbeShape", "MemoryPlan", "parse_memory", "format_bytes", "plan_probes",
+           "device_memory"]
+
+#: The working chunk of the chunked log-prob/entropy and Gram passes (``ops.DEFAULT_MEMORY_BUDGET_MB``).
+CHUNK_BYTES = 256 * 2**20
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8, "double": 8}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from ``80GB``, ``80 GiB``, ``512MB``, ``1.5TB`` or a plain number of bytes.
+
+    >>> parse_memory("80GB"), parse_memory("1.5 GiB"), parse_memory("4096")
+    (80000000000, 1610612736, 4096)
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"memory budget {text!r}: expected a number with a unit such as 80GB, 512MiB or 1.5TB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable bytes (decimal units, as budgets are written).
+
+    >>> format_bytes(80e9), format_bytes(1.5e6)
+    ('80.0 GB', '1.5 MB')
+    """
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only causal LM that the plan needs, from its HF config.
+
+    >>> s = ModelShape.from_config({"vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 2,
+    ...     "num_attention_heads": 2, "intermediate_size": 16, "torch_dtype": "bfloat16"})
+    >>> s.n_params, s.dtype_bytes
+    (2680, 2)
+    """
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool
+    dtype_bytes: int = 4
+
+    @classmethod
+    def from_config(cls, cfg: Mapping | object, dtype: str | None = None) -> ModelShape:
+        """From a ``config.json`` dict or a ``PretrainedConfig``; ``dtype`` (``auto`` or None: the config's)."""
+        get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
+        try:
+            d, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+            shape = dict(vocab=int(get("vocab_size")), hidden=d, layers=int(get("num_hidden_layers")), heads=heads,
+                         kv_heads=int(get("num_key_value_heads") or heads),
+                         head_dim=int(get("head_dim") or d // heads), intermediate=int(get("intermediate_size")),
+                         tied=bool(get("tie_word_embeddings", False)))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config: missing or bad field for the memory plan ({e}); expected vocab_size, "
+                             "hidden_size, num_hidden_layers, num_attention_heads, intermediate_size") from None
+        name = dtype if dtype not in (None, "auto") else (get("torch_dtype") or get("dtype") or "float32")
+        return cls(**shape, dtype_bytes=_DTYPE_BYTES.get(str(name).replace("torch.", ""), 4))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | None = None) -> ModelShape:
+        """From ``path/config.json`` (a checkpoint folder; weights need not be there)."""
+        f = Path(path) / "config.json"
+        try:
+            cfg = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f}: cannot read the model config ({e})") from None
+        return cls.from_config(cfg, dtype)
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count of a Llama/Qwen-style decoder (attention, gated MLP, RMSNorms, embeddings)."""
+        d, hd = self.hidden, self.head_dim
+        attn = d * self.heads * hd * 2 + d * self.kv_heads * hd * 2 + 2 * hd
+        layer = attn + 3 * d * self.intermediate + 2 * d
+        emb = self.vocab * d * (1 if self.tied else 2)
+        return self.layers * layer + emb + d
+
+
+@dataclass(frozen=True)
+class ProbeShape:
+    """The largest group of the probe set: ``responses`` G, ``response_len`` T, ``prompt_len`` P."""
+
+    responses: int
+    response_len: int
+    prompt_len: int
+    n_groups: int = 1
+
+    @classmethod
+    def of(cls, groups: Iterable) -> ProbeShape:
+        """From :class:`~resrl_analysis.checkpoints.ProbeGroup` objects (the largest of each size).
+
+        >>> from resrl_analysis.checkpoints import ProbeGroup
+        >>> ProbeShape.of([ProbeGroup(0, (1, 2), ((3,), (4, 5, 6)), (1.0, 0.0))])
+        ProbeShape(responses=2, response_len=3, prompt_len=2, n_groups=1)
+        """
+        gs = list(groups)
+        if not gs:
+            return cls(1, 1, 1, 0)
+        return cls(max(g.n_responses for g in gs), max(max(len(r) for r in g.response_ids) for g in gs),
+                   max(len(g.prompt_ids) for g in gs), len(gs))
+
+    @property
+    def tokens(self) -> int:
+        """N = G·T: the valid tokens of a full group (the Gram's side)."""
+        return self.responses * self.response_len
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Peak bytes per probe at the chosen group batching; ``fits`` when all are within ``budget``."""
+
+    budget: int
+    budget_source: str
+    group_batch: int
+    requested_group_batch: int
+    peaks: dict[str, int]
+    parts: dict[str, dict[str, int]]
+    model: ModelShape
+    shape: ProbeShape
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(self.peaks.values()) if self.peaks else 0
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    def describe(self) -> str:
+        """The plan as printed by ``resrl probe`` (one line per probe).
+
+        >>> m = ModelShape(100, 8, 2, 2, 2, 4, 16, False)
+        >>> print(plan_probes(m, ProbeShape(4, 16, 4), ["lld"], budget=10**9).describe().splitlines()[0][:60])
+        memory plan: budget 1.0 GB (--memory-budget), model 2.8k par
+        """
+        m, s = self.model, self.shape
+        n = m.n_params
+        ps = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+        lines = [f"memory plan: budget {format_bytes(self.budget)} ({self.budget_source}), model {ps} parameters × "
+                 f"{m.dtype_bytes} B, groups of {s.responses} × {s.response_len} tokens (prompt {s.prompt_len}), "
+                 f"V = {m.vocab}",
+                 f"  group batch {self.group_batch}" + (f" (asked {self.requested_group_batch})"
+                                                        if self.group_batch != self.requested_group_batch else "")]
+        for name, peak in self.peaks.items():
+            top = sorted(self.parts[name].items(), key=lambda kv: -kv[1])[:4]
+            what = ", ".join(f"{k} {format_bytes(v)}" for k, v in top)
+            flag = "ok" if peak <= self.budget else "DOES NOT FIT"
+            lines.append(f"  {name:<13} peak {format_bytes(peak):>9}  {flag}  ({what})")
+        lines += [f"  note: {t}" for t in self.notes]
+        lines.append(f"  fits: {'yes' if self.fits else 'no'} (largest peak {format_bytes(self.peak)})")
+        return "\n".join(lines)
+
+    def refusal(self) -> str:
+        """One line naming the probe that does not fit and the setting to change."""
+        name = max(self.peaks, key=self.peaks.get)  # type: ignore[arg-type]
+        hint = {"first_order": "--full-model-steps none or fewer --algorithms",
+                "interference": "--full-model-steps none",
+                "subspace": "fewer responses per group or shorter --max-new-tokens",
+                "diversity": "--samples or --max-new-tokens"}.get(name, "a shorter probe set")
+        return (f"memory plan: probe {name} needs {format_bytes(self.peaks[name])} at --group-batch 1, over the "
+                f"budget {format_bytes(self.budget)}; raise --memory-budget, or use {hint}")
+
+
+def device_memory(device: str) -> tuple[int, str]:
+    """(bytes, where from): a CUDA device's total memory, or the host's available memory."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        idx = torch.device(device).index or 0
+        return int(torch.cuda.get_device_properties(idx).total_memory), f"{device} total memory"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "host MemAvailable"
+    except OSError:
+        pass
+    return 16 * 10**9, "default 16 GB (host memory unknown)"
+
+
+def _forward(m: ModelShape, rows: int, L: int, T: int, grad: bool, checkpoint: bool, cpu: bool) -> dict[str, int]:
+    """Activation bytes of a forward (and backward when ``grad``) over ``rows`` sequences of L tokens."""
+    b, d, inter = m.dtype_bytes, m.hidden, m.intermediate
+    # One decoder layer's live tensors: residual, norms, q/k/v/o, gated MLP (3 × intermediate).
+    layer = rows * L * (8 * d + (m.heads + 2 * m.kv_heads) * m.head_dim + 4 * inter) * b
+    # CPU attention with a padding mask takes the math path: a (rows, heads, L, L) float score matrix.
+    attn = rows * m.heads * L * L * 4 if cpu else 0
+    logits = rows * (T + 1) * m.vocab * b
+    chunk = min(CHUNK_BYTES, rows * T * m.vocab * 4) * 2  # float32 log-softmax chunks
+    out = {"activations": layer + attn, "logits": logits, "logprob chunks": chunk}
+    if grad:
+        saved = m.layers * rows * L * d * b if checkpoint else m.layers * (layer + attn)
+        out.update({"saved activations": saved, "logits grad": logits + chunk})
+    return out
+
+
+def plan_probes(
+    model: ModelShape,
+    shape: ProbeShape,
+    probes: Iterable[str],
+    *,
+    budget: int,
+    budget_source: str = "--memory-budget",
+    group_batch: int = 8,
+    full_model: bool = True,
+    n_algorithms: int = 6,
+    micro_batch: int = 4,
+    device: str = "cpu",
+    weights: bool = True,
+) -> MemoryPlan:
+    """Peak memory of each probe at ``shape`` and the largest group batching ≤ ``group_batch`` that fits.
+
+    ``full_model``: whether whole-model gradients run (interference cosine, first-order step);
+    ``weights``: count the model's weights (False for the working memory alone).
+
+    >>> m = ModelShape(151936, 2560, 36, 32, 8, 128, 9728, True, 2)  # Qwen3-4B, bfloat16
+    >>> p = plan_probes(m, ProbeShape(8, 4096, 512), ["lld", "first_order", "interference", "subspace"],
+    ...                 budget=80 * 10**9, device="cuda")
+    >>> p.fits, p.group_batch
+    (True, 2)
+    """
+    probes = [p for p in probes if p != "entropy" or "lld" not in probes]
+    cpu = not str(device).startswith("cuda")
+    G, T, P = shape.responses, shape.response_len, shape.prompt_len
+    L, N, b, V, d = P + T, shape.tokens, model.dtype_bytes, model.vocab, model.hidden
+    W = model.n_params * b if weights else 0
+    gram_probes = {"first_order", "interference", "subspace"}
+    needs_gram = bool(gram_probes & set(probes))
+    per_group = G * T * V * b + 2 * G * T * d * b if needs_gram else 0  # kept logits + 2 hidden states
+    gram = N * N * 4 if needs_gram else 0
+    fwd = _forward(model, G, L, T, grad=False, checkpoint=False, cpu=cpu)
+    fwd_peak = sum(fwd.values())
+    tp_tn = (N // 2) * (N - N // 2) * 4  # the largest positive×negative block, float32
+    gram_build = 2 * CHUNK_BYTES + 2 * N * min(V, 1024) * 4
+
+    def full_step(rows: int, grads: int) -> dict[str, int]:
+        f = _forward(model, rows, L, T, grad=True, checkpoint=True, cpu=cpu)
+        return {**f, "gradients": grads * model.n_params * b, "parameter copy": model.n_params * b}
+
+    transient: dict[str, dict[str, int]] = {}
+    for name in probes:
+        if name in ("lld", "entropy"):
+            transient[name] = {"forward": fwd_peak}
+        elif name == "interference":
+            t = {"gram build": gram_build, "cosine blocks": 4 * tp_tn}
+            if full_model:
+                fs = full_step(min(micro_batch, G), 2)
+                fs.pop("parameter copy")
+                t.update({f"whole-model {k}": v for k, v in fs.items()})
+            transient[name] = t
+        elif name == "subspace":
+            transient[name] = {"gram build": gram_build, "bound blocks": 9 * tp_tn}
+        elif name == "first_order":
+            t = {"gram build": gram_build, "head step": 2 * 64 * 2**20 + 4 * V * d * 4 + N * d * 4}
+            if full_model:
+                t.update({f"whole-model {k}": v for k, v in full_step(min(micro_batch, G), 1).items()})
+            transient[name] = t
+        elif name == "diversity":
+            # Sampling: a KV cache of samples × (P + T) tokens and one step's logits.
+            kv = G * L * model.layers * 2 * model.kv_heads * model.head_dim * b
+            transient[name] = {"kv cache": kv, "logits": G * V * 4 * 2}
+
+    def peaks_at(gb: int) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        kept = gb * (per_group + gram)
+        peaks, parts = {}, {}
+        for name, t in transient.items():
+            # The probes run after the batch's forwards, so the peak is the larger of the two phases.
+            biggest = max(sum(t.values()), fwd_peak if name in gram_probes else 0)
+            peaks[name] = W + kept + biggest
+            parts[name] = {"weights": W, "kept groups": kept, **t}
+        return peaks, parts
+
+    notes = []
+    gb = max(1, group_batch)
+    peaks, parts = peaks_at(gb)
+    while gb > 1 and max(peaks.values(), default=0) > budget:
+        gb = max(1, gb // 2)
+        peaks, parts = peaks_at(gb)
+    if gb != group_batch:
+        notes.append(f"--group-batch {group_batch} would need {format_bytes(max(peaks_at(group_batch)[0].values()))};"
+                     f" using {gb}")
+    if needs_gram:
+        notes.append(f"Gram {format_bytes(gram)} per group (N = {N} tokens), vocabulary chunks of "
+                     f"{format_bytes(CHUNK_BYTES)}")
+    return MemoryPlan(budget=budget, budget_source=budget_source, group_batch=gb, requested_group_batch=group_batch,
+                      peaks=peaks, parts=parts, model=model, shape=shape, notes=notes)
