@@ -64,7 +64,7 @@ class ModelShape:
     >>> s = ModelShape.from_config({"vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 2,
     ...     "num_attention_heads": 2, "intermediate_size": 16, "torch_dtype": "bfloat16"})
     >>> s.n_params, s.dtype_bytes
-    (2680, 2)
+    (2936, 2)
     """
 
     vocab: int
@@ -169,7 +169,7 @@ class MemoryPlan:
 
         >>> m = ModelShape(100, 8, 2, 2, 2, 4, 16, False)
         >>> print(plan_probes(m, ProbeShape(4, 16, 4), ["lld"], budget=10**9).describe().splitlines()[0][:60])
-        memory plan: budget 1.0 GB (--memory-budget), model 2.8k par
+        memory plan: budget 1.0 GB (--memory-budget), model 2.9k par
         """
         m, s = self.model, self.shape
         n = m.n_params
