@@ -321,3 +321,93 @@ def plan_probes(
                      f"{format_bytes(CHUNK_BYTES)}")
     return MemoryPlan(budget=budget, budget_source=budget_source, group_batch=gb, requested_group_batch=group_batch,
                       peaks=peaks, parts=parts, model=model, shape=shape, notes=notes)
+
+
+# ----------------------------------------------------------------------------- ``resrl probe`` wiring
+
+#: The prompt length assumed when the probe set has not been sampled yet (``--plan-only`` on a dataset).
+ASSUMED_PROMPT_LEN = 512
+
+
+def _plan_device(spec: str) -> str:
+    if spec != "auto":
+        return spec
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def plan_for_args(args, checkpoint: Path, probe_shape: ProbeShape | None, *, device: str | None = None,
+                  notes: Iterable[str] = ()) -> MemoryPlan:
+    """The plan of a ``resrl probe`` invocation (parsed ``args``) for the model at ``checkpoint``.
+
+    ``probe_shape`` None: the shapes the sampling flags ask for (``--samples`` × ``--max-new-tokens``,
+    a prompt of :data:`ASSUMED_PROMPT_LEN` tokens, ``--groups`` groups).
+    """
+    from .checkpoints import ProbeError
+
+    try:
+        model = ModelShape.from_pretrained(checkpoint, getattr(args, "dtype", None))
+    except ValueError as e:
+        raise ProbeError(str(e)) from None
+    extra = list(notes)
+    if probe_shape is None:
+        probe_shape = ProbeShape(args.samples, args.max_new_tokens or 256, ASSUMED_PROMPT_LEN, args.groups or 1)
+        extra.append(f"shapes from --samples {args.samples} and --max-new-tokens {probe_shape.response_len}; "
+                     f"prompt length assumed {ASSUMED_PROMPT_LEN}")
+    dev = device or _plan_device(getattr(args, "device", "auto"))
+    if getattr(args, "memory_budget", None):
+        try:
+            budget, source = parse_memory(args.memory_budget), "--memory-budget"
+        except ValueError as e:
+            raise ProbeError(f"--memory-budget: {e}") from None
+    else:
+        budget, source = device_memory(dev)
+    full = getattr(args, "full_model_steps", "ends") != "none"
+    plan = plan_probes(model, probe_shape, list(args.probes), budget=budget, budget_source=source,
+                       group_batch=args.group_batch, full_model=full, n_algorithms=len(args.algorithms),
+                       device=dev)
+    plan.notes.extend(extra)
+    return plan
+
+
+def check_plan(plan: MemoryPlan) -> None:
+    """Raise :class:`~resrl_analysis.checkpoints.ProbeError` (one line) when the plan does not fit."""
+    from .checkpoints import ProbeError
+
+    if not plan.fits:
+        raise ProbeError(plan.refusal())
+
+
+def plan_only(args, mode: str, checkpoints: list[tuple[int, Path]]) -> int:
+    """``resrl probe --plan-only``: print the plan and exit (0 when it fits, 2 when it does not).
+
+    Reads only ``config.json`` (and the probe set's file or the run's rollout dump when there is one;
+    a tokenizer if the probe set is text), so a model can be planned for before its weights are
+    downloaded.
+    """
+    import sys
+
+    from .checkpoints import ProbeError, ProbeSet, load_tokenizer
+    from .probe_sets import load_probe_set
+
+    ckpt = checkpoints[0][1]
+    shape, notes = None, []
+    sources = args.run_info.probe_set_sources
+    try:
+        if args.probe_set is not None or (mode != "run" and sources):
+            has_tok = any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+            tok = load_tokenizer(ckpt) if has_tok else None
+            ps = load_probe_set(args.probe_set if args.probe_set is not None else sources[0], tok, model=None)
+            shape = ProbeShape.of(ps.select(args.groups or None, prefer_mixed=True).groups)
+        elif mode == "run":
+            shape = ProbeShape.of(ProbeSet.from_run(args.run_dir, args.probe_set_step)
+                                  .select(args.groups or None, prefer_mixed=True).groups)
+    except ProbeError as e:
+        notes.append(f"probe set not read ({e})")
+    plan = plan_for_args(args, ckpt, shape, notes=notes)
+    print(plan.describe())
+    if not plan.fits:
+        print(f"resrl probe: {plan.refusal()}", file=sys.stderr)
+        return 2
+    return 0
