@@ -216,19 +216,24 @@ def device_memory(device: str) -> tuple[int, str]:
 
 
 def _forward(m: ModelShape, rows: int, L: int, T: int, grad: bool, checkpoint: bool, cpu: bool) -> dict[str, int]:
-    """Activation bytes of a forward (and backward when ``grad``) over ``rows`` sequences of L tokens."""
+    """Bytes of a forward (and backward when ``grad``) over ``rows`` sequences of L tokens, logits apart."""
     b, d, inter = m.dtype_bytes, m.hidden, m.intermediate
     # One decoder layer's live tensors: residual, norms, q/k/v/o, gated MLP (3 × intermediate).
     layer = rows * L * (8 * d + (m.heads + 2 * m.kv_heads) * m.head_dim + 4 * inter) * b
     # CPU attention with a padding mask takes the math path: a (rows, heads, L, L) float score matrix.
     attn = rows * m.heads * L * L * 4 if cpu else 0
-    logits = rows * (T + 1) * m.vocab * b
-    chunk = min(CHUNK_BYTES, rows * T * m.vocab * 4) * 2  # float32 log-softmax chunks
-    out = {"activations": layer + attn, "logits": logits, "logprob chunks": chunk}
+    # float32 log-softmax chunks: the budget is for three (c, V) temporaries, about half of them live at once.
+    chunk = min(CHUNK_BYTES, 3 * rows * T * m.vocab * 4) // 2
+    out = {"activations": layer + attn, "logprob chunks": chunk}
     if grad:
         saved = m.layers * rows * L * d * b if checkpoint else m.layers * (layer + attn)
-        out.update({"saved activations": saved, "logits grad": logits + chunk})
+        out.update({"saved activations": saved, "logits": _logits(m, rows, T), "logits grad": _logits(m, rows, T)})
     return out
+
+
+def _logits(m: ModelShape, rows: int, T: int) -> int:
+    # The model keeps logits for T + 1 positions (logits_to_keep); the response slice is a view of them.
+    return rows * (T + 1) * m.vocab * m.dtype_bytes
 
 
 def plan_probes(
@@ -251,7 +256,7 @@ def plan_probes(
     ``weights``: count the model's weights (False for the working memory alone).
 
     >>> m = ModelShape(151936, 2560, 36, 32, 8, 128, 9728, True, 2)  # Qwen3-4B, bfloat16
-    >>> p = plan_probes(m, ProbeShape(8, 4096, 512), ["lld", "first_order", "interference", "subspace"],
+    >>> p = plan_probes(m, ProbeShape(8, 4096, 512, n_groups=8), ["lld", "first_order", "interference", "subspace"],
     ...                 budget=80 * 10**9, device="cuda")
     >>> p.fits, p.group_batch
     (True, 2)
@@ -259,25 +264,30 @@ def plan_probes(
     probes = [p for p in probes if p != "entropy" or "lld" not in probes]
     cpu = not str(device).startswith("cuda")
     G, T, P = shape.responses, shape.response_len, shape.prompt_len
-    L, N, b, V, d = P + T, shape.tokens, model.dtype_bytes, model.vocab, model.hidden
-    W = model.n_params * b if weights else 0
+    L, N, V, d = P + T, shape.tokens, model.vocab, model.hidden
+    W = model.n_params * model.dtype_bytes if weights else 0
     gram_probes = {"first_order", "interference", "subspace"}
     needs_gram = bool(gram_probes & set(probes))
-    per_group = G * T * V * b + 2 * G * T * d * b if needs_gram else 0  # kept logits + 2 hidden states
+    # Kept per group until its probes are done: logits and two hidden states, and the shared Gram.
+    per_group = _logits(model, G, T) + 2 * G * T * d * model.dtype_bytes if needs_gram else 0
     gram = N * N * 4 if needs_gram else 0
     fwd = _forward(model, G, L, T, grad=False, checkpoint=False, cpu=cpu)
+    if not needs_gram:
+        fwd["logits"] = _logits(model, G, T)
     fwd_peak = sum(fwd.values())
     tp_tn = (N // 2) * (N - N // 2) * 4  # the largest positive×negative block, float32
-    gram_build = 2 * CHUNK_BYTES + 2 * N * min(V, 1024) * 4
+    gram_build = min(CHUNK_BYTES, 3 * N * V * 4) + 4 * N * 4  # vocabulary chunks (or row blocks), and (N,) vectors
+    head_chunk = min(64 * 2**20, N * V * 4)  # first_order.head_step_delta's row chunk
 
     def full_step(rows: int, grads: int) -> dict[str, int]:
         f = _forward(model, rows, L, T, grad=True, checkpoint=True, cpu=cpu)
-        return {**f, "gradients": grads * model.n_params * b, "parameter copy": model.n_params * b}
+        return {**f, "gradients": grads * model.n_params * model.dtype_bytes,
+                "parameter copy": model.n_params * model.dtype_bytes}
 
     transient: dict[str, dict[str, int]] = {}
     for name in probes:
         if name in ("lld", "entropy"):
-            transient[name] = {"forward": fwd_peak}
+            transient[name] = dict(fwd)
         elif name == "interference":
             t = {"gram build": gram_build, "cosine blocks": 4 * tp_tn}
             if full_model:
@@ -288,27 +298,30 @@ def plan_probes(
         elif name == "subspace":
             transient[name] = {"gram build": gram_build, "bound blocks": 9 * tp_tn}
         elif name == "first_order":
-            t = {"gram build": gram_build, "head step": 2 * 64 * 2**20 + 4 * V * d * 4 + N * d * 4}
+            # The head step: 4 (c, V) autograd temporaries per chunk, 4 float32 copies of W, the head inputs.
+            t = {"head step": 4 * head_chunk + 4 * V * d * 4 + N * d * 4}
             if full_model:
                 t.update({f"whole-model {k}": v for k, v in full_step(min(micro_batch, G), 1).items()})
             transient[name] = t
         elif name == "diversity":
             # Sampling: a KV cache of samples × (P + T) tokens and one step's logits.
-            kv = G * L * model.layers * 2 * model.kv_heads * model.head_dim * b
+            kv = G * L * model.layers * 2 * model.kv_heads * model.head_dim * model.dtype_bytes
             transient[name] = {"kv cache": kv, "logits": G * V * 4 * 2}
 
     def peaks_at(gb: int) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
         kept = gb * (per_group + gram)
         peaks, parts = {}, {}
         for name, t in transient.items():
-            # The probes run after the batch's forwards, so the peak is the larger of the two phases.
-            biggest = max(sum(t.values()), fwd_peak if name in gram_probes else 0)
+            # Phases run one after the other (forward, Gram, the probe's own work): the peak is the largest.
+            phases = [sum(t.values()), fwd_peak if name in gram_probes else 0, gram_build if name in gram_probes else 0]
+            biggest = max(phases)
             peaks[name] = W + kept + biggest
             parts[name] = {"weights": W, "kept groups": kept, **t}
         return peaks, parts
 
     notes = []
-    gb = max(1, group_batch)
+    group_batch = max(1, min(group_batch, shape.n_groups or 1))
+    gb = group_batch
     peaks, parts = peaks_at(gb)
     while gb > 1 and max(peaks.values(), default=0) > budget:
         gb = max(1, gb // 2)
