@@ -416,14 +416,21 @@ def group_grams(
     L = torch.zeros(N, N, dtype=cdt, device=dev)  # (N, N): Σ over chunks of Q Qᵀ, then the logit factor
     s = torch.zeros(N, dtype=cdt, device=dev)  # 1 − p[y], summed (no cancellation, see _split)
     qq = torch.zeros(N, dtype=cdt, device=dev)  # Σ_{v≠y} p_v²
+    # Q Qᵀ is symmetric: accumulate only the block lower triangle (half the products), mirror it after.
+    tb = max(1, -(-N // 4))
     for v0 in range(0, V, c):
         q = torch.exp(logits[ridx, tidx, v0 : v0 + c].to(cdt) / temperature - lse[:, None])  # (N, c)
         inside = (y >= v0) & (y < v0 + q.shape[1])
         q[inside.nonzero().squeeze(-1), y[inside] - v0] = 0.0
         s += q.sum(-1)
         qq += (q * q).sum(-1)
-        L.addmm_(q, q.T)
+        for i0 in range(0, N, tb):
+            i1 = min(N, i0 + tb)
+            L[i0:i1, :i1].addmm_(q[i0:i1], q[:i1].T)  # (tb, i1): blocks on and below the diagonal
         del q
+    for i0 in range(0, N, tb):  # mirror the strictly upper blocks from the lower ones
+        i1 = min(N, i0 + tb)
+        L[i0:i1, i1:] = L[i1:, i0:i1].T
     h = head_input.to(dev)[ridx, tidx].to(torch.promote_types(head_input.dtype, cdt))  # (N, d)
     rb = max(1, int(memory_budget_mb * 2**20 // max(1, 4 * N * (torch.finfo(cdt).bits // 8))))
     for b0 in range(0, N, rb):
