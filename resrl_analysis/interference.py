@@ -12,7 +12,9 @@ No per-token V×d gradient and no (Ta, Tb, V) tensor is ever built.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -294,9 +296,15 @@ def nthr_token_weights(
             info["status"] = "not_mixed"
             groups.append(info)
             continue
-        # One Gram of the group's tokens, straight from the logits in vocabulary chunks (no (Tp, V) copies).
-        gr = group_grams(head_input, logits, labels, response_mask, is_positive.to(dev), temperature=temperature,
-                         rows=torch.cat([prow, nrow]), memory_budget_mb=memory_budget_mb)
+        # One Gram of the group's tokens, straight from the logits in vocabulary chunks (no (Tp, V) copies),
+        # or the one a probe already computed for these very logits (see :func:`sharing_grams`).
+        shared = _SHARED.get()
+        if (shared is not None and shared[0] is logits and temperature == 1.0 and len(rows) == B
+                and shared[1].y.shape[0] == int(mask.sum())):
+            gr = shared[1]
+        else:
+            gr = group_grams(head_input, logits, labels, response_mask, is_positive.to(dev), temperature=temperature,
+                             rows=torch.cat([prow, nrow]), memory_budget_mb=memory_budget_mb)
         pp = gr.block("pos", "pos").sum(0)  # (Tp,) positive-on-positive scores
         which = gr.row[: gr.n_pos]  # (Tp,) the positive response of each token
         uniq_r, inv_r = torch.unique(which, return_inverse=True)
@@ -318,6 +326,22 @@ def nthr_token_weights(
 
 
 # ----------------------------------------------------------------------------- one Gram per group
+
+_SHARED: contextvars.ContextVar[tuple[Tensor, GroupGrams] | None] = contextvars.ContextVar("_SHARED", default=None)
+
+
+@contextlib.contextmanager
+def sharing_grams(logits: Tensor, grams: GroupGrams) -> Iterator[None]:
+    """Inside the block, :func:`nthr_token_weights` on exactly these ``logits`` (one group, temperature 1)
+    reuses ``grams`` (their Gram at temperature 1) instead of computing it again (the probes' NTHR
+    advantages go through the registry, which knows nothing of the probes' cache).
+    """
+    token = _SHARED.set((logits, grams))
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..advantages import ALGORITHM_NAMES, AdvantageParams, AlgoInputs, get_algorithm
 from ..checkpoints import ProbeSet
 from ..forward import response_forward
+from ..interference import sharing_grams
 from ..results import FirstOrderResult
 from .capture import GroupForward, checkpointing, forward_probe_set, group_batch, model_device, pad_id_of, row_slice
 
@@ -88,6 +89,10 @@ def token_advantages(fwd: GroupForward, algorithm: str, options: AdvantageParams
         response_ids=fwd.labels, response_mask=fwd.mask, params=o, hidden=hidden, head_input=fwd.head_input,
         logits=fwd.logits, generator=torch.Generator().manual_seed(seed),
     )
+    if "logits" in algo.needs and o.temperature == 1.0:
+        # NTHR's Gram is the probes' shared one: computed once per group, not again inside the registry.
+        with sharing_grams(fwd.logits, fwd.grams()):  # type: ignore[arg-type]
+            return algo.fn(inp).token_advantages.float()  # (G, T)
     return algo.fn(inp).token_advantages.float()  # (G, T)
 
 
