@@ -17,7 +17,12 @@ guarded (a failure is a table row, the others still run) and all inside a time b
    8 prompts × 8, 256 new tokens, micro-batch 16 with gradient checkpointing, dynamic-cache rollouts so no
    run pays a compile: the settings of ``bench/gpu_check.sh``), rewards replaced by seeded coin flips so
    that groups mix; and ``resrl_token_weights`` alone on such a batch.
-5. **Rollout** (last, with the time left): ``bench/bench_rollout_gpu.py`` (HF ``generate`` with the dynamic
+5. **Probe pass at real shapes** (issue 13): one group of 8 responses of T = 1024 and 4096 tokens on
+   the Qwen3-shaped random model of the CPU rows (d = 256, 2 layers, V = 32,000, fp32): forward,
+   interference (with the whole-model cosine), subspace and first_order (head and whole-model steps),
+   time and peak memory, and the memory plan's estimate beside the measured peak; then, with the time
+   left, a Qwen3-4B-shaped random model in bf16 at G = 8, T = 4096 (no real steps) against its plan.
+6. **Rollout** (last, with the time left): ``bench/bench_rollout_gpu.py`` (HF ``generate`` with the dynamic
    and static caches, and our static/CUDA-graph path, 256 prompts × 256 new tokens, bf16); goal ours ≥ 3×
    HF dynamic.
 
@@ -381,6 +386,85 @@ def bench_resrl_overhead(device: Any, quick: bool) -> list[Row]:
 # ----------------------------------------------------------------------------- 5. rollout
 
 
+# ----------------------------------------------------------------------------- 5. probes at real shapes
+
+
+def _probe_group(G: int, T: int, V: int, P: int = 8) -> Any:
+    import numpy as np
+
+    from resrl_analysis.checkpoints import ProbeGroup, ProbeSet
+
+    rng = np.random.default_rng(0)
+    resp = tuple(tuple(int(t) for t in rng.integers(3, V, T)) for _ in range(G))
+    return ProbeSet((ProbeGroup(0, tuple(int(t) for t in rng.integers(3, V, P)), resp,
+                                tuple(float(i % 2 == 0) for i in range(G))),))
+
+
+def bench_probes(device: Any, quick: bool, deadline: Any = None) -> list[Row]:
+    """The probe pass on one group at T = 1024 and 4096 (Qwen3-shaped d = 256, V = 32,000), and a
+    Qwen3-4B-shaped bf16 model at T = 4096 with the time left; each against the memory plan."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from resrl_analysis.plan import ModelShape, ProbeShape, plan_probes
+    from resrl_analysis.probes.capture import forward_probe_set
+    from resrl_analysis.probes.first_order import first_order_prediction
+    from resrl_analysis.probes.interference import interference_probe
+    from resrl_analysis.probes.subspace import subspace_probe
+
+    rows = []
+    G, P = (4, 8) if quick else (8, 8)
+    small = dict(vocab_size=1000 if quick else 32_000, hidden_size=64 if quick else 256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    configs = [("Qwen3-shaped d=256, V=32000, fp32", small, torch.float32, T, True) for T in
+               ((32, 64) if quick else (1024, 4096))]
+    if not quick:
+        big = dict(vocab_size=151_936, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+                   num_key_value_heads=8, intermediate_size=9728, tie_word_embeddings=True)
+        configs.append(("Qwen3-4B-shaped, bf16, no real steps", big, torch.bfloat16, 4096, False))
+    for label, kw, dtype, T, steps in configs:
+        if deadline is not None and deadline.left() < (60 if "4B" in label else 30):
+            rows.append(Row(f"Probe pass (GPU): {label}", f"G={G}, T={T}", status="not measured",
+                            note="skipped: out of time budget"))
+            continue
+        kw = {"intermediate_size": 3 * kw["hidden_size"], "head_dim": kw["hidden_size"] // kw["num_attention_heads"],
+              **kw, "max_position_embeddings": 2 * (P + T)}
+        cfg = Qwen3Config(**kw)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+        ps = _probe_group(G, T, cfg.vocab_size, P)
+        times: dict[str, float] = {}
+        with _Peak(device) as peak:
+            t0 = time.perf_counter()
+            fwds = forward_probe_set(model, ps)
+            _sync(device)
+            times["forward"] = time.perf_counter() - t0
+            for name, fn, opts in (
+                ("interference", interference_probe, {"full_model": steps}),
+                ("subspace", subspace_probe, {}),
+                ("first_order", first_order_prediction, {"head_step": steps, "full_step": steps}),
+            ):
+                t = time.perf_counter()
+                fn(model, ps, forwards=fwds, **opts)
+                _sync(device)
+                times[name] = time.perf_counter() - t
+            total = time.perf_counter() - t0
+        shape = ModelShape.from_config(cfg.to_dict(), "bfloat16" if dtype == torch.bfloat16 else "float32")
+        plan = plan_probes(shape, ProbeShape(G, T, P, 1), ["interference", "subspace", "first_order"],
+                           budget=10**13, full_model=steps, device=str(device), weights=False)
+        est = plan.peak / 2**20
+        rows.append(Row(f"Probe pass (GPU): {label}", f"G={G}, T={T}, one group", f"{fmt_seconds(total)}, "
+                        f"{fmt_bytes_mb(peak.mb)} peak", f"plan {fmt_bytes_mb(est)}",
+                        fmt_ratio(est / peak.mb) if peak.mb else "-", "plan within 25% of the peak",
+                        "met" if peak.mb and abs(est - peak.mb) <= 0.25 * peak.mb else "missed",
+                        ", ".join(f"{k} {fmt_seconds(v)}" for k, v in times.items()),
+                        data={"seconds": times, "peak_mb": peak.mb, "plan_mb": est}))
+        del model, fwds
+        _free(device)
+    return rows
+
+
 def bench_rollout(timeout: float) -> list[Row]:
     """Run ``bench/bench_rollout_gpu.py`` (another engineer's) and read its JSON."""
     script = BENCH_DIR / "bench_rollout_gpu.py"
@@ -457,6 +541,7 @@ def run_all(device: Any, budget: float, quick: bool = False, skip_rollout: bool 
     rows += _guard("Training throughput (GPU)", lambda: bench_throughput(device, quick), dl, 40)
     # ~70 s expected; run it only if ~180 s then remain for the rollout part (the issue's headline GPU target)
     rows += _guard("ResRL overhead (GPU)", lambda: bench_resrl_overhead(device, quick), dl, 60 if quick else 250)
+    rows += _guard("Probe pass (GPU)", lambda: bench_probes(device, quick, dl), dl, 30 if quick else 120)
     if skip_rollout or device.type != "cuda":
         rows.append(Row("Rollout tokens/s (GPU)", "-", status="not measured",
                         note="skipped (no CUDA or --skip-rollout)"))

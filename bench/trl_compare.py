@@ -11,8 +11,11 @@ batch, float32, CPU.
 
 Timing: TRL's steps are timed by a ``TrainerCallback`` (``on_step_begin`` → ``on_step_end``: generation,
 reward, forward/backward and optimizer step); ours by ``timing/step_s`` of ``metrics.jsonl`` (the same
-span). The first ``warmup`` steps of every run are dropped; medians over the rest; runs alternate
-(TRL, ours, ours, TRL, …). Tokens/s = completion tokens sampled per step / step time.
+span). The first ``warmup`` steps of every run are dropped; medians over the rest. Both sides run in
+a fresh subprocess each (ours used to run inside the comparing process, warm after TRL's run or cold
+before it, so the ratio depended on the order: 0.55 with TRL first, 1.13 with ours first). Rounds
+alternate the order (TRL, ours | ours, TRL | …), the reported ratio is the median of the per-round
+ratios, and their spread (min-max) is reported beside it. Tokens/s = completion tokens per step / step time.
 
 TRL runs in its own virtual environment, ``bench/.venv-trl`` (``bash bench/trl_compare.sh`` creates it:
 ``torch==2.13.0`` first, then ``trl`` with torch held by a constraint). This module is imported by both
@@ -159,8 +162,16 @@ class TrlComparison:
 
     @property
     def ratio(self) -> float:
-        """Our median step time / TRL's."""
+        """The median over rounds of our median step time / TRL's (pooled medians without rounds)."""
+        if self.round_ratios:
+            return statistics.median(self.round_ratios)
         return statistics.median(self.ours_s) / statistics.median(self.trl_s)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """(min, max) of the per-round ratios."""
+        r = self.round_ratios or [self.ratio]
+        return min(r), max(r)
 
     @staticmethod
     def _tps(tokens: list[float], secs: list[float]) -> float:
@@ -178,8 +189,9 @@ class TrlComparison:
             ours=f"{fmt_seconds(o)}/step, {self._tps(self.ours_tokens, self.ours_s):.0f} tok/s",
             reference=f"{fmt_seconds(t)}/step, {self._tps(self.trl_tokens, self.trl_s):.0f} tok/s",
             ratio=fmt_ratio(self.ratio), target="≤ 1.0× (ours no slower)", status="met" if ok else "missed",
-            note=(f"mean completion length {o_len:.1f} (ours) vs {t_len:.1f} (TRL); {len(self.ours_s)} vs "
-                  f"{len(self.trl_s)} timed steps; per-round ratios "
+            note=(f"median of per-round ratios, spread {self.spread[0]:.2f}-{self.spread[1]:.2f}; both sides in "
+                  f"fresh processes, order alternating; mean completion length {o_len:.1f} (ours) vs {t_len:.1f} "
+                  f"(TRL); {len(self.ours_s)} vs {len(self.trl_s)} timed steps; per-round ratios "
                   + ", ".join(f"{r:.2f}" for r in self.round_ratios)),
             data={"ours_s": self.ours_s, "trl_s": self.trl_s},
         )]
@@ -215,8 +227,15 @@ def compare_with_trl(rounds: int = 4, steps: int = 6, warmup: int = 2, model: st
                     )
                     version = res.get("trl", version)
                     target = theirs
-                else:
-                    res = run_ours(Path(info["model_dir"]), steps, warmup, threads, info["coin_flip"])
+                else:  # a fresh process too: the same start-up and cache state as TRL's side
+                    res = run_worker(
+                        "bench.trl_compare",
+                        ["ours", "--model-dir", info["model_dir"], "--steps", str(steps), "--warmup", str(warmup),
+                         "--threads", str(threads),
+                         "--coin-flip", str(info["coin_flip"] if info["coin_flip"] is not None else -1)],
+                        malloc_env=False, timeout=600,
+                        env={"OMP_NUM_THREADS": str(threads)} if threads > 0 else None,
+                    )
                     target = ours
                 target["step_s"] += res["step_s"]
                 target["completion_tokens"] += res["completion_tokens"]
@@ -237,6 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--model", default=None, help="tiny-warmstart | tiny-random | a model directory")
     c.add_argument("--trl-python", type=Path, default=None)
     c.add_argument("--threads", type=int, default=1, help="torch CPU threads of both sides (0 = default)")
+    o = sub.add_parser("ours", help="time our trainer's grpo (our venv; called by compare)")
+    o.add_argument("--model-dir", type=Path, required=True)
+    o.add_argument("--steps", type=int, default=8)
+    o.add_argument("--warmup", type=int, default=2)
+    o.add_argument("--threads", type=int, default=1)
+    o.add_argument("--coin-flip", type=float, default=-1.0, help="coin-flip reward probability (< 0: task reward)")
     t = sub.add_parser("trl", help="time TRL's GRPOTrainer (TRL venv)")
     t.add_argument("--model-dir", type=Path, required=True)
     t.add_argument("--prompts", type=Path, required=True)
@@ -245,6 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--coin-flip", type=float, default=-1.0, help="coin-flip reward probability (< 0: task reward)")
     a = ap.parse_args(argv)
+    if a.cmd == "ours":
+        flip = a.coin_flip if a.coin_flip >= 0 else None
+        emit_result(run_ours(a.model_dir, a.steps, a.warmup, a.threads, flip))
+        return
     if a.cmd == "trl":
         flip = a.coin_flip if a.coin_flip >= 0 else None
         emit_result(run_trl(a.model_dir, a.prompts, a.steps, a.warmup, a.threads, flip))

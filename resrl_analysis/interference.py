@@ -12,6 +12,9 @@ No per-token V×d gradient and no (Ta, Tb, V) tensor is ever built.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +34,9 @@ __all__ = [
     "nthr_eta",
     "NTHRWeights",
     "nthr_token_weights",
+    "GroupGrams",
+    "group_grams",
+    "device_quantiles",
 ]
 
 
@@ -247,6 +253,7 @@ def nthr_token_weights(
     beta: float = 1.0,
     temperature: float = 1.0,
     chunk: int = 1024,
+    memory_budget_mb: float = 256.0,
 ) -> NTHRWeights:
     """NTHR (Deng et al.) token multipliers for a batch, per prompt group.
 
@@ -259,6 +266,7 @@ def nthr_token_weights(
         head_input: (B, T, d) vectors entering the LM head; logits: (B, T, V) at the same positions
         (probabilities are formed per group, float32); labels: (B, T) the sampled tokens;
         response_mask: (B, T) bool; is_positive: (B,) bool; group_ids: (B,) ints.
+        chunk: unused (kept for callers); memory_budget_mb: the vocabulary chunks of :func:`group_grams`.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> out = nthr_token_weights(torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 11, generator=g),
@@ -267,7 +275,7 @@ def nthr_token_weights(
     >>> out.groups[0]["eta"], bool(((out.weights == 1) | (out.weights == 0.5)).all())
     (0.5, True)
     """
-    from .ops import group_index, softmax_probs
+    from .ops import group_index
 
     B, T, _ = head_input.shape
     dev = head_input.device
@@ -288,14 +296,23 @@ def nthr_token_weights(
             info["status"] = "not_mixed"
             groups.append(info)
             continue
-        hp = head_input[prow][pmask].float()  # (Tp, d)
-        hn = head_input[nrow][nmask].float()  # (Tn, d)
-        pp = softmax_probs(logits[prow][pmask], temperature=temperature)  # (Tp, V)
-        pn = softmax_probs(logits[nrow][nmask], temperature=temperature)  # (Tn, V)
-        yp, yn = labels[prow][pmask], labels[nrow][nmask]
-        which = torch.arange(len(prow), device=dev)[:, None].expand(-1, T)[pmask]  # (Tp,)
-        tau = nthr_threshold(hp, pp, yp, which, beta, chunk=chunk)
-        s = nthr_scores(hn, pn, yn, hp, pp, yp, chunk=chunk)  # (Tn,)
+        # One Gram of the group's tokens, straight from the logits in vocabulary chunks (no (Tp, V) copies),
+        # or the one a probe already computed for these very logits (see :func:`sharing_grams`).
+        shared = _SHARED.get()
+        if (shared is not None and shared[0] is logits and temperature == 1.0 and len(rows) == B
+                and shared[1].y.shape[0] == int(mask.sum())):
+            gr = shared[1]
+        else:
+            gr = group_grams(head_input, logits, labels, response_mask, is_positive.to(dev), temperature=temperature,
+                             rows=torch.cat([prow, nrow]), memory_budget_mb=memory_budget_mb)
+        pp = gr.block("pos", "pos").sum(0)  # (Tp,) positive-on-positive scores
+        which = gr.row[: gr.n_pos]  # (Tp,) the positive response of each token
+        uniq_r, inv_r = torch.unique(which, return_inverse=True)
+        sums = torch.zeros(len(uniq_r), dtype=pp.dtype, device=dev).index_add_(0, inv_r, pp)
+        counts = torch.zeros(len(uniq_r), dtype=pp.dtype, device=dev).index_add_(0, inv_r, torch.ones_like(pp))
+        tau = beta * float((sums / counts).min())
+        s = gr.block("pos", "neg").sum(0)  # (Tn,) in the order of nmask (row-major over nrow)
+        del gr
         f = s > tau
         wn = torch.ones(len(nrow), T, dtype=torch.float32, device=dev)
         sn = torch.full((len(nrow), T), float("nan"), dtype=torch.float32, device=dev)
@@ -306,3 +323,170 @@ def nthr_token_weights(
         info.update(status="weighted", tau=tau, n_flagged=int(f.sum()), n_neg_tokens=int(f.numel()))
         groups.append(info)
     return NTHRWeights(weights=weights, scores=scores, flagged=flagged, groups=groups)
+
+
+# ----------------------------------------------------------------------------- one Gram per group
+
+_SHARED: contextvars.ContextVar[tuple[Tensor, GroupGrams] | None] = contextvars.ContextVar("_SHARED", default=None)
+
+
+@contextlib.contextmanager
+def sharing_grams(logits: Tensor, grams: GroupGrams) -> Iterator[None]:
+    """Inside the block, :func:`nthr_token_weights` on exactly these ``logits`` (one group, temperature 1)
+    reuses ``grams`` (their Gram at temperature 1) instead of computing it again (the probes' NTHR
+    advantages go through the registry, which knows nothing of the probes' cache).
+    """
+    token = _SHARED.set((logits, grams))
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+
+@dataclass(frozen=True)
+class GroupGrams:
+    """The head-gradient Gram of one group's valid tokens, positive responses' tokens first.
+
+    ``inner`` (N, N) <g_a, g_b>_F, with the first ``n_pos`` rows/columns the positive tokens (so the
+    positive×negative block is the view ``inner[:n_pos, n_pos:]``); ``logit_sqnorm`` (N,) ||e_y − p||²,
+    ``rep_sqnorm`` (N,) ||h||²; ``row`` (N,) response index, ``pos`` (N,) position, ``y`` (N,) token id,
+    each token in row-major order within the positives and within the negatives.
+    """
+
+    inner: Tensor
+    logit_sqnorm: Tensor
+    rep_sqnorm: Tensor
+    row: Tensor
+    pos: Tensor
+    y: Tensor
+    n_pos: int
+
+    @property
+    def grad_norm(self) -> Tensor:
+        """||g|| = ||e_y − p||·||h|| per token → (N,)."""
+        return self.logit_sqnorm.clamp(min=0).sqrt() * self.rep_sqnorm.clamp(min=0).sqrt()
+
+    def block(self, a: str, b: str) -> Tensor:
+        """The ``a``×``b`` block of ``inner`` (a view), ``a``, ``b`` in {"pos", "neg", "all"}."""
+        cut = {"pos": slice(0, self.n_pos), "neg": slice(self.n_pos, None), "all": slice(None)}
+        return self.inner[cut[a], cut[b]]
+
+    def cosine(self, a: str = "pos", b: str = "neg", eps: float = 1e-12) -> Tensor:
+        """cos(g_a, g_b) of a block (0 where a gradient vanishes), as :func:`head_gradient_cosine`."""
+        cut = {"pos": slice(0, self.n_pos), "neg": slice(self.n_pos, None), "all": slice(None)}
+        n = self.grad_norm
+        denom = n[cut[a], None] * n[None, cut[b]]  # (Ta, Tb)
+        K = self.block(a, b)
+        return torch.where(denom > eps, K / denom.clamp(min=eps), torch.zeros_like(K))
+
+
+def _vocab_chunk(n_tokens: int, vocab: int, itemsize: int, memory_budget_mb: float) -> int:
+    # About three (N, chunk) temporaries are alive at once (logits slice, probabilities, products).
+    return int(max(1, min(vocab, memory_budget_mb * 2**20 // max(1, 3 * n_tokens * itemsize))))
+
+
+@torch.no_grad()
+def group_grams(
+    head_input: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    is_positive: Tensor,
+    *,
+    temperature: float = 1.0,
+    memory_budget_mb: float = 256.0,
+    rows: Tensor | None = None,
+) -> GroupGrams:
+    """All token-pair head-gradient inner products of one group, computed once (the probes share it).
+
+    Straight from the (G, T, V) logits in vocabulary chunks (any dtype, accumulating in float32, or
+    float64 for float64 logits): a log-sum-exp pass, then per chunk q = p with its sampled entry
+    zeroed and Q Qᵀ accumulated, so no (tokens × V) tensor is copied; the gathers p_a[y_b] come from
+    the logits directly and the representation Gram H Hᵀ multiplies the logit factor in place, row
+    block by row block. Peak: one (N, N) matrix plus ``memory_budget_mb`` of chunks. Same values as
+    :func:`head_gradient_inner` (and its cancellation-free form).
+
+    Args:
+        head_input: (G, T, d); logits: (G, T, V) at the same positions; labels, mask: (G, T);
+        is_positive: (G,) bool; rows: the batch rows of the group (default all), read in place.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> h, z = torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 7, generator=g)
+    >>> y, m = torch.randint(0, 7, (3, 2), generator=g), torch.ones(3, 2, dtype=torch.bool)
+    >>> gr = group_grams(h, z, y, m, torch.tensor([True, False, False]), memory_budget_mb=1e-4)
+    >>> p = torch.softmax(z, -1)
+    >>> ref = head_gradient_inner(h[0], p[0], y[0], h[1:].reshape(4, 4), p[1:].reshape(4, 7), y[1:].reshape(4))
+    >>> bool(torch.allclose(gr.block("pos", "neg"), ref, atol=1e-6)), gr.n_pos
+    (True, 2)
+    """
+    _, T, V = logits.shape
+    dev = logits.device
+    rows = torch.arange(logits.shape[0], device=dev) if rows is None else rows.to(dev)
+    pos = is_positive.bool().to(dev)[rows]
+    rows = torch.cat([rows[pos], rows[~pos]])  # positives first
+    m = mask.bool().to(dev)[rows]  # (R, T)
+    ridx = rows[:, None].expand(-1, T)[m]  # (N,)
+    tidx = torch.arange(T, device=dev)[None, :].expand(len(rows), -1)[m]  # (N,)
+    y = labels.to(dev)[ridx, tidx]  # (N,)
+    n_pos = int(m[: int(pos.sum())].sum())
+    N = int(y.shape[0])
+    cdt = torch.promote_types(logits.dtype, torch.float32)
+    c = _vocab_chunk(N, V, torch.finfo(cdt).bits // 8, memory_budget_mb)
+    lse = torch.full((N,), float("-inf"), dtype=cdt, device=dev)
+    for v0 in range(0, V, c):
+        z = logits[ridx, tidx, v0 : v0 + c].to(cdt) / temperature  # (N, c): only this chunk is copied
+        lse = torch.logaddexp(lse, torch.logsumexp(z, -1))
+    L = torch.zeros(N, N, dtype=cdt, device=dev)  # (N, N): Σ over chunks of Q Qᵀ, then the logit factor
+    s = torch.zeros(N, dtype=cdt, device=dev)  # 1 − p[y], summed (no cancellation, see _split)
+    qq = torch.zeros(N, dtype=cdt, device=dev)  # Σ_{v≠y} p_v²
+    # Q Qᵀ is symmetric: accumulate only the block lower triangle (half the products), mirror it after.
+    tb = max(1, -(-N // 4))
+    for v0 in range(0, V, c):
+        q = torch.exp(logits[ridx, tidx, v0 : v0 + c].to(cdt) / temperature - lse[:, None])  # (N, c)
+        inside = (y >= v0) & (y < v0 + q.shape[1])
+        q[inside.nonzero().squeeze(-1), y[inside] - v0] = 0.0
+        s += q.sum(-1)
+        qq += (q * q).sum(-1)
+        for i0 in range(0, N, tb):
+            i1 = min(N, i0 + tb)
+            L[i0:i1, :i1].addmm_(q[i0:i1], q[:i1].T)  # (tb, i1): blocks on and below the diagonal
+        del q
+    for i0 in range(0, N, tb):  # mirror the strictly upper blocks from the lower ones
+        i1 = min(N, i0 + tb)
+        L[i0:i1, i1:] = L[i1:, i0:i1].T
+    h = head_input.to(dev)[ridx, tidx].to(torch.promote_types(head_input.dtype, cdt))  # (N, d)
+    rb = max(1, int(memory_budget_mb * 2**20 // max(1, 4 * N * (torch.finfo(cdt).bits // 8))))
+    for b0 in range(0, N, rb):
+        b = slice(b0, b0 + rb)
+        # p_b[y_j] (rows of the block) and p_j[y_b] (columns), gathered from the logits.
+        p_row = torch.exp(logits[ridx[b, None], tidx[b, None], y[None, :]].to(cdt) / temperature - lse[b, None])
+        p_col = torch.exp(logits[ridx[:, None], tidx[:, None], y[None, b]].to(cdt) / temperature - lse[:, None])
+        same = y[b, None] == y[None, :]  # (rb, N)
+        q_row = p_row.masked_fill_(same, 0.0)  # q_b[y_j]
+        q_col = p_col.T.masked_fill(same, 0.0)  # q_j[y_b]  (rb, N)
+        blk = L[b]
+        blk += same * (s[b, None] * s[None, :])
+        blk -= s[b, None] * q_col + s[None, :] * q_row
+        blk *= (h[b] @ h.T).to(cdt)  # (rb, N): the representation factor
+    return GroupGrams(inner=L, logit_sqnorm=s * s + qq, rep_sqnorm=(h * h).sum(-1).to(cdt), row=ridx, pos=tidx,
+                      y=y, n_pos=n_pos)
+
+
+def device_quantiles(x: Tensor, quantiles: Sequence[float]) -> list[float]:
+    """Exact quantiles of all entries of ``x`` on its device, interpolated linearly as ``np.quantile``
+    (two ``kthvalue`` selections per quantile; no host copy, no size limit of ``torch.quantile``).
+
+    >>> device_quantiles(torch.tensor([[3.0, 1.0], [2.0, 4.0]]), [0.0, 0.5, 1.0])
+    [1.0, 2.5, 4.0]
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    out = []
+    for q in quantiles:
+        idx = q * (n - 1)
+        lo, hi = int(idx // 1), min(n - 1, int(-(-idx // 1)))
+        a = float(flat.kthvalue(lo + 1).values)
+        b = a if hi == lo else float(flat.kthvalue(hi + 1).values)
+        out.append(a + (b - a) * (idx - lo))
+    return out

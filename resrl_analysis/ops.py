@@ -108,6 +108,14 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _flattens_in_place(x: Tensor) -> bool:
+    try:
+        x.view(-1, x.shape[-1])
+        return True
+    except RuntimeError:
+        return False
+
+
 def token_logprobs_and_entropy(
     logits: Tensor,
     labels: Tensor,
@@ -143,6 +151,14 @@ def token_logprobs_and_entropy(
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
     lead = labels.shape
     V = logits.shape[-1]
+    if logits.dim() > 2 and not _flattens_in_place(logits):
+        # A strided view (e.g. the response slice of a model's logits): reshape would copy all N·V
+        # values, so take one leading row at a time (each row of the slice is a plain (T, V) view).
+        parts = [token_logprobs_and_entropy(logits[i], labels[i], temperature=temperature,
+                                            memory_budget_mb=memory_budget_mb, chunk_tokens=chunk_tokens,
+                                            entropy=entropy) for i in range(logits.shape[0])]
+        return (torch.stack([lp for lp, _ in parts]),
+                torch.stack([h for _, h in parts]) if entropy else None)  # type: ignore[misc]
     flat = logits.reshape(-1, V)  # (N, V)
     lab = labels.reshape(-1).long()  # (N,)
     chunk = chunk_tokens or chunk_tokens_for_budget(V, memory_budget_mb)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..checkpoints import ProbeGroup, ProbeSet
 from ..forward import PackedRows, capture, model_device, pack_rows, response_forward
+from ..interference import GroupGrams, group_grams
 from ..ops import DEFAULT_MEMORY_BUDGET_MB, softmax_probs
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "model_device",
     "token_probs",
     "pad_id_of",
+    "row_slice",
+    "checkpointing",
 ]
 
 
@@ -124,10 +127,27 @@ class GroupForward:
     head_input: Tensor | None = None
     penultimate: Tensor | None = None
     logits: Tensor | None = None
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def tokens(self, rows: Tensor) -> dict[str, Tensor]:
+    def grams(self, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> GroupGrams:
+        """The group's head-gradient Gram (:func:`resrl_analysis.interference.group_grams`), computed on
+        the first call and shared by every probe that reads this forward (interference, subspace, first
+        order); :meth:`release` frees it."""
+        if "grams" not in self._cache:
+            if self.logits is None or self.head_input is None:
+                raise ValueError("the Gram needs logits and head inputs (forward with keep_hidden/keep_logits)")
+            self._cache["grams"] = group_grams(self.head_input, self.logits, self.labels, self.mask,
+                                               self.is_positive, memory_budget_mb=memory_budget_mb)
+        return self._cache["grams"]
+
+    def release(self) -> None:
+        """Drop the cached Gram (its (N, N) matrix is the largest thing a probe keeps besides the logits)."""
+        self._cache.clear()
+
+    def tokens(self, rows: Tensor, *, with_logits: bool = True) -> dict[str, Tensor]:
         """The valid tokens of ``rows`` (indices into G), flattened row-major: ``y`` (N,), ``h`` (N, d)
-        head inputs, ``row`` (N,) and ``pos`` (N,) indices, and ``logits`` (N, V) when kept."""
+        head inputs, ``row`` (N,) and ``pos`` (N,) indices, and ``logits`` (N, V) when kept and
+        ``with_logits`` (a copy of N·V values: the probes pass False and read :meth:`grams`)."""
         m = self.mask[rows]  # (R, T)
         T = self.mask.shape[1]
         out = {"y": self.labels[rows][m],
@@ -135,7 +155,7 @@ class GroupForward:
                "pos": torch.arange(T, device=m.device)[None, :].expand(len(rows), -1)[m]}
         if self.head_input is not None:
             out["h"] = self.head_input[rows][m]
-        if self.logits is not None:
+        if self.logits is not None and with_logits:
             out["logits"] = self.logits[rows][m]
         return out
 
@@ -195,6 +215,44 @@ def token_probs(logits: Tensor) -> Tensor:
     if logits.dtype == torch.float64:
         return torch.softmax(logits, -1)
     return softmax_probs(logits, dtype=torch.float32)
+
+
+def row_slice(rows: PackedRows, idx: slice) -> PackedRows:
+    """Rows ``idx`` of packed model inputs (a micro-batch of a group's responses)."""
+    return PackedRows(rows.input_ids[idx], rows.attention_mask[idx], rows.position_ids[idx],
+                      rows.response_ids[idx], rows.response_mask[idx])
+
+
+@contextlib.contextmanager
+def checkpointing(model: nn.Module, *, enable: bool = True) -> Iterator[bool]:
+    """HF activation checkpointing for the whole-model gradients, where it cannot change the numbers.
+
+    HF checkpoints only in train mode, so it is switched on only when the model has no active dropout
+    (train mode then computes what eval mode does); the mode and the setting are restored after.
+    Yields whether checkpointing is on.
+    """
+    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    cfg = getattr(model, "config", None)
+    dropout = dropout or any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout",
+                                                                               "dropout", "resid_pdrop"))
+    ok = enable and not dropout and getattr(model, "supports_gradient_checkpointing", False)
+    # transformers renamed gradient to activation checkpointing (the old names warn); use what exists.
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    was_training = model.training
+    was_on = bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False))
+    if not ok or was_on:
+        yield was_on
+        return
+    if new_api:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        yield True
+    finally:
+        (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+        model.train(was_training)
 
 
 def pad_id_of(model: nn.Module, tokenizer=None) -> int:

@@ -25,16 +25,17 @@ from torch import Tensor, nn
 
 from ..checkpoints import ProbeSet
 from ..forward import response_forward
-from ..interference import group_gradient_alignment, head_gradient_cosine, nthr_token_weights
+from ..interference import GroupGrams, device_quantiles, nthr_eta
 from ..ops import group_advantages
 from ..results import InterferenceResult
 from .capture import (
     GroupForward,
+    checkpointing,
     forward_probe_set,
     group_batch,
     model_device,
     pad_id_of,
-    token_probs,
+    row_slice,
 )
 
 __all__ = ["interference_probe", "full_model_gradient_cosine", "QUANTILES"]
@@ -42,9 +43,12 @@ __all__ = ["interference_probe", "full_model_gradient_cosine", "QUANTILES"]
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def full_model_gradient_cosine(model: nn.Module, fwd: GroupForward, advantages: Tensor, *, pad_id: int = 0) -> dict:
+def full_model_gradient_cosine(model: nn.Module, fwd: GroupForward, advantages: Tensor, *, pad_id: int = 0,
+                               micro_batch: int | None = 4, use_checkpointing: bool = True) -> dict:
     """Cosine between ∇θ L⁺ and ∇θ L⁻, the gradients of the positive and negative parts of the group's
-    token-mean loss L = −(1/Z) Σ A log p (autograd: one forward, two backward passes).
+    token-mean loss L = −(1/Z) Σ A log p (autograd: per micro-batch of ``micro_batch`` responses one
+    forward and two backward passes, accumulated; activation checkpointing where it cannot change the
+    numbers, :func:`~.capture.checkpointing`).
 
     Returns ``full_update_cosine`` (all trainable parameters), ``full_update_inner``, and
     ``full_head_cosine`` (the LM head matrix's block only; with tied embeddings it also carries the
@@ -56,13 +60,28 @@ def full_model_gradient_cosine(model: nn.Module, fwd: GroupForward, advantages: 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     head_w = model.get_output_embeddings().weight
-    with torch.enable_grad():
-        lp = response_forward(model, batch.rows).logp  # (G, T), 0 on padding
-        Z = mask.sum()
-        l_pos = -(adv * lp * (mask & pos[:, None])).sum() / Z
-        l_neg = -(adv * lp * (mask & ~pos[:, None])).sum() / Z
-        g_pos = torch.autograd.grad(l_pos, params, retain_graph=True, allow_unused=True)
-        g_neg = torch.autograd.grad(l_neg, params, allow_unused=True)
+    G = mask.shape[0]
+    mb = max(1, micro_batch or G)
+    Z = mask.sum()
+
+    def acc(total: list, part: tuple) -> list:
+        return [b if a is None else (a if b is None else a + b) for a, b in zip(total, part)]
+
+    g_pos: list = [None] * len(params)
+    g_neg: list = [None] * len(params)
+    with checkpointing(model, enable=use_checkpointing), torch.enable_grad():
+        for s in range(0, G, mb):
+            i = slice(s, s + mb)
+            lp = response_forward(model, row_slice(batch.rows, i)).logp  # (mb, T), 0 on padding
+            m, a = mask[i, : lp.shape[1]], adv[i, : lp.shape[1]]
+            l_pos = -(a * lp * (m & pos[i, None])).sum() / Z
+            l_neg = -(a * lp * (m & ~pos[i, None])).sum() / Z
+            # A micro-batch of only positives (or negatives) has a constant other part: no gradient.
+            if l_pos.requires_grad and bool((m & pos[i, None]).any()):
+                g_pos = acc(g_pos, torch.autograd.grad(l_pos, params, retain_graph=True, allow_unused=True))
+            if l_neg.requires_grad and bool((m & ~pos[i, None]).any()):
+                g_neg = acc(g_neg, torch.autograd.grad(l_neg, params, allow_unused=True))
+            del lp, l_pos, l_neg
     inner = npos = nneg = 0.0
     h_inner = h_pos = h_neg = 0.0
     for p, a, b in zip(params, g_pos, g_neg):
@@ -83,13 +102,44 @@ def full_model_gradient_cosine(model: nn.Module, fwd: GroupForward, advantages: 
             "full_head_cosine": cos(h_inner, h_pos, h_neg)}
 
 
-def _summary(c: np.ndarray, quantiles: Sequence[float]) -> dict:
-    qs = np.quantile(c, quantiles)
-    out = {"cos_mean": float(c.mean()), "cos_std": float(c.std()), "cos_min": float(c.min()),
-           "cos_max": float(c.max()), "cos_frac_positive": float((c > 0).mean())}
-    for q, v in zip(quantiles, qs):
-        out[f"cos_q{round(q * 100):02d}"] = float(v)
+def _summary(c: Tensor, quantiles: Sequence[float]) -> dict:
+    """Mean, std, extremes, fraction > 0 and exact quantiles of a cosine block, on its device (float64
+    accumulation in row chunks, as the float64 host copy this replaced)."""
+    n = c.numel()
+    mean = sum(float(r.sum(dtype=torch.float64)) for r in c.split(1024)) / n
+    var = sum(float(((r.double() - mean) ** 2).sum()) for r in c.split(1024)) / n
+    out = {"cos_mean": mean, "cos_std": var**0.5, "cos_min": float(c.min()), "cos_max": float(c.max()),
+           "cos_frac_positive": float((c > 0).sum()) / n}
+    for q, v in zip(quantiles, device_quantiles(c, quantiles)):
+        out[f"cos_q{round(q * 100):02d}"] = v
     return out
+
+
+def _gram_nthr(gr: GroupGrams, n_pos_responses: int, n_responses: int, beta: float) -> dict:
+    """NTHR from the shared Gram: s⁻ (Tn,), τ, η, flags and weights (as :func:`nthr_token_weights`)."""
+    s = gr.block("pos", "neg").sum(0)  # (Tn,) summed interference with the positive tokens
+    pp = gr.block("pos", "pos").sum(0)  # (Tp,) positive-on-positive scores
+    uniq, inv = torch.unique(gr.row[: gr.n_pos], return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=pp.dtype, device=pp.device).index_add_(0, inv, pp)
+    counts = torch.zeros(len(uniq), dtype=pp.dtype, device=pp.device).index_add_(0, inv, torch.ones_like(pp))
+    tau = beta * float((sums / counts).min())
+    eta = nthr_eta(n_pos_responses / n_responses)
+    flags = s > tau
+    return {"scores": s, "flags": flags, "weights": torch.where(flags, eta, 1.0), "tau": tau, "eta": eta}
+
+
+def _frame(cols: dict, n: int) -> pd.DataFrame:
+    """A table from columns: tensors/arrays of length n, or scalars repeated n times."""
+    out = {}
+    for k, v in cols.items():
+        if isinstance(v, Tensor):
+            v = v.detach().cpu().numpy()
+        out[k] = v if isinstance(v, np.ndarray) else np.full(n, v)
+    return pd.DataFrame(out)
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def interference_probe(
@@ -129,7 +179,7 @@ def interference_probe(
     pad_id = pad_id_of(model)
     if forwards is None:
         forwards = forward_probe_set(model, probe_set, pad_id=pad_id)
-    grows, trows, srows, skipped = [], [], [], []
+    grows, tframes, sframes, skipped = [], [], [], []
     for fwd in forwards:
         g = fwd.group
         base = {"step": step, "group_id": g.group_id, "prompt_uid": g.prompt_uid, "n_pos": g.n_positive,
@@ -140,51 +190,47 @@ def interference_probe(
             continue
         dev = fwd.mask.device
         G = fwd.mask.shape[0]
-        rows = torch.arange(G, device=dev)
-        prow, nrow = rows[fwd.is_positive], rows[~fwd.is_positive]
-        tp, tn = fwd.tokens(prow), fwd.tokens(nrow)
-        cdt = torch.promote_types(tp["h"].dtype, torch.float32)
-        hp, hn = tp["h"].to(cdt), tn["h"].to(cdt)  # (Tp, d), (Tn, d)
-        pp, pn = token_probs(tp["logits"]).to(cdt), token_probs(tn["logits"]).to(cdt)  # (Tp, V), (Tn, V)
-        cos = head_gradient_cosine(hp, pp, tp["y"], hn, pn, tn["y"])  # (Tp, Tn)
-        c = cos.detach().double().cpu().numpy()
-        summary = _summary(c.ravel(), QUANTILES)
+        gr = fwd.grams()  # shared with the other probes: computed once per group
+        Tp, Tn = gr.n_pos, gr.y.shape[0] - gr.n_pos
+        cos = gr.cosine("pos", "neg")  # (Tp, Tn)
+        summary = _summary(cos, QUANTILES)
         # Group level: the positive and the negative parts of the update, weighted by the advantages.
         gids = torch.zeros(G, dtype=torch.long, device=dev)
-        adv = group_advantages(fwd.rewards.float(), gids, advantage)  # (G,)
-        al = group_gradient_alignment(hp, pp, tp["y"], adv[tp["row"]].to(cdt), hn, pn, tn["y"],
-                                      adv[tn["row"]].to(cdt))
-        nt = nthr_token_weights(fwd.head_input, fwd.logits, fwd.labels, fwd.mask, fwd.is_positive, gids,
-                                beta=nthr_beta)
-        nmask = fwd.mask[nrow]
-        scores, flags, wts = nt.scores[nrow][nmask], nt.flagged[nrow][nmask], nt.weights[nrow][nmask]  # (Tn,)
-        info = nt.groups[0]
+        adv = group_advantages(fwd.rewards.float(), gids, advantage).to(gr.inner.dtype)  # (G,)
+        w = adv[gr.row]  # (N,)
+        wp, wn = w[:Tp], w[Tp:]
+        # <G⁺, G⁻>, ||G⁺||, ||G⁻|| of the summed gradients G = Σ w g: quadratic forms of the shared Gram.
+        inner = float(wp @ gr.block("pos", "neg") @ wn)
+        npos = max(0.0, float(wp @ gr.block("pos", "pos") @ wp)) ** 0.5
+        nneg = max(0.0, float(wn @ gr.block("neg", "neg") @ wn)) ** 0.5
+        al_cos = inner / (npos * nneg) if npos * nneg > 1e-30 else 0.0
+        nt = _gram_nthr(gr, g.n_positive, G, nthr_beta)
         full = {"full_update_cosine": np.nan, "full_head_cosine": np.nan}
         if full_model:
             adv_tok = adv[:, None].expand_as(fwd.mask).float()  # (G, T)
             f = full_model_gradient_cosine(model, fwd, adv_tok, pad_id=pad_id)
             full = {"full_update_cosine": f["full_update_cosine"], "full_head_cosine": f["full_head_cosine"]}
-        grows.append({**base, "status": "ok", "n_pos_tokens": int(hp.shape[0]), "n_neg_tokens": int(hn.shape[0]),
-                      **summary, "head_update_inner": al.inner, "head_update_cosine": al.cosine,
-                      "nthr_tau": info.get("tau", np.nan), "nthr_eta": info.get("eta", np.nan),
-                      "nthr_flagged_frac": float(flags.float().mean()), **full})
-        c_mean, c_max, c_pos = c.mean(0), c.max(0), (c > 0).mean(0)  # (Tn,) each
-        for j in range(hn.shape[0]):
-            trows.append({"step": step, "group_id": g.group_id, "response_index": int(tn["row"][j]),
-                          "position": int(tn["pos"][j]), "token_id": int(tn["y"][j]), "cos_mean": float(c_mean[j]),
-                          "cos_max": float(c_max[j]), "cos_frac_positive": float(c_pos[j]),
-                          "nthr_score": float(scores[j]), "nthr_flagged": bool(flags[j]),
-                          "nthr_weight": float(wts[j])})
-        flat = c.ravel()
-        if flat.size > max_cosine_samples:
+        grows.append({**base, "status": "ok", "n_pos_tokens": Tp, "n_neg_tokens": Tn,
+                      **summary, "head_update_inner": inner, "head_update_cosine": al_cos,
+                      "nthr_tau": nt["tau"], "nthr_eta": nt["eta"],
+                      "nthr_flagged_frac": float(nt["flags"].float().mean()), **full})
+        tframes.append(_frame({
+            "step": step, "group_id": g.group_id, "response_index": gr.row[Tp:], "position": gr.pos[Tp:],
+            "token_id": gr.y[Tp:], "cos_mean": cos.sum(0, dtype=torch.float64) / Tp,
+            "cos_max": cos.max(0).values.double(), "cos_frac_positive": (cos > 0).sum(0).double() / Tp,
+            "nthr_score": nt["scores"].double(), "nthr_flagged": nt["flags"], "nthr_weight": nt["weights"].double(),
+        }, Tn))
+        flat = cos.reshape(-1)
+        if flat.numel() > max_cosine_samples:
             rng = np.random.default_rng([seed, step, g.group_id])
-            flat = flat[np.sort(rng.choice(flat.size, max_cosine_samples, replace=False))]
-        srows += [{"step": step, "group_id": g.group_id, "cosine": float(v)} for v in flat]
+            pick = np.sort(rng.choice(flat.numel(), max_cosine_samples, replace=False))
+            flat = flat[torch.as_tensor(pick, device=dev)]
+        sframes.append(_frame({"step": step, "group_id": g.group_id, "cosine": flat.double()}, flat.numel()))
     meta = {"advantage": advantage, "full_model": full_model, "nthr_beta": nthr_beta,
             "max_cosine_samples": max_cosine_samples, "quantiles": list(QUANTILES), "seed": seed,
             "tied_embeddings": _tied(model), "probe_set": probe_set.describe(), "skipped": skipped}
-    return InterferenceResult(groups=pd.DataFrame(grows), tokens=pd.DataFrame(trows),
-                              cosine_samples=pd.DataFrame(srows), meta=meta)
+    return InterferenceResult(groups=pd.DataFrame(grows), tokens=_concat(tframes),
+                              cosine_samples=_concat(sframes), meta=meta)
 
 
 def _tied(model: nn.Module) -> bool:

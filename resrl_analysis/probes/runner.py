@@ -143,6 +143,12 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--threads", type=int, default=0, metavar="N",
       help="CPU threads for torch; 0 = auto (default): 1 for a model under 50M parameters on CPU, where "
            "threading overhead and contention on a shared machine cost more than they give, else torch's default")
+    a("--memory-budget", default=None, metavar="SIZE",
+      help="memory the probes may use, e.g. 80GB or 512MiB (default: the device's total, or the host's "
+           "available memory on CPU); the plan picks the group batching to fit it and refuses when nothing fits")
+    a("--plan-only", action="store_true",
+      help="print the memory plan for the probe set's shapes and exit; needs only config.json (and a "
+           "tokenizer for a text probe set), so a model can be planned for before downloading its weights")
     a("--format", choices=("parquet", "csv"), default="parquet", help="table format (default parquet)")
     a("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -264,6 +270,10 @@ def _run(args: argparse.Namespace) -> int:
 
     # -- everything checked before any work ----------------------------------------------------------
     mode, ckpts = _select_checkpoints(args)
+    if args.plan_only:  # config.json only: no weights are read
+        from ..plan import plan_only
+
+        return plan_only(args, mode, ckpts)
     check_compatible([p for _, p in ckpts])
     sources = args.run_info.probe_set_sources
     keyword = _probe_set_keyword(args)
@@ -342,6 +352,13 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
             if s in div_steps and not _has_tokenizer(p):
                 raise ProbeError(f"{p}: no tokenizer files; the diversity probe decodes samples with it")
     device = _device(args.device)
+    from ..plan import ProbeShape, check_plan, plan_for_args
+
+    # The memory plan, before any model is loaded: it picks the group batching and refuses what cannot fit.
+    mem_plan = plan_for_args(args, ckpts[0][1], ProbeShape.of(probe_set.groups), device=device)
+    print(mem_plan.describe(), file=sys.stderr)
+    check_plan(mem_plan)
+    args.group_batch = mem_plan.group_batch
     cfg = replace(PROBE_PARAMS.resrl, rank=args.rank, svd=args.svd)
     options = replace(PROBE_PARAMS, resrl=cfg)
     if args.reward == "exact":

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..bounds import alignment_bound, alignment_bound_paper
 from ..checkpoints import ProbeSet
-from ..interference import head_gradient_inner, logit_grad_sqnorm
+from ..interference import device_quantiles
 from ..results import SubspaceResult
 from ..weighting import (
     ResRLWeightConfig,
@@ -44,7 +44,8 @@ from ..weighting import (
     residual_energy,
     weights_from_residuals,
 )
-from .capture import GroupForward, forward_probe_set, pad_id_of, token_probs
+from .capture import GroupForward, forward_probe_set, pad_id_of
+from .interference import _concat, _frame
 
 __all__ = [
     "Representation",
@@ -108,8 +109,8 @@ def _ratio_stats(num: torch.Tensor, den: torch.Tensor) -> tuple[float, float, fl
     ok = den > 0
     if not ok.any():
         return float("nan"), float("nan"), float("nan")
-    r = (num[ok] / den[ok]).double().cpu().numpy()
-    return float(r.mean()), float(np.median(r)), float(r.max())
+    r = num[ok] / den[ok]  # on the device: the mean in float64, the median exact (np.median's)
+    return float(r.sum(dtype=torch.float64)) / r.numel(), device_quantiles(r, [0.5])[0], float(r.max())
 
 
 def subspace_probe(
@@ -153,7 +154,7 @@ def subspace_probe(
     cfg = config or ResRLWeightConfig(svd="exact")
     if forwards is None:
         forwards = forward_probe_set(model, probe_set, pad_id=pad_id_of(model))
-    grows, trows, erows, prows, skipped = [], [], [], [], []
+    grows, tframes, erows, pframes, skipped = [], [], [], [], []
     for fwd in forwards:
         g = fwd.group
         base = {"step": step, "group_id": g.group_id, "prompt_uid": g.prompt_uid}
@@ -170,20 +171,22 @@ def subspace_probe(
                        "head_paper_violations": 0} for rep in representations]
             skipped.append({"step": step, "group_id": g.group_id, "reason": status})
             continue
-        tp, tn = fwd.tokens(prow), fwd.tokens(nrow)
-        cdt = torch.promote_types(tp["h"].dtype, torch.float32)
-        pp, pn = token_probs(tp["logits"]).to(cdt), token_probs(tn["logits"]).to(cdt)  # (Tp, V), (Tn, V)
-        # The true head interference does not depend on the representation: compute it once.
-        K = head_gradient_inner(tp["h"].to(cdt), pp, tp["y"], tn["h"].to(cdt), pn, tn["y"]).abs()  # (Tp, Tn)
+        gr = fwd.grams()  # shared with the other probes: computed once per group
+        Tp = gr.n_pos
+        cdt = gr.inner.dtype
+        # The true head interference does not depend on the representation: read it once.
+        K = gr.block("pos", "neg").abs()  # (Tp, Tn)
         sum_abs, max_abs = K.sum(0).cpu().numpy(), K.max(0).values.cpu().numpy()  # (Tn,)
-        lf_p = logit_grad_sqnorm(pp, tp["y"]).clamp(min=0).sqrt()  # (Tp,) ||e⁺ − p⁺||
-        lf_n = logit_grad_sqnorm(pn, tn["y"]).clamp(min=0).sqrt()  # (Tn,) ||e⁻ − p⁻||
-        hnorm = tp["h"].to(cdt).norm(dim=-1)[:, None] * tn["h"].to(cdt).norm(dim=-1)[None, :]  # (Tp, Tn)
-        g_scale = lf_p[:, None] * lf_n[None, :]  # (Tp, Tn)
+        lf = gr.logit_sqnorm.clamp(min=0).sqrt()  # (N,) ||e − p||
+        hn_ = gr.rep_sqnorm.clamp(min=0).sqrt()  # (N,) ||h||
+        hnorm = hn_[:Tp, None] * hn_[None, Tp:]  # (Tp, Tn)
+        g_scale = lf[:Tp, None] * lf[None, Tp:]  # (Tp, Tn)
+        tn = {"row": gr.row[Tp:], "pos": gr.pos[Tp:], "y": gr.y[Tp:]}
+        n_pos_tok = Tp
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(g.group_id))
         keep = None
-        if tp["h"].shape[0] > cfg.max_pos_tokens:
-            keep = torch.randperm(tp["h"].shape[0], generator=gen)[: cfg.max_pos_tokens].sort().values.to(dev)
+        if n_pos_tok > cfg.max_pos_tokens:
+            keep = torch.randperm(n_pos_tok, generator=gen)[: cfg.max_pos_tokens].sort().values.to(dev)
         for rep in representations:
             X = fwd.penultimate if rep.layer == "penultimate" else fwd.head_input
             xp, xn = X[prow][fwd.mask[prow]].to(cdt), X[nrow][fwd.mask[nrow]].to(cdt)  # (Tp, d), (Tn, d)
@@ -217,28 +220,29 @@ def subspace_probe(
                 "spearman_sum": rho_s, "spearman_sum_p": p_s, "spearman_max": rho_m, "spearman_max_p": p_m,
             })
             cols = rep.columns()
-            for j in range(xn.shape[0]):
-                trows.append({**base, **cols, "response_index": int(tn["row"][j]), "position": int(tn["pos"][j]),
-                              "token_id": int(tn["y"][j]), "residual_energy": float(e[j]), "resrl_weight": float(w[j]),
-                              "interference_sum_abs": float(sum_abs[j]), "interference_max_abs": float(max_abs[j])})
+            tframes.append(_frame({
+                **base, **cols, "response_index": tn["row"], "position": tn["pos"], "token_id": tn["y"],
+                "residual_energy": e.double(), "resrl_weight": w.double(),
+                "interference_sum_abs": sum_abs.astype(np.float64), "interference_max_abs": max_abs.astype(np.float64),
+            }, xn.shape[0]))
             # A fixed sample of pairs (same for every representation) for the bound scatter plots.
             n_pairs = inner.numel()
             pick = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(int(g.group_id)))[:max_pair_samples]
             pick = pick.to(dev)
             flat = {"true_abs": inner, "tight_bound": tight, "paper_bound": paper, "head_abs": K,
                     "head_tight_bound": g_scale * tight}
-            picked = {k: v.reshape(-1)[pick].double().cpu().numpy() for k, v in flat.items()}
-            prows += [{**base, **cols, **{k: float(v[i]) for k, v in picked.items()}} for i in range(len(pick))]
+            pframes.append(_frame({**base, **cols, **{k: v.reshape(-1)[pick].double() for k, v in flat.items()}},
+                                  len(pick)))
             ev = explained_variance(xfit, max_ev_rank, center=rep.center)
             erows += [{"step": step, "group_id": g.group_id, **cols, "rank": k + 1, "explained_variance": float(v)}
                       for k, v in enumerate(ev.tolist())]
-    groups_df, tokens_df = pd.DataFrame(grows), pd.DataFrame(trows)
+    groups_df, tokens_df = pd.DataFrame(grows), _concat(tframes)
     meta = {"representations": [r.name for r in representations], "rank": cfg.rank, "svd": cfg.svd,
             "max_pos_tokens": cfg.max_pos_tokens, "q_low": cfg.q_low, "q_high": cfg.q_high,
             "min_weight": cfg.min_weight, "rtol": rtol, "seed": seed, "probe_set": probe_set.describe(),
             "skipped": skipped}
     r = SubspaceResult(groups=groups_df, tokens=tokens_df, explained_variance=pd.DataFrame(erows),
-                       pairs=pd.DataFrame(prows), meta=meta)
+                       pairs=_concat(pframes), meta=meta)
     return replace(r, correlation=correlation_table(r.groups, r.tokens))
 
 

@@ -1,0 +1,426 @@
+"""The memory plan of a probe pass: peak memory per probe from shapes alone, before any work.
+
+``resrl probe`` calls :func:`plan_probes` with the model's ``config.json`` (no weights needed) and the
+probe set's shapes, prints the plan, picks the largest group batching that fits the budget, and
+refuses with one line naming the probe and the setting to change when nothing fits. The estimate
+counts the tensors the probes hold (bytes of each dtype), not allocator slack:
+
+- kept per group until its probes are done: the response logits (G·T·V, model dtype), two hidden
+  states (2·G·T·d) and the shared head-gradient Gram (N², float32, N = G·T valid tokens);
+- transient, per probe: the forward's activations and log-prob chunks; the (Tp, Tn) cosine and
+  bound blocks (interference, subspace); the head step's saved log-softmax (N·V, float32) and the
+  whole-model step's gradients, parameter copy and one micro-batch's checkpointed activations.
+
+A test checks the estimate against the measured peak RSS on CPU (within 25%).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ModelShape", "ProbeShape", "MemoryPlan", "parse_memory", "format_bytes", "plan_probes",
+           "device_memory"]
+
+#: The working chunk of the chunked log-prob/entropy and Gram passes (``ops.DEFAULT_MEMORY_BUDGET_MB``).
+CHUNK_BYTES = 256 * 2**20
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8, "double": 8}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from ``80GB``, ``80 GiB``, ``512MB``, ``1.5TB`` or a plain number of bytes.
+
+    >>> parse_memory("80GB"), parse_memory("1.5 GiB"), parse_memory("4096")
+    (80000000000, 1610612736, 4096)
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"memory budget {text!r}: expected a number with a unit such as 80GB, 512MiB or 1.5TB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable bytes (decimal units, as budgets are written).
+
+    >>> format_bytes(80e9), format_bytes(1.5e6)
+    ('80.0 GB', '1.5 MB')
+    """
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only causal LM that the plan needs, from its HF config.
+
+    >>> s = ModelShape.from_config({"vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 2,
+    ...     "num_attention_heads": 2, "intermediate_size": 16, "torch_dtype": "bfloat16"})
+    >>> s.n_params, s.dtype_bytes
+    (2936, 2)
+    """
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool
+    dtype_bytes: int = 4
+
+    @classmethod
+    def from_config(cls, cfg: Mapping | object, dtype: str | None = None) -> ModelShape:
+        """From a ``config.json`` dict or a ``PretrainedConfig``; ``dtype`` (``auto`` or None: the config's)."""
+        get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
+        try:
+            d, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+            shape = dict(vocab=int(get("vocab_size")), hidden=d, layers=int(get("num_hidden_layers")), heads=heads,
+                         kv_heads=int(get("num_key_value_heads") or heads),
+                         head_dim=int(get("head_dim") or d // heads), intermediate=int(get("intermediate_size")),
+                         tied=bool(get("tie_word_embeddings", False)))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config: missing or bad field for the memory plan ({e}); expected vocab_size, "
+                             "hidden_size, num_hidden_layers, num_attention_heads, intermediate_size") from None
+        name = dtype if dtype not in (None, "auto") else (get("torch_dtype") or get("dtype") or "float32")
+        return cls(**shape, dtype_bytes=_DTYPE_BYTES.get(str(name).replace("torch.", ""), 4))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | None = None) -> ModelShape:
+        """From ``path/config.json`` (a checkpoint folder; weights need not be there)."""
+        f = Path(path) / "config.json"
+        try:
+            cfg = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f}: cannot read the model config ({e})") from None
+        return cls.from_config(cfg, dtype)
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count of a Llama/Qwen-style decoder (attention, gated MLP, RMSNorms, embeddings)."""
+        d, hd = self.hidden, self.head_dim
+        attn = d * self.heads * hd * 2 + d * self.kv_heads * hd * 2 + 2 * hd
+        layer = attn + 3 * d * self.intermediate + 2 * d
+        emb = self.vocab * d * (1 if self.tied else 2)
+        return self.layers * layer + emb + d
+
+
+@dataclass(frozen=True)
+class ProbeShape:
+    """The largest group of the probe set: ``responses`` G, ``response_len`` T, ``prompt_len`` P."""
+
+    responses: int
+    response_len: int
+    prompt_len: int
+    n_groups: int = 1
+
+    @classmethod
+    def of(cls, groups: Iterable) -> ProbeShape:
+        """From :class:`~resrl_analysis.checkpoints.ProbeGroup` objects (the largest of each size).
+
+        >>> from resrl_analysis.checkpoints import ProbeGroup
+        >>> ProbeShape.of([ProbeGroup(0, (1, 2), ((3,), (4, 5, 6)), (1.0, 0.0))])
+        ProbeShape(responses=2, response_len=3, prompt_len=2, n_groups=1)
+        """
+        gs = list(groups)
+        if not gs:
+            return cls(1, 1, 1, 0)
+        return cls(max(g.n_responses for g in gs), max(max(len(r) for r in g.response_ids) for g in gs),
+                   max(len(g.prompt_ids) for g in gs), len(gs))
+
+    @property
+    def tokens(self) -> int:
+        """N = G·T: the valid tokens of a full group (the Gram's side)."""
+        return self.responses * self.response_len
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Peak bytes per probe at the chosen group batching; ``fits`` when all are within ``budget``."""
+
+    budget: int
+    budget_source: str
+    group_batch: int
+    requested_group_batch: int
+    peaks: dict[str, int]
+    parts: dict[str, dict[str, int]]
+    model: ModelShape
+    shape: ProbeShape
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(self.peaks.values()) if self.peaks else 0
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    def describe(self) -> str:
+        """The plan as printed by ``resrl probe`` (one line per probe).
+
+        >>> m = ModelShape(100, 8, 2, 2, 2, 4, 16, False)
+        >>> print(plan_probes(m, ProbeShape(4, 16, 4), ["lld"], budget=10**9).describe().splitlines()[0][:60])
+        memory plan: budget 1.0 GB (--memory-budget), model 2.9k par
+        """
+        m, s = self.model, self.shape
+        n = m.n_params
+        ps = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+        lines = [f"memory plan: budget {format_bytes(self.budget)} ({self.budget_source}), model {ps} parameters × "
+                 f"{m.dtype_bytes} B, groups of {s.responses} × {s.response_len} tokens (prompt {s.prompt_len}), "
+                 f"V = {m.vocab}",
+                 f"  group batch {self.group_batch}" + (f" (asked {self.requested_group_batch})"
+                                                        if self.group_batch != self.requested_group_batch else "")]
+        for name, peak in self.peaks.items():
+            top = sorted(self.parts[name].items(), key=lambda kv: -kv[1])[:4]
+            what = ", ".join(f"{k} {format_bytes(v)}" for k, v in top)
+            flag = "ok" if peak <= self.budget else "DOES NOT FIT"
+            lines.append(f"  {name:<13} peak {format_bytes(peak):>9}  {flag}  ({what})")
+        lines += [f"  note: {t}" for t in self.notes]
+        lines.append(f"  fits: {'yes' if self.fits else 'no'} (largest peak {format_bytes(self.peak)})")
+        return "\n".join(lines)
+
+    def refusal(self) -> str:
+        """One line naming the probe that does not fit and the setting to change."""
+        name = max(self.peaks, key=self.peaks.get)  # type: ignore[arg-type]
+        hint = {"first_order": "--full-model-steps none or fewer --algorithms",
+                "interference": "--full-model-steps none",
+                "subspace": "fewer responses per group or shorter --max-new-tokens",
+                "diversity": "--samples or --max-new-tokens"}.get(name, "a shorter probe set")
+        return (f"memory plan: probe {name} needs {format_bytes(self.peaks[name])} at --group-batch 1, over the "
+                f"budget {format_bytes(self.budget)}; raise --memory-budget, or use {hint}")
+
+
+def device_memory(device: str) -> tuple[int, str]:
+    """(bytes, where from): a CUDA device's total memory, or the host's available memory."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        idx = torch.device(device).index or 0
+        return int(torch.cuda.get_device_properties(idx).total_memory), f"{device} total memory"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "host MemAvailable"
+    except OSError:
+        pass
+    return 16 * 10**9, "default 16 GB (host memory unknown)"
+
+
+def _forward(m: ModelShape, rows: int, L: int, T: int, grad: bool, checkpoint: bool, cpu: bool) -> dict[str, int]:
+    """Bytes of a forward (and backward when ``grad``) over ``rows`` sequences of L tokens, logits apart."""
+    b, d, inter = m.dtype_bytes, m.hidden, m.intermediate
+    # One decoder layer's live tensors: residual, norms, q/k/v/o, gated MLP (3 × intermediate).
+    layer = rows * L * (8 * d + (m.heads + 2 * m.kv_heads) * m.head_dim + 4 * inter) * b
+    # CPU attention with a padding mask takes the math path: a (rows, heads, L, L) float score matrix.
+    attn = rows * m.heads * L * L * 4 if cpu else 0
+    # float32 log-softmax chunks: the budget is for three (c, V) temporaries, about half of them live at once.
+    chunk = min(CHUNK_BYTES, 3 * rows * T * m.vocab * 4) // 2
+    out = {"activations": layer + attn, "logprob chunks": chunk}
+    if grad:
+        saved = m.layers * rows * L * d * b if checkpoint else m.layers * (layer + attn)
+        out.update({"saved activations": saved, "logits": _logits(m, rows, T), "logits grad": _logits(m, rows, T)})
+    return out
+
+
+def _logits(m: ModelShape, rows: int, T: int) -> int:
+    # The model keeps logits for T + 1 positions (logits_to_keep); the response slice is a view of them.
+    return rows * (T + 1) * m.vocab * m.dtype_bytes
+
+
+def plan_probes(
+    model: ModelShape,
+    shape: ProbeShape,
+    probes: Iterable[str],
+    *,
+    budget: int,
+    budget_source: str = "--memory-budget",
+    group_batch: int = 8,
+    full_model: bool = True,
+    n_algorithms: int = 6,
+    micro_batch: int = 4,
+    device: str = "cpu",
+    weights: bool = True,
+) -> MemoryPlan:
+    """Peak memory of each probe at ``shape`` and the largest group batching ≤ ``group_batch`` that fits.
+
+    ``full_model``: whether whole-model gradients run (interference cosine, first-order step);
+    ``weights``: count the model's weights (False for the working memory alone).
+
+    >>> m = ModelShape(151936, 2560, 36, 32, 8, 128, 9728, True, 2)  # Qwen3-4B, bfloat16
+    >>> p = plan_probes(m, ProbeShape(8, 4096, 512, n_groups=8), ["lld", "first_order", "interference", "subspace"],
+    ...                 budget=80 * 10**9, device="cuda")
+    >>> p.fits, p.group_batch
+    (True, 2)
+    """
+    probes = [p for p in probes if p != "entropy" or "lld" not in probes]
+    cpu = not str(device).startswith("cuda")
+    G, T, P = shape.responses, shape.response_len, shape.prompt_len
+    L, N, V, d = P + T, shape.tokens, model.vocab, model.hidden
+    W = model.n_params * model.dtype_bytes if weights else 0
+    gram_probes = {"first_order", "interference", "subspace"}
+    needs_gram = bool(gram_probes & set(probes))
+    # Kept per group until its probes are done: logits and two hidden states, and the shared Gram.
+    per_group = _logits(model, G, T) + 2 * G * T * d * model.dtype_bytes if needs_gram else 0
+    gram = N * N * 4 if needs_gram else 0
+    fwd = _forward(model, G, L, T, grad=False, checkpoint=False, cpu=cpu)
+    if not needs_gram:
+        fwd["logits"] = _logits(model, G, T)
+    fwd_peak = sum(fwd.values())
+    tp_tn = (N // 2) * (N - N // 2) * 4  # the largest positive×negative block, float32
+    gram_build = min(CHUNK_BYTES, 3 * N * V * 4) + 4 * N * 4  # vocabulary chunks (or row blocks), and (N,) vectors
+    head_chunk = min(64 * 2**20, N * V * 4)  # first_order.head_step_delta's row chunk
+
+    def full_step(rows: int, grads: int) -> dict[str, int]:
+        f = _forward(model, rows, L, T, grad=True, checkpoint=True, cpu=cpu)
+        return {**f, "gradients": grads * model.n_params * model.dtype_bytes,
+                "parameter copy": model.n_params * model.dtype_bytes}
+
+    transient: dict[str, dict[str, int]] = {}
+    for name in probes:
+        if name in ("lld", "entropy"):
+            transient[name] = dict(fwd)
+        elif name == "interference":
+            t = {"gram build": gram_build, "cosine blocks": 4 * tp_tn}
+            if full_model:
+                fs = full_step(min(micro_batch, G), 2)
+                fs.pop("parameter copy")
+                t.update({f"whole-model {k}": v for k, v in fs.items()})
+            transient[name] = t
+        elif name == "subspace":
+            transient[name] = {"gram build": gram_build, "bound blocks": 9 * tp_tn}
+        elif name == "first_order":
+            # The head step: 4 (c, V) autograd temporaries per chunk, 4 float32 copies of W, the head inputs.
+            t = {"head step": 4 * head_chunk + 4 * V * d * 4 + N * d * 4}
+            if full_model:
+                t.update({f"whole-model {k}": v for k, v in full_step(min(micro_batch, G), 1).items()})
+            transient[name] = t
+        elif name == "diversity":
+            # Sampling: a KV cache of samples × (P + T) tokens and one step's logits.
+            kv = G * L * model.layers * 2 * model.kv_heads * model.head_dim * model.dtype_bytes
+            transient[name] = {"kv cache": kv, "logits": G * V * 4 * 2}
+
+    def peaks_at(gb: int) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        kept = gb * (per_group + gram)
+        peaks, parts = {}, {}
+        for name, t in transient.items():
+            # Phases run one after the other (forward, Gram, the probe's own work): the peak is the largest.
+            phases = [sum(t.values()), fwd_peak if name in gram_probes else 0, gram_build if name in gram_probes else 0]
+            biggest = max(phases)
+            peaks[name] = W + kept + biggest
+            parts[name] = {"weights": W, "kept groups": kept, **t}
+        return peaks, parts
+
+    notes = []
+    group_batch = max(1, min(group_batch, shape.n_groups or 1))
+    gb = group_batch
+    peaks, parts = peaks_at(gb)
+    while gb > 1 and max(peaks.values(), default=0) > budget:
+        gb = max(1, gb // 2)
+        peaks, parts = peaks_at(gb)
+    if gb != group_batch:
+        notes.append(f"--group-batch {group_batch} would need {format_bytes(max(peaks_at(group_batch)[0].values()))};"
+                     f" using {gb}")
+    if needs_gram:
+        notes.append(f"Gram {format_bytes(gram)} per group (N = {N} tokens), vocabulary chunks of "
+                     f"{format_bytes(CHUNK_BYTES)}")
+    return MemoryPlan(budget=budget, budget_source=budget_source, group_batch=gb, requested_group_batch=group_batch,
+                      peaks=peaks, parts=parts, model=model, shape=shape, notes=notes)
+
+
+# ----------------------------------------------------------------------------- ``resrl probe`` wiring
+
+#: The prompt length assumed when the probe set has not been sampled yet (``--plan-only`` on a dataset).
+ASSUMED_PROMPT_LEN = 512
+
+
+def _plan_device(spec: str) -> str:
+    if spec != "auto":
+        return spec
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def plan_for_args(args, checkpoint: Path, probe_shape: ProbeShape | None, *, device: str | None = None,
+                  notes: Iterable[str] = ()) -> MemoryPlan:
+    """The plan of a ``resrl probe`` invocation (parsed ``args``) for the model at ``checkpoint``.
+
+    ``probe_shape`` None: the shapes the sampling flags ask for (``--samples`` × ``--max-new-tokens``,
+    a prompt of :data:`ASSUMED_PROMPT_LEN` tokens, ``--groups`` groups).
+    """
+    from .checkpoints import ProbeError
+
+    try:
+        model = ModelShape.from_pretrained(checkpoint, getattr(args, "dtype", None))
+    except ValueError as e:
+        raise ProbeError(str(e)) from None
+    extra = list(notes)
+    if probe_shape is None:
+        probe_shape = ProbeShape(args.samples, args.max_new_tokens or 256, ASSUMED_PROMPT_LEN, args.groups or 1)
+        extra.append(f"shapes from --samples {args.samples} and --max-new-tokens {probe_shape.response_len}; "
+                     f"prompt length assumed {ASSUMED_PROMPT_LEN}")
+    dev = device or _plan_device(getattr(args, "device", "auto"))
+    if getattr(args, "memory_budget", None):
+        try:
+            budget, source = parse_memory(args.memory_budget), "--memory-budget"
+        except ValueError as e:
+            raise ProbeError(f"--memory-budget: {e}") from None
+    else:
+        budget, source = device_memory(dev)
+    full = getattr(args, "full_model_steps", "ends") != "none"
+    plan = plan_probes(model, probe_shape, list(args.probes), budget=budget, budget_source=source,
+                       group_batch=args.group_batch, full_model=full, n_algorithms=len(args.algorithms),
+                       device=dev)
+    plan.notes.extend(extra)
+    return plan
+
+
+def check_plan(plan: MemoryPlan) -> None:
+    """Raise :class:`~resrl_analysis.checkpoints.ProbeError` (one line) when the plan does not fit."""
+    from .checkpoints import ProbeError
+
+    if not plan.fits:
+        raise ProbeError(plan.refusal())
+
+
+def plan_only(args, mode: str, checkpoints: list[tuple[int, Path]]) -> int:
+    """``resrl probe --plan-only``: print the plan and exit (0 when it fits, 2 when it does not).
+
+    Reads only ``config.json`` (and the probe set's file or the run's rollout dump when there is one;
+    a tokenizer if the probe set is text), so a model can be planned for before its weights are
+    downloaded.
+    """
+    import sys
+
+    from .checkpoints import ProbeError, ProbeSet, load_tokenizer
+    from .probe_sets import load_probe_set
+
+    ckpt = checkpoints[0][1]
+    shape, notes = None, []
+    sources = args.run_info.probe_set_sources
+    try:
+        if args.probe_set is not None or (mode != "run" and sources):
+            has_tok = any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+            tok = load_tokenizer(ckpt) if has_tok else None
+            ps = load_probe_set(args.probe_set if args.probe_set is not None else sources[0], tok, model=None)
+            shape = ProbeShape.of(ps.select(args.groups or None, prefer_mixed=True).groups)
+        elif mode == "run":
+            shape = ProbeShape.of(ProbeSet.from_run(args.run_dir, args.probe_set_step)
+                                  .select(args.groups or None, prefer_mixed=True).groups)
+    except ProbeError as e:
+        notes.append(f"probe set not read ({e})")
+    plan = plan_for_args(args, ckpt, shape, notes=notes)
+    print(plan.describe())
+    if not plan.fits:
+        print(f"resrl probe: {plan.refusal()}", file=sys.stderr)
+        return 2
+    return 0

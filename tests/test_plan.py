@@ -1,0 +1,145 @@
+"""The memory plan: parsing, the parameter count against a real model, the CLI (--plan-only on a
+config-only folder, refusal), and the estimate against the measured peak RSS on CPU (within 25%)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from resrl_analysis.plan import ModelShape, ProbeShape, parse_memory, plan_probes
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN3_4B = ROOT / "bench" / "configs" / "qwen3-4b"
+
+
+def test_parse_memory_units_and_errors():
+    assert parse_memory("80GB") == 80 * 10**9
+    assert parse_memory("512MiB") == 512 * 2**20
+    assert parse_memory("1.5 TB") == 1.5e12
+    for bad in ("80 parsecs", "GB", "-1GB", ""):
+        with pytest.raises(ValueError, match="memory budget"):
+            parse_memory(bad)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count_matches_a_real_qwen3(tied):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=97, hidden_size=16, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, intermediate_size=40, tie_word_embeddings=tied)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert ModelShape.from_config(cfg.to_dict()).n_params == sum(p.numel() for p in model.parameters())
+
+
+def test_qwen3_4b_config_and_group_batching():
+    m = ModelShape.from_pretrained(QWEN3_4B)
+    assert (m.vocab, m.hidden, m.layers, m.heads, m.kv_heads, m.intermediate, m.tied, m.dtype_bytes) == (
+        151936, 2560, 36, 32, 8, 9728, True, 2)
+    assert 4.0e9 < m.n_params < 4.05e9  # Qwen3-4B: 4.02B parameters
+    probes = ["lld", "first_order", "interference", "subspace", "diversity"]
+    p = plan_probes(m, ProbeShape(8, 4096, 512, 8), probes, budget=80 * 10**9, device="cuda")
+    assert p.fits and 1 <= p.group_batch < 8 and p.peak <= 80e9
+    # More room, more groups at once; far less, a refusal naming a probe and what to change.
+    assert plan_probes(m, ProbeShape(8, 4096, 512, 8), probes, budget=400 * 10**9, device="cuda").group_batch == 8
+    small = plan_probes(m, ProbeShape(8, 4096, 512, 8), probes, budget=20 * 10**9, device="cuda")
+    assert not small.fits and small.group_batch == 1
+    assert "probe " in small.refusal() and "--memory-budget" in small.refusal() and "\n" not in small.refusal()
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "trainer.cli", "probe", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.e2e
+def test_plan_only_on_a_config_only_folder(tmp_path):
+    ck = tmp_path / "qwen3-4b"
+    ck.mkdir()
+    shutil.copy(QWEN3_4B / "config.json", ck / "config.json")  # no weights, no tokenizer
+    r = _cli(str(ck), "--plan-only", "--samples", "8", "--max-new-tokens", "4096", "--memory-budget", "80GB",
+             "--device", "cuda", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "fits: yes" in r.stdout and "budget 80.0 GB" in r.stdout and "groups of 8 × 4096 tokens" in r.stdout
+    r = _cli(str(ck), "--plan-only", "--samples", "8", "--max-new-tokens", "4096", "--memory-budget", "20GB",
+             "--device", "cuda", cwd=tmp_path)
+    assert r.returncode == 2 and "fits: no" in r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    assert "memory plan: probe" in last and "--memory-budget" in last
+    r = _cli(str(ck), "--plan-only", "--memory-budget", "lots", cwd=tmp_path)
+    assert r.returncode == 2 and "--memory-budget" in r.stderr and "Traceback" not in r.stderr
+
+
+_WORKER = textwrap.dedent("""
+    import gc, json, os, sys
+    import numpy as np
+    import torch
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    from resrl_analysis.checkpoints import ProbeGroup, ProbeSet
+    from resrl_analysis.probes.capture import forward_probe_set
+    from resrl_analysis.probes.first_order import first_order_prediction
+    from resrl_analysis.probes.interference import interference_probe
+    from resrl_analysis.probes.subspace import subspace_probe
+
+    G, T, P, V, d = (int(a) for a in sys.argv[1:6])
+    cfg = Qwen3Config(vocab_size=V, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=d // 4,
+                      max_position_embeddings=2 * (P + T), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    rng = np.random.default_rng(0)
+    resp = tuple(tuple(int(t) for t in rng.integers(3, V, T)) for _ in range(G))
+    ps = ProbeSet((ProbeGroup(0, tuple(int(t) for t in rng.integers(3, V, P)), resp,
+                              tuple(float(i % 2 == 0) for i in range(G))),))
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS: the peak from here on is the probes' working memory
+    base = status("VmRSS")
+    fwds = forward_probe_set(model, ps)
+    interference_probe(model, ps, forwards=fwds)
+    subspace_probe(model, ps, forwards=fwds)
+    first_order_prediction(model, ps, forwards=fwds, algorithms=["grpo", "nsr"])
+    print(json.dumps({"peak": status("VmHWM") - base}))
+""")
+
+
+def _can_reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_reset_peak(), reason="needs /proc/self/clear_refs (Linux) to measure a peak")
+@pytest.mark.parametrize("G,T", [(8, 256), (4, 512)])
+def test_plan_estimate_within_25_percent_of_measured_peak_rss(G, T, tmp_path):
+    P, V, d = 8, 32_000, 256
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    # Small allocations are returned to the system at once, so the resident peak is what was in use.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(script), *map(str, (G, T, P, V, d))], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    measured = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
+    m = ModelShape(V, d, 2, 4, 2, d // 4, 3 * d, False, 4)
+    plan = plan_probes(m, ProbeShape(G, T, P, 1), ["interference", "subspace", "first_order"], budget=10**12,
+                       full_model=False, device="cpu", weights=False)
+    assert abs(plan.peak - measured) <= 0.25 * measured, (plan.peak, measured, plan.parts)
