@@ -21,6 +21,9 @@ BENCH_MODULES = [
     "bench.trl_compare",
     "bench.run_cpu",
     "bench.gpu_bench",
+    "bench.probe_bench",
+    "bench.reference_weighting",
+    "bench.lld_in_batch_cost",
 ]
 
 
