@@ -33,7 +33,7 @@ _SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "figures": ("resrl_analysis.figures", "add_figures_arguments", "run_figures",
                 "draw the paper-style figures"),
     "demo": ("trainer.demo", "add_demo_arguments", "run_demo",
-             "the main job: train 4 algorithms, probe every checkpoint, draw the figures"),
+             "the main job: train 5 algorithms (PSR the control) over 3 seeds, probe, summarise with intervals, draw"),
 }
 
 # The train subcommand's functions, importable from here as before the dispatcher moved (lazily).

@@ -219,7 +219,10 @@ def _one_run(preset: str, overrides: dict[str, Any], probe_argv: list[str]) -> s
     """Train one run and probe it (in a worker process); returns the run directory."""
     import argparse as _ap
 
+    from resrl_analysis.checkpoints import quiet_progress_bars_unless_tty
     from resrl_analysis.probes.runner import add_probe_arguments, run_probe
+
+    quiet_progress_bars_unless_tty()  # a fresh (spawned) interpreter: the dispatcher's setting is not inherited
 
     from .config import preset_config
     from .loop import train
