@@ -356,7 +356,7 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
 
     # The memory plan, before any model is loaded: it picks the group batching and refuses what cannot fit.
     mem_plan = plan_for_args(args, ckpts[0][1], ProbeShape.of(probe_set.groups), device=device)
-    print(mem_plan.describe(), file=sys.stderr)
+    print(mem_plan.describe(), flush=True)  # information: stdout; stderr holds only a failure's one line
     check_plan(mem_plan)
     args.group_batch = mem_plan.group_batch
     cfg = replace(PROBE_PARAMS.resrl, rank=args.rank, svd=args.svd)
