@@ -150,7 +150,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="print the memory plan for the probe set's shapes and exit; needs only config.json (and a "
            "tokenizer for a text probe set), so a model can be planned for before downloading its weights")
     a("--format", choices=("parquet", "csv"), default="parquet", help="table format (default parquet)")
-    a("--no-progress", action="store_true", help="no progress bar")
+    a("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a terminal)")
     return parser
 
 
@@ -384,7 +384,8 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
         timing[name] = timing.get(name, 0.0) + time.perf_counter() - t
         return r
 
-    bar = tqdm(ckpts, desc="resrl probe", unit="ckpt", disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(ckpts, desc="resrl probe", unit="ckpt", file=sys.stderr,
+               disable=args.no_progress or not sys.stderr.isatty())  # a bar in a log file is noise
     for step, path in bar:
         bar.set_postfix_str(f"step {step}")
         ck = timed("load", load_checkpoint, path, dtype=args.dtype, device=device,
