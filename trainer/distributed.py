@@ -180,6 +180,27 @@ def teardown_distributed(ctx: DistContext, *, drain: bool | None = None) -> None
         ctx.owns_group = False
 
 
+def exit_if_launched(code: int) -> int:
+    """End a torchrun-launched rank now with ``code``, skipping interpreter finalisation; else return ``code``.
+
+    After :func:`teardown_distributed` the run's work is done and its files are closed, but gloo's worker threads
+    of process groups that FSDP2's device mesh still references (they live until the process ends) can be freeing
+    a collective whose tensor Python created; such a thread asks for the GIL, and during finalisation Python ends a
+    thread that does, inside a C++ destructor that may not throw: ``std::terminate``, SIGABRT, and the launcher kills
+    the other ranks (docs/RELIABILITY.md, "The two-process test dying at exit"). Flushing and leaving with
+    ``os._exit`` keeps the exit code and skips only that race. In one process (no ``WORLD_SIZE`` > 1) it returns.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return code
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 # ----------------------------------------------------------------------------------------- collectives
 
 

@@ -225,18 +225,19 @@ def run_train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"resrl train: error: {exc}", file=sys.stderr)
         return 2
+    from trainer.distributed import exit_if_launched
     from trainer.loop import SetupError, TrainingDiverged, train
 
     try:
         run_dir = train(cfg)
     except (ConfigError, DataError, SetupError) as exc:
         print(f"resrl train: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return exit_if_launched(2)
     except (TrainingDiverged, CheckpointError, RunWriteError) as exc:
         print(f"resrl train: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return exit_if_launched(1)
     print(f"run directory: {run_dir}")
-    return 0
+    return exit_if_launched(0)
 
 
 def _one_line(exc: BaseException) -> str:
