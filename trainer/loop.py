@@ -384,6 +384,16 @@ class ScoredBatch:
     def num_rows(self) -> int:
         return int(self.response_ids.shape[0])
 
+    def mixed_rows(self) -> Tensor:
+        """(B,) bool: the rows of groups holding both a positive (reward > 0) and a negative response."""
+        pos = self.rewards > 0
+        mixed = torch.zeros_like(pos)
+        for g in torch.unique(self.group_ids):
+            rows = self.group_ids == g
+            if pos[rows].any() and not pos[rows].all():
+                mixed |= rows
+        return mixed
+
 
 def _encode_prompts(tokenizer: Any, prompts: list[Prompt]) -> list[list[int]]:
     return encode_prompts(tokenizer, [p.text for p in prompts])
@@ -548,12 +558,7 @@ def _rollout_metrics(data: ScoredBatch, cfg: TrainConfig, ctx: DistContext) -> d
         "adv": (float(adv.sum()), adv.numel(), float(adv.min()), float(adv.max())) if adv.numel() else None,
     }
     if algo.metrics is not None:
-        pos = data.rewards > 0
-        mixed = torch.zeros_like(pos)
-        for g in torch.unique(data.group_ids):
-            rows = data.group_ids == g
-            mixed |= rows & bool(pos[rows].any() and not pos[rows].all())
-        local["algo"] = algo.metrics.local(data.extras, neg_tok, neg_tok & mixed[:, None])
+        local["algo"] = algo.metrics.local(data.extras, neg_tok, neg_tok & data.mixed_rows()[:, None])
     every = all_gather_objects(local, ctx)
     r = torch.tensor([x for e in every for x in e["rewards"]], dtype=torch.float64)
     g = torch.tensor([x for e in every for x in e["groups"]])
@@ -620,13 +625,7 @@ def _dump(run_dir: Path, step: int, data: ScoredBatch, tokenizer: Any, ctx: Dist
 def _in_batch_lld(model: torch.nn.Module, data: ScoredBatch, cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     """``lld/*`` of a rollout batch (docs/MATH.md § Lazy likelihood displacement): its mixed groups' positive
     responses re-scored by one no-grad forward after the batch's last update, against the rollout's log-probs."""
-    pos = data.rewards > 0  # (B,)
-    mixed = torch.zeros_like(pos)
-    for g in torch.unique(data.group_ids):
-        rows = data.group_ids == g
-        if pos[rows].any() and not pos[rows].all():
-            mixed |= rows
-    idx = torch.nonzero(mixed & pos).flatten()
+    idx = torch.nonzero(data.mixed_rows() & (data.rewards > 0)).flatten()
     per = cfg.logprob_micro_batch_size or cfg.micro_batch_size
     chunks = [idx[s : s + per] for s in range(0, idx.numel(), per)]
     # Every rank runs as many forwards as the busiest one (FSDP collectives); extra ones score a dummy row.
