@@ -80,6 +80,15 @@ def test_step_selection_and_probe_choice(run, tmp_path):
     assert sorted(load_results(out)) == ["scores"]
 
 
+def test_quiet_prints_nothing_but_writes_the_same(run, tmp_path, capsys):
+    assert main([str(run), "--out", str(tmp_path / "loud"), "--probes", "entropy", *FAST]) == 0
+    loud = capsys.readouterr().out
+    assert "memory plan" in loud and "resrl probe: wrote" in loud
+    assert main([str(run), "--out", str(tmp_path / "q"), "--probes", "entropy", "--quiet", *FAST]) == 0
+    assert capsys.readouterr().out == ""
+    assert sorted(load_results(tmp_path / "q")) == ["scores"]
+
+
 def test_csv_format(run, tmp_path):
     out = tmp_path / "csv"
     assert main([str(run), "--out", str(out), "--probes", "subspace", "--steps", "1", "--format", "csv", *FAST]) == 0

@@ -277,7 +277,7 @@ def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALG
     cfgs = [preset_config(preset, **o) for _, _, o in runs]  # all validated before anything runs
     # Held-out probe set at every checkpoint (LLD), pass@k from `samples` samples at the first and last one.
     probe_argv = ["--probe-set", "heldout", "--groups", "0", "--samples", str(samples), "--diversity-steps", "ends",
-                  "--full-model-steps", "none", "--threads", "1", "--no-progress", *probe_args]
+                  "--full-model-steps", "none", "--threads", "1", "--no-progress", "--quiet", *probe_args]
     # The subspace and first-order probes feed only the figures (drawn from the first seed): the other seeds skip
     # them, which keeps the default demo within 20 minutes on 2 cores.
     rest_argv = [*probe_argv, "--probes", "lld,entropy,diversity,interference"]

@@ -151,7 +151,14 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
            "tokenizer for a text probe set), so a model can be planned for before downloading its weights")
     a("--format", choices=("parquet", "csv"), default="parquet", help="table format (default parquet)")
     a("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a terminal)")
+    a("--quiet", action="store_true",
+      help="print nothing but errors (no memory plan, no closing line)")
     return parser
+
+
+def _say_unless_quiet(args: argparse.Namespace):
+    """``print`` for the informational lines, silenced by ``--quiet``."""
+    return (lambda *a, **k: None) if getattr(args, "quiet", False) else print
 
 
 def _steps_spec(spec: str, steps: list[int]) -> set[int]:
@@ -356,7 +363,8 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
 
     # The memory plan, before any model is loaded: it picks the group batching and refuses what cannot fit.
     mem_plan = plan_for_args(args, ckpts[0][1], ProbeShape.of(probe_set.groups), device=device)
-    print(mem_plan.describe(), flush=True)  # information: stdout; stderr holds only a failure's one line
+    if not getattr(args, "quiet", False):
+        print(mem_plan.describe(), flush=True)  # information: stdout; stderr holds only a failure's one line
     check_plan(mem_plan)
     args.group_batch = mem_plan.group_batch
     cfg = replace(PROBE_PARAMS.resrl, rank=args.rank, svd=args.svd)
@@ -490,8 +498,8 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
         os.replace(staging / "summary.json", out / "summary.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"resrl probe: wrote {', '.join(sorted(results))} for {len(steps)} checkpoint(s) to {out}"
-          f" (summary: {out / 'summary.json'})")
+    _say_unless_quiet(args)(f"resrl probe: wrote {', '.join(sorted(results))} for {len(steps)} checkpoint(s) to {out}"
+                            f" (summary: {out / 'summary.json'})")
     return 0
 
 
@@ -562,7 +570,7 @@ def _run_batch(args: argparse.Namespace, ckpts: list[tuple[int, Path]], t_start:
         atomic_write(out / "summary_batch.json", json.dumps(to_jsonable(summary), indent=1, allow_nan=False))
     finally:
         lock.release()
-    print(f"resrl probe: wrote lld_batch (in-batch LLD over {len(pairs)} step(s)) to {out}")
+    _say_unless_quiet(args)(f"resrl probe: wrote lld_batch (in-batch LLD over {len(pairs)} step(s)) to {out}")
     return 0
 
 
