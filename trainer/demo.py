@@ -1,6 +1,7 @@
 """`resrl demo`: the main job on the embedded default, end to end on a CPU, with controls, seeds and intervals.
 
-From the preset's warm start (``--preset``, default ``tiny``), train GRPO, PSR (the control without a negative
+From the preset's warm start (``--preset``, default ``tiny-addition``: 3-digit addition with the carry chain
+written out, so right and wrong responses share most tokens), train GRPO, PSR (the control without a negative
 gradient), NSR, W-REINFORCE and ResRL, each with every seed of ``--seeds`` (default 0,1,2), as independent runs in
 ``--jobs`` parallel processes. Each run logs the live in-batch LLD metrics (``lld_in_batch``) and is probed on its
 held-out probe set (``--probe-set heldout``: held-out prompts, each with its reference answer and responses of the
@@ -202,6 +203,7 @@ def summary_markdown(agg: dict[str, Any], *, seconds: float, settings: dict[str,
         shown = [c for c in judged if c["excludes_zero"]]
         lines += ["", f"{len(shown)} of {len(judged)} differences exclude 0 at {len(seeds)} seeds (of {len(judged)} "
                   f"independent 95% intervals about {0.05 * len(judged):.1f} would exclude 0 by chance alone)."]
+    lines += _ceiling_notes(agg, pk)
     lines += ["",
               "Definitions. Live in-batch LLD (trainer, `lld_in_batch`): for each mixed group of a rollout batch, "
               "Δ log π(y⁺) of its own positive responses across that batch's update; the fraction of groups with "
@@ -213,6 +215,23 @@ def summary_markdown(agg: dict[str, Any], *, seconds: float, settings: dict[str,
               "temperature. Interference: cosine of the head gradients of positive and negative tokens, averaged "
               f"over mixed groups at the last checkpoint. Figures: the runs of seed {seeds[0]}.", ""]
     return "\n".join(lines)
+
+
+def _ceiling_notes(agg: dict[str, Any], pass_k: int | None) -> list[str]:
+    """Sentences for pass@k metrics at their ceiling for every algorithm (they cannot show a difference there).
+
+    >>> agg = {"algorithms": {"a": {"pass@n_start": {"mean": 1.0}}, "b": {"pass@n_start": {"mean": 0.995}}}}
+    >>> _ceiling_notes(agg, 64)[1]
+    'pass@64 (step 0) is at least 0.99 for every algorithm: at its ceiling, it cannot show a difference here.'
+    """
+    out = []
+    for key, what in (("pass@n_start", "step 0"), ("pass@n_end", "last"), ("pass@1_end", "last")):
+        means = [d[key]["mean"] for d in agg["algorithms"].values() if d.get(key, {}).get("mean") is not None]
+        if means and min(means) >= 0.99:
+            name = key.split("_")[0].replace("pass@n", f"pass@{pass_k}" if pass_k else "pass@n")
+            out.append(f"{name} ({what}) is at least 0.99 for every algorithm: at its ceiling, it cannot show a "
+                       "difference here.")
+    return ["", *out] if out else []
 
 
 def _one_run(preset: str, overrides: dict[str, Any], probe_argv: list[str]) -> str:
@@ -244,7 +263,7 @@ def _one_run(preset: str, overrides: dict[str, Any], probe_argv: list[str]) -> s
 
 def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALGORITHMS,
          seeds: tuple[int, ...] = DEMO_SEEDS, jobs: int = 2, steps: int = 40, save_every: int = 4,
-         preset: str = "tiny", samples: int = 64, figures_dir: str | Path | None = None,
+         preset: str = "tiny-addition", samples: int = 64, figures_dir: str | Path | None = None,
          probe_args: tuple[str, ...] = (), model: str | None = None) -> Path:
     """Run the demo; returns the path of ``summary.md``.
 
@@ -341,7 +360,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
     parser.add_argument("--algorithms", default=",".join(DEMO_ALGORITHMS),
                         help=f"comma-separated algorithms, of {','.join(ALGORITHM_NAMES)} (default: %(default)s)")
-    parser.add_argument("--preset", default="tiny", help="the preset every run starts from (default: %(default)s)")
+    parser.add_argument("--preset", default="tiny-addition",
+                        help="the preset every run starts from (default: %(default)s; 'tiny': 2-digit multiplication)")
     parser.add_argument("--seeds", type=_int_list, default=DEMO_SEEDS,
                         help="comma-separated seeds, one run per algorithm and seed (default: 0,1,2)")
     parser.add_argument("--quick", action="store_true",
