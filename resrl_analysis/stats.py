@@ -24,7 +24,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Interval", "t_cdf", "t_ppf", "mean_interval", "welch_difference", "describe_interval",
+__all__ = ["Interval", "t_cdf", "t_ppf", "mean_interval", "welch_difference", "describe_interval", "interval_digits",
            "describe_difference", "fmt_number"]
 
 
@@ -242,15 +242,33 @@ def fmt_number(x: float, digits: int = 3) -> str:
     return s.replace("-", "−")
 
 
+def interval_digits(iv: Interval, digits: int = 3, *, max_digits: int = 6) -> int:
+    """Decimals that show an interval's width to 2 significant figures (at least ``digits``).
+
+    A narrow interval printed with too few decimals reads as ``0.000 [0.000, 0.000]``, which hides
+    whether it excludes 0.
+
+    >>> interval_digits(Interval(0.0003, 0.0001, 0.0005)), interval_digits(Interval(0.2, 0.1, 0.3))
+    (5, 3)
+    """
+    width = iv.hi - iv.lo
+    if not (math.isfinite(width) and width > 0):
+        return digits
+    return int(min(max_digits, max(digits, math.ceil(-math.log10(width)) + 1)))
+
+
 def describe_interval(iv: Interval, digits: int = 3) -> str:
-    """``"mean [lo, hi]"``, or ``"mean (1 seed, no interval)"``.
+    """``"mean [lo, hi]"``, or ``"mean (1 seed, no interval)"``; more decimals when the interval is narrow.
 
     >>> describe_interval(mean_interval([1.0, 2.0, 3.0]), 2)
     '2.00 [−0.48, 4.48]'
+    >>> describe_interval(Interval(-0.0003, -0.0004, -0.0002))
+    '−0.00030 [−0.00040, −0.00020]'
     """
     if not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
         return f"{fmt_number(iv.mean, digits)} ({iv.n} seed{'s' if iv.n != 1 else ''}, no interval)"
-    return f"{fmt_number(iv.mean, digits)} [{fmt_number(iv.lo, digits)}, {fmt_number(iv.hi, digits)}]"
+    d = interval_digits(iv, digits)
+    return f"{fmt_number(iv.mean, d)} [{fmt_number(iv.lo, d)}, {fmt_number(iv.hi, d)}]"
 
 
 def describe_difference(label: str, iv: Interval, digits: int = 3, *,
@@ -262,8 +280,14 @@ def describe_difference(label: str, iv: Interval, digits: int = 3, *,
     'A − B: 2.000 [1.773, 2.227]: the interval excludes 0 (the first is higher) at 3 seeds'
     >>> describe_difference("A − B", welch_difference([1.0, 1.1, 0.9], [3.0, 3.1, 2.9]), names=("A", "B"))
     'A − B: −2.000 [−2.227, −1.773]: the interval excludes 0 (B is higher) at 3 seeds'
+    >>> describe_difference("A − B", welch_difference([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]))
+    'A − B: 0.000: every seed of both gave the same value, so there is no interval and no difference at 3 seeds'
     """
     seeds = f"{iv.n} seed{'s' if iv.n != 1 else ''}"
+    if iv.n >= 2 and not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):  # n >= 2 each: zero spread on both sides
+        what = "no difference" if iv.mean == 0.0 else "the same difference in every seed"
+        return (f"{label}: {fmt_number(iv.mean, digits)}: every seed of both gave the same value, so there is no "
+                f"interval and {what} at {seeds}")
     head = f"{label}: {describe_interval(iv, digits)}"
     if not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
         return f"{head}: no interval at {seeds}, nothing can be said about a difference"

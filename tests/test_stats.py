@@ -86,3 +86,18 @@ def test_sentences_follow_the_numbers():
     assert describe_interval(mean_interval([0.5])) == "0.500 (1 seed, no interval)"
     assert mean_interval([1.0, 2.0]).to_dict()["seeds"] == [1.0, 2.0]
     assert mean_interval([1.0]).to_dict()["lo"] is None
+
+
+def test_narrow_intervals_get_the_decimals_that_show_them():
+    iv = welch_difference([0.0950, 0.0951, 0.0952], [0.0953, 0.0954, 0.0955])
+    s = describe_difference("d", iv)
+    assert iv.excludes_zero and "0.000 [0.000" not in s and "excludes 0" in s
+    lo, hi = s.split("[")[1].split("]")[0].split(", ")
+    assert float(lo.replace("−", "-")) < 0 and float(hi.replace("−", "-")) < 0  # the printed ends exclude 0 too
+
+
+def test_zero_spread_on_both_sides_is_said_plainly():
+    same = describe_difference("pass@64", welch_difference([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]))
+    assert "every seed of both gave the same value" in same and "no difference" in same
+    shifted = describe_difference("d", welch_difference([2.0, 2.0], [1.0, 1.0]))
+    assert shifted.startswith("d: 1.000:") and "the same difference in every seed" in shifted
