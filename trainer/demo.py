@@ -189,6 +189,7 @@ def summary_markdown(agg: dict[str, Any], *, seconds: float, settings: dict[str,
     for k in keys:
         label = HEADLINE_METRICS[k].replace("pass@n", f"pass@{pk}" if pk else "pass@n")
         lines.append(f"| {label} | " + " | ".join(_cell(agg["algorithms"][a].get(k)) for a in algos) + " |")
+    lines += _headline(agg, len(seeds))
     lines += ["", "## Differences (Welch 95% interval)", ""]
     if not agg["comparisons"]:
         lines.append("No comparison: ResRL, NSR, GRPO and PSR did not all run.")
@@ -217,19 +218,59 @@ def summary_markdown(agg: dict[str, Any], *, seconds: float, settings: dict[str,
     return "\n".join(lines)
 
 
+#: (a, b, sign, claim): the questions the demo exists to answer; sign +1: the claim says a − b > 0.
+_CLAIMS = (("nsr", "psr", +1, "The negative gradient displaces positives (NSR above the control PSR)"),
+           ("resrl", "nsr", -1, "ResRL displaces positives less than NSR"),
+           ("resrl", "grpo", -1, "ResRL displaces positives less than GRPO"))
+_LLD_KEYS = ("lld/batch_frac", "heldout_lld_frac_end")
+
+
+def _headline(agg: dict[str, Any], n_seeds: int) -> list[str]:
+    """One generated verdict per question and LLD metric: shown, not shown, or the opposite shown.
+
+    >>> c = {"a": "nsr", "b": "psr", "metric": "lld/batch_frac", "diff": 0.07, "lo": 0.06, "hi": 0.08,
+    ...      "excludes_zero": True}
+    >>> _headline({"comparisons": [c]}, 3)[3].split(": ")[1]
+    'shown, NSR − PSR = 0.070 [0.060, 0.080].'
+    """
+    from resrl_analysis.stats import Interval, describe_interval
+
+    found = {(c["a"], c["b"], c["metric"]): c for c in agg["comparisons"]}
+    out = []
+    for a, b, sign, claim in _CLAIMS:
+        for key in _LLD_KEYS:
+            c = found.get((a, b, key))
+            if c is None:
+                continue
+            if c["lo"] is None or c["hi"] is None:
+                verdict = "cannot be judged (no interval)"
+            elif not c["excludes_zero"]:
+                verdict = "not shown (the interval includes 0)"
+            else:
+                verdict = "shown" if (c["lo"] > 0) == (sign > 0) else "the opposite is shown"
+            iv = Interval(c["diff"], c["lo"] if c["lo"] is not None else math.nan,
+                          c["hi"] if c["hi"] is not None else math.nan, n=n_seeds)
+            what = HEADLINE_METRICS[key].split(" (")[0]
+            out.append(f"- {claim}, {what}: {verdict}, {_NAMES.get(a, a)} − {_NAMES.get(b, b)} = "
+                       f"{describe_interval(iv)}.")
+    if not out:
+        return []
+    return ["", "## What the numbers show", "", *out]
+
+
 def _ceiling_notes(agg: dict[str, Any], pass_k: int | None) -> list[str]:
     """Sentences for pass@k metrics at their ceiling for every algorithm (they cannot show a difference there).
 
     >>> agg = {"algorithms": {"a": {"pass@n_start": {"mean": 1.0}}, "b": {"pass@n_start": {"mean": 0.995}}}}
     >>> _ceiling_notes(agg, 64)[1]
-    'pass@64 (step 0) is at least 0.99 for every algorithm: at its ceiling, it cannot show a difference here.'
+    '- pass@64 (step 0) is at least 0.99 for every algorithm: at its ceiling, it cannot show a difference here.'
     """
     out = []
     for key, what in (("pass@n_start", "step 0"), ("pass@n_end", "last"), ("pass@1_end", "last")):
         means = [d[key]["mean"] for d in agg["algorithms"].values() if d.get(key, {}).get("mean") is not None]
         if means and min(means) >= 0.99:
             name = key.split("_")[0].replace("pass@n", f"pass@{pass_k}" if pass_k else "pass@n")
-            out.append(f"{name} ({what}) is at least 0.99 for every algorithm: at its ceiling, it cannot show a "
+            out.append(f"- {name} ({what}) is at least 0.99 for every algorithm: at its ceiling, it cannot show a "
                        "difference here.")
     return ["", *out] if out else []
 
