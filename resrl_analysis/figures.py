@@ -167,6 +167,12 @@ def _which_runs(rs: Sequence[RunData]) -> str:
     return "runs " + ", ".join(r.path.name for r in rs)
 
 
+def _suptitle(fig, text: str, **kw) -> None:
+    """A figure title, with the panels laid out again beneath it (tight_layout makes room for it)."""
+    fig.suptitle(text, **kw)
+    fig.tight_layout()
+
+
 def _same_curves(curves: Sequence[pd.Series], tol: float = 1e-9) -> bool:
     """True when every curve (a Series over x) equals the first: series that would hide each other."""
     first = curves[0]
@@ -203,6 +209,11 @@ def fig_pass_at_k(runs: Sequence[RunData]):
             parts.append(st[st.label == st.label.iloc[0]].assign(label=lab, lo=float("nan"), hi=float("nan")))
         else:
             parts.append(st.assign(label=st.label + f" {s0_txt}"))
+    counts = last.groupby("label").seed.nunique()
+    if counts.nunique() > 1:  # the title cannot give one number of seeds: each legend entry gives its own
+        for i, p in enumerate(parts):
+            parts[i] = p.assign(label=[f"{lab} ({plots.seeds_phrase([int(counts[lab])])})" if lab in counts else lab
+                                       for lab in p.label])
     legend = (f"solid: step {s1[0]}" if len(s1) == 1 else "solid: last checkpoint") + f"; dashed: {s0_txt}"
     fig = plots.plot_pass_at_k(pd.concat(parts, ignore_index=True), legend_title=legend)
     for a in fig.axes:
@@ -237,7 +248,9 @@ def fig_lld_bars(runs: Sequence[RunData]):
             iv = mean_interval(f)
             title += f"\n{len(f)} seeds: LLD {iv.mean:.0%} [{iv.lo:.0%}, {iv.hi:.0%}]"
         a.set_title(title, fontsize="small")
-    fig.suptitle(f"held-out prompts: Δ log π of the positive responses, {cmp}, sorted (red: LLD, Δ ≤ 0)", y=1.04)
+    for a in fig.axes[1:]:  # the first panel's label says it all; the others repeat it short
+        a.set_ylabel("Δ log π(y⁺|x) (nats)")
+    _suptitle(fig, f"held-out prompts: Δ log π of the positive responses, {cmp}, sorted (red: LLD, Δ ≤ 0)")
     return fig
 
 
@@ -250,8 +263,9 @@ def fig_lld_over_steps(runs: Sequence[RunData]):
         return "no LLD comparison against the first checkpoint"
     t = plots.seed_bands(d, "step_to", "delta_pos_sum").rename(columns={"step_to": "step"})
     ax = plots.plot_seed_bands(t, "step", ylabel="mean Δ log π(y⁺|x) vs step 0 (nats)", zero_line=True, marker="o")
-    ax.set_title(f"held-out positives against step 0: mean over prompts, {_phrase(d)} (band: 95% t)",
-                 fontsize="small")
+    note = plots.overlap_note(t)
+    ax.set_title(f"held-out positives against step 0: mean over prompts, {_phrase(d)} (band: 95% t)"
+                 + (f"\n{note}" if note else ""), fontsize="small")
     return ax.figure
 
 
@@ -272,8 +286,9 @@ def fig_group_cosine(runs: Sequence[RunData]):
     d = d[d.head_update_cosine.notna()]
     t = plots.seed_bands(d, "step", "head_update_cosine")
     ax = plots.plot_seed_bands(t, "step", ylabel="cos(Σ g⁺, Σ A⁻ g⁻)  (head)", zero_line=True, marker="o")
-    ax.set_title(f"group-level interference, mean over held-out groups, {_phrase(d)} (band: 95% t)",
-                 fontsize="small")
+    note = plots.overlap_note(t)
+    ax.set_title(f"group-level interference, mean over held-out groups, {_phrase(d)} (band: 95% t)"
+                 + (f"\n{note}" if note else ""), fontsize="small")
     return ax.figure
 
 
@@ -302,8 +317,7 @@ def fig_bound(runs: Sequence[RunData]):
         plots.plot_bound_validation(d[d.label == lab].rename(columns={"true_abs": "true", "tight_bound": "bound"}),
                                     hue="label", ax=a)
         a.set_title(f"{_run_name(named[lab])}\n{a.get_title()}", fontsize="small")
-    fig.suptitle(f"tight alignment bound, {PAPER_REPRESENTATION}, every probed checkpoint", y=1.02)
-    fig.tight_layout()
+    _suptitle(fig, f"tight alignment bound, {PAPER_REPRESENTATION}, every probed checkpoint")
     return fig
 
 
@@ -318,8 +332,8 @@ def fig_proxy(runs: Sequence[RunData]):
     rho = c.groupby("representation").spearman_sum.mean().to_dict()
     fig = plots.plot_proxy_vs_interference(
         d.rename(columns={"residual_energy": "residual", "interference_sum_abs": "interference"}), rho=rho, log=True)
-    fig.suptitle(f"proxy (residual energy) vs true head interference of each negative token, step {last}, pooled over "
-                 f"{_which_runs(chosen)} (ρ: Spearman, mean over runs)", y=1.02)
+    _suptitle(fig, f"proxy (residual energy) vs true head interference of each negative token, step {last}, pooled "
+              f"over {_which_runs(chosen)} (ρ: Spearman, mean over runs)")
     return fig
 
 
@@ -373,8 +387,8 @@ def fig_residual_weights(runs: Sequence[RunData]):
     # config.yaml is a TrainConfig: the quantiles are its resrl_q_low / resrl_q_high.
     fig = plots.plot_residual_weight_hist(res, w, q_low=float(r.config.get("resrl_q_low", 0.2)),
                                           q_high=float(r.config.get("resrl_q_high", 0.8)))
-    fig.suptitle(f"{_run_name(r)}: negative tokens of every dumped step (quantiles pooled; the trainer's are per "
-                 "group)", y=1.04, fontsize="small")
+    _suptitle(fig, f"{_run_name(r)}: negative tokens of every dumped step (quantiles pooled; the trainer's are per "
+              "group)", fontsize="small")
     return fig
 
 
@@ -435,8 +449,9 @@ def fig_token_heatmap(runs: Sequence[RunData]):
     cb = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0.0, 1.0), cmap="magma"), ax=list(axes[:, 0]),
                       fraction=0.03, pad=0.02)
     cb.set_label("ResRL weight ω of the token")
-    fig.suptitle(f"{_run_name(r)}, step {step}: ResRL weight of each token of whole negative responses",
-                 fontsize="small")
+    fig.suptitle(f"{_run_name(r)}, step {step}: ResRL weight of each token of whole negative responses\n"
+                 "blue outline: a shared token (a positive response of the group has the same token after the same "
+                 "prefix)", fontsize="small")
     return fig
 
 
@@ -450,11 +465,12 @@ def fig_dynamics(runs: Sequence[RunData]):
     for ax in fig.axes:
         if ax.get_title() == "val/reward_mean":
             ax.set_title("val pass@1")
-    fig.suptitle(f"training: mean over {_phrase(m)} per algorithm (band: 95% t interval)", y=1.04)
+    _suptitle(fig, f"training: mean over {_phrase(m)} per algorithm (band: 95% t interval)")
     return fig
 
 
 IN_BATCH_KEYS = ("lld/batch_frac", "lld/batch_delta_mean", "lld/mixed_groups")
+IN_BATCH_SMOOTH = 5
 
 
 def fig_in_batch_lld(runs: Sequence[RunData]):
@@ -464,12 +480,14 @@ def fig_in_batch_lld(runs: Sequence[RunData]):
         return "no in-batch LLD metrics (train with lld_in_batch: true)"
     m = pd.concat(parts, ignore_index=True)
     m = m[m["lld/batch_frac"].notna()]  # steps without a mixed group have no in-batch LLD
-    fig = plots.plot_training_dynamics(m, keys=IN_BATCH_KEYS)
+    # One step's value comes from ~20 groups: a rolling mean over 5 steps per run makes the trend readable.
+    fig = plots.plot_training_dynamics(m, keys=IN_BATCH_KEYS, smooth=IN_BATCH_SMOOTH)
     for ax in fig.axes:
-        if ax.get_title() == "lld/batch_delta_mean":
+        if ax.get_title().startswith("lld/batch_delta_mean"):
             ax.axhline(0.0, color="k", lw=0.8)
-    fig.suptitle(f"in-batch LLD: each mixed group's positives across that step's update; mean over {_phrase(m)} "
-                 "(band: 95% t; steps without a mixed group skipped)", y=1.04, fontsize="small")
+    _suptitle(fig, "in-batch LLD: each mixed group's positives across that step's update (steps without a mixed group "
+              f"skipped)\nrolling mean over {IN_BATCH_SMOOTH} steps per run, then mean over {_phrase(m)} "
+              "(band: 95% t interval)")
     return fig
 
 
@@ -507,9 +525,8 @@ def fig_first_order(runs: Sequence[RunData]):
         plots.plot_first_order(d[d.label == lab].rename(columns={"actual_head": "measured"}), ax=a)
         a.get_legend().remove()
         a.set_title(_run_name(named[lab]), fontsize="small")
-    fig.suptitle("one SGD step of the head from each probed checkpoint: the positives' Δ log π, predicted vs measured",
-                 y=1.02)
-    fig.tight_layout()
+    _suptitle(fig, "one SGD step of the head from each probed checkpoint: the positives' Δ log π, predicted vs "
+                   "measured")
     return fig
 
 

@@ -5,7 +5,7 @@ and returns the matplotlib Axes or Figure it drew on. Nothing here imports trans
 model: the probes compute, the plots draw (seaborn's split of statistics from drawing).
 """
 
-from .bands import seed_bands, seeds_phrase
+from .bands import overlap_note, seed_bands, seeds_phrase
 from .curves import METRIC_LABELS, plot_pass_at_k, plot_seed_bands, plot_training_dynamics
 from .diagnostics import (
     log_floor,
@@ -29,6 +29,7 @@ __all__ = [
     "paper_style",
     "save_figure",
     "METRIC_LABELS",
+    "overlap_note",
     "seed_bands",
     "seeds_phrase",
     "plot_seed_bands",

@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..stats import mean_interval
 
-__all__ = ["seed_bands", "seeds_phrase"]
+__all__ = ["seed_bands", "seeds_phrase", "overlap_note"]
 
 
 def seed_bands(frame: pd.DataFrame, x: str, value: str, *, label: str = "label", seed: str = "seed") -> pd.DataFrame:
@@ -53,3 +53,21 @@ def seeds_phrase(counts: Sequence[int]) -> str:
     if lo == hi:
         return f"{lo} seed{'s' if lo != 1 else ''}"
     return f"{lo}–{hi} seeds"
+
+
+def overlap_note(table: pd.DataFrame, x: str = "step", *, label: str = "label", rel: float = 0.02) -> str:
+    """A title's warning when the labels' mean lines of a :func:`seed_bands` table lie on one another:
+    every pair within ``rel`` of the range the lines span, at every shared x; else ``""``.
+
+    >>> t = pd.DataFrame({"label": ["a", "a", "b", "b"], "step": [0, 1, 0, 1], "mean": [1.0, 2.0, 1.0, 2.001]})
+    >>> overlap_note(t)
+    'lines overlap (within 0.001)'
+    >>> overlap_note(t.assign(mean=[1.0, 2.0, 1.5, 2.5]))
+    ''
+    """
+    wide = table.pivot_table(index=x, columns=label, values="mean").dropna()
+    if wide.shape[1] < 2 or wide.empty:
+        return ""
+    spread = float((wide.max(axis=1) - wide.min(axis=1)).max())
+    span = float(np.nanmax(wide.to_numpy()) - np.nanmin(wide.to_numpy()))
+    return f"lines overlap (within {spread:.2g})" if spread <= rel * max(span, 1e-12) else ""

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .bands import seed_bands, seeds_phrase
+from .bands import overlap_note, seed_bands, seeds_phrase
 from .style import color_for, line_styles, new_axes, order_labels
 
 __all__ = ["plot_pass_at_k", "plot_training_dynamics", "plot_seed_bands", "METRIC_LABELS"]
@@ -20,7 +20,7 @@ METRIC_LABELS = {
     "response/length_mean": "response length (tokens)",
     "val/reward_mean": "val pass@1",
     "val/pass@1": "val pass@1",
-    "lld/batch_frac": "fraction of mixed groups with Δ ≤ 0",
+    "lld/batch_frac": "groups with Δ ≤ 0 (fraction)",
     "lld/batch_delta_mean": "Δ log π(y⁺) per positive (nats)",
     "lld/mixed_groups": "mixed groups in the batch",
     "resrl/weight_mean": "mean ResRL weight ω",
@@ -86,7 +86,8 @@ def plot_pass_at_k(frame: pd.DataFrame, *, label: str = "label", task: str | Non
         a.set_xlabel("k (samples per prompt)")
         a.set_ylabel("pass@k")
         a.set_title(str(t) if t is not None else "pass@k")
-        a.legend(frameon=False, fontsize="small", title=legend_title, title_fontsize="small")
+        outside = dict(loc="center left", bbox_to_anchor=(1.0, 0.5)) if len(labs) > 3 else {}  # off the curves
+        a.legend(frameon=False, fontsize="small", title=legend_title, title_fontsize="small", **outside)
     return fig
 
 
@@ -116,7 +117,8 @@ def plot_seed_bands(table: pd.DataFrame, x: str = "step", *, label: str = "label
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel)
     if legend:
-        ax.legend(frameon=False, fontsize="small")
+        outside = dict(loc="center left", bbox_to_anchor=(1.0, 0.5)) if table[label].nunique() > 3 else {}
+        ax.legend(frameon=False, fontsize="small", **outside)
     return ax
 
 
@@ -136,7 +138,8 @@ def plot_training_dynamics(
         seed: a column naming each row's seed; when the table has it, each label's line is the mean
             over its seeds with the 95% t interval as a band, and the legend says how many seeds.
 
-    Each panel is titled with its key and has a y label (:data:`METRIC_LABELS`).
+    Each panel is titled with its key (and, where the lines lie on one another, says so) and has a y
+    label (:data:`METRIC_LABELS`).
 
     >>> m = pd.DataFrame({"step": [1, 2, 1, 2], "reward/mean": [.1, .2, .1, .3],
     ...                   "label": ["grpo", "grpo", "nsr", "nsr"]})
@@ -155,16 +158,21 @@ def plot_training_dynamics(
             for _, d in metrics[metrics[key].notna()].groupby([label, seed], sort=False):
                 d = d.sort_values("step")
                 parts.append(d.assign(**{key: d[key].rolling(smooth, min_periods=1).mean()}) if smooth > 1 else d)
-            plot_seed_bands(seed_bands(pd.concat(parts), "step", key, label=label, seed=seed), "step", label=label,
-                            ax=a, legend=False)
+            table = seed_bands(pd.concat(parts), "step", key, label=label, seed=seed)
+            plot_seed_bands(table, "step", label=label, ax=a, legend=False)
+            note = overlap_note(table, label=label)
         else:
+            note = ""
             for lab in order_labels(list(metrics[label].unique())):
                 d = metrics[(metrics[label] == lab) & metrics[key].notna()].sort_values("step")
                 y = d[key].rolling(smooth, min_periods=1).mean() if smooth > 1 else d[key]
                 a.plot(d["step"], np.asarray(y, dtype=float), color=color_for(lab), label=str(lab), lw=1.6)
         a.set_xlabel("step")
         a.set_ylabel(METRIC_LABELS.get(key, key))
-        a.set_title(key)
-    axes[0][0].legend(frameon=False, fontsize="small")
+        a.set_title(key + (f"\n{note}" if note else ""))
+    if metrics[label].nunique() > 3:  # many lines: the legend beside the last panel, off the curves
+        axes[0][-1].legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    else:
+        axes[0][0].legend(frameon=False, fontsize="small")
     fig.tight_layout()
     return fig

@@ -133,10 +133,12 @@ def plot_lld_shared_unique(frame: pd.DataFrame, *, value: str = "value", part: s
             pts = frame[(frame[label] == lab) & (frame[part] == pt)][value].to_numpy(dtype=float)
             ax.scatter(np.full(len(pts), x), pts, s=10, color="k", zorder=3, lw=0)
     ax.axhline(0.0, color="k", lw=0.8)
+    n_of = table.groupby(label)["n"].max()
+    n = n_of.tolist()
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels)
+    # seed counts that differ between labels are given under each label
+    ax.set_xticklabels([f"{lab}\n({seeds_phrase([int(n_of[lab])])})" if len(set(n)) > 1 else lab for lab in labels])
     ax.set_ylabel(ylabel)
-    n = table.groupby(label)["n"].max().tolist()
     leg = ax.legend(frameon=False, fontsize="small", title=f"bars: mean of {seeds_phrase(n)}; dots: seeds",
                     title_fontsize="x-small")
     for h in leg.legend_handles:  # legend patches in grey: the colours are the algorithms'
@@ -341,15 +343,20 @@ def plot_explained_variance(frame: pd.DataFrame, *, label: str | None = "label",
 def plot_residual_weight_hist(
     residuals: Sequence[float] | np.ndarray, weights: Sequence[float] | np.ndarray,
     *, lo: float | None = None, hi: float | None = None, q_low: float = 0.2, q_high: float = 0.8, bins: int = 40,
+    log: bool | None = None,
 ):
     """Histograms of negative-token residual energy (q_low/q_high quantiles marked) and ResRL weights.
 
     ``lo``/``hi`` default to the quantiles of the residuals given (pooled over groups: the trainer's
-    are per group, so pass them when plotting one group).
+    are per group, so pass them when plotting one group). ``log`` bins the residuals on a log axis
+    (default: when they span more than three decades); residuals below :func:`log_floor` (zeros, round-off)
+    are counted at the floor, as the x label says.
 
     >>> fig = plot_residual_weight_hist([0.1, 0.2, 0.3, 0.9], [0.1, 0.4, 0.7, 1.0])
-    >>> len(fig.axes), len(fig.axes[0].lines)
-    (2, 2)
+    >>> len(fig.axes), len(fig.axes[0].lines), fig.axes[0].get_xscale()
+    (2, 2, 'linear')
+    >>> plot_residual_weight_hist([0.0, 1e-14, 0.2, 0.3], [0.1, 0.1, 0.7, 1.0]).axes[0].get_xscale()
+    'log'
     """
     r = np.asarray(residuals, dtype=float)
     r = r[np.isfinite(r)]
@@ -357,11 +364,25 @@ def plot_residual_weight_hist(
     w = w[np.isfinite(w)]
     if lo is None or hi is None:
         lo, hi = (np.quantile(r, [q_low, q_high]) if len(r) else (np.nan, np.nan))
+    pos = r[r > 0]
+    if log is None:
+        log = len(pos) > 0 and (len(pos) < len(r) or pos.max() > 1e3 * pos.min())
     fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 3.2))
-    a.hist(r, bins=bins, color=color_for("resrl"), alpha=0.8)
+    xlabel = "residual energy e(x⁻)"
+    if log and len(pos):
+        floor = log_floor(pos)
+        n_low = int((r <= floor).sum())
+        r = np.maximum(r, floor)
+        edges = np.logspace(np.log10(floor), np.log10(max(r.max(), floor * 10)), bins + 1)
+        a.hist(r, bins=edges, color=color_for("resrl"), alpha=0.8)
+        a.set_xscale("log")
+        xlabel += f" (log; {n_low} of {len(r)} ≤ {floor:.0e}, counted there)"
+        lo, hi = max(lo, floor), max(hi, floor)
+    else:
+        a.hist(r, bins=bins, color=color_for("resrl"), alpha=0.8)
     a.axvline(lo, color="k", ls="--", lw=1)
     a.axvline(hi, color="k", ls=":", lw=1)
-    a.set_xlabel("residual energy e(x⁻)")
+    a.set_xlabel(xlabel, fontsize="small" if log else None)
     a.set_ylabel("negative tokens")
     a.set_title(f"q_low={q_low:g} (--), q_high={q_high:g} (··)")
     b.hist(w, bins=bins, color=color_for("resrl"), alpha=0.8)
@@ -387,7 +408,7 @@ def plot_token_heatmap(
 
     Tokens with a missing value (None/NaN) are drawn grey. ``shared`` (one flag per token) outlines the
     flagged tokens in blue (e.g. a negative response's tokens that a positive response of its group
-    shares: the same token after the same prefix) and says so in the x label. ``colorbar_label`` names
+    shares: the same token after the same prefix) and says so, with their count, in the title. ``colorbar_label`` names
     the colour bar's quantity; ``ylabel`` labels the panel (e.g. which response it is).
 
     >>> ax = plot_token_heatmap(["1", "2", "<eos>"], [0.1, 1.0, None]); len(ax.texts)
@@ -426,8 +447,7 @@ def plot_token_heatmap(
     ax.set_ylabel(ylabel, rotation=0, ha="right", va="center", fontsize="small")
     if shared is not None:
         n = int(np.sum(np.asarray(shared, dtype=bool)))
-        ax.set_xlabel(f"blue outline: token shared with a positive response (same prefix), {n} of {len(tokens)}",
-                      fontsize="x-small", loc="left")
+        title = f"{title}   [blue outline: shared, {n} of {len(tokens)}]".strip()
     ax.set_title(title)
     if colorbar:
         cb = ax.figure.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cm), ax=ax, fraction=0.03, pad=0.01)

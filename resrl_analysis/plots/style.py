@@ -44,6 +44,8 @@ def color_for(label: str) -> tuple[float, float, float]:
     key = str(label).lower()
     if key in ALGORITHM_COLORS:
         return ALGORITHM_COLORS[key]
+    if key.startswith("step "):  # a checkpoint of no one algorithm ("step 0: all"): the neutral grey
+        return ALGORITHM_COLORS["base"]
     for name in ALGORITHM_ORDER:  # "resrl-seed1" keeps ResRL's colour
         if key.startswith(name):
             return ALGORITHM_COLORS[name]
