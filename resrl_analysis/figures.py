@@ -246,7 +246,8 @@ def fig_lld_bars(runs: Sequence[RunData]):
             from .stats import mean_interval
 
             iv = mean_interval(f)
-            title += f"\n{len(f)} seeds: LLD {iv.mean:.0%} [{iv.lo:.0%}, {iv.hi:.0%}]"
+            # a fraction: the t interval's ends are shown within [0, 1]
+            title += f"\n{len(f)} seeds: LLD {iv.mean:.0%} [{max(iv.lo, 0.0):.0%}, {min(iv.hi, 1.0):.0%}]"
         a.set_title(title, fontsize="small")
     for a in fig.axes[1:]:  # the first panel's label says it all; the others repeat it short
         a.set_ylabel("Δ log π(y⁺|x) (nats)")
@@ -359,7 +360,9 @@ def fig_explained_variance(runs: Sequence[RunData]):
         columns={"explained_variance": "explained"}), upto=0.99, max_rank=20)
     ends = [g.groupby("rank").explained_variance.mean() for _, g in last.groupby("label")]
     top = max(float(np.max(np.asarray(line.get_xdata(), dtype=float))) for line in ax.lines)
-    spread = max(float((e - ends[0]).abs()[e.index <= top].max()) for e in ends) if len(ends) > 1 else 0.0
+    wide = pd.concat(ends, axis=1).dropna()  # (ranks every curve has, curves)
+    wide = wide[wide.index <= top]
+    spread = float((wide.max(axis=1) - wide.min(axis=1)).max()) if len(ends) > 1 and len(wide) else 0.0
     note = f"; the step-{s1} curves differ by ≤ {spread:.3f} and overlap" if len(ends) > 1 and spread < 0.01 else ""
     ax.set_title(f"positive subspace ({PAPER_REPRESENTATION}), mean over groups, {_which_runs(chosen)}:\n"
                  f"step {s1} solid, step {s0} dashed{note}", fontsize="small")

@@ -433,7 +433,8 @@ def plot_token_heatmap(
         face = cm(norm(v)) if np.isfinite(v) else (0.85, 0.85, 0.85, 1.0)
         lum = 0.299 * face[0] + 0.587 * face[1] + 0.114 * face[2]
         edge = dict(ec=SHARED_EDGE, lw=2.0) if shared is not None and shared[i] else dict(ec="none")
-        ax.text(c + 0.5, rows - r - 0.5, tok.replace("\n", "⏎") or "␣", ha="center", va="center", fontsize=9,
+        text = "�" if tok is None else str(tok).replace("\n", "⏎") or "␣"  # None: an id the tokenizer lacks
+        ax.text(c + 0.5, rows - r - 0.5, text, ha="center", va="center", fontsize=9,
                 family="monospace", color="white" if lum < 0.5 else "black",
                 bbox=dict(boxstyle="square,pad=0.25", fc=face, **edge))
     ax.set_xlim(0, per_line if rows > 1 else max(len(tokens), 12))  # compact, left-aligned boxes
