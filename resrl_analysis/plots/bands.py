@@ -57,7 +57,7 @@ def seeds_phrase(counts: Sequence[int]) -> str:
 
 def overlap_note(table: pd.DataFrame, x: str = "step", *, label: str = "label", rel: float = 0.02) -> str:
     """A title's warning when the labels' mean lines of a :func:`seed_bands` table lie on one another:
-    every pair within ``rel`` of the range the lines span, at every shared x; else ``""``.
+    every pair within ``rel`` of the range drawn (lines and bands), at every shared x; else ``""``.
 
     >>> t = pd.DataFrame({"label": ["a", "a", "b", "b"], "step": [0, 1, 0, 1], "mean": [1.0, 2.0, 1.0, 2.001]})
     >>> overlap_note(t)
@@ -69,5 +69,7 @@ def overlap_note(table: pd.DataFrame, x: str = "step", *, label: str = "label", 
     if wide.shape[1] < 2 or wide.empty:
         return ""
     spread = float((wide.max(axis=1) - wide.min(axis=1)).max())
-    span = float(np.nanmax(wide.to_numpy()) - np.nanmin(wide.to_numpy()))
+    # the range drawn: the lines and, where there are, their bands (what the axis spans)
+    drawn = table[[c for c in ("mean", "lo", "hi") if c in table.columns]].to_numpy(dtype=float)
+    span = float(np.nanmax(drawn) - np.nanmin(drawn))
     return f"lines overlap (within {spread:.2g})" if spread <= rel * max(span, 1e-12) else ""
