@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -30,7 +31,11 @@ PAPER_REPRESENTATION = "penultimate/ln/centred"
 
 @dataclass
 class RunData:
-    """What one run directory holds, loaded for drawing."""
+    """What one run directory holds, loaded for drawing.
+
+    ``label`` names the run's experiment in the figures (its algorithm); runs that differ only in
+    ``seed`` share it, and their curves are drawn as a mean over seeds with an interval.
+    """
 
     path: Path
     label: str
@@ -38,6 +43,7 @@ class RunData:
     metrics: pd.DataFrame
     probes: dict[str, ProbeResult] = field(default_factory=dict)
     rollouts: dict[int, list[dict]] = field(default_factory=dict)
+    seed: int | None = None
 
 
 # TRL's log_history names → ours, so the training-dynamics figure reads a TRL run as it reads ours.
@@ -86,22 +92,91 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
     metrics = pd.DataFrame([r for _, r in read_jsonl(p / METRICS)]) if (p / METRICS).is_file() else pd.DataFrame()
     probes = load_results(p / PROBES) if (p / PROBES / "summary.json").is_file() else {}
     rollouts = {step: [r for _, r in read_jsonl(f)] for step, f in list_rollouts(p)}
-    return RunData(p, label or str(config.get("algorithm", p.name)), config, metrics, probes, rollouts)
+    seed = config.get("seed")
+    return RunData(p, label or str(config.get("algorithm", p.name)), config, metrics, probes, rollouts,
+                   int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None)
+
+
+# Settings that say where and how a run ran, not what it computes: two runs that differ only in these
+# (and in the seed) are seeds of one experiment.
+_RUN_ONLY_KEYS = frozenset({"seed", "output_dir", "resume", "resume_from", "progress_bar", "log_every", "cpu_threads",
+                            "report_to", "tensorboard"})
+
+
+def _experiment_key(r: RunData) -> str:
+    return yaml.safe_dump({k: v for k, v in r.config.items() if k not in _RUN_ONLY_KEYS}, sort_keys=True)
 
 
 def _unique_labels(runs: Sequence[RunData]) -> None:
-    seen: dict[str, int] = {}
+    """Runs sharing a label keep it when they are seeds of one experiment (one configuration apart from
+    the seed and run-only settings, distinct seeds); any other runs sharing a label (foreign runs without
+    a seed, distinct configurations) get their directory name appended."""
+    by_label: dict[str, list[RunData]] = {}
     for r in runs:
-        seen[r.label] = seen.get(r.label, 0) + 1
+        by_label.setdefault(r.label, []).append(r)
+    for label, rs in by_label.items():
+        seeds = [r.seed for r in rs]
+        if len(rs) == 1 or (None not in seeds and len(set(seeds)) == len(rs)
+                            and len({_experiment_key(r) for r in rs}) == 1):
+            continue
+        for r in rs:  # two runs of one algorithm: keep the colour prefix, add the directory
+            r.label = f"{label}-{r.path.name}"
+
+
+def _seed_id(r: RunData) -> object:
+    return r.seed if r.seed is not None else str(r.path)
+
+
+def _run_name(r: RunData) -> str:
+    """How a figure's title names one run: its label and seed, or its directory."""
+    return f"{r.label}, seed {r.seed}" if r.seed is not None else f"{r.label} ({r.path.name})"
+
+
+def _groups(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
+    """label → its runs (seeds), labels in the order given, runs by seed."""
+    out: dict[str, list[RunData]] = {}
     for r in runs:
-        if seen[r.label] > 1:  # two runs of one algorithm: keep the colour prefix, add the directory
-            r.label = f"{r.label}-{r.path.name}"
+        out.setdefault(r.label, []).append(r)
+    return {k: sorted(v, key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0)) for k, v in out.items()}
+
+
+def _first_runs(runs: Sequence[RunData], has: Callable[[RunData], bool]) -> list[RunData]:
+    """Per label, the first run (lowest seed) that has the data: figures of one run per algorithm."""
+    return [next(r for r in rs if has(r)) for rs in _groups(runs).values() if any(has(r) for r in rs)]
+
+
+def _has_table(probe: str, table: str) -> Callable[[RunData], bool]:
+    return lambda r: probe in r.probes and len(getattr(r.probes[probe], table)) > 0
 
 
 def _cat(runs: Sequence[RunData], probe: str, table: str) -> pd.DataFrame:
-    parts = [getattr(r.probes[probe], table).assign(label=r.label) for r in runs
+    parts = [getattr(r.probes[probe], table).assign(label=r.label, seed=_seed_id(r)) for r in runs
              if probe in r.probes and len(getattr(r.probes[probe], table))]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _phrase(frame: pd.DataFrame) -> str:
+    """"3 seeds" (or "1–3 seeds"): how many seeds each label of a table holds."""
+    return plots.seeds_phrase(frame.groupby("label")["seed"].nunique().tolist())
+
+
+def _which_runs(rs: Sequence[RunData]) -> str:
+    seeds = {r.seed for r in rs}
+    if len(seeds) == 1 and None not in seeds:
+        return f"the seed-{next(iter(seeds))} run of each algorithm"
+    return "runs " + ", ".join(r.path.name for r in rs)
+
+
+def _suptitle(fig, text: str, **kw) -> None:
+    """A figure title, with the panels laid out again beneath it (tight_layout makes room for it)."""
+    fig.suptitle(text, **kw)
+    fig.tight_layout()
+
+
+def _same_curves(curves: Sequence[pd.Series], tol: float = 1e-9) -> bool:
+    """True when every curve (a Series over x) equals the first: series that would hide each other."""
+    first = curves[0]
+    return all(c.index.equals(first.index) and float((c - first).abs().max()) <= tol for c in curves[1:])
 
 
 # ----------------------------------------------------------------------------- one function per figure
@@ -112,13 +187,38 @@ def fig_pass_at_k(runs: Sequence[RunData]):
     d = _cat(runs, "diversity", "pass_at_k")
     if d.empty:
         return "no diversity probe results (run `resrl probe` with the diversity probe)"
-    if len(runs) == 1:  # one run: a line per checkpoint
-        d = d.assign(label=[f"step {s}" for s in d.step])
-    else:  # several: each run at its last sampled checkpoint
-        d = d[d.step == d.groupby("label").step.transform("max")]
     tasks = {r.label: str(r.config.get("task", "task")) for r in runs}
     d = d.assign(task=[tasks.get(lab, next(iter(tasks.values()))) for lab in d.label])
-    return plots.plot_pass_at_k(d)
+    if len(runs) == 1:  # one run: a line per checkpoint
+        return plots.plot_pass_at_k(d.assign(label=[f"step {s}" for s in d.step]))
+    # Several: each algorithm at its last checkpoint (solid, mean over seeds with a band) and at its
+    # first (dashed). Algorithms that start from one policy have one start curve: drawn once, and said.
+    first = d[d.step == d.groupby("label").step.transform("min")]
+    last = d[d.step == d.groupby("label").step.transform("max")]
+    end = plots.seed_bands(last, "k", "pass_at_k").rename(columns={"mean": "pass_at_k"}).assign(linestyle="-")
+    end = end.assign(task=end.label.map(tasks))
+    start = plots.seed_bands(first, "k", "pass_at_k").rename(columns={"mean": "pass_at_k"})
+    start = start.assign(task=start.label.map(tasks), linestyle="--")
+    s0, s1 = sorted(first.step.unique()), sorted(last.step.unique())
+    s0_txt = f"step {s0[0]}" if len(s0) == 1 else "first checkpoint"
+    parts = [end]
+    for _, st in start.groupby("task"):
+        curves = [g.set_index("k").pass_at_k for _, g in st.groupby("label")]
+        if len(curves) > 1 and _same_curves(curves):
+            lab = f"{s0_txt}: all {len(curves)} (one start policy)"
+            parts.append(st[st.label == st.label.iloc[0]].assign(label=lab, lo=float("nan"), hi=float("nan")))
+        else:
+            parts.append(st.assign(label=st.label + f" {s0_txt}"))
+    counts = last.groupby("label").seed.nunique()
+    if counts.nunique() > 1:  # the title cannot give one number of seeds: each legend entry gives its own
+        for i, p in enumerate(parts):
+            parts[i] = p.assign(label=[f"{lab} ({plots.seeds_phrase([int(counts[lab])])})" if lab in counts else lab
+                                       for lab in p.label])
+    legend = (f"solid: step {s1[0]}" if len(s1) == 1 else "solid: last checkpoint") + f"; dashed: {s0_txt}"
+    fig = plots.plot_pass_at_k(pd.concat(parts, ignore_index=True), legend_title=legend)
+    for a in fig.axes:
+        a.set_title(f"{a.get_title()}: pass@k on held-out prompts, {_phrase(d)}")
+    return fig
 
 
 def fig_lld_bars(runs: Sequence[RunData]):
@@ -126,8 +226,33 @@ def fig_lld_bars(runs: Sequence[RunData]):
     if d.empty:
         return "no LLD results (needs at least two probed checkpoints)"
     d = d[(d.comparison == "vs_initial") & d.delta_pos_sum.notna()]
+    if d.empty:
+        return "no LLD comparison against the first checkpoint"
     d = d[d.step_to == d.groupby("label").step_to.transform("max")]
-    return plots.plot_lld_bars(d.rename(columns={"delta_pos_sum": "delta"}))
+    # Per-prompt bars of one run per algorithm; the LLD fraction of every seed in the panel's title.
+    chosen = {r.label: r for r in _first_runs(runs, _has_table("lld", "deltas"))}
+    one = pd.concat([d[(d.label == lab) & (d.seed == _seed_id(r))] for lab, r in chosen.items()], ignore_index=True)
+    if one.empty:
+        return "no LLD comparison against the first checkpoint"
+    pairs = sorted({(int(a), int(b)) for a, b in zip(one.step_from, one.step_to)})
+    cmp = f"step {pairs[0][0]} → {pairs[0][1]}" if len({p[1] for p in pairs}) == 1 else "step 0 → last checkpoint"
+    fig = plots.plot_lld_bars(one.rename(columns={"delta_pos_sum": "delta"}),
+                              ylabel=f"Δ log π(y⁺|x), {cmp} (nats)")
+    fracs = d.assign(lld=d.delta_pos_sum <= 0).groupby(["label", "seed"]).lld.mean()
+    for a, lab in zip(fig.axes, plots.style.order_labels(list(one.label.unique()))):
+        title = a.get_title().replace(lab, _run_name(chosen[lab]), 1)
+        f = fracs.loc[lab].tolist()
+        if len(f) > 1:
+            from .stats import mean_interval
+
+            iv = mean_interval(f)
+            # a fraction: the t interval's ends are shown within [0, 1]
+            title += f"\n{len(f)} seeds: LLD {iv.mean:.0%} [{max(iv.lo, 0.0):.0%}, {min(iv.hi, 1.0):.0%}]"
+        a.set_title(title, fontsize="small")
+    for a in fig.axes[1:]:  # the first panel's label says it all; the others repeat it short
+        a.set_ylabel("Δ log π(y⁺|x) (nats)")
+    _suptitle(fig, f"held-out prompts: Δ log π of the positive responses, {cmp}, sorted (red: LLD, Δ ≤ 0)")
+    return fig
 
 
 def fig_lld_over_steps(runs: Sequence[RunData]):
@@ -135,8 +260,13 @@ def fig_lld_over_steps(runs: Sequence[RunData]):
     if d.empty:
         return "no LLD results (needs at least two probed checkpoints)"
     d = d[(d.comparison == "vs_initial") & d.delta_pos_sum.notna()]
-    ax = plots.plot_lld_over_steps(d.rename(columns={"step_to": "step", "delta_pos_sum": "delta"}))
-    ax.set_title("Δ log π(y⁺|x) against step 0")
+    if d.empty:
+        return "no LLD comparison against the first checkpoint"
+    t = plots.seed_bands(d, "step_to", "delta_pos_sum").rename(columns={"step_to": "step"})
+    ax = plots.plot_seed_bands(t, "step", ylabel="mean Δ log π(y⁺|x) vs step 0 (nats)", zero_line=True, marker="o")
+    note = plots.overlap_note(t)
+    ax.set_title(f"held-out positives against step 0: mean over prompts, {_phrase(d)} (band: 95% t)"
+                 + (f"\n{note}" if note else ""), fontsize="small")
     return ax.figure
 
 
@@ -146,7 +276,7 @@ def fig_cosines(runs: Sequence[RunData]):
         return "no interference results with mixed groups"
     d = d[d.step == d.groupby("label").step.transform("max")]
     ax = plots.plot_cosine_distribution(d)
-    ax.set_title("token-level head-gradient cosines, last checkpoint")
+    ax.set_title(f"token-level head-gradient cosines, last checkpoint, pooled over {_phrase(d)}", fontsize="small")
     return ax.figure
 
 
@@ -155,47 +285,94 @@ def fig_group_cosine(runs: Sequence[RunData]):
     if d.empty or "head_update_cosine" not in d or d.head_update_cosine.notna().sum() == 0:
         return "no group-level interference results"
     d = d[d.head_update_cosine.notna()]
-    return plots.plot_group_cosine_over_steps(d.rename(columns={"head_update_cosine": "group_cosine"})).figure
+    t = plots.seed_bands(d, "step", "head_update_cosine")
+    ax = plots.plot_seed_bands(t, "step", ylabel="cos(Σ g⁺, Σ A⁻ g⁻)  (head)", zero_line=True, marker="o")
+    note = plots.overlap_note(t)
+    ax.set_title(f"group-level interference, mean over held-out groups, {_phrase(d)} (band: 95% t)"
+                 + (f"\n{note}" if note else ""), fontsize="small")
+    return ax.figure
+
+
+def _panels(n: int, width: float = 3.4, height: float = 3.3):
+    import matplotlib.pyplot as plt
+
+    ncols = min(n, 5)
+    fig, axes = plt.subplots(-(-n // ncols), ncols, figsize=(width * ncols, height * -(-n // ncols)), squeeze=False)
+    for a in axes.flat[n:]:
+        a.set_visible(False)
+    return fig, list(axes.flat[:n])
 
 
 def fig_bound(runs: Sequence[RunData]):
-    d = _cat(runs, "subspace", "pairs")
+    chosen = _first_runs(runs, _has_table("subspace", "pairs"))
+    d = _cat(chosen, "subspace", "pairs")
     if d.empty:
         return "no subspace results with mixed groups"
     d = d[d.representation == PAPER_REPRESENTATION]
     if d.empty:
         return f"the subspace probe did not measure {PAPER_REPRESENTATION}"
-    ax = plots.plot_bound_validation(d.rename(columns={"true_abs": "true", "tight_bound": "bound"}), hue="label")
-    ax.set_title(f"tight bound, {PAPER_REPRESENTATION}: " + ax.get_title())
-    return ax.figure
+    named = {r.label: r for r in chosen}
+    labs = plots.style.order_labels(list(d.label.unique()))
+    fig, axes = _panels(len(labs))  # a panel per algorithm: pooled points would hide one another
+    for a, lab in zip(axes, labs):
+        plots.plot_bound_validation(d[d.label == lab].rename(columns={"true_abs": "true", "tight_bound": "bound"}),
+                                    hue="label", ax=a)
+        a.set_title(f"{_run_name(named[lab])}\n{a.get_title()}", fontsize="small")
+    _suptitle(fig, f"tight alignment bound, {PAPER_REPRESENTATION}, every probed checkpoint")
+    return fig
 
 
 def fig_proxy(runs: Sequence[RunData]):
-    d = _cat(runs, "subspace", "tokens")
-    c = _cat(runs, "subspace", "correlation")
+    chosen = _first_runs(runs, _has_table("subspace", "tokens"))
+    d = _cat(chosen, "subspace", "tokens")
+    c = _cat(chosen, "subspace", "correlation")
     if d.empty or c.empty:
         return "no subspace results with mixed groups"
     last = int(d.step.max())
     d, c = d[d.step == last], c[c.step == last]
     rho = c.groupby("representation").spearman_sum.mean().to_dict()
     fig = plots.plot_proxy_vs_interference(
-        d.rename(columns={"residual_energy": "residual", "interference_sum_abs": "interference"}), rho=rho)
-    fig.suptitle(f"proxy (residual energy) vs true head interference, step {last}, pooled over runs", y=1.03)
+        d.rename(columns={"residual_energy": "residual", "interference_sum_abs": "interference"}), rho=rho, log=True)
+    _suptitle(fig, f"proxy (residual energy) vs true head interference of each negative token, step {last}, pooled "
+              f"over {_which_runs(chosen)} (ρ: Spearman, mean over runs)")
     return fig
 
 
 def fig_explained_variance(runs: Sequence[RunData]):
-    d = _cat(runs, "subspace", "explained_variance")
+    chosen = _first_runs(runs, _has_table("subspace", "explained_variance"))
+    d = _cat(chosen, "subspace", "explained_variance")
     if d.empty:
         return "no subspace results with mixed groups"
-    d = d[(d.representation == PAPER_REPRESENTATION) & (d.step == d.groupby("label").step.transform("min"))]
-    ax = plots.plot_explained_variance(d.rename(columns={"explained_variance": "explained"}))
-    ax.set_title(f"positive subspace, {PAPER_REPRESENTATION}")
+    d = d[d.representation == PAPER_REPRESENTATION]
+    if d.empty:
+        return f"the subspace probe did not measure {PAPER_REPRESENTATION}"
+    first = d[d.step == d.groupby("label").step.transform("min")]
+    last = d[d.step == d.groupby("label").step.transform("max")]
+    s0, s1 = int(first.step.min()), int(last.step.max())
+    parts = [last.assign(linestyle="-")]
+    curves = [g.groupby("rank").explained_variance.mean() for _, g in first.groupby("label")]
+    if len(curves) > 1 and _same_curves(curves):  # one start policy: one start curve
+        parts.append(first[first.label == first.label.iloc[0]].assign(label=f"step {s0}: all (one start policy)",
+                                                                      linestyle="--"))
+    else:
+        parts.append(first.assign(label=first.label + f" step {s0}", linestyle="--"))
+    ax = plots.plot_explained_variance(pd.concat(parts, ignore_index=True).rename(
+        columns={"explained_variance": "explained"}), upto=0.99, max_rank=20)
+    ends = [g.groupby("rank").explained_variance.mean() for _, g in last.groupby("label")]
+    top = max(float(np.max(np.asarray(line.get_xdata(), dtype=float))) for line in ax.lines)
+    wide = pd.concat(ends, axis=1).dropna()  # (ranks every curve has, curves)
+    wide = wide[wide.index <= top]
+    spread = float((wide.max(axis=1) - wide.min(axis=1)).max()) if len(ends) > 1 and len(wide) else 0.0
+    note = f"; the step-{s1} curves differ by ≤ {spread:.3f} and overlap" if len(ends) > 1 and spread < 0.01 else ""
+    ax.set_title(f"positive subspace ({PAPER_REPRESENTATION}), mean over groups, {_which_runs(chosen)}:\n"
+                 f"step {s1} solid, step {s0} dashed{note}", fontsize="small")
+    ax.legend(frameon=False, fontsize="x-small", loc="lower right")
     return ax.figure
 
 
 def _resrl_run(runs: Sequence[RunData]) -> RunData | None:
-    return next((r for r in runs if str(r.config.get("algorithm")) == "resrl" and r.rollouts), None)
+    cands = [r for r in runs if str(r.config.get("algorithm")) == "resrl" and r.rollouts]
+    return min(cands, key=lambda r: (r.seed is None, r.seed or 0), default=None)
 
 
 def fig_residual_weights(runs: Sequence[RunData]):
@@ -213,9 +390,28 @@ def fig_residual_weights(runs: Sequence[RunData]):
     # config.yaml is a TrainConfig: the quantiles are its resrl_q_low / resrl_q_high.
     fig = plots.plot_residual_weight_hist(res, w, q_low=float(r.config.get("resrl_q_low", 0.2)),
                                           q_high=float(r.config.get("resrl_q_high", 0.8)))
-    fig.suptitle(f"{r.label}: negative tokens of every dumped step (quantiles pooled; the trainer's are per group)",
-                 y=1.04, fontsize="small")
+    _suptitle(fig, f"{_run_name(r)}: negative tokens of every dumped step (quantiles pooled; the trainer's are per "
+              "group)", fontsize="small")
     return fig
+
+
+def _shared_with_positives(row: dict, positives: Sequence[dict]) -> list[bool]:
+    """Per token of a negative response: does a positive response of its group have the same token after
+    the same prefix (the in-batch LLD's definition of a shared token, resrl_analysis.displacement)?"""
+    import torch
+
+    from .displacement import shared_prefix_mask
+
+    neg = torch.tensor([row["response_ids"]])  # (1, T)
+    if not positives or neg.shape[1] == 0:
+        return [False] * neg.shape[1]
+    width = max(len(p["response_ids"]) for p in positives)
+    pos = torch.zeros(len(positives), width, dtype=neg.dtype)  # (P, T'), right-padded
+    pos_mask = torch.zeros(len(positives), width, dtype=torch.bool)
+    for i, p in enumerate(positives):
+        pos[i, :len(p["response_ids"])] = torch.tensor(p["response_ids"])
+        pos_mask[i, :len(p["response_ids"])] = True
+    return shared_prefix_mask(neg, torch.ones_like(neg, dtype=torch.bool), pos, pos_mask)[0].tolist()
 
 
 def fig_token_heatmap(runs: Sequence[RunData]):
@@ -226,25 +422,44 @@ def fig_token_heatmap(runs: Sequence[RunData]):
 
     tok = load_tokenizer(step_dir(r.path, 0))
     step = max(r.rollouts)
-    cands = [row for row in r.rollouts[step] if not row.get("is_positive") and row.get("resrl_residuals")
+    rows = r.rollouts[step]
+    cands = [row for row in rows if not row.get("is_positive") and row.get("resrl_residuals")
              and any(v is not None for v in row["resrl_residuals"])]
     if not cands:
         return f"{r.path}: no negative response with ResRL weights at step {step}"
     import matplotlib.pyplot as plt
 
     seen: set[tuple] = set()  # distinct responses only
-    cands = [c for c in cands if not (tuple(c["response_ids"]) in seen or seen.add(tuple(c["response_ids"])))][:4]
-    fig, axes = plt.subplots(len(cands), 1, figsize=(8, 1.3 * len(cands) + 0.4), squeeze=False)
-    for i, (ax, row) in enumerate(zip(axes[:, 0], cands)):
+    cands = [c for c in cands if not (tuple(c["response_ids"]) in seen or seen.add(tuple(c["response_ids"])))]
+    shared = [_shared_with_positives(c, [p for p in rows if p.get("is_positive") and p["group_id"] == c["group_id"]])
+              for c in cands]
+    # Responses with both shared and unique tokens first (what the figure is about), then the longest.
+    order = sorted(range(len(cands)), key=lambda i: (not (0 < sum(shared[i]) < len(shared[i])),
+                                                     -len(cands[i]["response_ids"]), i))[:3]
+    per_line = 16
+    heights = [max(1, -(-len(cands[i]["response_ids"]) // per_line)) for i in order]
+    fig, axes = plt.subplots(len(order), 1, figsize=(9.5, sum(0.55 * h + 1.0 for h in heights) + 0.4),
+                             squeeze=False, gridspec_kw={"height_ratios": [h + 1.2 for h in heights]})
+    for j, (ax, i) in enumerate(zip(axes[:, 0], order)):
+        row = cands[i]
         toks = [tok.convert_ids_to_tokens(t) for t in row["response_ids"]]
+        truth = f", truth {row['ground_truth']}" if row.get("ground_truth") not in (None, "") else ""
         plots.plot_token_heatmap(toks, row["resrl_weights"], ax=ax, vmin=0.0, vmax=1.0, cmap="magma",
-                                 colorbar=i == 0, title=f"{row['prompt']!r} → ω per token (reward {row['reward']:g})")
-    fig.suptitle(f"{r.label}, step {step}: ResRL weight of each negative token", fontsize="small")
+                                 colorbar=False, shared=shared[i], per_line=per_line,
+                                 ylabel=f"response {j + 1}\nreward {row['reward']:g}",
+                                 title=f"{row['prompt']!r} → {row['response']!r}{truth}")
+        ax.title.set_fontsize("small")
+    cb = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0.0, 1.0), cmap="magma"), ax=list(axes[:, 0]),
+                      fraction=0.03, pad=0.02)
+    cb.set_label("ResRL weight ω of the token")
+    fig.suptitle(f"{_run_name(r)}, step {step}: ResRL weight of each token of whole negative responses\n"
+                 "blue outline: a shared token (a positive response of the group has the same token after the same "
+                 "prefix)", fontsize="small")
     return fig
 
 
 def fig_dynamics(runs: Sequence[RunData]):
-    parts = [r.metrics.assign(label=r.label) for r in runs if not r.metrics.empty]
+    parts = [r.metrics.assign(label=r.label, seed=_seed_id(r)) for r in runs if not r.metrics.empty]
     if not parts:
         return "no metrics.jsonl"
     m = pd.concat(parts, ignore_index=True)
@@ -253,20 +468,69 @@ def fig_dynamics(runs: Sequence[RunData]):
     for ax in fig.axes:
         if ax.get_title() == "val/reward_mean":
             ax.set_title("val pass@1")
+    _suptitle(fig, f"training: mean over {_phrase(m)} per algorithm (band: 95% t interval)")
     return fig
 
 
+IN_BATCH_KEYS = ("lld/batch_frac", "lld/batch_delta_mean", "lld/mixed_groups")
+IN_BATCH_SMOOTH = 5
+
+
+def fig_in_batch_lld(runs: Sequence[RunData]):
+    parts = [r.metrics.assign(label=r.label, seed=_seed_id(r)) for r in runs
+             if "lld/batch_frac" in r.metrics and r.metrics["lld/batch_frac"].notna().any()]
+    if not parts:
+        return "no in-batch LLD metrics (train with lld_in_batch: true)"
+    m = pd.concat(parts, ignore_index=True)
+    m = m[m["lld/batch_frac"].notna()]  # steps without a mixed group have no in-batch LLD
+    # One step's value comes from ~20 groups: a rolling mean over 5 steps per run makes the trend readable.
+    fig = plots.plot_training_dynamics(m, keys=IN_BATCH_KEYS, smooth=IN_BATCH_SMOOTH)
+    for ax in fig.axes:
+        if ax.get_title().startswith("lld/batch_delta_mean"):
+            ax.axhline(0.0, color="k", lw=0.8)
+    _suptitle(fig, "in-batch LLD: each mixed group's positives across that step's update (steps without a mixed group "
+              f"skipped)\nrolling mean over {IN_BATCH_SMOOTH} steps per run, then mean over {_phrase(m)} "
+              "(band: 95% t interval)")
+    return fig
+
+
+def fig_lld_shared_unique(runs: Sequence[RunData]):
+    keys = {"shared with a negative": "lld/shared_token_delta_mean", "unique": "lld/unique_token_delta_mean"}
+    rows = []
+    for r in runs:
+        if all(k in r.metrics for k in keys.values()):
+            for part, k in keys.items():
+                v = pd.to_numeric(r.metrics[k], errors="coerce").mean()  # the run's mean over its steps
+                if pd.notna(v):
+                    rows.append({"label": r.label, "seed": _seed_id(r), "part": part, "value": float(v)})
+    if not rows:
+        return "no in-batch LLD metrics split into shared and unique tokens (train with lld_in_batch: true)"
+    d = pd.DataFrame(rows)
+    ax = plots.plot_lld_shared_unique(d, ylabel="in-batch Δ log π(y⁺) per positive (nats)")
+    ax.set_title(f"positive tokens a negative shares vs the rest: each run's mean over steps, {_phrase(d)}\n"
+                 "(error bars: 95% t across seeds; shared + unique = the in-batch Δ)", fontsize="small")
+    return ax.figure
+
+
 def fig_first_order(runs: Sequence[RunData]):
-    d = _cat(runs, "first_order", "predictions")
+    chosen = _first_runs(runs, _has_table("first_order", "predictions"))
+    d = _cat(chosen, "first_order", "predictions")
     if d.empty:
         return "no first-order results with mixed groups"
     algo = {r.label: str(r.config.get("algorithm")) for r in runs}
     d = d[(d.algorithm == d.label.map(algo)) & d.is_positive & d.actual_head.notna()]
     if d.empty:
         return "no first-order prediction for the runs' own algorithms"
-    ax = plots.plot_first_order(d.rename(columns={"actual_head": "measured"}))
-    ax.set_title("one SGD step of the head, positives")
-    return ax.figure
+    named = {r.label: r for r in chosen}
+    labs = plots.style.order_labels(list(d.label.unique()))
+    fig, axes = _panels(len(labs))  # a panel per algorithm: their points lie on one diagonal
+    for a, lab in zip(axes, labs):
+        plots.plot_first_order(d[d.label == lab].rename(columns={"actual_head": "measured"}), ax=a)
+        a.get_legend().remove()
+        a.set_title(_run_name(named[lab]), fontsize="small")
+    _suptitle(fig, "one SGD step of the head from each probed checkpoint: the positives' Δ log π, predicted vs "
+                   "measured")
+    return fig
 
 
 FIGURES: dict[str, Callable[[Sequence[RunData]], object]] = {
@@ -281,13 +545,21 @@ FIGURES: dict[str, Callable[[Sequence[RunData]], object]] = {
     "residual_weight_hist": fig_residual_weights,
     "token_heatmap": fig_token_heatmap,
     "training_dynamics": fig_dynamics,
+    "in_batch_lld": fig_in_batch_lld,
+    "lld_shared_unique": fig_lld_shared_unique,
     "first_order": fig_first_order,
 }
 
 
 def draw_all(run_dirs: Sequence[str | Path], out: str | Path, *, formats: Sequence[str] = ("png", "pdf"),
              only: Sequence[str] | None = None) -> dict[str, str]:
-    """Draw every figure (or ``only`` those) for the runs into ``out``; returns name → path or skip reason."""
+    """Draw every figure (or ``only`` those) for the runs into ``out``; returns name → path or skip reason.
+
+    Runs of one algorithm that differ only in their seed are one experiment: curves over steps show the
+    mean over its seeds with a 95% t interval (:func:`resrl_analysis.stats.mean_interval`) as a band,
+    and figures of one run per algorithm use its first seed's run that has the data (their titles say
+    which). Any other runs sharing an algorithm are labelled apart by their directory names.
+    """
     runs = [load_run(p) for p in run_dirs]
     _unique_labels(runs)
     out = Path(out)

@@ -142,3 +142,113 @@ def test_saved_figures_get_the_ordinary_file_mode(tmp_path):
         os.umask(old)
     assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [0o644, 0o644]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pdf", "m.png"]  # no temporary file left
+
+
+# ============================================================================ seeds, log axes, whole responses
+
+
+def _band_ys(ax) -> np.ndarray:
+    """The y values of the vertices of the band(s) drawn by fill_between on ``ax``."""
+    return np.concatenate([p.vertices[:, 1] for c in ax.collections for p in c.get_paths()])
+
+
+def test_seed_bands_equal_mean_interval_and_are_drawn():
+    from resrl_analysis.stats import mean_interval
+
+    rng = np.random.default_rng(0)
+    rows = [{"label": lab, "seed": s, "step": t, "v": float(rng.normal(t, 1.0))}
+            for lab in ("grpo", "resrl") for s in range(3) for t in (1, 2, 3)]
+    rows += [{"label": "grpo", "seed": 0, "step": 4, "v": float("nan")}]  # a step without a value: skipped
+    f = pd.DataFrame(rows)
+    t = plots.seed_bands(f, "step", "v")
+    assert list(t.step[t.label == "grpo"]) == [1, 2, 3]
+    for _, row in t.iterrows():
+        iv = mean_interval(f[(f.label == row.label) & (f.step == row.step)].v.tolist())
+        assert (row["mean"], row.lo, row.hi, row.n) == pytest.approx((iv.mean, iv.lo, iv.hi, 3))
+    ax = plots.plot_seed_bands(t, ylabel="v")
+    lines = {ln.get_label(): ln for ln in ax.lines}
+    assert list(lines) == ["grpo (3 seeds)", "resrl (3 seeds)"]
+    g = t[t.label == "grpo"]
+    np.testing.assert_allclose(lines["grpo (3 seeds)"].get_ydata(), g["mean"])
+    ys = _band_ys(ax)
+    for v in [*g.lo, *g.hi]:  # every end of every interval is a vertex of a band
+        assert np.isclose(ys, v).any()
+
+
+def test_one_seed_is_a_plain_line_that_says_1_seed():
+    f = pd.DataFrame({"label": ["nsr"] * 3, "seed": [0] * 3, "step": [1, 2, 3], "v": [.1, .2, .3]})
+    t = plots.seed_bands(f, "step", "v")
+    assert t.lo.isna().all() and t.hi.isna().all()
+    ax = plots.plot_seed_bands(t, ylabel="v")
+    assert [ln.get_label() for ln in ax.lines] == ["nsr (1 seed)"] and not ax.collections
+
+
+def test_training_dynamics_with_seeds_draws_mean_and_band_and_y_labels():
+    from resrl_analysis.stats import mean_interval
+
+    m = pd.DataFrame({"step": [1, 2] * 3, "seed": [0, 0, 1, 1, 2, 2], "label": ["grpo"] * 6,
+                      "reward/mean": [.1, .2, .3, .5, .2, .2], "response/length_mean": [4.0] * 6})
+    fig = plots.plot_training_dynamics(m, keys=("reward/mean", "response/length_mean"))
+    assert all(a.get_ylabel() for a in fig.axes)
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [0.2, 0.3])
+    iv = mean_interval([.2, .5, .2])
+    assert np.isclose(_band_ys(fig.axes[0]), iv.lo).any() and np.isclose(_band_ys(fig.axes[0]), iv.hi).any()
+
+
+def test_overlapping_lines_are_said_so():
+    m = pd.DataFrame({"step": [1, 2] * 4, "seed": [0, 0, 1, 1] * 2, "label": ["grpo"] * 4 + ["nsr"] * 4,
+                      "reward/mean": [.1, .5, .2, .6, .1, .5, .2, .6], "actor/entropy": [1, 2, 1, 2, 3, 4, 3, 4]})
+    fig = plots.plot_training_dynamics(m, keys=("reward/mean", "actor/entropy"))
+    assert "lines overlap" in fig.axes[0].get_title() and "overlap" not in fig.axes[1].get_title()
+
+
+def test_proxy_scatter_on_log_axes_keeps_zeros_at_a_stated_floor():
+    f = pd.DataFrame({"residual": [0.0, 1e-15, 0.01, 0.5, 2.0], "interference": [0.0, 3.0, 1e-20, 2.0, 5.0],
+                      "representation": ["a"] * 5})
+    fig = plots.plot_proxy_vs_interference(f, log=True)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    xy = ax.collections[0].get_offsets()
+    assert len(xy) == 5 and np.all(np.isfinite(xy)) and np.all(np.asarray(xy) > 0)  # every token drawn
+    fx, fy = plots.log_floor(f.residual), plots.log_floor(f.interference)
+    assert (fx, fy) == (1e-6, 1e-6)
+    np.testing.assert_allclose(np.asarray(xy)[:, 0], np.maximum(f.residual, fx))
+    np.testing.assert_allclose(np.asarray(xy)[:, 1], np.maximum(f.interference, fy))
+    assert "2 of 5 ≤ 1e-06" in ax.get_xlabel() and "(2 ≤ 1e-06" in ax.get_ylabel()
+
+
+def test_heatmap_draws_a_whole_30_token_response_with_shared_tokens_outlined():
+    toks = [str(i % 10) for i in range(30)]
+    shared = [i < 7 for i in range(30)]
+    fig, ax = plt.subplots()
+    plots.plot_token_heatmap(toks, np.linspace(0, 1, 30), ax=ax, shared=shared, colorbar_label="ω", vmin=0, vmax=1)
+    assert [t.get_text() for t in ax.texts] == toks  # every token, in order
+    assert len({round(t.get_position()[1], 6) for t in ax.texts}) == 2  # wrapped over two rows of 24
+    outlined = [t.get_bbox_patch().get_edgecolor()[3] > 0 for t in ax.texts]
+    assert outlined == shared and "7 of 30" in ax.get_title()
+    cbar = [a for a in fig.axes if a is not ax]
+    assert len(cbar) == 1 and cbar[0].get_ylabel() == "ω"
+
+
+def test_explained_variance_stops_at_the_rank_that_matters():
+    f = pd.DataFrame({"rank": list(range(1, 41)) * 2, "explained": [min(1.0, r / 5) for r in range(1, 41)]
+                      + [min(1.0, r / 8) for r in range(1, 41)], "label": ["grpo"] * 40 + ["nsr"] * 40})
+    ax = plots.plot_explained_variance(f, upto=0.99, max_rank=20)
+    assert max(max(ln.get_xdata()) for ln in ax.lines[:2]) == 8 and "k = 8" in ax.get_xlabel()
+
+
+def test_shared_unique_bars_are_seed_means_with_t_intervals():
+    from resrl_analysis.stats import mean_interval
+
+    f = pd.DataFrame({"label": ["grpo"] * 6, "seed": [0, 1, 2] * 2, "part": ["shared"] * 3 + ["unique"] * 3,
+                      "value": [-.1, -.3, -.2, .5, .4, .9]})
+    ax = plots.plot_lld_shared_unique(f)
+    assert [round(p.get_height(), 6) for p in ax.patches] == [-0.2, 0.6]
+    iv = mean_interval([.5, .4, .9])
+    bars = [seg for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer)
+            for seg in c.lines[2][0].get_segments()]  # each error bar: [(x, lo), (x, hi)]
+    assert len(bars) == 2
+    np.testing.assert_allclose(bars[1][:, 1], [iv.lo, iv.hi])
+    dots = np.concatenate([c.get_offsets()[:, 1] for c in ax.collections if len(c.get_offsets()) == 3])
+    np.testing.assert_allclose(sorted(dots), sorted(f.value))  # each seed's value drawn
+    assert ax.get_ylabel() and any(list(ln.get_ydata()) == [0, 0] for ln in ax.lines)  # the zero line

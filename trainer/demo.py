@@ -214,7 +214,8 @@ def summary_markdown(agg: dict[str, Any], *, seconds: float, settings: dict[str,
               "as a positive plus responses of the starting policy; Δ compares the last checkpoint with step 0; "
               f"pass@k from {settings['samples']} samples per prompt. Training reward: batch mean at the training "
               "temperature. Interference: cosine of the head gradients of positive and negative tokens, averaged "
-              f"over mixed groups at the last checkpoint. Figures: the runs of seed {seeds[0]}.", ""]
+              f"over mixed groups at the last checkpoint. Figures: all seeds (means with 95% t bands; one-run "
+              f"figures: seed {seeds[0]}).", ""]
     return "\n".join(lines)
 
 
@@ -358,9 +359,8 @@ def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALG
             for f in as_completed(futs):
                 done[futs[f]] = Path(f.result())
     run_dirs = [done[(a, s)] for a, s, _ in runs]
-    _say("figures (first seed)")
-    first = [done[(a, seeds[0])] for a in algorithms]
-    report = draw_all(first, out / "figures", formats=("png", "pdf"))
+    _say("figures (all seeds)")
+    report = draw_all(run_dirs, out / "figures", formats=("png", "pdf"))
     for name, what in report.items():
         _say(f"  {name}: {what}")
     if figures_dir is not None:

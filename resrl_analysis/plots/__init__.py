@@ -5,8 +5,10 @@ and returns the matplotlib Axes or Figure it drew on. Nothing here imports trans
 model: the probes compute, the plots draw (seaborn's split of statistics from drawing).
 """
 
-from .curves import plot_pass_at_k, plot_training_dynamics
+from .bands import overlap_note, seed_bands, seeds_phrase
+from .curves import METRIC_LABELS, plot_pass_at_k, plot_seed_bands, plot_training_dynamics
 from .diagnostics import (
+    log_floor,
     plot_bound_validation,
     plot_cosine_distribution,
     plot_explained_variance,
@@ -14,6 +16,7 @@ from .diagnostics import (
     plot_group_cosine_over_steps,
     plot_lld_bars,
     plot_lld_over_steps,
+    plot_lld_shared_unique,
     plot_proxy_vs_interference,
     plot_residual_weight_hist,
     plot_token_heatmap,
@@ -25,8 +28,14 @@ __all__ = [
     "color_for",
     "paper_style",
     "save_figure",
+    "METRIC_LABELS",
+    "overlap_note",
+    "seed_bands",
+    "seeds_phrase",
+    "plot_seed_bands",
     "plot_pass_at_k",
     "plot_training_dynamics",
+    "log_floor",
     "plot_bound_validation",
     "plot_cosine_distribution",
     "plot_explained_variance",
@@ -34,6 +43,7 @@ __all__ = [
     "plot_group_cosine_over_steps",
     "plot_lld_bars",
     "plot_lld_over_steps",
+    "plot_lld_shared_unique",
     "plot_proxy_vs_interference",
     "plot_residual_weight_hist",
     "plot_token_heatmap",

@@ -44,6 +44,8 @@ def color_for(label: str) -> tuple[float, float, float]:
     key = str(label).lower()
     if key in ALGORITHM_COLORS:
         return ALGORITHM_COLORS[key]
+    if key.startswith("step "):  # a checkpoint of no one algorithm ("step 0: all"): the neutral grey
+        return ALGORITHM_COLORS["base"]
     for name in ALGORITHM_ORDER:  # "resrl-seed1" keeps ResRL's colour
         if key.startswith(name):
             return ALGORITHM_COLORS[name]
@@ -81,13 +83,22 @@ def order_labels(labels: Sequence[str]) -> list[str]:
     ['grpo', 'resrl', 'zeta']
     >>> order_labels(["step 40", "step 0", "step 4"])  # numbers in labels compare as numbers
     ['step 0', 'step 4', 'step 40']
+    >>> order_labels(["resrl, seed 0", "grpo, seed 0"])  # an algorithm's name leading a label ranks it
+    ['grpo, seed 0', 'resrl, seed 0']
     """
     rank = {n: i for i, n in enumerate(ALGORITHM_ORDER)}
+    longest_first = sorted(ALGORITHM_ORDER, key=len, reverse=True)
+
+    def algo_rank(s: str) -> int:  # "resrl, seed 0" and "resrl-b" sort with resrl, as color_for colours them
+        key = s.lower()
+        if key in rank:
+            return rank[key]
+        return next((rank[n] for n in longest_first if key.startswith(n)), len(rank))
 
     def natural(s: str) -> list:
         return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s.replace(" ", "")) if t]
 
-    return sorted(dict.fromkeys(labels), key=lambda s: (rank.get(str(s).lower(), len(rank)), natural(str(s))))
+    return sorted(dict.fromkeys(labels), key=lambda s: (algo_rank(str(s)), natural(str(s))))
 
 
 @contextmanager
