@@ -9,7 +9,7 @@ starting policy) at every checkpoint, with pass@k from ``--samples`` (≥ 64) sa
 last checkpoint. Then:
 
     OUT/runs/<algorithm>-s<seed>/   the run directories (docs/RUN_DIRECTORY.md), probed
-    OUT/figures/                    the figures (PNG + PDF) of the first seed's runs
+    OUT/figures/                    the figures (PNG + PDF): all seeds (means with 95% bands)
     OUT/summary.json                per algorithm and metric {"mean", "lo", "hi", "seeds"}; the comparisons
     OUT/summary.md                  the same as tables, and one generated sentence per comparison
 
