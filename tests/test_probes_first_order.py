@@ -279,3 +279,19 @@ def test_first_order_real_steps_equal_the_references(step_setup):
                                    rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(rows.actual_full, old_full_step_delta(model, fwd, adv, 0.05).numpy(),
                                    rtol=1e-4, atol=2e-6)
+
+
+def test_advantage_basis_is_exact_and_smaller_for_response_level_columns():
+    from resrl_analysis.probes.first_order import _advantage_basis
+
+    g = torch.Generator().manual_seed(0)
+    row = torch.tensor([0, 0, 0, 2, 2, 3, 3, 3])  # response 1 has no tokens
+    resp = torch.tensor([[1.0, -2.0, 0.5], [9.0, 9.0, 9.0], [-1.0, 3.0, 0.5], [1.0, -2.0, 0.5]])  # (G, 3)
+    tok = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    A = torch.cat([resp.double()[row], tok], 1)  # (N, 5): 3 response-level columns in 2 classes, 2 token-level
+    B, C = _advantage_basis(A, row, 4)
+    assert B.shape == (8, 4) and torch.equal(B @ C, A) and torch.isfinite(C).all()
+    # Nothing to gain (every response its own class): the identity factorisation.
+    A3 = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    B, C = _advantage_basis(A3, torch.arange(8), 8)
+    assert torch.equal(B, A3) and torch.equal(C, torch.eye(3, dtype=A.dtype))

@@ -189,7 +189,9 @@ def _head_pass(fwd: GroupForward, advantages: Sequence[Tensor], lr: float, head:
     V = W.shape[0]
     n = len(advantages)
     A = torch.stack([a.to(dev)[fwd.mask].to(cdt) for a in advantages], 1)  # (N, n)
-    Ha = (A[:, :, None] * h[:, None, :]).reshape(N, n * d)  # (N, n·d): a_k ⊙ H side by side
+    B, C = _advantage_basis(A, row, G)  # A = B C exactly: (N, nb), (nb, n), nb ≤ n
+    nb = B.shape[1]
+    Hb = (B[:, :, None] * h[:, None, :]).reshape(N, nb * d)  # (N, nb·d): b_j ⊙ H side by side
     scale = lr / N
     # Live per chunk: z, E − P and exp temporaries (N, c), after-step logits and their exp (N, n, c).
     item = torch.finfo(cdt).bits // 8
@@ -222,24 +224,65 @@ def _head_pass(fwd: GroupForward, advantages: Sequence[Tensor], lr: float, head:
         inside, j = at_y(z, v0)
         idx = inside.nonzero().squeeze(-1)
         r[idx, j[idx]] += 1.0
-        Sc = (r.T @ Ha).view(cc, n, d)  # (c, n, d): S_k[c] for every algorithm by one product
+        SB = (r.T @ Hb).view(cc, nb, d)  # (c, nb, d): the basis directions' rows of S by one product
         if for_full_step:
-            S[:, v0 : v0 + cc] = Sc.transpose(0, 1).to(S.dtype)  # type: ignore[index]
+            S[:, v0 : v0 + cc] = torch.einsum("cjd,jk->kcd", SB, C).to(S.dtype)  # type: ignore[index]  # (n, c, d)
             D += r @ W[v0 : v0 + cc]  # (N, d)
             if s_b is not None:
                 s_b[:, v0 : v0 + cc] = (A.T @ r)  # (n, c)
         if head_step:
-            dz = (h @ Sc.reshape(cc * n, d).T).view(N, cc, n).transpose(1, 2)  # (N, n, c): H S_k[c]ᵀ
+            Y = (h @ SB.reshape(cc * nb, d).T).view(N, cc, nb)  # (N, c, nb): H S_j[c]ᵀ of the basis
+            dz = (Y @ C).transpose(1, 2)  # (N, n, c): H S_k[c]ᵀ = Σ_j C_jk H S_j[c]ᵀ (linear in the advantages)
             z1 = z[:, None, :] + scale * dz  # (N, n, c) after-step logits (the bias is not stepped)
             lse1 = torch.logaddexp(lse1, torch.logsumexp(z1, -1))
             zy1 = torch.where(inside[:, None], z1.gather(2, j[:, None, None].expand(N, n, 1)).squeeze(2), zy1)
-            del dz, z1
-        del z, r, Sc
+            del Y, dz, z1
+        del z, r, SB
     head_delta = None
     if head_step:
         lp_delta = (zy1 - lse1) - (zy0 - lse0)[:, None]  # (N, n)
         head_delta = torch.zeros(G, n, dtype=cdt, device=dev).index_add_(0, row, lp_delta)  # (G, n)
     return _HeadPass(head_delta, S, s_b, D, row, N)
+
+
+def _advantage_basis(A: Tensor, row: Tensor, G: int) -> tuple[Tensor, Tensor]:
+    """An exact factorisation A = B C of the (N, n) token advantages of n algorithms, with fewer columns
+    where it can: the head steps' products cost one column each, and they are linear in the advantages.
+
+    A column constant within every response (GRPO, PSR, NSR, W-REINFORCE) is a combination of the
+    indicators of the responses' classes (responses with equal advantages in all such columns: with
+    binary rewards, the positives and the negatives), with its own values as coefficients, so no rounding
+    enters; a token-level column (ResRL, NTHR) stays its own. Returns (B (N, nb), C (nb, n)), or (A, I)
+    when that is not smaller.
+
+    >>> A = torch.tensor([[1.0, 2.0, 0.5], [1.0, 2.0, 0.7], [-1.0, 0.0, 0.9]])
+    >>> B, C = _advantage_basis(A, torch.tensor([0, 0, 1]), 2)
+    >>> B.shape, bool(torch.equal(B @ C, A))
+    (torch.Size([3, 3]), True)
+    """
+    N, n = A.shape
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    if N == 0:
+        return A, eye
+    idx = row[:, None].expand(N, n)
+    hi = torch.full((G, n), float("-inf"), dtype=A.dtype, device=A.device).scatter_reduce(0, idx, A, "amax")
+    lo = torch.full((G, n), float("inf"), dtype=A.dtype, device=A.device).scatter_reduce(0, idx, A, "amin")
+    present = torch.zeros(G, dtype=torch.bool, device=A.device)
+    present[row] = True
+    resp_level = (hi[present] == lo[present]).all(0)  # (n,) constant within every response
+    kr, kt = resp_level.nonzero().squeeze(1), (~resp_level).nonzero().squeeze(1)
+    if len(kr) == 0:
+        return A, eye
+    vals, inv = torch.unique(hi[present][:, kr], dim=0, return_inverse=True)  # (u, |kr|): response classes
+    cls = torch.zeros(G, dtype=torch.long, device=A.device)
+    cls[present] = inv  # (G,) class of each response with tokens
+    if len(vals) + len(kt) >= n:
+        return A, eye
+    B = torch.cat([torch.nn.functional.one_hot(cls[row], len(vals)).to(A.dtype), A[:, kt]], 1)  # (N, u + |kt|)
+    C = torch.zeros(B.shape[1], n, dtype=A.dtype, device=A.device)  # (nb, n)
+    C[: len(vals), kr] = vals
+    C[len(vals) + torch.arange(len(kt), device=A.device), kt] = 1.0
+    return B, C
 
 
 class _StopAtHead(Exception):
