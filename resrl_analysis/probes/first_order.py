@@ -338,6 +338,17 @@ def full_step_deltas(model: nn.Module, fwd: GroupForward, advantages: Sequence[T
     responses at a time with activation checkpointing (:func:`~.capture.checkpointing`), so peak activation
     memory is one micro-batch's layer inputs. Otherwise each algorithm takes the autograd path of the whole
     model (forward and backward of every micro-batch). Log π before the step is the forward's own.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probes.capture import forward_group
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
+    >>> f = forward_group(m, ProbeGroup(0, (1, 5), ((6, 2), (7,)), (1.0, 0.0)))
+    >>> w = m.lm_head.weight.clone()
+    >>> d = full_step_deltas(m, f, [token_advantages(f, a) for a in ("psr", "nsr")], 0.1)
+    >>> d.shape, bool(torch.equal(w, m.lm_head.weight))  # the model is restored
+    (torch.Size([2, 2]), True)
     """
     batch = group_batch(fwd.group, model_device(model), pad_id)
     mask = batch.mask
@@ -457,7 +468,19 @@ def head_step_delta(fwd: GroupForward, advantages: Tensor, lr: float, head: nn.M
 def head_step_deltas(fwd: GroupForward, advantages: Sequence[Tensor], lr: float, head: nn.Module, *,
                      dtype: torch.dtype | None = None) -> Tensor:
     """:func:`head_step_delta` for n advantage tensors at once → (G, n); the work they share (the head's
-    logits and probabilities) is done once."""
+    logits and probabilities) is done once.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probes.capture import forward_group
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
+    >>> f = forward_group(m, ProbeGroup(0, (1, 5), ((6, 2), (7,)), (1.0, 0.0)))
+    >>> advs = [token_advantages(f, a) for a in ("psr", "nsr")]
+    >>> d = head_step_deltas(f, advs, 1.0, m.get_output_embeddings())
+    >>> d.shape, bool(torch.allclose(d[:, 1], head_step_delta(f, advs[1], 1.0, m.get_output_embeddings())))
+    (torch.Size([2, 2]), True)
+    """
     return _head_pass(fwd, list(advantages), lr, head, dtype=dtype).head_delta  # type: ignore[return-value]
 
 
