@@ -12,7 +12,7 @@ V = 32,000, float32, CPU), each measurement in a fresh subprocess (:func:`bench.
   interference and subspace at T = 256, side by side. The issue's table (today's code on this machine
   before the change) is the reference at T = 1024.
 
-    python -m bench.probe_bench [--lengths 256,1024] [--no-write]
+    python -m bench.probe_bench [--lengths 256,1024] [--probes all,all-no-steps] [--no-write]
 """
 
 from __future__ import annotations
@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--old-at", default="256", help="lengths at which the old path runs side by side")
     ap.add_argument("--skip", default="first_order", help="probes measured alone only at the shortest length")
+    ap.add_argument("--probes", default="interference,subspace,first_order,all,all-no-steps",
+                    help="rows to measure (comma-separated)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--worker", nargs=4, metavar=("PROBE", "G", "T", "IMPL"), default=None)
     args = ap.parse_args(argv)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     old_at = {int(x) for x in args.old_at.split(",") if x}
     rows, data = [], {}
     for T in lengths:
-        for probe in ("interference", "subspace", "first_order", "all", "all-no-steps"):
+        for probe in args.probes.split(","):
             if probe in args.skip.split(",") and T > min(lengths):
                 continue  # measured inside ``all`` at this length (its time is in the row's parts)
             new = _measure(probe, G, T, "new", args.threads)

@@ -277,7 +277,10 @@ def plan_probes(
     fwd_peak = sum(fwd.values())
     tp_tn = (N // 2) * (N - N // 2) * 4  # the largest positive×negative block, float32
     gram_build = min(CHUNK_BYTES, 3 * N * V * 4) + 4 * N * 4  # vocabulary chunks (or row blocks), and (N,) vectors
-    head_chunk = min(64 * 2**20, N * V * 4)  # first_order.head_step_delta's row chunk
+    # first_order's closed-form head pass (probes.first_order._head_pass): its vocabulary chunks (64 MB),
+    # the token advantages' head inputs side by side (N, n·d) and the head inputs themselves, float32.
+    n_alg = max(1, n_algorithms)
+    head_pass = min(64 * 2**20, (3 + 2 * n_alg) * N * V * 4) + N * (n_alg + 1) * d * 4
 
     def full_step(rows: int, grads: int) -> dict[str, int]:
         f = _forward(model, rows, L, T, grad=True, checkpoint=True, cpu=cpu)
@@ -298,10 +301,17 @@ def plan_probes(
         elif name == "subspace":
             transient[name] = {"gram build": gram_build, "bound blocks": 9 * tp_tn}
         elif name == "first_order":
-            # The head step: 4 (c, V) autograd temporaries per chunk, 4 float32 copies of W, the head inputs.
-            t = {"head step": 4 * head_chunk + 4 * V * d * 4 + N * d * 4}
+            t = {"head pass": head_pass}
             if full_model:
-                t.update({f"whole-model {k}": v for k, v in full_step(min(micro_batch, G), 1).items()})
+                # The whole-model steps keep every algorithm's head direction S_k (n, V, d) in the model's dtype
+                # and (e_y − p)ᵀW per token; the body's backward starts at the head inputs, so no logits
+                # (or their gradient) are part of the graph; the after-step forward holds one micro-batch's.
+                mb = min(micro_batch, G)
+                fs = full_step(mb, 1)
+                fs.pop("logits grad")
+                fs["logits"] = _logits(model, mb, T)
+                t.update({"head directions": n_alg * V * d * model.dtype_bytes, "head-input gradients": 2 * N * d * 4})
+                t.update({f"whole-model {k}": v for k, v in fs.items()})
             transient[name] = t
         elif name == "diversity":
             # Sampling: a KV cache of samples × (P + T) tokens and one step's logits.

@@ -24,6 +24,7 @@ BENCH_MODULES = [
     "bench.probe_bench",
     "bench.reference_weighting",
     "bench.lld_in_batch_cost",
+    "bench.diversity_bench",
 ]
 
 
@@ -90,3 +91,17 @@ def test_bench_doctests(name: str) -> None:
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_diversity_bench_tiny() -> None:
+    from bench.diversity_bench import _model, _prompts, hf_per_prompt, ours, row, run
+
+    model, ps = _model(60, 16, 1), _prompts(3, 60)
+    for side in (ours, hf_per_prompt):
+        out = side(model, ps, 2, 5)
+        assert len(out) == 3 and all(len(rows) == 2 for rows in out)
+        assert all(1 <= len(r) <= 5 and (2 not in r[:-1]) for rows in out for r in rows)  # cut after EOS
+    res = run(prompts=2, n=2, max_new_tokens=3, rounds=2, vocab=60, hidden=16, layers=1)
+    assert len(res["ratios"]) == 2 and all(r > 0 for r in res["ratios"])
+    assert res["tokens"]["ours"][0] <= 2 * 2 * 3
+    assert "Diversity sampler" in row(res).benchmark

@@ -13,7 +13,9 @@ from resrl_analysis.probes.first_order import (
     AdvantageOptions,
     first_order_prediction,
     full_step_delta,
+    full_step_deltas,
     head_step_delta,
+    head_step_deltas,
     predict_delta,
     token_advantages,
 )
@@ -132,3 +134,164 @@ def test_first_order_result(setup):
     nsr = df[df.algorithm == "nsr"]
     assert (nsr.predicted_from_pos == 0).all()
     assert set(r.groups.status) == {"mixed"} and r.groups.loss_tokens.iloc[0] == int(fwd.mask.sum())
+
+
+# ----------------------------------------------------------------------------- the real steps against the
+# autograd versions they replaced (kept here as the slow references).
+
+
+def old_head_step_delta(fwd, advantages, lr, head, *, dtype=None):
+    """The head-only step by autograd, chunk by chunk (the implementation before the closed form)."""
+    G = fwd.mask.shape[0]
+    tok = fwd.tokens(torch.arange(G, device=fwd.mask.device), with_logits=False)
+    cdt = dtype or torch.promote_types(tok["h"].dtype, torch.float32)
+    h, y, row = tok["h"].to(cdt), tok["y"], tok["row"]
+    a = advantages[fwd.mask].to(cdt)
+    bias = head.bias.detach().to(cdt) if getattr(head, "bias", None) is not None else None
+    W = head.weight.detach().to(cdt).clone().requires_grad_(True)
+
+    def logp_chunk(Wm, s, chunk):
+        z = h[s : s + chunk] @ Wm.T
+        z = z + bias if bias is not None else z
+        return torch.log_softmax(z, -1).gather(-1, y[s : s + chunk, None]).squeeze(-1)
+
+    N, chunk = h.shape[0], 3  # small chunks: the chunked accumulation is exercised too
+    g = torch.zeros_like(W)
+    lp0 = torch.empty(N, dtype=cdt)
+    with torch.enable_grad():
+        for s in range(0, N, chunk):
+            lp = logp_chunk(W, s, chunk)
+            (part,) = torch.autograd.grad(-(a[s : s + chunk] * lp).sum() / N, W)
+            g += part
+            lp0[s : s + chunk] = lp.detach()
+    with torch.no_grad():
+        W1 = W.detach() - lr * g
+        lp1 = torch.cat([logp_chunk(W1, s, chunk) for s in range(0, N, chunk)])
+    return torch.zeros(G, dtype=cdt).index_add_(0, row, lp1 - lp0)
+
+
+def old_full_step_delta(model, fwd, advantages, lr, *, pad_id=0):
+    """The whole-model step by autograd through the whole model, one batch (before the closed-form head)."""
+    from resrl_analysis.forward import response_forward
+    from resrl_analysis.probes.capture import group_batch
+
+    batch = group_batch(fwd.group, "cpu", pad_id)
+    mask, adv = batch.mask, advantages
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        lp = response_forward(model, batch.rows).logp
+        loss = -(adv * lp * mask).sum() / mask.sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    lp0 = (lp.detach() * mask).sum(1).float()
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.add_(g, alpha=-lr)
+            lp1 = (response_forward(model, batch.rows).logp * mask).sum(1).float()
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    return lp1 - lp0
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def step_setup(request):
+    model = tiny_model(seed=3, dtype=torch.float64, tie_word_embeddings=request.param == "tied")
+    ps = random_probe_set([[1, 0, 1, 0, 0]], max_len=6, seed=11)
+    return model, ps, forward_group(model, ps.groups[0])
+
+
+def test_head_steps_equal_the_autograd_reference(step_setup):
+    model, ps, fwd = step_setup
+    head = model.get_output_embeddings()
+    advs = [token_advantages(fwd, alg).double() for alg in ALGORITHMS]
+    both = head_step_deltas(fwd, advs, 0.3, head, dtype=torch.float64)  # (G, n)
+    assert both.shape == (fwd.mask.shape[0], len(ALGORITHMS))
+    for k, adv in enumerate(advs):
+        want = old_head_step_delta(fwd, adv, 0.3, head, dtype=torch.float64)
+        assert float(want.abs().max()) > 1e-4  # a step that moves something
+        torch.testing.assert_close(both[:, k], want, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(head_step_delta(fwd, adv, 0.3, head, dtype=torch.float64), want,
+                                   rtol=1e-10, atol=1e-13)
+
+
+def test_head_step_with_a_bias_equals_the_autograd_reference(step_setup):
+    model, ps, fwd = step_setup
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(model.get_output_embeddings().weight)
+        head.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    adv = token_advantages(fwd, "grpo").double()
+    torch.testing.assert_close(head_step_delta(fwd, adv, 0.5, head), old_head_step_delta(fwd, adv, 0.5, head),
+                               rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("micro_batch", [None, 2])
+def test_full_steps_equal_the_autograd_reference(step_setup, micro_batch):
+    from resrl_analysis.probes.first_order import _closed_form_head_ok
+
+    model, ps, fwd = step_setup
+    assert _closed_form_head_ok(model, fwd)  # the closed-form head path is the one tested here
+    advs = [token_advantages(fwd, alg).double() for alg in ("grpo", "nsr", "resrl")]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    got = full_step_deltas(model, fwd, advs, 0.05, micro_batch=micro_batch)  # (G, 3)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    for k, adv in enumerate(advs):
+        want = old_full_step_delta(model, fwd, adv, 0.05)
+        assert float(want.abs().max()) > 1e-4
+        # Both score with ops.token_logprobs (float32 inside): agreement to float32 rounding of log π.
+        torch.testing.assert_close(got[:, k], want, rtol=1e-4, atol=2e-6)
+    torch.testing.assert_close(full_step_delta(model, fwd, advs[0], 0.05), got[:, 0], rtol=1e-6, atol=1e-9)
+
+
+def test_full_step_with_a_capped_head_takes_the_autograd_path():
+    """A head whose logits are not W h (Gemma-2's soft-capping) cannot use the closed form; same result."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from resrl_analysis.probes.first_order import _closed_form_head_ok
+
+    cfg = Gemma2Config(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5,
+                       attn_implementation="eager")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).double().eval()
+    ps = random_probe_set([[1, 0, 0, 1]], max_len=5, seed=2)
+    fwd = forward_group(model, ps.groups[0])
+    assert not _closed_form_head_ok(model, fwd)
+    adv = token_advantages(fwd, "grpo").double()
+    torch.testing.assert_close(full_step_delta(model, fwd, adv, 0.05), old_full_step_delta(model, fwd, adv, 0.05),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_first_order_real_steps_equal_the_references(step_setup):
+    model, ps, fwd = step_setup
+    algs = ["grpo", "w-reinforce", "nthr"]
+    r = first_order_prediction(model, ps, forwards=[fwd], algorithms=algs, lr=0.05, full_step=True,
+                               head_step_dtype=torch.float64).predictions
+    head = model.get_output_embeddings()
+    for alg in algs:
+        adv = token_advantages(fwd, alg).double()
+        rows = r[r.algorithm == alg].sort_values("response_index")
+        np.testing.assert_allclose(rows.actual_head, old_head_step_delta(fwd, adv, 0.05, head).numpy(),
+                                   rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(rows.actual_full, old_full_step_delta(model, fwd, adv, 0.05).numpy(),
+                                   rtol=1e-4, atol=2e-6)
+
+
+def test_advantage_basis_is_exact_and_smaller_for_response_level_columns():
+    from resrl_analysis.probes.first_order import _advantage_basis
+
+    g = torch.Generator().manual_seed(0)
+    row = torch.tensor([0, 0, 0, 2, 2, 3, 3, 3])  # response 1 has no tokens
+    resp = torch.tensor([[1.0, -2.0, 0.5], [9.0, 9.0, 9.0], [-1.0, 3.0, 0.5], [1.0, -2.0, 0.5]])  # (G, 3)
+    tok = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    A = torch.cat([resp.double()[row], tok], 1)  # (N, 5): 3 response-level columns in 2 classes, 2 token-level
+    B, C = _advantage_basis(A, row, 4)
+    assert B.shape == (8, 4) and torch.equal(B @ C, A) and torch.isfinite(C).all()
+    # Nothing to gain (every response its own class): the identity factorisation.
+    A3 = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    B, C = _advantage_basis(A3, torch.arange(8), 8)
+    assert torch.equal(B, A3) and torch.equal(C, torch.eye(3, dtype=A.dtype))

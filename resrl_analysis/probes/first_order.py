@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -26,10 +27,19 @@ from torch import Tensor, nn
 
 from ..advantages import ALGORITHM_NAMES, AdvantageParams, AlgoInputs, get_algorithm
 from ..checkpoints import ProbeSet
-from ..forward import response_forward
+from ..forward import PackedRows, response_forward
 from ..interference import sharing_grams
 from ..results import FirstOrderResult
-from .capture import GroupForward, checkpointing, forward_probe_set, group_batch, model_device, pad_id_of, row_slice
+from .capture import (
+    GroupBatch,
+    GroupForward,
+    checkpointing,
+    forward_probe_set,
+    group_batch,
+    model_device,
+    pad_id_of,
+    row_slice,
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -38,7 +48,9 @@ __all__ = [
     "token_advantages",
     "predict_delta",
     "head_step_delta",
+    "head_step_deltas",
     "full_step_delta",
+    "full_step_deltas",
     "first_order_prediction",
 ]
 
@@ -133,62 +145,270 @@ def predict_delta(fwd: GroupForward, advantages: Tensor | Sequence[Tensor], lr: 
     return (from_pos[:, 0], from_neg[:, 0]) if single else (from_pos, from_neg)
 
 
-def head_step_delta(fwd: GroupForward, advantages: Tensor, lr: float, head: nn.Module, *,
-                    dtype: torch.dtype | None = None) -> Tensor:
-    """Real Δ log π(y_i) (G,) after one SGD step of size ``lr`` on the head matrix alone (autograd).
+class _HeadPass(NamedTuple):
+    """What one closed-form pass over the head gives for n advantage vectors of one group (see
+    :func:`_head_pass`): head-only Δ log π per response (G, n) or None, and for the whole-model step
+    the head's descent directions ``S`` (n, V, d), the bias's ``s_b`` (n, V) or None, the per-token
+    ``D`` = (e_y − p)ᵀ W (N, d) and the token layout (``row`` (N,), ``Z``)."""
 
-    The head inputs stay fixed (the body is frozen) and logits are recomputed as W h (+ bias); the
-    bias is not stepped. ``dtype`` (default: the head input's, at least float32) is the precision of
-    this check: float64 shows the first-order agreement down to small steps.
+    head_delta: Tensor | None
+    S: Tensor | None
+    s_b: Tensor | None
+    D: Tensor | None
+    row: Tensor
+    Z: int
+
+
+def _linear_head(head: nn.Module) -> tuple[Tensor, Tensor | None]:
+    W = head.weight.detach()  # (V, d)
+    b = head.bias.detach() if getattr(head, "bias", None) is not None else None  # (V,)
+    return W, b
+
+
+@torch.no_grad()
+def _head_pass(fwd: GroupForward, advantages: Sequence[Tensor], lr: float, head: nn.Module, *,
+               dtype: torch.dtype | None = None, head_step: bool = True, for_full_step: bool = False,
+               memory_budget_mb: float = 64.0) -> _HeadPass:
+    """Every head quantity of the real steps of n algorithms, in two passes over vocabulary chunks.
+
+    The head-only step's gradient is exact in closed form: for L = −(1/Z) Σ_n a_n log p_n[y_n],
+    −∂L/∂W = (1/Z) (E − P)ᵀ diag(a) H, so ΔW_k = (η/Z) S_k with S_k = (E − P)ᵀ diag(a_k) H. A vocabulary
+    chunk's rows of S_k need only that chunk of P (given the log-sum-exp of a first pass), so per chunk:
+    z = H W_cᵀ (+ b_c) once, all algorithms' S_k[c] by one stacked product (E − P)_cᵀ [a_1 ⊙ H | … | a_n ⊙ H],
+    then their after-step logits z + H ΔW_k[c]ᵀ by one more and an online log-sum-exp: no autograd, no
+    (N, V) tensor, and the shared work (z, P) done once for every algorithm instead of once each.
     """
     G = fwd.mask.shape[0]
     tok = fwd.tokens(torch.arange(G, device=fwd.mask.device), with_logits=False)
     cdt = dtype or _compute_dtype(tok["h"])
     h, y, row = tok["h"].to(cdt), tok["y"], tok["row"]  # (N, d), (N,), (N,)
-    a = advantages[fwd.mask].to(cdt)  # (N,)
-    bias = head.bias.detach().to(cdt) if getattr(head, "bias", None) is not None else None
-    W = head.weight.detach().to(cdt).clone().requires_grad_(True)  # (V, d)
+    W, b = _linear_head(head)
+    W, b = W.to(cdt), (b.to(cdt) if b is not None else None)  # (V, d), (V,)
+    dev = h.device
+    N, d = h.shape
+    V = W.shape[0]
+    n = len(advantages)
+    A = torch.stack([a.to(dev)[fwd.mask].to(cdt) for a in advantages], 1)  # (N, n)
+    B, C = _advantage_basis(A, row, G)  # A = B C exactly: (N, nb), (nb, n), nb ≤ n
+    nb = B.shape[1]
+    Hb = (B[:, :, None] * h[:, None, :]).reshape(N, nb * d)  # (N, nb·d): b_j ⊙ H side by side
+    scale = lr / N
+    # Live per chunk: z, E − P and exp temporaries (N, c), after-step logits and their exp (N, n, c).
+    item = torch.finfo(cdt).bits // 8
+    c = int(max(1, min(V, memory_budget_mb * 2**20 // max(1, (3 + 2 * n) * N * item))))
 
-    def logp_chunk(Wm: Tensor, s: int, chunk: int) -> Tensor:
-        # A plain log-softmax in ``cdt``, independent of the core (this is the reference);
-        # ops.token_logprobs would round to float32.
-        z = h[s : s + chunk] @ Wm.T  # (c, V)
-        z = z + bias if bias is not None else z
-        return torch.log_softmax(z, -1).gather(-1, y[s : s + chunk, None]).squeeze(-1)  # (c,)
+    def logits_chunk(v0: int) -> Tensor:
+        z = h @ W[v0 : v0 + c].T  # (N, c)
+        return z + b[v0 : v0 + c] if b is not None else z
 
-    # Row chunks of about 64 MB, each differentiated at once (the gradient is a sum over tokens), so
-    # autograd never holds more than one chunk's (c, V) log-softmax: not the (N, V) of one graph.
-    N, V = h.shape[0], W.shape[0]
-    chunk = max(1, min(N, (64 * 2**20) // max(1, V * torch.finfo(cdt).bits // 8)))
-    g = torch.zeros_like(W)  # (V, d)
-    lp0 = torch.empty(N, dtype=cdt, device=h.device)
-    with torch.enable_grad():
-        for s in range(0, N, chunk):
-            lp = logp_chunk(W, s, chunk)
-            (part,) = torch.autograd.grad(-(a[s : s + chunk] * lp).sum() / N, W)
-            g += part
-            lp0[s : s + chunk] = lp.detach()
+    def at_y(z: Tensor, v0: int) -> tuple[Tensor, Tensor]:
+        inside = (y >= v0) & (y < v0 + z.shape[-1])  # (N,)
+        return inside, (y - v0).clamp(0, z.shape[-1] - 1)
+
+    lse0 = torch.full((N,), float("-inf"), dtype=cdt, device=dev)
+    zy0 = torch.zeros(N, dtype=cdt, device=dev)
+    for v0 in range(0, V, c):
+        z = logits_chunk(v0)  # (N, c)
+        lse0 = torch.logaddexp(lse0, torch.logsumexp(z, -1))
+        inside, j = at_y(z, v0)
+        zy0 = torch.where(inside, z.gather(1, j[:, None]).squeeze(1), zy0)
+    lse1 = torch.full((N, n), float("-inf"), dtype=cdt, device=dev)
+    zy1 = torch.zeros(N, n, dtype=cdt, device=dev)
+    S = torch.empty(n, V, d, dtype=head.weight.dtype, device=dev) if for_full_step else None  # (n, V, d)
+    s_b = torch.empty(n, V, dtype=cdt, device=dev) if for_full_step and b is not None else None  # (n, V)
+    D = torch.zeros(N, d, dtype=cdt, device=dev) if for_full_step else None  # (N, d)
+    for v0 in range(0, V, c):
+        z = logits_chunk(v0)  # (N, c)
+        cc = z.shape[1]
+        r = torch.exp(z - lse0[:, None]).neg_()  # (N, c): −P, then + E (the one-hot of y)
+        inside, j = at_y(z, v0)
+        idx = inside.nonzero().squeeze(-1)
+        r[idx, j[idx]] += 1.0
+        SB = (r.T @ Hb).view(cc, nb, d)  # (c, nb, d): the basis directions' rows of S by one product
+        if for_full_step:
+            S[:, v0 : v0 + cc] = torch.einsum("cjd,jk->kcd", SB, C).to(S.dtype)  # type: ignore[index]  # (n, c, d)
+            D += r @ W[v0 : v0 + cc]  # (N, d)
+            if s_b is not None:
+                s_b[:, v0 : v0 + cc] = (A.T @ r)  # (n, c)
+        if head_step:
+            Y = (h @ SB.reshape(cc * nb, d).T).view(N, cc, nb)  # (N, c, nb): H S_j[c]ᵀ of the basis
+            dz = (Y @ C).transpose(1, 2)  # (N, n, c): H S_k[c]ᵀ = Σ_j C_jk H S_j[c]ᵀ (linear in the advantages)
+            z1 = z[:, None, :] + scale * dz  # (N, n, c) after-step logits (the bias is not stepped)
+            lse1 = torch.logaddexp(lse1, torch.logsumexp(z1, -1))
+            zy1 = torch.where(inside[:, None], z1.gather(2, j[:, None, None].expand(N, n, 1)).squeeze(2), zy1)
+            del Y, dz, z1
+        del z, r, SB
+    head_delta = None
+    if head_step:
+        lp_delta = (zy1 - lse1) - (zy0 - lse0)[:, None]  # (N, n)
+        head_delta = torch.zeros(G, n, dtype=cdt, device=dev).index_add_(0, row, lp_delta)  # (G, n)
+    return _HeadPass(head_delta, S, s_b, D, row, N)
+
+
+def _advantage_basis(A: Tensor, row: Tensor, G: int) -> tuple[Tensor, Tensor]:
+    """An exact factorisation A = B C of the (N, n) token advantages of n algorithms, with fewer columns
+    where it can: the head steps' products cost one column each, and they are linear in the advantages.
+
+    A column constant within every response (GRPO, PSR, NSR, W-REINFORCE) is a combination of the
+    indicators of the responses' classes (responses with equal advantages in all such columns: with
+    binary rewards, the positives and the negatives), with its own values as coefficients, so no rounding
+    enters; a token-level column (ResRL, NTHR) stays its own. Returns (B (N, nb), C (nb, n)), or (A, I)
+    when that is not smaller.
+
+    >>> A = torch.tensor([[1.0, 2.0, 0.5], [1.0, 2.0, 0.7], [-1.0, 0.0, 0.9]])
+    >>> B, C = _advantage_basis(A, torch.tensor([0, 0, 1]), 2)
+    >>> B.shape, bool(torch.equal(B @ C, A))
+    (torch.Size([3, 3]), True)
+    """
+    N, n = A.shape
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    if N == 0:
+        return A, eye
+    idx = row[:, None].expand(N, n)
+    hi = torch.full((G, n), float("-inf"), dtype=A.dtype, device=A.device).scatter_reduce(0, idx, A, "amax")
+    lo = torch.full((G, n), float("inf"), dtype=A.dtype, device=A.device).scatter_reduce(0, idx, A, "amin")
+    present = torch.zeros(G, dtype=torch.bool, device=A.device)
+    present[row] = True
+    resp_level = (hi[present] == lo[present]).all(0)  # (n,) constant within every response
+    kr, kt = resp_level.nonzero().squeeze(1), (~resp_level).nonzero().squeeze(1)
+    if len(kr) == 0:
+        return A, eye
+    vals, inv = torch.unique(hi[present][:, kr], dim=0, return_inverse=True)  # (u, |kr|): response classes
+    cls = torch.zeros(G, dtype=torch.long, device=A.device)
+    cls[present] = inv  # (G,) class of each response with tokens
+    if len(vals) + len(kt) >= n:
+        return A, eye
+    B = torch.cat([torch.nn.functional.one_hot(cls[row], len(vals)).to(A.dtype), A[:, kt]], 1)  # (N, u + |kt|)
+    C = torch.zeros(B.shape[1], n, dtype=A.dtype, device=A.device)  # (nb, n)
+    C[: len(vals), kr] = vals
+    C[len(vals) + torch.arange(len(kt), device=A.device), kt] = 1.0
+    return B, C
+
+
+class _StopAtHead(Exception):
+    """Raised by the head's pre-hook once its input is recorded: the body's graph is all that is needed."""
+
+
+def _head_inputs_with_graph(model: nn.Module, rows: PackedRows) -> Tensor:
+    """The head inputs (B, Tr, d) at the positions that predict response tokens, with the body's graph,
+    from a forward stopped before the head (its (B, Tr, V) logits are never computed)."""
+    tr = rows.response_len
+    store: dict[str, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        store["h"] = args[0][:, -(tr + 1) : -1]  # (B, Tr, d): counted from the end, as response_forward does
+        raise _StopAtHead
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids,
+              use_cache=False)
+    except _StopAtHead:
+        pass
+    finally:
+        handle.remove()
+    return store["h"]
+
+
+def _closed_form_head_ok(model: nn.Module, fwd: GroupForward) -> bool:
+    """Whether the model's logits are its head's W h + b (no soft-capping or scaling after the head), checked
+    on a few tokens of the forward: the closed-form head gradient needs it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or fwd.logits is None or fwd.head_input is None:
+        return False
+    m = fwd.mask
+    h, z = fwd.head_input[m][:8], fwd.logits[m][:8]  # (k, d), (k, V)
     with torch.no_grad():
-        W1 = W.detach() - lr * g
-        lp1 = torch.cat([logp_chunk(W1, s, chunk) for s in range(0, N, chunk)])
-    return torch.zeros(G, dtype=cdt, device=h.device).index_add_(0, row, lp1 - lp0)
+        ref = head(h.to(head.weight.dtype)).to(z.dtype)  # (k, V)
+    low = torch.finfo(z.dtype).bits < 32
+    return bool(torch.allclose(ref, z, rtol=2e-2 if low else 1e-4, atol=2e-2 if low else 1e-4))
 
 
-def full_step_delta(model: nn.Module, fwd: GroupForward, advantages: Tensor, lr: float, *,
-                    pad_id: int = 0, micro_batch: int | None = None, use_checkpointing: bool = True) -> Tensor:
-    """Real Δ log π(y_i) (G,) after one SGD step of size ``lr`` on every trainable parameter.
+def full_step_deltas(model: nn.Module, fwd: GroupForward, advantages: Sequence[Tensor], lr: float, *,
+                     pad_id: int = 0, micro_batch: int | None = None, use_checkpointing: bool = True,
+                     head_pass: _HeadPass | None = None) -> Tensor:
+    """Real Δ log π(y_i) (G, n) after one SGD step of size ``lr`` on every trainable parameter, for each of
+    n advantage tensors (G, T).
 
-    The parameters are copied before the step and restored afterwards (also on error), so the
-    model is unchanged on return. Same loss as the prediction (token-mean over the group). The
-    gradient is accumulated over ``micro_batch`` responses at a time (default: all at once), with
-    activation checkpointing where it cannot change the result (:func:`~.capture.checkpointing`), so peak
-    activation memory is one micro-batch's layer inputs.
+    The parameters are copied before the steps and restored afterwards (also on error), so the model is
+    unchanged on return. Same loss as the prediction (token-mean over the group). Where the model's
+    logits are its head's W h + b (checked on the forward's logits), the head's gradient is taken in closed
+    form for all n algorithms at once (:func:`_head_pass`, shared with the head-only step) and the body's by
+    backpropagating −(a/Z)·(e_y − p)ᵀW from the head inputs of a forward stopped before the head, ``micro_batch``
+    responses at a time with activation checkpointing (:func:`~.capture.checkpointing`), so peak activation
+    memory is one micro-batch's layer inputs. Otherwise each algorithm takes the autograd path of the whole
+    model (forward and backward of every micro-batch). Log π before the step is the forward's own.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probes.capture import forward_group
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
+    >>> f = forward_group(m, ProbeGroup(0, (1, 5), ((6, 2), (7,)), (1.0, 0.0)))
+    >>> w = m.lm_head.weight.clone()
+    >>> d = full_step_deltas(m, f, [token_advantages(f, a) for a in ("psr", "nsr")], 0.1)
+    >>> d.shape, bool(torch.equal(w, m.lm_head.weight))  # the model is restored
+    (torch.Size([2, 2]), True)
     """
     batch = group_batch(fwd.group, model_device(model), pad_id)
     mask = batch.mask
-    adv = advantages.to(mask.device)
-    G = mask.shape[0]
+    G, T = mask.shape
     mb = max(1, micro_batch or G)
+    n = len(advantages)
+    if head_pass is None and not _closed_form_head_ok(model, fwd):
+        return torch.stack([_full_step_autograd(model, batch, a, lr, mb, use_checkpointing) for a in advantages], 1)
+    head = model.get_output_embeddings()
+    hp = head_pass or _head_pass(fwd, advantages, lr, head, head_step=False, for_full_step=True)
+    assert hp.S is not None and hp.D is not None
+    params = [p for p in model.parameters() if p.requires_grad]
+    W, b = head.weight, getattr(head, "bias", None)
+    Dg = torch.zeros(G, T, hp.D.shape[1], dtype=hp.D.dtype, device=mask.device)  # (G, T, d)
+    Dg[mask] = hp.D.to(mask.device)
+    lp0 = (fwd.logp.to(mask.device) * mask).sum(1).float()  # (G,) the forward's log π (0 on padding)
+    saved = [p.detach().clone() for p in params]
+    out = torch.zeros(G, n, dtype=torch.float32, device=mask.device)
+    try:
+        for k, adv in enumerate(advantages):
+            a = adv.to(mask.device).to(Dg.dtype)  # (G, T)
+            grads: list[Tensor | None] = [None] * len(params)
+            with checkpointing(model, enable=use_checkpointing), torch.enable_grad():
+                for s in range(0, G, mb):
+                    i = slice(s, s + mb)
+                    h = _head_inputs_with_graph(model, row_slice(batch.rows, i))  # (mb, T, d)
+                    if not h.requires_grad:
+                        break  # only the head trains: its gradient is the closed form alone
+                    gh = (-a[i, :, None] / hp.Z * Dg[i]).to(h.dtype)  # (mb, T, d) ∂L/∂h
+                    part = torch.autograd.grad(h, params, grad_outputs=gh, allow_unused=True)
+                    grads = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(grads, part)]
+                    del h, gh, part
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        p.add_(g, alpha=-lr)
+                    if p is W:  # −lr ∂L/∂W = (lr/Z) S_k; a tied embedding adds its own part above
+                        p.add_(hp.S[k].to(p.dtype), alpha=lr / hp.Z)
+                    elif b is not None and p is b and hp.s_b is not None:
+                        p.add_(hp.s_b[k].to(p.dtype), alpha=lr / hp.Z)
+                del grads
+                for s in range(0, G, mb):
+                    i = slice(s, s + mb)
+                    lp = response_forward(model, row_slice(batch.rows, i)).logp  # (mb, T)
+                    out[i, k] = (lp * mask[i, : lp.shape[1]]).sum(1).float() - lp0[i]
+                for p, s_ in zip(params, saved):
+                    p.copy_(s_)
+    finally:
+        with torch.no_grad():
+            for p, s_ in zip(params, saved):
+                p.copy_(s_)
+    return out
+
+
+def _full_step_autograd(model: nn.Module, batch: GroupBatch, adv: Tensor, lr: float, mb: int,
+                        use_checkpointing: bool) -> Tensor:
+    """The whole-model step by autograd through the whole model (any head): Δ log π(y_i) (G,)."""
+    mask = batch.mask
+    adv = adv.to(mask.device)
+    G = mask.shape[0]
     Z = mask.sum()
     params = [p for p in model.parameters() if p.requires_grad]
     grads: list[Tensor | None] = [None] * len(params)
@@ -219,6 +439,62 @@ def full_step_delta(model: nn.Module, fwd: GroupForward, advantages: Tensor, lr:
             for p, s_ in zip(params, saved):
                 p.copy_(s_)
     return lp1 - lp0
+
+
+def head_step_delta(fwd: GroupForward, advantages: Tensor, lr: float, head: nn.Module, *,
+                    dtype: torch.dtype | None = None) -> Tensor:
+    """Real Δ log π(y_i) (G,) after one SGD step of size ``lr`` on the head matrix alone.
+
+    The head inputs stay fixed (the body is frozen) and logits are recomputed as W h (+ bias); the
+    bias is not stepped. The gradient is exact in closed form, (1/Z)(E − P)ᵀ diag(a) H (no autograd,
+    :func:`_head_pass`), and the after-step log-probs come from W h + H ΔWᵀ in vocabulary chunks.
+    ``dtype`` (default: the head input's, at least float32) is the precision of this check: float64
+    shows the first-order agreement down to small steps.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probes.capture import forward_group
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
+    >>> f = forward_group(m, ProbeGroup(0, (1, 5), ((6, 2), (7,)), (1.0, 0.0)))
+    >>> d = head_step_delta(f, token_advantages(f, "psr"), 1.0, m.get_output_embeddings())
+    >>> d.shape, bool(d[0] > 0)  # PSR raises the positive response's likelihood
+    (torch.Size([2]), True)
+    """
+    hp = _head_pass(fwd, [advantages], lr, head, dtype=dtype)
+    return hp.head_delta[:, 0]  # type: ignore[index]
+
+
+def head_step_deltas(fwd: GroupForward, advantages: Sequence[Tensor], lr: float, head: nn.Module, *,
+                     dtype: torch.dtype | None = None) -> Tensor:
+    """:func:`head_step_delta` for n advantage tensors at once → (G, n); the work they share (the head's
+    logits and probabilities) is done once.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probes.capture import forward_group
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
+    >>> f = forward_group(m, ProbeGroup(0, (1, 5), ((6, 2), (7,)), (1.0, 0.0)))
+    >>> advs = [token_advantages(f, a) for a in ("psr", "nsr")]
+    >>> d = head_step_deltas(f, advs, 1.0, m.get_output_embeddings())
+    >>> d.shape, bool(torch.allclose(d[:, 1], head_step_delta(f, advs[1], 1.0, m.get_output_embeddings())))
+    (torch.Size([2, 2]), True)
+    """
+    return _head_pass(fwd, list(advantages), lr, head, dtype=dtype).head_delta  # type: ignore[return-value]
+
+
+def full_step_delta(model: nn.Module, fwd: GroupForward, advantages: Tensor, lr: float, *,
+                    pad_id: int = 0, micro_batch: int | None = None, use_checkpointing: bool = True) -> Tensor:
+    """Real Δ log π(y_i) (G,) after one SGD step of size ``lr`` on every trainable parameter
+    (:func:`full_step_deltas` for one advantage tensor, which says how).
+
+    The parameters are copied before the step and restored afterwards (also on error), so the
+    model is unchanged on return. The gradient is accumulated over ``micro_batch`` responses at a
+    time (default: all at once), with activation checkpointing where it cannot change the result.
+    """
+    return full_step_deltas(model, fwd, [advantages], lr, pad_id=pad_id, micro_batch=micro_batch,
+                            use_checkpointing=use_checkpointing)[:, 0]
 
 
 def first_order_prediction(
@@ -284,23 +560,35 @@ def first_order_prediction(
         n_tok = fwd.mask.sum(1).tolist()
         is_pos = fwd.is_positive.tolist()
         fp_all, fn_all = from_pos.tolist(), from_neg.tolist()
+        # The real steps of every stepped algorithm at once: one closed-form pass over the head gives the
+        # head-only steps and the head's part of the whole-model steps (their gradient on W is the same).
+        ks = [k for k, alg in enumerate(algorithms) if alg in step_algs] if g.group_id in stepped else []
+        act_head: dict[int, list[float]] = {}
+        act_full: dict[int, list[float]] = {}
+        if ks and (head_step or full_step):
+            sub = [advs[k] for k in ks]
+            closed = full_step and _closed_form_head_ok(model, fwd)
+            hp = (_head_pass(fwd, sub, lr, head, dtype=head_step_dtype, head_step=head_step, for_full_step=closed)
+                  if head_step or closed else None)
+            if head_step:
+                act_head = dict(zip(ks, hp.head_delta.T.tolist()))  # type: ignore[union-attr]
+            if full_step:
+                full = full_step_deltas(model, fwd, sub, lr, pad_id=pad_id, micro_batch=micro_batch,
+                                        head_pass=hp if closed else None)  # (G, len(ks))
+                act_full = dict(zip(ks, full.T.tolist()))
+            del hp
         for k, alg in enumerate(algorithms):
-            real = g.group_id in stepped and alg in step_algs
-            act_head = head_step_delta(fwd, advs[k], lr, head, dtype=head_step_dtype) if head_step and real else None
-            act_full = (full_step_delta(model, fwd, advs[k], lr, pad_id=pad_id, micro_batch=micro_batch)
-                        if full_step and real else None)
-            act_head = act_head.tolist() if act_head is not None else None
-            act_full = act_full.tolist() if act_full is not None else None
             grows.append({"step": step, "group_id": g.group_id, "prompt_uid": g.prompt_uid, "algorithm": alg,
                           "status": g.status, "n_pos": g.n_positive, "n_neg": g.n_negative,
                           "loss_tokens": int(fwd.mask.sum())})
+            ah, af = act_head.get(k), act_full.get(k)
             for i in range(g.n_responses):  # G rows per (group, algorithm): no per-token loop
                 fp, fn = fp_all[i][k], fn_all[i][k]
                 rows.append({"step": step, "group_id": g.group_id, "prompt_uid": g.prompt_uid, "algorithm": alg,
                              "response_index": i, "is_positive": bool(is_pos[i]), "n_tokens": int(n_tok[i]),
                              "lr": lr, "predicted": fp + fn, "predicted_from_pos": fp, "predicted_from_neg": fn,
-                             "actual_head": float(act_head[i]) if act_head is not None else float("nan"),
-                             "actual_full": float(act_full[i]) if act_full is not None else float("nan")})
+                             "actual_head": float(ah[i]) if ah is not None else float("nan"),
+                             "actual_full": float(af[i]) if af is not None else float("nan")})
     meta = {"lr": lr, "algorithms": list(algorithms), "loss": "token-mean over the group's response tokens",
             "head_step": head_step, "full_step": full_step, "pos_weight": options.pos_weight,
             "w_lambda": options.w_reinforce_lambda, "nthr_beta": options.nthr_beta,
