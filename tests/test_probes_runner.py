@@ -205,3 +205,17 @@ def test_group_batches_give_the_same_tables(run, tmp_path):
             other = b[name].frames()[table]
             pd.testing.assert_frame_equal(df, other, check_exact=False, rtol=1e-6, atol=1e-9, obj=f"{name}.{table}")
     assert len(a["subspace"].correlation) == 2 * 8 and (a["subspace"].correlation.n_groups == 2).all()
+
+
+def test_first_order_real_steps_on_the_probe_sets_first_groups_whatever_the_batching(tmp_path):
+    """The default real-step subsample is the probe set's first 4 groups, not the first 4 of every group batch."""
+    run = write_fake_run(tmp_path / "run6", steps=(0, 1), n_groups=6, unmixed_groups=False)
+    stepped = []
+    for gb in (1, 2, 8):
+        out = tmp_path / f"gb{gb}"
+        assert main([str(run), "--out", str(out), "--steps", "1", "--probes", "first_order", "--group-batch",
+                     str(gb), *FAST]) == 0
+        fo = load_results(out)["first_order"].to_frame()
+        stepped.append(sorted(set(fo[fo.actual_head.notna()].group_id)))
+    assert stepped[0] == stepped[1] == stepped[2]
+    assert len(stepped[0]) == 4

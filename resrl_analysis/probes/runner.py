@@ -405,6 +405,8 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
         # --group-batch groups at a time: peak memory is that many groups' logits and hidden states,
         # however many groups the probe set holds.
         sub_parts = []
+        # first_order's real steps on the probe set's first groups, whatever the group batching.
+        step_ids = [g.group_id for g in probe_set.groups[:4]]
         for start in range(0, probe_set.n_groups, args.group_batch):
             one = replace(probe_set, groups=probe_set.groups[start : start + args.group_batch])
             fwd = [timed("forward", forward_group, model, g, keep_hidden=need_hidden, keep_logits=need_hidden,
@@ -415,7 +417,7 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
                 parts["first_order"].append(timed(
                     "first_order", first_order_prediction, model, one, algorithms=args.algorithms, lr=args.lr,
                     head_step=True, full_step=step in full_steps, step=step, forwards=fwd, options=options,
-                    seed=args.seed))
+                    seed=args.seed, step_groups=step_ids))
             if "interference" in probes:
                 parts["interference"].append(timed(
                     "interference", interference_probe, model, one, step=step, forwards=fwd,
