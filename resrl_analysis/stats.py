@@ -250,11 +250,18 @@ def interval_digits(iv: Interval, digits: int = 3, *, max_digits: int = 6) -> in
 
     >>> interval_digits(Interval(0.0003, 0.0001, 0.0005)), interval_digits(Interval(0.2, 0.1, 0.3))
     (5, 3)
+    >>> interval_digits(Interval(-0.019, -0.039, -0.0003))  # the end near 0 keeps its sign visible
+    4
     """
     width = iv.hi - iv.lo
     if not (math.isfinite(width) and width > 0):
         return digits
-    return int(min(max_digits, max(digits, math.ceil(-math.log10(width)) + 1)))
+    d = int(min(max_digits, max(digits, math.ceil(-math.log10(width)) + 1)))
+    # An interval that excludes 0 must not print an end as 0.000 ("[−0.039, 0.000] excludes 0" reads wrong).
+    near = min(abs(iv.lo), abs(iv.hi))
+    while iv.excludes_zero and d < max_digits and round(near, d) == 0.0:
+        d += 1
+    return d
 
 
 def describe_interval(iv: Interval, digits: int = 3) -> str:

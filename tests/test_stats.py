@@ -101,3 +101,12 @@ def test_zero_spread_on_both_sides_is_said_plainly():
     assert "every seed of both gave the same value" in same and "no difference" in same
     shifted = describe_difference("d", welch_difference([2.0, 2.0], [1.0, 1.0]))
     assert shifted.startswith("d: 1.000:") and "the same difference in every seed" in shifted
+
+
+def test_an_end_near_zero_of_an_excluding_interval_is_not_printed_as_zero():
+    from resrl_analysis.stats import Interval
+
+    s = describe_difference("d", Interval(-0.019, -0.039, -0.0003, method="welch", n=3))
+    assert "excludes 0" in s
+    hi = s.split("[")[1].split("]")[0].split(", ")[1]
+    assert hi.startswith("−") and float(hi.replace("−", "-")) < 0

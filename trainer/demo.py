@@ -406,7 +406,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--seeds", type=_int_list, default=DEMO_SEEDS,
                         help="comma-separated seeds, one run per algorithm and seed (default: 0,1,2)")
     parser.add_argument("--quick", action="store_true",
-                        help="one seed (the first of --seeds): no intervals, about a third of the time")
+                        help="one seed (the first of --seeds): no intervals, about half the time")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained and probed in parallel (default: 2)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default: %(default)s)")
     parser.add_argument("--save-every", type=int, default=4,
