@@ -110,7 +110,7 @@ def worker(probe: str, G: int, T: int, impl: str, threads: int) -> None:
 
 def _measure(probe: str, G: int, T: int, impl: str, threads: int) -> dict:
     return run_worker("bench.probe_bench", ["--worker", probe, str(G), str(T), impl, "--threads", str(threads)],
-                      timeout=1800)
+                      timeout=1800 if T <= 1024 else 7200)  # T = 4096: ~30 min at 1 thread on a loaded core
 
 
 def main(argv: list[str] | None = None) -> int:
