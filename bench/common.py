@@ -162,7 +162,8 @@ def current_rss_mb() -> float:
     return (kb or 0) / 1024
 
 
-def _reset_hwm() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux ``clear_refs``); False where that is impossible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -173,7 +174,7 @@ def _reset_hwm() -> bool:
 
 def memory_method() -> str:
     """How :class:`PeakRSS` measures on this machine (for the report)."""
-    if _proc_status_kb("VmHWM") is not None and _reset_hwm():
+    if _proc_status_kb("VmHWM") is not None and reset_peak_rss():
         return (
             "peak RSS of a fresh subprocess per side: VmHWM after resetting it (clear_refs) minus VmRSS at the "
             "reset, glibc MALLOC_MMAP_THRESHOLD_=131072"
@@ -196,7 +197,7 @@ class PeakRSS:
         self.exact = False
 
     def __enter__(self) -> PeakRSS:
-        self.exact = _reset_hwm() and _proc_status_kb("VmHWM") is not None
+        self.exact = reset_peak_rss() and _proc_status_kb("VmHWM") is not None
         self.base_mb = current_rss_mb()
         return self
 

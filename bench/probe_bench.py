@@ -47,7 +47,9 @@ ISSUE_TABLE = {
 }
 
 
-def _model_and_set(G: int, T: int, P: int = 8, V: int = 32_000, d: int = 256):
+def qwen3_shaped(G: int, T: int, P: int = 8, V: int = 32_000, d: int = 256):
+    """A random Qwen3-shaped model (2 layers, untied head) and one group of G responses of exactly T tokens
+    (alternately positive and negative) after a P-token prompt: the shapes of issue 13's table."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
@@ -81,7 +83,7 @@ def worker(probe: str, G: int, T: int, impl: str, threads: int) -> None:
     from resrl_analysis.probes.interference import interference_probe
     from resrl_analysis.probes.subspace import subspace_probe
 
-    model, ps = _model_and_set(G, T)
+    model, ps = qwen3_shaped(G, T)
     old = _old_module() if impl == "old" else None
     runs = {
         "interference": lambda f: (old.old_interference_probe if old else interference_probe)(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import reset_peak_rss
 from resrl_analysis.plan import ModelShape, ProbeShape, parse_memory, plan_probes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,56 +79,31 @@ def test_plan_only_on_a_config_only_folder(tmp_path):
 
 
 _WORKER = textwrap.dedent("""
-    import gc, json, os, sys
-    import numpy as np
+    import gc, json, sys
     import torch
     torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM, Qwen3Config
-    from resrl_analysis.checkpoints import ProbeGroup, ProbeSet
+    from bench.common import PeakRSS
+    from bench.probe_bench import qwen3_shaped
     from resrl_analysis.probes.capture import forward_probe_set
     from resrl_analysis.probes.first_order import first_order_prediction
     from resrl_analysis.probes.interference import interference_probe
     from resrl_analysis.probes.subspace import subspace_probe
 
     G, T, P, V, d = (int(a) for a in sys.argv[1:6])
-    cfg = Qwen3Config(vocab_size=V, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=d // 4,
-                      max_position_embeddings=2 * (P + T), tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    rng = np.random.default_rng(0)
-    resp = tuple(tuple(int(t) for t in rng.integers(3, V, T)) for _ in range(G))
-    ps = ProbeSet((ProbeGroup(0, tuple(int(t) for t in rng.integers(3, V, P)), resp,
-                              tuple(float(i % 2 == 0) for i in range(G))),))
-
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-
+    model, ps = qwen3_shaped(G, T, P, V, d)
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS: the peak from here on is the probes' working memory
-    base = status("VmRSS")
-    fwds = forward_probe_set(model, ps)
-    interference_probe(model, ps, forwards=fwds)
-    subspace_probe(model, ps, forwards=fwds)
-    first_order_prediction(model, ps, forwards=fwds, algorithms=["grpo", "nsr"])
-    print(json.dumps({"peak": status("VmHWM") - base}))
+    with PeakRSS() as mem:  # VmHWM reset to the current RSS: the peak from here on is the probes' working memory
+        fwds = forward_probe_set(model, ps)
+        interference_probe(model, ps, forwards=fwds)
+        subspace_probe(model, ps, forwards=fwds)
+        first_order_prediction(model, ps, forwards=fwds, algorithms=["grpo", "nsr"])
+    assert mem.exact, "VmHWM could not be reset"
+    print(json.dumps({"peak": mem.peak_mb * 2**20}))
 """)
 
 
-def _can_reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _can_reset_peak(), reason="needs /proc/self/clear_refs (Linux) to measure a peak")
+@pytest.mark.skipif(not reset_peak_rss(), reason="needs /proc/self/clear_refs (Linux) to measure a peak")
 @pytest.mark.parametrize("G,T", [(8, 256), (4, 512)])
 def test_plan_estimate_within_25_percent_of_measured_peak_rss(G, T, tmp_path):
     P, V, d = 8, 32_000, 256
