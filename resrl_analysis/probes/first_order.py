@@ -44,6 +44,7 @@ from .capture import (
 __all__ = [
     "ALGORITHMS",
     "AdvantageOptions",
+    "REAL_STEP_GROUPS",
     "PROBE_PARAMS",
     "token_advantages",
     "predict_delta",
@@ -56,6 +57,9 @@ __all__ = [
 
 #: The algorithms of the registry (:data:`resrl_analysis.advantages.ALGORITHM_NAMES`).
 ALGORITHMS: tuple[str, ...] = ALGORITHM_NAMES
+
+#: Groups that take the real (head and whole-model) steps by default: the first this many.
+REAL_STEP_GROUPS = 4
 
 #: The probes' parameters, the training defaults except an exact SVD (deterministic probes).
 PROBE_PARAMS = AdvantageParams(resrl=dataclasses.replace(AdvantageParams().resrl, svd="exact"))
@@ -511,7 +515,7 @@ def first_order_prediction(
     head_step_dtype: torch.dtype | None = None,
     seed: int = 0,
     step_algorithms: Sequence[str] | None = None,
-    step_groups: int | Sequence[int] | None = 4,
+    step_groups: int | Sequence[int] | None = REAL_STEP_GROUPS,
     micro_batch: int | None = 4,
 ) -> FirstOrderResult:
     """Predicted (head-only, first-order) Δ log π(y) of one SGD step for every probe response and

@@ -346,7 +346,7 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
     )
     from .capture import forward_group, pad_id_of
     from .diversity import default_reward_fn, diversity_probe, exact_match_reward, math_verify_reward
-    from .first_order import PROBE_PARAMS, first_order_prediction
+    from .first_order import PROBE_PARAMS, REAL_STEP_GROUPS, first_order_prediction
     from .interference import interference_probe
     from .lld import lld_along_run, scores_from_forwards
     from .subspace import merge_subspace_results, subspace_probe
@@ -363,8 +363,8 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
 
     # The memory plan, before any model is loaded: it picks the group batching and refuses what cannot fit.
     mem_plan = plan_for_args(args, ckpts[0][1], ProbeShape.of(probe_set.groups), device=device)
-    if not getattr(args, "quiet", False):
-        print(mem_plan.describe(), flush=True)  # information: stdout; stderr holds only a failure's one line
+    # Information: stdout; stderr holds only a failure's one line.
+    _say_unless_quiet(args)(mem_plan.describe(), flush=True)
     check_plan(mem_plan)
     args.group_batch = mem_plan.group_batch
     cfg = replace(PROBE_PARAMS.resrl, rank=args.rank, svd=args.svd)
@@ -394,6 +394,8 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
 
     bar = tqdm(ckpts, desc="resrl probe", unit="ckpt", file=sys.stderr,
                disable=args.no_progress or not sys.stderr.isatty())  # a bar in a log file is noise
+    # first_order's real steps on the probe set's first groups, whatever the group batching.
+    step_ids = [g.group_id for g in probe_set.groups[:REAL_STEP_GROUPS]]
     for step, path in bar:
         bar.set_postfix_str(f"step {step}")
         ck = timed("load", load_checkpoint, path, dtype=args.dtype, device=device,
@@ -405,8 +407,6 @@ def _probe_and_write(args: argparse.Namespace, mode: str, ckpts: list[tuple[int,
         # --group-batch groups at a time: peak memory is that many groups' logits and hidden states,
         # however many groups the probe set holds.
         sub_parts = []
-        # first_order's real steps on the probe set's first groups, whatever the group batching.
-        step_ids = [g.group_id for g in probe_set.groups[:4]]
         for start in range(0, probe_set.n_groups, args.group_batch):
             one = replace(probe_set, groups=probe_set.groups[start : start + args.group_batch])
             fwd = [timed("forward", forward_group, model, g, keep_hidden=need_hidden, keep_logits=need_hidden,
