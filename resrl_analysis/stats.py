@@ -56,6 +56,19 @@ class Interval:
         """True iff the interval is finite and lies wholly on one side of 0."""
         return math.isfinite(self.lo) and math.isfinite(self.hi) and (self.lo > 0 or self.hi < 0)
 
+    @classmethod
+    def from_dict(cls, d: dict, *, n: int | None = None) -> Interval:
+        """The inverse of :meth:`to_dict` (None ends as NaN); ``n`` defaults to the number of ``seeds``.
+
+        >>> Interval.from_dict({"mean": 1.0, "lo": None, "hi": 2.0, "seeds": [1.0, 1.0]}).n
+        2
+        """
+        def f(x: float | None) -> float:
+            return math.nan if x is None else float(x)
+
+        return cls(f(d["mean"]), f(d.get("lo")), f(d.get("hi")), d.get("level", 0.95), d.get("method", "t"),
+                   len(d.get("seeds", ())) if n is None else n)
+
     def to_dict(self) -> dict:
         """``{"mean", "lo", "hi", "seeds"}`` (NaN as None, JSON-ready) plus the method, level and n."""
         def j(x: float) -> float | None:

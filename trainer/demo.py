@@ -157,18 +157,18 @@ _NAMES = {"grpo": "GRPO", "psr": "PSR", "nsr": "NSR", "w-reinforce": "W-REINFORC
 
 
 def _cell(d: dict | None) -> str:
-    from resrl_analysis.stats import Interval, describe_interval
+    from resrl_analysis.stats import Interval, describe_interval, fmt_number
 
     if not d or d.get("mean") is None:
         return "–"
     if d["lo"] is None or d["hi"] is None:  # one seed: the table's caption says there is no interval
-        from resrl_analysis.stats import fmt_number
-
         return fmt_number(d["mean"])
-    nan = float("nan")
-    iv = Interval(d["mean"], d["lo"] if d["lo"] is not None else nan, d["hi"] if d["hi"] is not None else nan,
-                  n=len(d["seeds"]))
-    return describe_interval(iv)
+    return describe_interval(Interval.from_dict(d))
+
+
+def _with_k(text: str, pass_k: int | None) -> str:
+    """``pass@n`` in a label or sentence written as ``pass@<k>`` once the number of samples is known."""
+    return text.replace("pass@n", f"pass@{pass_k}") if pass_k else text
 
 
 def summary_markdown(agg: dict[str, Any], *, seconds: float, settings: dict[str, Any]) -> str:
@@ -187,7 +187,7 @@ def summary_markdown(agg: dict[str, Any], *, seconds: float, settings: dict[str,
     head = "| metric | " + " | ".join(_NAMES.get(a, a) for a in algos) + " |"
     lines += [head, "|" + "---|" * (len(algos) + 1)]
     for k in keys:
-        label = HEADLINE_METRICS[k].replace("pass@n", f"pass@{pk}" if pk else "pass@n")
+        label = _with_k(HEADLINE_METRICS[k], pk)
         lines.append(f"| {label} | " + " | ".join(_cell(agg["algorithms"][a].get(k)) for a in algos) + " |")
     lines += _headline(agg, len(seeds))
     lines += ["", "## Differences (Welch 95% interval)", ""]
@@ -198,7 +198,7 @@ def summary_markdown(agg: dict[str, Any], *, seconds: float, settings: dict[str,
         lines.append(f"No difference has an interval at {len(seeds)} seed, so none can be judged; the "
                      "differences of the means are in summary.json (`comparisons`).")
     for c in listed:  # a difference without an interval (no spread at all) says so in its sentence
-        lines.append(f"- {c['sentence'].replace('pass@n', f'pass@{pk}' if pk else 'pass@n')}")
+        lines.append(f"- {_with_k(c['sentence'], pk)}")
     judged = [c for c in listed if c["lo"] is not None]
     if judged:
         shown = [c for c in judged if c["excludes_zero"]]
@@ -249,8 +249,7 @@ def _headline(agg: dict[str, Any], n_seeds: int) -> list[str]:
                 verdict = "not shown (the interval includes 0)"
             else:
                 verdict = "shown" if (c["lo"] > 0) == (sign > 0) else "the opposite is shown"
-            iv = Interval(c["diff"], c["lo"] if c["lo"] is not None else math.nan,
-                          c["hi"] if c["hi"] is not None else math.nan, n=n_seeds)
+            iv = Interval.from_dict({"mean": c["diff"], "lo": c["lo"], "hi": c["hi"]}, n=n_seeds)
             what = HEADLINE_METRICS[key].split(" (")[0]
             out.append(f"- {claim}, {what}: {verdict}, {_NAMES.get(a, a)} − {_NAMES.get(b, b)} = "
                        f"{describe_interval(iv)}.")
@@ -270,7 +269,7 @@ def _ceiling_notes(agg: dict[str, Any], pass_k: int | None) -> list[str]:
     for key, what in (("pass@n_start", "step 0"), ("pass@n_end", "last"), ("pass@1_end", "last")):
         means = [d[key]["mean"] for d in agg["algorithms"].values() if d.get(key, {}).get("mean") is not None]
         if means and min(means) >= 0.99:
-            name = key.split("_")[0].replace("pass@n", f"pass@{pass_k}" if pass_k else "pass@n")
+            name = _with_k(key.split("_")[0], pass_k)
             out.append(f"- {name} ({what}) is at least 0.99 for every algorithm: at its ceiling, it cannot show a "
                        "difference here.")
     return ["", *out] if out else []
