@@ -115,6 +115,25 @@ def _measure(probe: str, G: int, T: int, impl: str, threads: int) -> dict:
                       timeout=1800 if T <= 1024 else 7200)  # T = 4096: ~30 min at 1 thread on a loaded core
 
 
+def _growth_rows(data: dict, G: int) -> list[Row]:
+    """Issue 13's growth targets from 1024 to 4096 tokens (≤ 16× time, ≤ 4× peak RSS), for every probe row
+    measured at both lengths in this run."""
+    out = []
+    for (probe, T, impl), a in data.items():
+        b = data.get((probe, 4 * T, impl))
+        if impl != "new" or T != 1024 or b is None:
+            continue
+        t, m = b["seconds"] / a["seconds"], b["peak_mb"] / a["peak_mb"]
+        ok = t <= 16 and m <= 4
+        why = "" if ok else "; ".join(
+            x for x in (f"time {t:.1f}× > 16×" if t > 16 else "", f"memory {m:.2f}× > 4×" if m > 4 else "") if x)
+        out.append(Row(f"growth 1024 → 4096: {probe}", f"G={G}, Qwen3-shaped d=256, 2 layers, V=32000, fp32",
+                       f"{fmt_seconds(b['seconds'])}, {fmt_bytes_mb(b['peak_mb'])} (T=4096)",
+                       f"{fmt_seconds(a['seconds'])}, {fmt_bytes_mb(a['peak_mb'])} (T=1024)",
+                       f"{t:.1f}× time, {m:.2f}× RSS", "≤ 16× time, ≤ 4× RSS", "met" if ok else "missed", why))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="256,1024")
@@ -163,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                             "all at T=1024: ≥ 5× faster, ≤ 1/3 RSS" if probe == "all" else "report", "info",
                             f"forward {fmt_seconds(new['forward_s'])}; {parts}; {note}".strip("; ")))
             print(markdown_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    rows += _growth_rows(data, G)
     table = markdown_table(rows)
     print(machine_line())
     print(table)

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .interference import logit_grad_sqnorm
 
-__all__ = ["projection_norms", "alignment_bound", "alignment_bound_paper", "head_gradient_bound"]
+__all__ = ["projection_norms", "alignment_bound", "alignment_bound_paper", "tight_bound_from_norms",
+           "paper_bound_from_norms", "head_gradient_bound"]
 
 
 def projection_norms(x: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
@@ -42,9 +43,27 @@ def alignment_bound(x_pos: Tensor, x_neg: Tensor, basis: Tensor) -> Tensor:
     >>> bool(((xp @ xn.T).abs() <= alignment_bound(xp, xn, B) + 1e-5).all())
     True
     """
-    ip, op = projection_norms(x_pos, basis)
-    ineg, oneg = projection_norms(x_neg, basis)
-    return ip[:, None] * ineg[None, :] + op[:, None] * oneg[None, :]
+    return tight_bound_from_norms(*projection_norms(x_pos, basis), *projection_norms(x_neg, basis))
+
+
+def tight_bound_from_norms(in_pos: Tensor, out_pos: Tensor, in_neg: Tensor, out_neg: Tensor) -> Tensor:
+    """:func:`alignment_bound` from the projection norms (:func:`projection_norms`) of each side → (Tp, Tn):
+    ||P x⁺||·||P x⁻|| + ||(I−P) x⁺||·||(I−P) x⁻||. A probe computes the norms once and the bound in row blocks.
+
+    >>> tight_bound_from_norms(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([3.0]), torch.tensor([4.0]))
+    tensor([[11.]])
+    """
+    return in_pos[:, None] * in_neg[None, :] + out_pos[:, None] * out_neg[None, :]
+
+
+def paper_bound_from_norms(in_pos: Tensor, out_pos: Tensor, norm_neg: Tensor, out_neg: Tensor) -> Tensor:
+    """:func:`alignment_bound_paper` from ||P x⁺||, ||(I−P) x⁺||, ||x⁻|| and ||(I−P) x⁻|| → (Tp, Tn).
+
+    >>> paper_bound_from_norms(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([5.0]), torch.tensor([4.0]))
+    tensor([[5.]])
+    """
+    inside_neg = (norm_neg**2 - out_neg**2).clamp(min=0).sqrt()
+    return in_pos[:, None] * inside_neg[None, :] + out_pos[:, None] * norm_neg[None, :]
 
 
 def alignment_bound_paper(x_pos: Tensor, x_neg: Tensor, basis: Tensor) -> Tensor:
@@ -54,11 +73,8 @@ def alignment_bound_paper(x_pos: Tensor, x_neg: Tensor, basis: Tensor) -> Tensor
     >>> alignment_bound_paper(torch.tensor([[0.0, 1.0]]), torch.tensor([[3.0, 4.0]]), B).item()
     5.0
     """
-    ip, op = projection_norms(x_pos, basis)
-    nneg = x_neg.norm(dim=-1)
-    _, oneg = projection_norms(x_neg, basis)
-    inside_neg = (nneg**2 - oneg**2).clamp(min=0).sqrt()
-    return ip[:, None] * inside_neg[None, :] + op[:, None] * nneg[None, :]
+    _, out_neg = projection_norms(x_neg, basis)
+    return paper_bound_from_norms(*projection_norms(x_pos, basis), x_neg.norm(dim=-1), out_neg)
 
 
 def head_gradient_bound(h_a: Tensor, p_a: Tensor, y_a: Tensor, h_b: Tensor, p_b: Tensor, y_b: Tensor) -> Tensor:

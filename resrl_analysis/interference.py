@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,9 @@ __all__ = [
     "GroupGrams",
     "group_grams",
     "device_quantiles",
+    "streaming_quantiles",
+    "row_blocks",
+    "BLOCK_BYTES",
 ]
 
 
@@ -372,13 +375,31 @@ class GroupGrams:
         cut = {"pos": slice(0, self.n_pos), "neg": slice(self.n_pos, None), "all": slice(None)}
         return self.inner[cut[a], cut[b]]
 
-    def cosine(self, a: str = "pos", b: str = "neg", eps: float = 1e-12) -> Tensor:
-        """cos(g_a, g_b) of a block (0 where a gradient vanishes), as :func:`head_gradient_cosine`."""
+    def cosine(self, a: str = "pos", b: str = "neg", eps: float = 1e-12, *, rows: slice | None = None) -> Tensor:
+        """cos(g_a, g_b) of a block (0 where a gradient vanishes), as :func:`head_gradient_cosine`;
+        ``rows`` (a slice of the block's rows) computes only those, for row-block streaming."""
         cut = {"pos": slice(0, self.n_pos), "neg": slice(self.n_pos, None), "all": slice(None)}
+        rows = rows or slice(None)
         n = self.grad_norm
-        denom = n[cut[a], None] * n[None, cut[b]]  # (Ta, Tb)
-        K = self.block(a, b)
+        denom = n[cut[a]][rows, None] * n[None, cut[b]]  # (Ta, Tb)
+        K = self.block(a, b)[rows]
         return torch.where(denom > eps, K / denom.clamp(min=eps), torch.zeros_like(K))
+
+
+#: The size of one (rows, columns) block of a positive×negative matrix when a probe streams it row block by
+#: row block (about ten such temporaries are alive at once).
+BLOCK_BYTES = 32 * 2**20
+
+
+def row_blocks(n_rows: int, n_cols: int, itemsize: int = 4, block_bytes: int | None = None) -> list[slice]:
+    """Row slices covering ``n_rows`` so that a (rows, ``n_cols``) block of ``itemsize`` bytes is at most
+    ``block_bytes`` (default :data:`BLOCK_BYTES`; at least one row).
+
+    >>> row_blocks(5, 4, itemsize=4, block_bytes=32)
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    rb = max(1, (BLOCK_BYTES if block_bytes is None else block_bytes) // max(1, n_cols * itemsize))
+    return [slice(r, min(n_rows, r + rb)) for r in range(0, n_rows, rb)]
 
 
 def _vocab_chunk(n_tokens: int, vocab: int, itemsize: int, memory_budget_mb: float) -> int:
@@ -473,20 +494,126 @@ def group_grams(
                       y=y, n_pos=n_pos)
 
 
+def _order_keys(x: Tensor) -> tuple[Tensor, int]:
+    """Integer keys of the float values ``x`` (flattened) whose order *as unsigned integers* is the values'
+    order, and their width in bits (the bit patterns, in int32 or int64 tensors).
+
+    The IEEE bit pattern read as a signed integer orders non-negative floats; flipping the magnitude bits of
+    negative ones orders those too; flipping the sign bit then makes the unsigned order the signed one.
+    float16/bfloat16 are widened to float32 (exact).
+    """
+    x = x.reshape(-1)
+    it = torch.int64 if x.dtype == torch.float64 else torch.int32
+    k = (x if it == torch.int64 else x.float()).view(it)
+    info = torch.iinfo(it)
+    return k ^ ((k >> (info.bits - 1)) & info.max) ^ info.min, info.bits
+
+
+def _from_key(u: int, bits: int) -> float:
+    """The float whose unsigned :func:`_order_keys` key is ``u``."""
+    k = u ^ (1 << (bits - 1))
+    k = k - (1 << bits) if k >= 1 << (bits - 1) else k  # the signed pattern
+    k ^= (k >> (bits - 1)) & ((1 << (bits - 1)) - 1)
+    it, ft = (torch.int32, torch.float32) if bits == 32 else (torch.int64, torch.float64)
+    return float(torch.tensor([k], dtype=it).view(ft))
+
+
+def _signed(u: int, bits: int) -> int:
+    """The signed integer with the bit pattern of the unsigned ``u`` (what a tensor holds)."""
+    return u - (1 << bits) if u >= 1 << (bits - 1) else u
+
+
+def streaming_quantiles(chunks: Callable[[], Iterable], quantiles: Sequence[float], *,
+                        streams: int | None = None) -> list:
+    """Exact quantiles of all values yielded by ``chunks()`` (called once per pass), interpolated linearly as
+    ``np.quantile``, holding one chunk at a time: a radix selection on the values' order keys, 16 bits per pass
+    (2 passes for float32, 4 for float64), one histogram per pass for all the quantiles together.
+
+    The values need never exist as one tensor: a caller recomputes them chunk by chunk (a row block of a
+    (Tp, Tn) cosine matrix, say), so the memory is one chunk and a (k·65,536) histogram whatever their number.
+    With ``streams=m`` each chunk is a tuple of m tensors (m value sets selected in the same passes) and the
+    result is one list of quantiles per stream.
+
+    >>> x = torch.tensor([3.0, -1.0, 2.0, 4.0, 0.0])
+    >>> streaming_quantiles(lambda: x.split(2), [0.0, 0.5, 0.9, 1.0])
+    [-1.0, 2.0, 3.6, 4.0]
+    """
+    m = 1 if streams is None else streams
+    digit = 2**16
+    bits = [0] * m  # from the first pass's chunks: 64 if any is float64
+    # Per stream: the ranks wanted, each with its key prefix fixed so far (unsigned) and its rank below it.
+    n = [0] * m
+    prefix: list[dict[int, int]] = [{} for _ in range(m)]
+    rest: list[dict[int, int]] = [{} for _ in range(m)]
+    j = 0
+    while True:
+        groups = [sorted(set(prefix[i].values())) if j else [0] for i in range(m)]
+        hists: list = [None] * m
+        for chunk in chunks():
+            for i, c in enumerate((chunk,) if streams is None else chunk):
+                if c.numel() == 0:
+                    continue
+                if j and 16 * j >= bits[i]:
+                    continue  # this stream's keys are complete (float32 beside float64 streams)
+                u, b = _order_keys(c)
+                if j == 0:
+                    if bits[i] not in (0, b):
+                        raise ValueError("streaming_quantiles: float64 and narrower chunks mixed in one stream")
+                    bits[i] = b
+                    n[i] += u.numel()
+                shift = b - 16 * (j + 1)
+                if hists[i] is None:
+                    hists[i] = torch.zeros(len(groups[i]) * digit, dtype=torch.int64, device=u.device)
+                if j == 0:
+                    idx = None
+                else:
+                    pre = u >> (shift + 16)
+                    idx = torch.full_like(u, -1)
+                    for gi, gp in enumerate(groups[i]):  # prefixes matched by equality (signed patterns)
+                        idx.masked_fill_(pre == (_signed(gp, b) >> (shift + 16)), gi)
+                    keep = idx >= 0
+                    u, idx = u[keep], idx[keep]
+                d = (u >> shift) & (digit - 1)
+                hists[i] += torch.bincount(d if idx is None else idx * digit + d, minlength=len(groups[i]) * digit)
+        if j == 0:
+            for i in range(m):
+                if n[i] == 0:
+                    raise ValueError("streaming_quantiles: no values")
+                spots = [q * (n[i] - 1) for q in quantiles]
+                ranks = {r for x in spots for r in (int(x // 1), min(n[i] - 1, int(-(-x // 1))))}
+                prefix[i], rest[i] = dict.fromkeys(ranks, 0), {r: r for r in ranks}
+        for i in range(m):
+            shift = bits[i] - 16 * (j + 1)
+            if shift < 0:
+                continue
+            cums = hists[i].view(len(groups[i]), digit).cumsum(-1).cpu()
+            for r in prefix[i]:
+                cum = cums[groups[i].index(prefix[i][r])]
+                d = int(torch.searchsorted(cum, torch.tensor([rest[i][r]]), right=True))  # first cum > rank
+                rest[i][r] -= int(cum[d - 1]) if d else 0
+                prefix[i][r] |= d << shift
+        j += 1
+        if all(16 * j >= b for b in bits):
+            break
+    out = []
+    for i in range(m):
+        value = {r: _from_key(u, bits[i]) for r, u in prefix[i].items()}
+        qs = []
+        for q in quantiles:
+            x = q * (n[i] - 1)
+            lo, hi = int(x // 1), min(n[i] - 1, int(-(-x // 1)))
+            qs.append(value[lo] if hi == lo else value[lo] + (value[hi] - value[lo]) * (x - lo))
+        out.append(qs)
+    return out[0] if streams is None else out
+
+
 def device_quantiles(x: Tensor, quantiles: Sequence[float]) -> list[float]:
     """Exact quantiles of all entries of ``x`` on its device, interpolated linearly as ``np.quantile``
-    (two ``kthvalue`` selections per quantile; no host copy, no size limit of ``torch.quantile``).
+    (:func:`streaming_quantiles` over chunks of ``x``: no host copy, no sort, no size limit of
+    ``torch.quantile``).
 
     >>> device_quantiles(torch.tensor([[3.0, 1.0], [2.0, 4.0]]), [0.0, 0.5, 1.0])
     [1.0, 2.5, 4.0]
     """
     flat = x.reshape(-1)
-    n = flat.numel()
-    out = []
-    for q in quantiles:
-        idx = q * (n - 1)
-        lo, hi = int(idx // 1), min(n - 1, int(-(-idx // 1)))
-        a = float(flat.kthvalue(lo + 1).values)
-        b = a if hi == lo else float(flat.kthvalue(hi + 1).values)
-        out.append(a + (b - a) * (idx - lo))
-    return out
+    return streaming_quantiles(lambda: flat.split(2**22), quantiles)

@@ -7,9 +7,10 @@ counts the tensors the probes hold (bytes of each dtype), not allocator slack:
 
 - kept per group until its probes are done: the response logits (G·T·V, model dtype), two hidden
   states (2·G·T·d) and the shared head-gradient Gram (N², float32, N = G·T valid tokens);
-- transient, per probe: the forward's activations and log-prob chunks; the (Tp, Tn) cosine and
-  bound blocks (interference, subspace); the head step's saved log-softmax (N·V, float32) and the
-  whole-model step's gradients, parameter copy and one micro-batch's checkpointed activations.
+- transient, per probe: the forward's activations and log-prob chunks; row blocks of the (Tp, Tn)
+  cosine and bound matrices (interference, subspace; streamed, never whole); the head step's saved
+  log-softmax (N·V, float32) and the whole-model step's gradients, parameter copy and one
+  micro-batch's checkpointed activations.
 
 A test checks the estimate against the measured peak RSS on CPU (within 25%).
 """
@@ -27,6 +28,8 @@ __all__ = ["ModelShape", "ProbeShape", "MemoryPlan", "parse_memory", "format_byt
 
 #: The working chunk of the chunked log-prob/entropy and Gram passes (``ops.DEFAULT_MEMORY_BUDGET_MB``).
 CHUNK_BYTES = 256 * 2**20
+#: One row block of a streamed positive×negative matrix (:data:`resrl_analysis.interference.BLOCK_BYTES`).
+BLOCK_BYTES = 32 * 2**20
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -276,6 +279,8 @@ def plan_probes(
         fwd["logits"] = _logits(model, G, T)
     fwd_peak = sum(fwd.values())
     tp_tn = (N // 2) * (N - N // 2) * 4  # the largest positive×negative block, float32
+    # The probes stream (Tp, Tn) matrices in row blocks of at most BLOCK_BYTES (interference.row_blocks).
+    tp_tn_block = min(tp_tn, BLOCK_BYTES)
     gram_build = min(CHUNK_BYTES, 3 * N * V * 4) + 4 * N * 4  # vocabulary chunks (or row blocks), and (N,) vectors
     # first_order's closed-form head pass (probes.first_order._head_pass): its vocabulary chunks (64 MB),
     # the token advantages' head inputs side by side (N, n·d) and the head inputs themselves, float32.
@@ -292,14 +297,16 @@ def plan_probes(
         if name in ("lld", "entropy"):
             transient[name] = dict(fwd)
         elif name == "interference":
-            t = {"gram build": gram_build, "cosine blocks": 4 * tp_tn}
+            # One cosine row block and its temporaries (denominator, quotient, where, a float64 copy).
+            t = {"gram build": gram_build, "cosine blocks": 6 * tp_tn_block}
             if full_model:
                 fs = full_step(min(micro_batch, G), 2)
                 fs.pop("parameter copy")
                 t.update({f"whole-model {k}": v for k, v in fs.items()})
             transient[name] = t
         elif name == "subspace":
-            transient[name] = {"gram build": gram_build, "bound blocks": 9 * tp_tn}
+            # One row block of |<x⁻, x⁺>|, both bounds, tolerances, |<g⁺, g⁻>| and the ratios (about twelve).
+            transient[name] = {"gram build": gram_build, "bound blocks": 12 * tp_tn_block}
         elif name == "first_order":
             t = {"head pass": head_pass}
             if full_model:

@@ -149,3 +149,68 @@ def test_near_deterministic_float32_probabilities_stay_accurate():
     torch.testing.assert_close(cos32.double(), ref, atol=1e-3, rtol=1e-3)
     sq32 = head_gradient_sqnorm(h.float(), p64.float(), y)
     torch.testing.assert_close(sq32.double(), head_gradient_sqnorm(h, p64, y), rtol=1e-3, atol=0)
+
+
+def _kth_quantiles(x: torch.Tensor, quantiles) -> list[float]:
+    """Reference: two kthvalue selections per quantile over the whole tensor, np.quantile's interpolation."""
+    flat, out = x.reshape(-1), []
+    n = flat.numel()
+    for q in quantiles:
+        idx = q * (n - 1)
+        lo, hi = int(idx // 1), min(n - 1, int(-(-idx // 1)))
+        a = float(flat.kthvalue(lo + 1).values)
+        b = a if hi == lo else float(flat.kthvalue(hi + 1).values)
+        out.append(a + (b - a) * (idx - lo))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["normal", "ties", "tiny", "one", "mostly_zero", "negative"])
+def test_streaming_quantiles_are_exact_in_any_chunking(dtype, case):
+    import numpy as np
+
+    from resrl_analysis.interference import device_quantiles, streaming_quantiles
+
+    g = torch.Generator().manual_seed(7)
+    x = {"normal": torch.randn(20_001, generator=g, dtype=torch.float64),
+         "ties": torch.tensor([0.0, -0.0, 0.0, 1, 1, 1, -2, 1, 1]),
+         "tiny": torch.randn(9, generator=g, dtype=torch.float64) * 1e-30,
+         "one": torch.tensor([3.0]),
+         "mostly_zero": torch.cat([torch.zeros(5000), torch.randn(11, generator=g)]),
+         "negative": -torch.rand(777, generator=g, dtype=torch.float64) * 1e6}[case].to(dtype)
+    qs = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
+    ref = _kth_quantiles(x, qs)
+    assert device_quantiles(x, qs) == ref
+    for size in (1, 3, 1000):
+        assert streaming_quantiles(lambda s=size: x.split(s), qs) == ref
+    np.testing.assert_allclose(ref, np.quantile(x.double().numpy(), qs), rtol=1e-12, atol=0)
+
+
+def test_streaming_quantiles_refuse_an_empty_stream():
+    from resrl_analysis.interference import streaming_quantiles
+
+    with pytest.raises(ValueError, match="no values"):
+        streaming_quantiles(lambda: iter([torch.zeros(0)]), [0.5])
+
+
+def test_row_blocks_cover_the_rows_within_the_budget():
+    from resrl_analysis.interference import row_blocks
+
+    for n_rows, n_cols, budget in ((1, 1, 1), (10, 3, 40), (1000, 17, 4096), (5, 1000, 8)):
+        blocks = row_blocks(n_rows, n_cols, 4, budget)
+        covered = [i for b in blocks for i in range(b.start, b.stop)]
+        assert covered == list(range(n_rows))
+        assert all((b.stop - b.start) * n_cols * 4 <= budget or b.stop - b.start == 1 for b in blocks)
+
+
+def test_streaming_quantiles_of_several_streams_in_the_same_passes():
+    from resrl_analysis.interference import device_quantiles, streaming_quantiles
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5000, generator=g), torch.randn(333, generator=g, dtype=torch.float64)
+    qs = [0.1, 0.5, 0.99]
+    # Chunks of different lengths per stream, one stream's chunk empty: each stream as if alone.
+    got = streaming_quantiles(lambda: [(a[:4000], b[:0]), (a[4000:], b)], qs, streams=2)
+    assert got == [device_quantiles(a, qs), device_quantiles(b, qs)]
+    with pytest.raises(ValueError, match="mixed"):
+        streaming_quantiles(lambda: [a[:3], b[:3]], qs)

@@ -34,8 +34,8 @@ from resrl_analysis.probes.interference import QUANTILES, _tied, full_model_grad
 from resrl_analysis.probes.subspace import (
     ALL_REPRESENTATIONS,
     Representation,
-    _ratio_stats,
     correlation_table,
+    pair_sample,
     spearman,
 )
 from resrl_analysis.results import InterferenceResult, SubspaceResult
@@ -188,6 +188,15 @@ def old_interference_probe(
                               cosine_samples=pd.DataFrame(srows), meta=meta)
 
 
+def _ratio_stats(num: torch.Tensor, den: torch.Tensor) -> tuple[float, float, float]:
+    """The old path's tightness ratio stats: the whole ratio array on the host, np.median."""
+    ok = den > 0
+    if not ok.any():
+        return float("nan"), float("nan"), float("nan")
+    r = (num[ok] / den[ok]).double().cpu().numpy()
+    return float(r.mean()), float(np.median(r)), float(r.max())
+
+
 def old_subspace_probe(
     model: nn.Module,
     probe_set: ProbeSet,
@@ -274,7 +283,8 @@ def old_subspace_probe(
                               "interference_sum_abs": float(sum_abs[j]), "interference_max_abs": float(max_abs[j])})
             # A fixed sample of pairs (same for every representation) for the bound scatter plots.
             n_pairs = inner.numel()
-            pick = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(int(g.group_id)))[:max_pair_samples]
+            # The sampling rule is the new one (O(k) memory; the old permutation of all pairs drew others).
+            pick = torch.as_tensor(pair_sample(n_pairs, max_pair_samples, int(g.group_id)))
             pick = pick.to(dev)
             flat = {"true_abs": inner, "tight_bound": tight, "paper_bound": paper, "head_abs": K,
                     "head_tight_bound": g_scale * tight}
@@ -524,3 +534,26 @@ def test_nthr_advantages_reuse_the_shared_gram(tiny):
     torch.testing.assert_close(again.scores, own.scores, equal_nan=True)
     nthr = token_advantages(fwd, "nthr")
     assert torch.isfinite(nthr).all()
+
+
+def test_streamed_row_blocks_give_the_unstreamed_results(tiny, qwen256, monkeypatch):
+    """The probes stream their (Tp, Tn) matrices in row blocks; blocks of a few rows give the same tables as
+    one block holding the whole matrix (the default at these shapes)."""
+    from resrl_analysis import interference as core
+    from resrl_analysis.probes.interference import interference_probe
+    from resrl_analysis.probes.subspace import subspace_probe
+
+    # float64 (tiny): to rounding; float32 (qwen256): a block of three rows multiplies with other kernels than
+    # the whole matrix, so |<x⁻, x⁺>| (d = 256, with cancellation) differs in its last float32 digits.
+    for (model, ps, fwds), (rtol, atol) in zip((tiny, qwen256), ((1e-9, 1e-12), (2e-4, 1e-4))):
+        whole = (interference_probe(model, ps, forwards=fwds, max_cosine_samples=64),
+                 subspace_probe(model, ps, forwards=fwds, max_pair_samples=64))
+        itemsize = fwds[0].grams().inner.element_size()
+        n_neg = max(f.grams().y.shape[0] - f.grams().n_pos for f in fwds if f.group.is_mixed)
+        monkeypatch.setattr(core, "BLOCK_BYTES", 3 * n_neg * itemsize)  # three rows per block
+        streamed = (interference_probe(model, ps, forwards=fwds, max_cosine_samples=64),
+                    subspace_probe(model, ps, forwards=fwds, max_pair_samples=64))
+        monkeypatch.undo()
+        for a, b in zip(streamed, whole):
+            for name in type(a).TABLES:
+                _assert_frames_close(getattr(a, name), getattr(b, name), rtol=rtol, atol=atol)

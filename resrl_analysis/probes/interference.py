@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..checkpoints import ProbeSet
 from ..forward import response_forward
-from ..interference import GroupGrams, device_quantiles, nthr_eta
+from ..interference import GroupGrams, nthr_eta, row_blocks, streaming_quantiles
 from ..ops import group_advantages
 from ..results import InterferenceResult
 from .capture import (
@@ -102,17 +102,50 @@ def full_model_gradient_cosine(model: nn.Module, fwd: GroupForward, advantages: 
             "full_head_cosine": cos(h_inner, h_pos, h_neg)}
 
 
-def _summary(c: Tensor, quantiles: Sequence[float]) -> dict:
-    """Mean, std, extremes, fraction > 0 and exact quantiles of a cosine block, on its device (float64
-    accumulation in row chunks, as the float64 host copy this replaced)."""
-    n = c.numel()
-    mean = sum(float(r.sum(dtype=torch.float64)) for r in c.split(1024)) / n
-    var = sum(float(((r.double() - mean) ** 2).sum()) for r in c.split(1024)) / n
-    out = {"cos_mean": mean, "cos_std": var**0.5, "cos_min": float(c.min()), "cos_max": float(c.max()),
-           "cos_frac_positive": float((c > 0).sum()) / n}
-    for q, v in zip(quantiles, device_quantiles(c, quantiles)):
+def _cosine_pass(gr: GroupGrams, quantiles: Sequence[float], pick: np.ndarray | None) -> tuple[dict, dict, Tensor]:
+    """Summary, per-negative-token columns and sampled values of the (Tp, Tn) positive×negative cosine,
+    streamed in row blocks (:func:`~resrl_analysis.interference.row_blocks`) so that the whole matrix never
+    exists (three passes): mean and std (float64, shifted sums), extremes, fraction > 0, exact quantiles
+    (:func:`~resrl_analysis.interference.streaming_quantiles`), column mean/max/fraction > 0, and the values
+    at the flat indices ``pick`` (sorted; None: all)."""
+    Tp, Tn = gr.n_pos, gr.y.shape[0] - gr.n_pos
+    blocks = row_blocks(Tp, Tn, gr.inner.element_size())
+    dev = gr.inner.device
+    n = Tp * Tn
+    # Sums of (c − K) and (c − K)² about the first value K: the variance in one pass without cancellation.
+    total, total2, shift, n_pos_vals, lo, hi = 0.0, 0.0, None, 0, float("inf"), float("-inf")
+    col_sum = torch.zeros(Tn, dtype=torch.float64, device=dev)
+    col_max = torch.full((Tn,), float("-inf"), dtype=gr.inner.dtype, device=dev)
+    col_pos = torch.zeros(Tn, dtype=torch.float64, device=dev)
+    picked = []
+    pk = None if pick is None else torch.as_tensor(pick, device=dev)
+    for b in blocks:
+        c = gr.cosine("pos", "neg", rows=b)
+        if shift is None:
+            shift = float(c.reshape(-1)[0])
+        dc = c.double() - shift
+        total, total2 = total + float(dc.sum()), total2 + float((dc * dc).sum())
+        del dc
+        gt = c > 0
+        n_pos_vals += int(gt.sum())
+        lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
+        col_sum += c.sum(0, dtype=torch.float64)
+        col_max = torch.maximum(col_max, c.max(0).values)
+        col_pos += gt.sum(0)
+        flat = c.reshape(-1)
+        if pk is None:
+            picked.append(flat)
+        else:
+            inside = pk[(pk >= b.start * Tn) & (pk < b.stop * Tn)]
+            picked.append(flat[inside - b.start * Tn])
+    mean = shift + total / n
+    var = max(0.0, total2 / n - (total / n) ** 2)
+    out = {"cos_mean": mean, "cos_std": var**0.5, "cos_min": lo, "cos_max": hi, "cos_frac_positive": n_pos_vals / n}
+    qs = streaming_quantiles(lambda: (gr.cosine("pos", "neg", rows=b) for b in blocks), quantiles)
+    for q, v in zip(quantiles, qs):
         out[f"cos_q{round(q * 100):02d}"] = v
-    return out
+    cols = {"cos_mean": col_sum / Tp, "cos_max": col_max.double(), "cos_frac_positive": col_pos / Tp}
+    return out, cols, torch.cat(picked)
 
 
 def _gram_nthr(gr: GroupGrams, n_pos_responses: int, n_responses: int, beta: float) -> dict:
@@ -192,8 +225,12 @@ def interference_probe(
         G = fwd.mask.shape[0]
         gr = fwd.grams()  # shared with the other probes: computed once per group
         Tp, Tn = gr.n_pos, gr.y.shape[0] - gr.n_pos
-        cos = gr.cosine("pos", "neg")  # (Tp, Tn)
-        summary = _summary(cos, QUANTILES)
+        pick = None
+        if Tp * Tn > max_cosine_samples:
+            rng = np.random.default_rng([seed, step, g.group_id])
+            pick = np.sort(rng.choice(Tp * Tn, max_cosine_samples, replace=False))
+        # The (Tp, Tn) cosines in row blocks: the matrix is never held (1 GB per group at T = 4096).
+        summary, cols, flat = _cosine_pass(gr, QUANTILES, pick)
         # Group level: the positive and the negative parts of the update, weighted by the advantages.
         gids = torch.zeros(G, dtype=torch.long, device=dev)
         adv = group_advantages(fwd.rewards.float(), gids, advantage).to(gr.inner.dtype)  # (G,)
@@ -216,15 +253,9 @@ def interference_probe(
                       "nthr_flagged_frac": float(nt["flags"].float().mean()), **full})
         tframes.append(_frame({
             "step": step, "group_id": g.group_id, "response_index": gr.row[Tp:], "position": gr.pos[Tp:],
-            "token_id": gr.y[Tp:], "cos_mean": cos.sum(0, dtype=torch.float64) / Tp,
-            "cos_max": cos.max(0).values.double(), "cos_frac_positive": (cos > 0).sum(0).double() / Tp,
+            "token_id": gr.y[Tp:], **cols,
             "nthr_score": nt["scores"].double(), "nthr_flagged": nt["flags"], "nthr_weight": nt["weights"].double(),
         }, Tn))
-        flat = cos.reshape(-1)
-        if flat.numel() > max_cosine_samples:
-            rng = np.random.default_rng([seed, step, g.group_id])
-            pick = np.sort(rng.choice(flat.numel(), max_cosine_samples, replace=False))
-            flat = flat[torch.as_tensor(pick, device=dev)]
         sframes.append(_frame({"step": step, "group_id": g.group_id, "cosine": flat.double()}, flat.numel()))
     meta = {"advantage": advantage, "full_model": full_model, "nthr_beta": nthr_beta,
             "max_cosine_samples": max_cosine_samples, "quantiles": list(QUANTILES), "seed": seed,

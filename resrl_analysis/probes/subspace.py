@@ -23,18 +23,18 @@ centred on the positive mean or not — this probe fits the positive subspace S
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
-from torch import nn
+from torch import Tensor, nn
 
-from ..bounds import alignment_bound, alignment_bound_paper
+from ..bounds import paper_bound_from_norms, projection_norms, tight_bound_from_norms
 from ..checkpoints import ProbeSet
-from ..interference import device_quantiles
+from ..interference import GroupGrams, row_blocks, streaming_quantiles
 from ..results import SubspaceResult
 from ..weighting import (
     ResRLWeightConfig,
@@ -55,6 +55,7 @@ __all__ = [
     "subspace_probe",
     "correlation_table",
     "merge_subspace_results",
+    "pair_sample",
 ]
 
 
@@ -105,12 +106,92 @@ def spearman(x: np.ndarray | Sequence[float], y: np.ndarray | Sequence[float]) -
     return float(r.statistic), float(r.pvalue)
 
 
-def _ratio_stats(num: torch.Tensor, den: torch.Tensor) -> tuple[float, float, float]:
-    ok = den > 0
-    if not ok.any():
-        return float("nan"), float("nan"), float("nan")
-    r = num[ok] / den[ok]  # on the device: the mean in float64, the median exact (np.median's)
-    return float(r.sum(dtype=torch.float64)) / r.numel(), device_quantiles(r, [0.5])[0], float(r.max())
+def pair_sample(n_pairs: int, k: int, seed: int) -> np.ndarray:
+    """``min(k, n_pairs)`` distinct flat pair indices, uniform without replacement, in draw order, seeded
+    (numpy's ``Generator.choice``: O(k) memory however many pairs, where a permutation of all pairs would
+    need 2 GB for a group of 8 × 4,096 tokens).
+
+    >>> pair_sample(10, 3, seed=0).tolist() == pair_sample(10, 3, seed=0).tolist(), len(pair_sample(2, 5, 0))
+    (True, 2)
+    """
+    return np.random.default_rng(seed).choice(n_pairs, min(k, n_pairs), replace=False)
+
+
+def _pair_pass(gr: GroupGrams, xpc: Tensor, xnc: Tensor, basis: Tensor, lf: Tensor, hn: Tensor,
+               blocks: list[slice], rtol: float, max_pair_samples: int, group_id: int) -> dict:
+    """The positive×negative pair statistics of one representation, streamed over row blocks of positives:
+    bound violations (the representation's and the head gradient's), the tightness ratios |<x⁻, x⁺>| / bound
+    (mean and max in one pass, the exact median by :func:`~resrl_analysis.interference.streaming_quantiles`),
+    and the same uniform sample of pairs for every representation (:func:`pair_sample`, seeded by the group)
+    for the scatter plots."""
+    Tp, Tn = xpc.shape[0], xnc.shape[0]
+    ip, op = projection_norms(xpc, basis)
+    ineg, oneg = projection_norms(xnc, basis)
+    npn, nnn = xpc.norm(dim=-1), xnc.norm(dim=-1)
+    lf_p, lf_n, hn_p, hn_n = lf[:Tp], lf[Tp:], hn[:Tp], hn[Tp:]
+    dev = xpc.device
+
+    def block(b: slice) -> tuple[Tensor, Tensor, Tensor]:
+        return ((xpc[b] @ xnc.T).abs(), tight_bound_from_norms(ip[b], op[b], ineg, oneg),
+                paper_bound_from_norms(ip[b], op[b], nnn, oneg))
+
+    def ratio(inner: Tensor, den: Tensor) -> Tensor:
+        ok = den > 0  # a pair whose bound is 0 has no ratio (its inner product is 0 as well)
+        return (inner / den).reshape(-1) if bool(ok.all()) else inner[ok] / den[ok]
+
+    def ratios() -> Iterator[tuple[Tensor, Tensor]]:
+        for b in blocks:
+            inner, tight, paper = block(b)
+            yield ratio(inner, tight), ratio(inner, paper)
+
+    counts = dict.fromkeys(("tight_violations", "paper_violations", "head_tight_violations",
+                            "head_paper_violations"), 0)
+    r_sum, r_n, r_max = [0.0, 0.0], [0, 0], [float("-inf")] * 2
+    pick = torch.as_tensor(pair_sample(Tp * Tn, max_pair_samples, group_id), device=dev)
+    order = torch.argsort(pick)
+    sample = {k: [] for k in ("true_abs", "tight_bound", "paper_bound", "head_abs", "head_tight_bound")}
+    for b in blocks:
+        inner, tight, paper = block(b)
+        tol = rtol * npn[b, None] * nnn[None, :]  # (rb, Tn)
+        g_scale = lf_p[b, None] * lf_n[None, :]
+        g_tol = rtol * g_scale * (hn_p[b, None] * hn_n[None, :])
+        K = gr.block("pos", "neg")[b].abs()
+        counts["tight_violations"] += int((inner > tight + tol).sum())
+        counts["paper_violations"] += int((inner > paper + tol).sum())
+        counts["head_tight_violations"] += int((K > g_scale * tight + g_tol).sum())
+        counts["head_paper_violations"] += int((K > g_scale * paper + g_tol).sum())
+        for i, den in enumerate((tight, paper)):
+            r = ratio(inner, den)
+            if r.numel():
+                r_sum[i] += float(r.sum(dtype=torch.float64))
+                r_n[i] += r.numel()
+                r_max[i] = max(r_max[i], float(r.max()))
+        sel = order[(pick[order] >= b.start * Tn) & (pick[order] < b.stop * Tn)]
+        at = pick[sel] - b.start * Tn
+        for k, v in (("true_abs", inner), ("tight_bound", tight), ("paper_bound", paper), ("head_abs", K),
+                     ("head_tight_bound", g_scale * tight)):
+            sample[k].append((sel, v.reshape(-1)[at]))
+    out = {}
+    # Both medians exactly, in the same two passes (each recomputes the blocks: nothing (Tp, Tn) is kept).
+    meds = streaming_quantiles(ratios, [0.5], streams=2) if r_n[0] and r_n[1] else [[float("nan")]] * 2
+    for i, name in enumerate(("tight", "paper")):
+        if r_n[i]:
+            med = meds[i][0] if r_n[1 - i] else streaming_quantiles(lambda i=i: (x[i] for x in ratios()), [0.5])[0]
+            out.update({f"{name}_ratio_mean": r_sum[i] / r_n[i], f"{name}_ratio_median": med})
+            if name == "tight":
+                out["tight_ratio_max"] = r_max[i]
+        else:
+            out.update({f"{name}_ratio_mean": float("nan"), f"{name}_ratio_median": float("nan")})
+            if name == "tight":
+                out["tight_ratio_max"] = float("nan")
+    counts.update(out)
+    flat = {}
+    for k, parts in sample.items():
+        vals = torch.empty(len(pick), dtype=torch.float64, device=dev)
+        for sel, v in parts:
+            vals[sel] = v.double()
+        flat[k] = vals
+    return {"counts": counts, "sample": flat}
 
 
 def subspace_probe(
@@ -174,13 +255,20 @@ def subspace_probe(
         gr = fwd.grams()  # shared with the other probes: computed once per group
         Tp = gr.n_pos
         cdt = gr.inner.dtype
+        Tn = gr.y.shape[0] - Tp
+        # Every (Tp, Tn) matrix below is streamed in row blocks of positives, never held whole (1 GB each per
+        # group at T = 4096, and the bounds need about ten of them).
+        blocks = row_blocks(Tp, Tn, torch.finfo(cdt).bits // 8)
         # The true head interference does not depend on the representation: read it once.
-        K = gr.block("pos", "neg").abs()  # (Tp, Tn)
-        sum_abs, max_abs = K.sum(0).cpu().numpy(), K.max(0).values.cpu().numpy()  # (Tn,)
+        sum_abs = torch.zeros(Tn, dtype=torch.float64, device=dev)
+        max_abs = torch.zeros(Tn, dtype=cdt, device=dev)
+        for b in blocks:
+            Kb = gr.block("pos", "neg")[b].abs()
+            sum_abs += Kb.sum(0, dtype=torch.float64)
+            max_abs = torch.maximum(max_abs, Kb.max(0).values)
+        sum_abs, max_abs = sum_abs.cpu().numpy(), max_abs.double().cpu().numpy()  # (Tn,)
         lf = gr.logit_sqnorm.clamp(min=0).sqrt()  # (N,) ||e − p||
         hn_ = gr.rep_sqnorm.clamp(min=0).sqrt()  # (N,) ||h||
-        hnorm = hn_[:Tp, None] * hn_[None, Tp:]  # (Tp, Tn)
-        g_scale = lf[:Tp, None] * lf[None, Tp:]  # (Tp, Tn)
         tn = {"row": gr.row[Tp:], "pos": gr.pos[Tp:], "y": gr.y[Tp:]}
         n_pos_tok = Tp
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(g.group_id))
@@ -197,26 +285,15 @@ def subspace_probe(
             e = residual_energy(xn, sub, center=rep.center)  # (Tn,)
             w, _, _ = weights_from_residuals(e, cfg.q_low, cfg.q_high, cfg.min_weight)
             xpc, xnc = xp - sub.mean, xn - sub.mean  # the mean is zero when not centring
-            inner = (xpc @ xnc.T).abs()  # (Tp, Tn)
-            tight = alignment_bound(xpc, xnc, sub.basis)  # (Tp, Tn)
-            paper = alignment_bound_paper(xpc, xnc, sub.basis)  # (Tp, Tn)
-            tol = rtol * xpc.norm(dim=-1)[:, None] * xnc.norm(dim=-1)[None, :]  # (Tp, Tn)
-            g_tol = rtol * g_scale * hnorm
+            pairs = _pair_pass(gr, xpc, xnc, sub.basis, lf, hn_, blocks, rtol, max_pair_samples, int(g.group_id))
             e_np = e.double().cpu().numpy()
             rho_s, p_s = spearman(e_np, sum_abs)
             rho_m, p_m = spearman(e_np, max_abs)
-            t_mean, t_med, t_max = _ratio_stats(inner, tight)
-            p_mean, p_med, _ = _ratio_stats(inner, paper)
             grows.append({
                 **base, **rep.columns(), "status": "ok", "rank": sub.rank, "n_pos_tokens": int(xp.shape[0]),
-                "n_neg_tokens": int(xn.shape[0]), "n_pairs": int(inner.numel()),
+                "n_neg_tokens": int(xn.shape[0]), "n_pairs": Tp * Tn,
                 "residual_mean": float(e.mean()), "residual_median": float(e.median()),
-                "tight_violations": int((inner > tight + tol).sum()),
-                "paper_violations": int((inner > paper + tol).sum()),
-                "head_tight_violations": int((K > g_scale * tight + g_tol).sum()),
-                "head_paper_violations": int((K > g_scale * paper + g_tol).sum()),
-                "tight_ratio_mean": t_mean, "tight_ratio_median": t_med, "tight_ratio_max": t_max,
-                "paper_ratio_mean": p_mean, "paper_ratio_median": p_med,
+                **pairs["counts"],
                 "spearman_sum": rho_s, "spearman_sum_p": p_s, "spearman_max": rho_m, "spearman_max_p": p_m,
             })
             cols = rep.columns()
@@ -225,14 +302,7 @@ def subspace_probe(
                 "residual_energy": e.double(), "resrl_weight": w.double(),
                 "interference_sum_abs": sum_abs.astype(np.float64), "interference_max_abs": max_abs.astype(np.float64),
             }, xn.shape[0]))
-            # A fixed sample of pairs (same for every representation) for the bound scatter plots.
-            n_pairs = inner.numel()
-            pick = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(int(g.group_id)))[:max_pair_samples]
-            pick = pick.to(dev)
-            flat = {"true_abs": inner, "tight_bound": tight, "paper_bound": paper, "head_abs": K,
-                    "head_tight_bound": g_scale * tight}
-            pframes.append(_frame({**base, **cols, **{k: v.reshape(-1)[pick].double() for k, v in flat.items()}},
-                                  len(pick)))
+            pframes.append(_frame({**base, **cols, **pairs["sample"]}, len(pairs["sample"]["true_abs"])))
             ev = explained_variance(xfit, max_ev_rank, center=rep.center)
             erows += [{"step": step, "group_id": g.group_id, **cols, "rank": k + 1, "explained_variance": float(v)}
                       for k, v in enumerate(ev.tolist())]
