@@ -27,7 +27,7 @@ __all__ = ["main", "run"]
 TARGET = 1.5
 
 
-def _model(vocab: int, hidden: int, layers: int, seed: int = 0):
+def _model(vocab: int, hidden: int, layers: int, seed: int = 0, device: str = "cpu", dtype: Any = None):
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
 
@@ -35,7 +35,7 @@ def _model(vocab: int, hidden: int, layers: int, seed: int = 0):
                       num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
                       max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32).to(device).eval()
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
     return model
 
@@ -63,7 +63,7 @@ def hf_per_prompt(model, prompts: list[list[int]], n: int, max_new_tokens: int,
     out = []
     for i, p in enumerate(prompts):
         torch.manual_seed(seed + i)
-        ids = torch.tensor([p])
+        ids = torch.tensor([p], device=model.device)
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
                                  top_p=1.0, max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=2,
@@ -76,12 +76,18 @@ def hf_per_prompt(model, prompts: list[list[int]], n: int, max_new_tokens: int,
 
 
 def run(*, prompts: int = 8, n: int = 8, max_new_tokens: int = 128, rounds: int = 4, vocab: int = 32_000,
-        hidden: int = 256, layers: int = 2, threads: int = 1) -> dict[str, Any]:
-    """Time both sides alternately in this process; returns the per-round times, ratios and token counts."""
+        hidden: int = 256, layers: int = 2, threads: int = 1, device: str = "cpu", dtype: Any = None) -> dict[str, Any]:
+    """Time both sides alternately in this process; returns the per-round times, ratios and token counts
+    (on a CUDA ``device`` each side's time ends with a synchronisation)."""
     import torch
 
     torch.set_num_threads(threads)
-    model = _model(vocab, hidden, layers)
+    model = _model(vocab, hidden, layers, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
     ps = _prompts(prompts, vocab)
     sides = {"ours": ours, "hf": hf_per_prompt}
     for f in sides.values():  # warm-up: first-call costs (allocator, kernels, generation config) on neither side
@@ -92,13 +98,15 @@ def run(*, prompts: int = 8, n: int = 8, max_new_tokens: int = 128, rounds: int 
         for name in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
             t0 = time.perf_counter()
             res = sides[name](model, ps, n, max_new_tokens, seed=1000 * r)
+            sync()
             times[name].append(time.perf_counter() - t0)
             assert len(res) == len(ps) and all(len(rows) == n for rows in res)
             tokens[name].append(sum(len(x) for rows in res for x in rows))
     ratios = [h / o for h, o in zip(times["hf"], times["ours"])]
     return {"times": times, "tokens": tokens, "ratios": ratios, "ratio": statistics.median(ratios),
             "prompts": prompts, "n": n, "max_new_tokens": max_new_tokens, "vocab": vocab, "hidden": hidden,
-            "layers": layers, "threads": threads, "rounds": rounds}
+            "layers": layers, "threads": threads, "rounds": rounds, "device": str(device),
+            "dtype": str(dtype or torch.float32).replace("torch.", "")}
 
 
 def row(res: dict[str, Any]) -> Row:
@@ -106,8 +114,10 @@ def row(res: dict[str, Any]) -> Row:
     med = {k: statistics.median(v) for k, v in res["times"].items()}
     tok = {k: statistics.mean(v) for k, v in res["tokens"].items()}
     spread = f"{min(res['ratios']):.2f}–{max(res['ratios']):.2f}"
+    where = ("fp32 CPU, " + f"{res['threads']} thread(s)" if res.get("device", "cpu") == "cpu"
+             else f"{res.get('dtype', 'float32')} {res['device']}")
     setting = (f"{res['prompts']} prompts × n={res['n']}, ≤ {res['max_new_tokens']} new tokens, random Qwen3-shaped "
-               f"d={res['hidden']}, {res['layers']} layers, V={res['vocab']}, fp32 CPU, {res['threads']} thread(s)")
+               f"d={res['hidden']}, {res['layers']} layers, V={res['vocab']}, {where}")
     return Row(
         "Diversity sampler", setting,
         f"{fmt_seconds(med['ours'])} (all prompts batched)", f"{fmt_seconds(med['hf'])} (generate per prompt)",

@@ -22,7 +22,10 @@ guarded (a failure is a table row, the others still run) and all inside a time b
    interference (with the whole-model cosine), subspace and first_order (head and whole-model steps),
    time and peak memory, and the memory plan's estimate beside the measured peak; then, with the time
    left, a Qwen3-4B-shaped random model in bf16 at G = 8, T = 4096 (no real steps) against its plan.
-6. **Rollout** (last, with the time left): ``bench/bench_rollout_gpu.py`` (HF ``generate`` with the dynamic
+6. **Diversity sampler** (issue 13): the diversity probe's batched sampling (all prompts × n through the core
+   sampler) against HF ``generate`` once per prompt, alternating rounds: the CPU row's shapes, then a
+   Qwen3-0.6B-wide random model (d = 1024, 28 layers, V = 151,936) in bf16, 8 prompts × 16, 128 new tokens.
+7. **Rollout** (last, with the time left): ``bench/bench_rollout_gpu.py`` (HF ``generate`` with the dynamic
    and static caches, and our static/CUDA-graph path, 256 prompts × 256 new tokens, bf16); goal ours ≥ 3×
    HF dynamic.
 
@@ -465,6 +468,32 @@ def bench_probes(device: Any, quick: bool, deadline: Any = None) -> list[Row]:
     return rows
 
 
+def bench_diversity(device: Any, quick: bool) -> list[Row]:
+    """The diversity probe's batched sampling against HF ``generate`` once per prompt (issue 13), on the GPU:
+    :func:`bench.diversity_bench.run` (same model, prompts, n and tokens; alternating rounds)."""
+    import torch
+
+    from bench.diversity_bench import row as _row
+    from bench.diversity_bench import run as _run
+
+    def run(**kw: Any) -> dict:  # leaves this process's CPU thread count as it is
+        return _run(threads=torch.get_num_threads(), **kw)
+
+    row = _row
+    if quick:
+        res = run(prompts=2, n=2, max_new_tokens=8, rounds=2, vocab=500, hidden=64, layers=2, device=str(device))
+    else:  # the CPU row's shapes, and a Qwen3-0.6B-like width in bf16
+        res = run(prompts=8, n=8, max_new_tokens=128, rounds=4, device=str(device))
+    rows = [row(res)]
+    if not quick:
+        res = run(prompts=8, n=16, max_new_tokens=128, rounds=2, vocab=151_936, hidden=1024, layers=28,
+                  device=str(device), dtype=torch.bfloat16)
+        rows.append(row(res))
+    for r in rows:
+        r.benchmark = "Diversity sampler (GPU)"
+    return rows
+
+
 def bench_rollout(timeout: float) -> list[Row]:
     """Run ``bench/bench_rollout_gpu.py`` (another engineer's) and read its JSON."""
     script = BENCH_DIR / "bench_rollout_gpu.py"
@@ -542,6 +571,7 @@ def run_all(device: Any, budget: float, quick: bool = False, skip_rollout: bool 
     # ~70 s expected; run it only if ~180 s then remain for the rollout part (the issue's headline GPU target)
     rows += _guard("ResRL overhead (GPU)", lambda: bench_resrl_overhead(device, quick), dl, 60 if quick else 250)
     rows += _guard("Probe pass (GPU)", lambda: bench_probes(device, quick, dl), dl, 30 if quick else 120)
+    rows += _guard("Diversity sampler (GPU)", lambda: bench_diversity(device, quick), dl, 20 if quick else 60)
     if skip_rollout or device.type != "cuda":
         rows.append(Row("Rollout tokens/s (GPU)", "-", status="not measured",
                         note="skipped (no CUDA or --skip-rollout)"))

@@ -4,7 +4,8 @@
 #   bash bench/gpu_bench.sh [--budget 420] [--skip-rollout]
 #
 # Runs `python -m bench.gpu_bench` (interference at V=151,936, log-prob memory, training fwd+bwd tokens/s
-# and MFU, resrl vs grpo step time, then bench/bench_rollout_gpu.py with the time left), prints a markdown
+# and MFU, resrl vs grpo step time, the probe pass against its memory plan, the diversity sampler against
+# per-prompt `generate`, then bench/bench_rollout_gpu.py with the time left), prints a markdown
 # table, writes $OUT/gpu_section.md and $OUT/gpu_bench.json when $OUT is set, and updates the GPU section
 # of bench/RESULTS.md on that machine (bring it back with
 # `python -m bench.gpu_bench --apply <files_at>/gpu_section.md`).
