@@ -142,3 +142,44 @@ def test_pair_samples_hold_measured_pairs_under_their_bounds():
     raw = p[p.representation == "head_input/raw/uncentred"]
     assert len(raw) == 4, sorted(p.representation.unique())
     assert (raw.head_abs <= raw.head_tight_bound * (1 + 1e-5) + 1e-6).all()
+
+
+def test_pair_pass_streams_like_the_whole_matrices_and_skips_zero_bounds():
+    """_pair_pass over row blocks against the same statistics from whole (Tp, Tn) matrices, with negatives
+    that are zero vectors (their bounds are 0: no ratio), and with every bound 0 (NaN ratios)."""
+    import numpy as np
+    import torch
+
+    from resrl_analysis.bounds import alignment_bound, alignment_bound_paper
+    from resrl_analysis.interference import GroupGrams
+    from resrl_analysis.probes.subspace import _pair_pass
+
+    g = torch.Generator().manual_seed(0)
+    Tp, Tn, d = 7, 5, 4
+    xp, xn = torch.randn(Tp, d, generator=g, dtype=torch.float64), torch.randn(Tn, d, generator=g, dtype=torch.float64)
+    xn[1] = 0.0
+    basis = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64)).Q
+    N = Tp + Tn
+    inner = torch.randn(N, N, generator=g, dtype=torch.float64)
+    gr = GroupGrams(inner=inner, logit_sqnorm=torch.rand(N, generator=g, dtype=torch.float64),
+                    rep_sqnorm=torch.rand(N, generator=g, dtype=torch.float64), row=torch.zeros(N, dtype=torch.long),
+                    pos=torch.arange(N), y=torch.arange(N), n_pos=Tp)
+    lf, hn = gr.logit_sqnorm.sqrt(), gr.rep_sqnorm.sqrt()
+    blocks = [slice(0, 2), slice(2, 4), slice(4, 7)]
+    out = _pair_pass(gr, xp, xn, basis, lf, hn, blocks, 1e-4, 10, group_id=3)
+    whole = _pair_pass(gr, xp, xn, basis, lf, hn, [slice(0, Tp)], 1e-4, 10, group_id=3)
+    for k, v in whole["counts"].items():
+        assert out["counts"][k] == pytest.approx(v, rel=1e-12), k
+    for k, v in whole["sample"].items():
+        torch.testing.assert_close(out["sample"][k], v)
+    true, tight, paper = (xp @ xn.T).abs(), alignment_bound(xp, xn, basis), alignment_bound_paper(xp, xn, basis)
+    ok = tight > 0
+    assert int((~ok).sum()) == Tp  # the zero negative
+    r = (true[ok] / tight[ok]).numpy()
+    assert out["counts"]["tight_ratio_median"] == pytest.approx(float(np.median(r)), rel=1e-12)
+    assert out["counts"]["tight_ratio_mean"] == pytest.approx(float(r.mean()), rel=1e-12)
+    assert out["counts"]["paper_ratio_median"] == pytest.approx(
+        float(np.median((true[paper > 0] / paper[paper > 0]).numpy())), rel=1e-12)
+    none = _pair_pass(gr, xp, torch.zeros_like(xn), basis, lf, hn, blocks, 1e-4, 10, group_id=3)["counts"]
+    assert np.isnan(none["tight_ratio_median"]) and np.isnan(none["paper_ratio_mean"])
+    assert none["tight_violations"] == 0

@@ -171,19 +171,14 @@ def _pair_pass(gr: GroupGrams, xpc: Tensor, xnc: Tensor, basis: Tensor, lf: Tens
         for k, v in (("true_abs", inner), ("tight_bound", tight), ("paper_bound", paper), ("head_abs", K),
                      ("head_tight_bound", g_scale * tight)):
             sample[k].append((sel, v.reshape(-1)[at]))
-    out = {}
     # Both medians exactly, in the same two passes (each recomputes the blocks: nothing (Tp, Tn) is kept).
-    meds = streaming_quantiles(ratios, [0.5], streams=2) if r_n[0] and r_n[1] else [[float("nan")]] * 2
-    for i, name in enumerate(("tight", "paper")):
-        if r_n[i]:
-            med = meds[i][0] if r_n[1 - i] else streaming_quantiles(lambda i=i: (x[i] for x in ratios()), [0.5])[0]
-            out.update({f"{name}_ratio_mean": r_sum[i] / r_n[i], f"{name}_ratio_median": med})
-            if name == "tight":
-                out["tight_ratio_max"] = r_max[i]
-        else:
-            out.update({f"{name}_ratio_mean": float("nan"), f"{name}_ratio_median": float("nan")})
-            if name == "tight":
-                out["tight_ratio_max"] = float("nan")
+    live = [i for i in (0, 1) if r_n[i]]
+    meds = dict(zip(live, streaming_quantiles(lambda: (tuple(r[i] for i in live) for r in ratios()), [0.5],
+                                              streams=len(live)))) if live else {}
+    nan = float("nan")
+    out = {"tight_ratio_mean": r_sum[0] / r_n[0] if r_n[0] else nan, "tight_ratio_median": meds.get(0, [nan])[0],
+           "tight_ratio_max": r_max[0] if r_n[0] else nan,
+           "paper_ratio_mean": r_sum[1] / r_n[1] if r_n[1] else nan, "paper_ratio_median": meds.get(1, [nan])[0]}
     counts.update(out)
     flat = {}
     for k, parts in sample.items():
