@@ -115,6 +115,18 @@ def _measure(probe: str, G: int, T: int, impl: str, threads: int) -> dict:
                       timeout=1800 if T <= 1024 else 7200)  # T = 4096: ~30 min at 1 thread on a loaded core
 
 
+def plan_mb(probe: str, G: int, T: int, P: int = 8) -> float:
+    """The memory plan's estimate (MiB, working memory without the weights, CPU) for a row of this bench."""
+    from resrl_analysis.plan import ModelShape, ProbeShape, plan_probes
+
+    d = 256  # the shapes of :func:`qwen3_shaped`
+    shape = ModelShape(32_000, d, 2, 4, 2, d // 4, 3 * d, False, 4)
+    probes = ["interference", "subspace", "first_order"] if probe.startswith("all") else [probe]
+    plan = plan_probes(shape, ProbeShape(G, T, P, 1), probes, budget=10**13, full_model=probe != "all-no-steps",
+                       device="cpu", weights=False)
+    return plan.peak / 2**20
+
+
 def _growth_rows(data: dict, G: int) -> list[Row]:
     """Issue 13's growth targets from 1024 to 4096 tokens (≤ 16× time, ≤ 4× peak RSS), for every probe row
     measured at both lengths in this run."""
@@ -177,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                 ref = ref or issue
             ratio = f"{ref[0] / new['seconds']:.1f}× faster, {new['peak_mb'] / ref[1]:.2f}× RSS" if ref else "-"
             parts = ", ".join(f"{k} {fmt_seconds(v)}" for k, v in new["parts"].items())
+            est = plan_mb(probe, G, T)
+            parts += f"; plan {fmt_bytes_mb(est)} ({(est - new['peak_mb']) / new['peak_mb']:+.0%} of the peak)"
             rows.append(Row(f"probe pass: {probe}", f"G={G}, T={T}, Qwen3-shaped d=256, 2 layers, V=32000, fp32",
                             f"{fmt_seconds(new['seconds'])}, {fmt_bytes_mb(new['peak_mb'])}", ref_txt, ratio,
                             "all at T=1024: ≥ 5× faster, ≤ 1/3 RSS" if probe == "all" else "report", "info",

@@ -329,10 +329,12 @@ def plan_probes(
         kept = gb * (per_group + gram)
         peaks, parts = {}, {}
         for name, t in transient.items():
-            # Phases run one after the other (forward, Gram, the probe's own work): the peak is the largest.
-            phases = [sum(t.values()), fwd_peak if name in gram_probes else 0, gram_build if name in gram_probes else 0]
-            biggest = max(phases)
-            peaks[name] = W + kept + biggest
+            # Phases run one after the other: the forwards of the batch's groups (before any Gram exists), then
+            # the Grams and the probe's own work beside the kept groups. The peak is the largest phase.
+            if name in gram_probes:
+                peaks[name] = W + max(gb * per_group + fwd_peak, kept + max(sum(t.values()), gram_build))
+            else:
+                peaks[name] = W + kept + sum(t.values())
             parts[name] = {"weights": W, "kept groups": kept, **t}
         return peaks, parts
 
