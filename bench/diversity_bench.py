@@ -114,8 +114,10 @@ def row(res: dict[str, Any]) -> Row:
     med = {k: statistics.median(v) for k, v in res["times"].items()}
     tok = {k: statistics.mean(v) for k, v in res["tokens"].items()}
     spread = f"{min(res['ratios']):.2f}–{max(res['ratios']):.2f}"
-    where = ("fp32 CPU, " + f"{res['threads']} thread(s)" if res.get("device", "cpu") == "cpu"
-             else f"{res.get('dtype', 'float32')} {res['device']}")
+    if res.get("device", "cpu") == "cpu":
+        where = f"fp32 CPU, {res['threads']} thread(s)"
+    else:
+        where = f"{res.get('dtype', 'float32')} {res['device']}"
     setting = (f"{res['prompts']} prompts × n={res['n']}, ≤ {res['max_new_tokens']} new tokens, random Qwen3-shaped "
                f"d={res['hidden']}, {res['layers']} layers, V={res['vocab']}, {where}")
     return Row(

@@ -473,21 +473,18 @@ def bench_diversity(device: Any, quick: bool) -> list[Row]:
     :func:`bench.diversity_bench.run` (same model, prompts, n and tokens; alternating rounds)."""
     import torch
 
-    from bench.diversity_bench import row as _row
-    from bench.diversity_bench import run as _run
+    from bench.diversity_bench import row, run
 
-    def run(**kw: Any) -> dict:  # leaves this process's CPU thread count as it is
-        return _run(threads=torch.get_num_threads(), **kw)
-
-    row = _row
+    threads = torch.get_num_threads()  # run() sets the thread count: leave this process's as it is
     if quick:
-        res = run(prompts=2, n=2, max_new_tokens=8, rounds=2, vocab=500, hidden=64, layers=2, device=str(device))
+        res = run(prompts=2, n=2, max_new_tokens=8, rounds=2, vocab=500, hidden=64, layers=2, threads=threads,
+                  device=str(device))
     else:  # the CPU row's shapes, and a Qwen3-0.6B-like width in bf16
-        res = run(prompts=8, n=8, max_new_tokens=128, rounds=4, device=str(device))
+        res = run(prompts=8, n=8, max_new_tokens=128, rounds=4, threads=threads, device=str(device))
     rows = [row(res)]
     if not quick:
         res = run(prompts=8, n=16, max_new_tokens=128, rounds=2, vocab=151_936, hidden=1024, layers=28,
-                  device=str(device), dtype=torch.bfloat16)
+                  threads=threads, device=str(device), dtype=torch.bfloat16)
         rows.append(row(res))
     for r in rows:
         r.benchmark = "Diversity sampler (GPU)"

@@ -47,18 +47,25 @@ ISSUE_TABLE = {
 }
 
 
+def qwen3_config(T: int, P: int = 8, V: int = 32_000, d: int = 256):
+    """The config of :func:`qwen3_shaped`'s model (2 layers, untied head) for responses of T tokens."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=V, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=d // 4,
+                       max_position_embeddings=2 * (P + T), tie_word_embeddings=False)
+
+
 def qwen3_shaped(G: int, T: int, P: int = 8, V: int = 32_000, d: int = 256):
     """A random Qwen3-shaped model (2 layers, untied head) and one group of G responses of exactly T tokens
     (alternately positive and negative) after a P-token prompt: the shapes of issue 13's table."""
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers import AutoModelForCausalLM
 
     from resrl_analysis.checkpoints import ProbeGroup, ProbeSet
 
-    cfg = Qwen3Config(vocab_size=V, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=d // 4,
-                      max_position_embeddings=2 * (P + T), tie_word_embeddings=False)
+    cfg = qwen3_config(T, P, V, d)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     rng = np.random.default_rng(0)
@@ -119,8 +126,7 @@ def plan_mb(probe: str, G: int, T: int, P: int = 8) -> float:
     """The memory plan's estimate (MiB, working memory without the weights, CPU) for a row of this bench."""
     from resrl_analysis.plan import ModelShape, ProbeShape, plan_probes
 
-    d = 256  # the shapes of :func:`qwen3_shaped`
-    shape = ModelShape(32_000, d, 2, 4, 2, d // 4, 3 * d, False, 4)
+    shape = ModelShape.from_config(qwen3_config(T, P), "float32")  # the model of :func:`qwen3_shaped`
     probes = ["interference", "subspace", "first_order"] if probe.startswith("all") else [probe]
     plan = plan_probes(shape, ProbeShape(G, T, P, 1), probes, budget=10**13, full_model=probe != "all-no-steps",
                        device="cpu", weights=False)

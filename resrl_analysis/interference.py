@@ -39,6 +39,7 @@ __all__ = [
     "device_quantiles",
     "streaming_quantiles",
     "row_blocks",
+    "block_picks",
     "BLOCK_BYTES",
 ]
 
@@ -402,6 +403,18 @@ def row_blocks(n_rows: int, n_cols: int, itemsize: int = 4, block_bytes: int | N
     return [slice(r, min(n_rows, r + rb)) for r in range(0, n_rows, rb)]
 
 
+def block_picks(pick: Tensor, rows: slice, n_cols: int) -> tuple[Tensor, Tensor]:
+    """Which of the flat indices ``pick`` into a (·, ``n_cols``) matrix fall in the row block ``rows``:
+    (their positions in ``pick``, their flat offsets within the block), to gather a sample while streaming.
+
+    >>> block_picks(torch.tensor([7, 1, 4]), slice(1, 3), n_cols=3)
+    (tensor([0, 2]), tensor([4, 1]))
+    """
+    lo, hi = rows.start * n_cols, rows.stop * n_cols
+    sel = ((pick >= lo) & (pick < hi)).nonzero().squeeze(-1)
+    return sel, pick[sel] - lo
+
+
 def _vocab_chunk(n_tokens: int, vocab: int, itemsize: int, memory_budget_mb: float) -> int:
     # About three (N, chunk) temporaries are alive at once (logits slice, probabilities, products).
     return int(max(1, min(vocab, memory_budget_mb * 2**20 // max(1, 3 * n_tokens * itemsize))))
@@ -540,7 +553,7 @@ def streaming_quantiles(chunks: Callable[[], Iterable], quantiles: Sequence[floa
     """
     m = 1 if streams is None else streams
     digit = 2**16
-    bits = [0] * m  # from the first pass's chunks: 64 if any is float64
+    bits = [0] * m  # key width per stream, from the first pass's chunks (32, or 64 for float64)
     # Per stream: the ranks wanted, each with its key prefix fixed so far (unsigned) and its rank below it.
     n = [0] * m
     prefix: list[dict[int, int]] = [{} for _ in range(m)]

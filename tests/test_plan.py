@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.common import reset_peak_rss
+from bench.probe_bench import qwen3_config
 from resrl_analysis.plan import ModelShape, ProbeShape, parse_memory, plan_probes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,14 @@ def test_qwen3_4b_config_and_group_batching():
     small = plan_probes(m, ProbeShape(8, 4096, 512, 8), probes, budget=20 * 10**9, device="cuda")
     assert not small.fits and small.group_batch == 1
     assert "probe " in small.refusal() and "--memory-budget" in small.refusal() and "\n" not in small.refusal()
+
+
+def test_plan_constants_are_the_probes_chunk_sizes():
+    """plan.py stays torch-free, so it mirrors the probes' chunk sizes: they must agree."""
+    from resrl_analysis import interference, ops, plan
+
+    assert plan.BLOCK_BYTES == interference.BLOCK_BYTES
+    assert plan.CHUNK_BYTES == ops.DEFAULT_MEMORY_BUDGET_MB * 2**20
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -115,7 +124,7 @@ def test_plan_estimate_within_25_percent_of_measured_peak_rss(G, T, tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     measured = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
-    m = ModelShape(V, d, 2, 4, 2, d // 4, 3 * d, False, 4)
+    m = ModelShape.from_config(qwen3_config(T, P, V, d), "float32")  # the worker's model
     plan = plan_probes(m, ProbeShape(G, T, P, 1), ["interference", "subspace", "first_order"], budget=10**12,
                        full_model=False, device="cpu", weights=False)
     assert abs(plan.peak - measured) <= 0.25 * measured, (plan.peak, measured, plan.parts)

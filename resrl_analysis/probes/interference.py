@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..checkpoints import ProbeSet
 from ..forward import response_forward
-from ..interference import GroupGrams, nthr_eta, row_blocks, streaming_quantiles
+from ..interference import GroupGrams, block_picks, nthr_eta, row_blocks, streaming_quantiles
 from ..ops import group_advantages
 from ..results import InterferenceResult
 from .capture import (
@@ -107,7 +107,7 @@ def _cosine_pass(gr: GroupGrams, quantiles: Sequence[float], pick: np.ndarray | 
     streamed in row blocks (:func:`~resrl_analysis.interference.row_blocks`) so that the whole matrix never
     exists (three passes): mean and std (float64, shifted sums), extremes, fraction > 0, exact quantiles
     (:func:`~resrl_analysis.interference.streaming_quantiles`), column mean/max/fraction > 0, and the values
-    at the flat indices ``pick`` (sorted; None: all)."""
+    at the flat indices ``pick`` (in their order; None: all)."""
     Tp, Tn = gr.n_pos, gr.y.shape[0] - gr.n_pos
     blocks = row_blocks(Tp, Tn, gr.inner.element_size())
     dev = gr.inner.device
@@ -117,8 +117,8 @@ def _cosine_pass(gr: GroupGrams, quantiles: Sequence[float], pick: np.ndarray | 
     col_sum = torch.zeros(Tn, dtype=torch.float64, device=dev)
     col_max = torch.full((Tn,), float("-inf"), dtype=gr.inner.dtype, device=dev)
     col_pos = torch.zeros(Tn, dtype=torch.float64, device=dev)
-    picked = []
-    pk = None if pick is None else torch.as_tensor(pick, device=dev)
+    pk = torch.arange(n, device=dev) if pick is None else torch.as_tensor(pick, device=dev)
+    picked = torch.empty(len(pk), dtype=gr.inner.dtype, device=dev)
     for b in blocks:
         c = gr.cosine("pos", "neg", rows=b)
         if shift is None:
@@ -132,12 +132,8 @@ def _cosine_pass(gr: GroupGrams, quantiles: Sequence[float], pick: np.ndarray | 
         col_sum += c.sum(0, dtype=torch.float64)
         col_max = torch.maximum(col_max, c.max(0).values)
         col_pos += gt.sum(0)
-        flat = c.reshape(-1)
-        if pk is None:
-            picked.append(flat)
-        else:
-            inside = pk[(pk >= b.start * Tn) & (pk < b.stop * Tn)]
-            picked.append(flat[inside - b.start * Tn])
+        sel, at = block_picks(pk, b, Tn)
+        picked[sel] = c.reshape(-1)[at]
     mean = shift + total / n
     var = max(0.0, total2 / n - (total / n) ** 2)
     out = {"cos_mean": mean, "cos_std": var**0.5, "cos_min": lo, "cos_max": hi, "cos_frac_positive": n_pos_vals / n}
@@ -145,7 +141,7 @@ def _cosine_pass(gr: GroupGrams, quantiles: Sequence[float], pick: np.ndarray | 
     for q, v in zip(quantiles, qs):
         out[f"cos_q{round(q * 100):02d}"] = v
     cols = {"cos_mean": col_sum / Tp, "cos_max": col_max.double(), "cos_frac_positive": col_pos / Tp}
-    return out, cols, torch.cat(picked)
+    return out, cols, picked
 
 
 def _gram_nthr(gr: GroupGrams, n_pos_responses: int, n_responses: int, beta: float) -> dict:

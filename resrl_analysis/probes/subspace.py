@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..bounds import paper_bound_from_norms, projection_norms, tight_bound_from_norms
 from ..checkpoints import ProbeSet
-from ..interference import GroupGrams, row_blocks, streaming_quantiles
+from ..interference import GroupGrams, block_picks, row_blocks, streaming_quantiles
 from ..results import SubspaceResult
 from ..weighting import (
     ResRLWeightConfig,
@@ -148,8 +148,8 @@ def _pair_pass(gr: GroupGrams, xpc: Tensor, xnc: Tensor, basis: Tensor, lf: Tens
                             "head_paper_violations"), 0)
     r_sum, r_n, r_max = [0.0, 0.0], [0, 0], [float("-inf")] * 2
     pick = torch.as_tensor(pair_sample(Tp * Tn, max_pair_samples, group_id), device=dev)
-    order = torch.argsort(pick)
-    sample = {k: [] for k in ("true_abs", "tight_bound", "paper_bound", "head_abs", "head_tight_bound")}
+    sample = {k: torch.empty(len(pick), dtype=torch.float64, device=dev)
+              for k in ("true_abs", "tight_bound", "paper_bound", "head_abs", "head_tight_bound")}
     for b in blocks:
         inner, tight, paper = block(b)
         tol = rtol * npn[b, None] * nnn[None, :]  # (rb, Tn)
@@ -166,11 +166,10 @@ def _pair_pass(gr: GroupGrams, xpc: Tensor, xnc: Tensor, basis: Tensor, lf: Tens
                 r_sum[i] += float(r.sum(dtype=torch.float64))
                 r_n[i] += r.numel()
                 r_max[i] = max(r_max[i], float(r.max()))
-        sel = order[(pick[order] >= b.start * Tn) & (pick[order] < b.stop * Tn)]
-        at = pick[sel] - b.start * Tn
+        sel, at = block_picks(pick, b, Tn)
         for k, v in (("true_abs", inner), ("tight_bound", tight), ("paper_bound", paper), ("head_abs", K),
                      ("head_tight_bound", g_scale * tight)):
-            sample[k].append((sel, v.reshape(-1)[at]))
+            sample[k][sel] = v.reshape(-1)[at].double()
     # Both medians exactly, in the same two passes (each recomputes the blocks: nothing (Tp, Tn) is kept).
     live = [i for i in (0, 1) if r_n[i]]
     meds = dict(zip(live, streaming_quantiles(lambda: (tuple(r[i] for i in live) for r in ratios()), [0.5],
@@ -180,13 +179,7 @@ def _pair_pass(gr: GroupGrams, xpc: Tensor, xnc: Tensor, basis: Tensor, lf: Tens
            "tight_ratio_max": r_max[0] if r_n[0] else nan,
            "paper_ratio_mean": r_sum[1] / r_n[1] if r_n[1] else nan, "paper_ratio_median": meds.get(1, [nan])[0]}
     counts.update(out)
-    flat = {}
-    for k, parts in sample.items():
-        vals = torch.empty(len(pick), dtype=torch.float64, device=dev)
-        for sel, v in parts:
-            vals[sel] = v.double()
-        flat[k] = vals
-    return {"counts": counts, "sample": flat}
+    return {"counts": counts, "sample": sample}
 
 
 def subspace_probe(
