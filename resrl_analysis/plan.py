@@ -3,7 +3,8 @@
 ``resrl probe`` calls :func:`plan_probes` with the model's ``config.json`` (no weights needed) and the
 probe set's shapes, prints the plan, picks the largest group batching that fits the budget, and
 refuses with one line naming the probe and the setting to change when nothing fits. The estimate
-counts the tensors the probes hold (bytes of each dtype), not allocator slack:
+counts the tensors the probes hold (bytes of each dtype), not allocator slack; each registered probe declares
+its own terms (``Probe.plan``, from :class:`PlanInputs`), and this module adds what the pass keeps:
 
 - kept per group until its probes are done: the response logits (G·T·V, model dtype), two hidden
   states (2·G·T·d) and the shared head-gradient Gram (N², float32, N = G·T valid tokens);
@@ -22,14 +23,22 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ModelShape", "ProbeShape", "MemoryPlan", "parse_memory", "format_bytes", "plan_probes",
-           "device_memory"]
+from .checkpoints import ProbeError
+from .interference import BLOCK_BYTES
+from .ops import DEFAULT_MEMORY_BUDGET_MB
+from .probes.registry import instantiate
 
-#: The working chunk of the chunked log-prob/entropy and Gram passes (``ops.DEFAULT_MEMORY_BUDGET_MB``).
-CHUNK_BYTES = 256 * 2**20
-#: One row block of a streamed positive×negative matrix (:data:`resrl_analysis.interference.BLOCK_BYTES`).
-BLOCK_BYTES = 32 * 2**20
+if TYPE_CHECKING:
+    from .probes.config import ProbeConfig
+
+__all__ = ["ModelShape", "ProbeShape", "MemoryPlan", "PlanInputs", "parse_memory", "format_bytes", "plan_probes",
+           "plan_for_config", "check_plan", "device_memory"]
+
+#: The working chunk of the chunked log-prob/entropy and Gram passes (``ops.DEFAULT_MEMORY_BUDGET_MB``); one row
+#: block of a streamed positive×negative matrix is :data:`resrl_analysis.interference.BLOCK_BYTES`.
+CHUNK_BYTES = int(DEFAULT_MEMORY_BUDGET_MB * 2**20)
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -158,6 +167,7 @@ class MemoryPlan:
     model: ModelShape
     shape: ProbeShape
     notes: list[str] = field(default_factory=list)
+    hints: dict[str, str] = field(default_factory=dict)  # probe -> the setting that shrinks it (the refusal's)
 
     @property
     def peak(self) -> int:
@@ -194,10 +204,7 @@ class MemoryPlan:
     def refusal(self) -> str:
         """One line naming the probe that does not fit and the setting to change."""
         name = max(self.peaks, key=self.peaks.get)  # type: ignore[arg-type]
-        hint = {"first_order": "--full-model-steps none or fewer --algorithms",
-                "interference": "--full-model-steps none",
-                "subspace": "fewer responses per group or shorter --max-new-tokens",
-                "diversity": "--samples or --max-new-tokens"}.get(name, "a shorter probe set")
+        hint = self.hints.get(name) or "a shorter probe set"
         return (f"memory plan: probe {name} needs {format_bytes(self.peaks[name])} at --group-batch 1, over the "
                 f"budget {format_bytes(self.budget)}; raise --memory-budget, or use {hint}")
 
@@ -239,6 +246,69 @@ def _logits(m: ModelShape, rows: int, T: int) -> int:
     return rows * (T + 1) * m.vocab * m.dtype_bytes
 
 
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a probe's :meth:`~resrl_analysis.probes.registry.Probe.plan` gets: the shapes, its ``options``,
+    whether whole-model steps run (``full_model``), their ``micro_batch``, the device kind, and ``forward``: the
+    terms of the pass's shared no-grad forward of one group (with its logits when no probe keeps them).
+
+    >>> m = ModelShape(100, 8, 2, 2, 2, 4, 16, False)
+    >>> p = PlanInputs(m, ProbeShape(4, 16, 4), None, full_model=False, micro_batch=4, cpu=True, forward={})
+    >>> p.N, p.logits(4)
+    (64, 27200)
+    """
+
+    model: ModelShape
+    shape: ProbeShape
+    options: Any
+    full_model: bool
+    micro_batch: int
+    cpu: bool
+    forward: dict[str, int]
+
+    @property
+    def G(self) -> int:
+        return self.shape.responses
+
+    @property
+    def T(self) -> int:
+        return self.shape.response_len
+
+    @property
+    def L(self) -> int:
+        return self.shape.prompt_len + self.shape.response_len
+
+    @property
+    def N(self) -> int:
+        return self.shape.tokens
+
+    def logits(self, rows: int) -> int:
+        """Bytes of the logits of ``rows`` responses (model dtype)."""
+        return _logits(self.model, rows, self.T)
+
+    def forward_terms(self, rows: int, *, grad: bool, checkpoint: bool) -> dict[str, int]:
+        """Bytes of a forward (and backward when ``grad``) over ``rows`` responses, by part."""
+        return _forward(self.model, rows, self.L, self.T, grad, checkpoint, self.cpu)
+
+    def full_step(self, rows: int, grads: int) -> dict[str, int]:
+        """A whole-model step over ``rows`` responses with ``grads`` gradient copies and a parameter copy."""
+        m = self.model
+        f = self.forward_terms(rows, grad=True, checkpoint=True)
+        return {**f, "gradients": grads * m.n_params * m.dtype_bytes, "parameter copy": m.n_params * m.dtype_bytes}
+
+    @property
+    def tp_tn_block(self) -> int:
+        """One row block of a (Tp, Tn) float32 matrix (streamed, :func:`resrl_analysis.interference.row_blocks`)."""
+        N = self.N
+        return min((N // 2) * (N - N // 2) * 4, BLOCK_BYTES)
+
+    @property
+    def gram_build(self) -> int:
+        """The Gram build's vocabulary chunks (or row blocks) and its (N,) vectors."""
+        N = self.N
+        return min(CHUNK_BYTES, 3 * N * self.model.vocab * 4) + 4 * N * 4
+
+
 def plan_probes(
     model: ModelShape,
     shape: ProbeShape,
@@ -248,15 +318,18 @@ def plan_probes(
     budget_source: str = "--memory-budget",
     group_batch: int = 8,
     full_model: bool = True,
-    n_algorithms: int = 6,
+    options: Mapping[str, Any] | None = None,
     micro_batch: int = 4,
     device: str = "cpu",
     weights: bool = True,
 ) -> MemoryPlan:
     """Peak memory of each probe at ``shape`` and the largest group batching ≤ ``group_batch`` that fits.
 
+    Each registered probe declares its own working memory (``Probe.plan``); this adds what the pass keeps
+    per group (logits, hidden states, the shared Gram, for the probes that need them) and the weights.
     ``full_model``: whether whole-model gradients run (interference cosine, first-order step);
-    ``weights``: count the model's weights (False for the working memory alone).
+    ``options``: probe name → its options (default: each probe's defaults); ``weights``: count the model's
+    weights (False for the working memory alone).
 
     >>> m = ModelShape(151936, 2560, 36, 32, 8, 128, 9728, True, 2)  # Qwen3-4B, bfloat16
     >>> p = plan_probes(m, ProbeShape(8, 4096, 512, n_groups=8), ["lld", "first_order", "interference", "subspace"],
@@ -264,66 +337,27 @@ def plan_probes(
     >>> p.fits, p.group_batch
     (True, 2)
     """
-    probes = [p for p in probes if p != "entropy" or "lld" not in probes]
+    probes_ = {n: p for n, p in instantiate(list(probes), options).items() if p.scope != "pairs"}
     cpu = not str(device).startswith("cuda")
-    G, T, P = shape.responses, shape.response_len, shape.prompt_len
-    L, N, V, d = P + T, shape.tokens, model.vocab, model.hidden
+    G, T, d, N = shape.responses, shape.response_len, model.hidden, shape.tokens
     W = model.n_params * model.dtype_bytes if weights else 0
-    gram_probes = {"first_order", "interference", "subspace"}
-    needs_gram = bool(gram_probes & set(probes))
-    # Kept per group until its probes are done: logits and two hidden states, and the shared Gram.
-    per_group = _logits(model, G, T) + 2 * G * T * d * model.dtype_bytes if needs_gram else 0
-    gram = N * N * 4 if needs_gram else 0
-    fwd = _forward(model, G, L, T, grad=False, checkpoint=False, cpu=cpu)
-    if not needs_gram:
+    needs = set().union(*(p.needs for p in probes_.values() if p.scope == "groups"))
+    # Kept per group until its probes are done: logits, two hidden states, and the shared Gram.
+    per_group = (_logits(model, G, T) if "logits" in needs else 0) + (2 * G * T * d * model.dtype_bytes
+                                                                     if "hidden" in needs else 0)
+    gram = N * N * 4 if "gram" in needs else 0
+    fwd = _forward(model, G, shape.prompt_len + T, T, grad=False, checkpoint=False, cpu=cpu)
+    if "logits" not in needs:  # nobody keeps them: the forward's own logits are its transient
         fwd["logits"] = _logits(model, G, T)
     fwd_peak = sum(fwd.values())
-    tp_tn = (N // 2) * (N - N // 2) * 4  # the largest positive×negative block, float32
-    # The probes stream (Tp, Tn) matrices in row blocks of at most BLOCK_BYTES (interference.row_blocks).
-    tp_tn_block = min(tp_tn, BLOCK_BYTES)
-    gram_build = min(CHUNK_BYTES, 3 * N * V * 4) + 4 * N * 4  # vocabulary chunks (or row blocks), and (N,) vectors
-    # first_order's closed-form head pass (probes.first_order._head_pass): its vocabulary chunks (64 MB),
-    # the token advantages' head inputs side by side (N, n·d) and the head inputs themselves, float32.
-    n_alg = max(1, n_algorithms)
-    head_pass = min(64 * 2**20, (3 + 2 * n_alg) * N * V * 4) + N * (n_alg + 1) * d * 4
-
-    def full_step(rows: int, grads: int) -> dict[str, int]:
-        f = _forward(model, rows, L, T, grad=True, checkpoint=True, cpu=cpu)
-        return {**f, "gradients": grads * model.n_params * model.dtype_bytes,
-                "parameter copy": model.n_params * model.dtype_bytes}
-
     transient: dict[str, dict[str, int]] = {}
-    for name in probes:
-        if name in ("lld", "entropy"):
-            transient[name] = dict(fwd)
-        elif name == "interference":
-            # One cosine row block and its temporaries (denominator, quotient, where, a float64 copy).
-            t = {"gram build": gram_build, "cosine blocks": 6 * tp_tn_block}
-            if full_model:
-                fs = full_step(min(micro_batch, G), 2)
-                fs.pop("parameter copy")
-                t.update({f"whole-model {k}": v for k, v in fs.items()})
-            transient[name] = t
-        elif name == "subspace":
-            # One row block of |<x⁻, x⁺>|, both bounds, tolerances, |<g⁺, g⁻>| and the ratios (about twelve).
-            transient[name] = {"gram build": gram_build, "bound blocks": 12 * tp_tn_block}
-        elif name == "first_order":
-            t = {"head pass": head_pass}
-            if full_model:
-                # The whole-model steps keep every algorithm's head direction S_k (n, V, d) in the model's dtype
-                # and (e_y − p)ᵀW per token; the body's backward starts at the head inputs, so no logits
-                # (or their gradient) are part of the graph; the after-step forward holds one micro-batch's.
-                mb = min(micro_batch, G)
-                fs = full_step(mb, 1)
-                fs.pop("logits grad")
-                fs["logits"] = _logits(model, mb, T)
-                t.update({"head directions": n_alg * V * d * model.dtype_bytes, "head-input gradients": 2 * N * d * 4})
-                t.update({f"whole-model {k}": v for k, v in fs.items()})
-            transient[name] = t
-        elif name == "diversity":
-            # Sampling: a KV cache of samples × (P + T) tokens and one step's logits.
-            kv = G * L * model.layers * 2 * model.kv_heads * model.head_dim * model.dtype_bytes
-            transient[name] = {"kv cache": kv, "logits": G * V * 4 * 2}
+    phased: set[str] = set()
+    for name, probe in probes_.items():
+        inputs = PlanInputs(model, shape, probe.options, full_model, micro_batch, cpu, dict(fwd))
+        transient[name] = dict(probe.plan(inputs))
+        if "gram" in probe.needs:
+            phased.add(name)
+    gram_build = PlanInputs(model, shape, None, full_model, micro_batch, cpu, fwd).gram_build
 
     def peaks_at(gb: int) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
         kept = gb * (per_group + gram)
@@ -331,7 +365,7 @@ def plan_probes(
         for name, t in transient.items():
             # Phases run one after the other: the forwards of the batch's groups (before any Gram exists), then
             # the Grams and the probe's own work beside the kept groups. The peak is the largest phase.
-            if name in gram_probes:
+            if name in phased:
                 peaks[name] = W + max(gb * per_group + fwd_peak, kept + max(sum(t.values()), gram_build))
             else:
                 peaks[name] = W + kept + sum(t.values())
@@ -348,11 +382,12 @@ def plan_probes(
     if gb != group_batch:
         notes.append(f"--group-batch {group_batch} would need {format_bytes(max(peaks_at(group_batch)[0].values()))};"
                      f" using {gb}")
-    if needs_gram:
+    if gram:
         notes.append(f"Gram {format_bytes(gram)} per group (N = {N} tokens), vocabulary chunks of "
                      f"{format_bytes(CHUNK_BYTES)}")
+    hints = {name: p.plan_hint for name, p in probes_.items()}
     return MemoryPlan(budget=budget, budget_source=budget_source, group_batch=gb, requested_group_batch=group_batch,
-                      peaks=peaks, parts=parts, model=model, shape=shape, notes=notes)
+                      peaks=peaks, parts=parts, model=model, shape=shape, notes=notes, hints=hints)
 
 
 # ----------------------------------------------------------------------------- ``resrl probe`` wiring
@@ -369,77 +404,38 @@ def _plan_device(spec: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def plan_for_args(args, checkpoint: Path, probe_shape: ProbeShape | None, *, device: str | None = None,
-                  notes: Iterable[str] = ()) -> MemoryPlan:
-    """The plan of a ``resrl probe`` invocation (parsed ``args``) for the model at ``checkpoint``.
+def plan_for_config(config: ProbeConfig, checkpoint: Path, probe_shape: ProbeShape | None, *,
+                    device: str | None = None, notes: Iterable[str] = ()) -> MemoryPlan:
+    """The plan of a probe pass (``config``) for the model at ``checkpoint`` (its ``config.json`` only).
 
-    ``probe_shape`` None: the shapes the sampling flags ask for (``--samples`` × ``--max-new-tokens``,
-    a prompt of :data:`ASSUMED_PROMPT_LEN` tokens, ``--groups`` groups).
+    ``probe_shape`` None: the shapes the sampling settings ask for (``samples`` × ``max_new_tokens``, a prompt
+    of :data:`ASSUMED_PROMPT_LEN` tokens, ``groups`` groups).
     """
-    from .checkpoints import ProbeError
-
     try:
-        model = ModelShape.from_pretrained(checkpoint, getattr(args, "dtype", None))
+        model = ModelShape.from_pretrained(checkpoint, config.dtype)
     except ValueError as e:
         raise ProbeError(str(e)) from None
     extra = list(notes)
     if probe_shape is None:
-        probe_shape = ProbeShape(args.samples, args.max_new_tokens or 256, ASSUMED_PROMPT_LEN, args.groups or 1)
-        extra.append(f"shapes from --samples {args.samples} and --max-new-tokens {probe_shape.response_len}; "
+        probe_shape = ProbeShape(config.samples, config.max_new_tokens or 256, ASSUMED_PROMPT_LEN, config.groups or 1)
+        extra.append(f"shapes from --samples {config.samples} and --max-new-tokens {probe_shape.response_len}; "
                      f"prompt length assumed {ASSUMED_PROMPT_LEN}")
-    dev = device or _plan_device(getattr(args, "device", "auto"))
-    if getattr(args, "memory_budget", None):
+    dev = device or _plan_device(config.device)
+    if config.memory_budget:
         try:
-            budget, source = parse_memory(args.memory_budget), "--memory-budget"
+            budget, source = parse_memory(config.memory_budget), "--memory-budget"
         except ValueError as e:
             raise ProbeError(f"--memory-budget: {e}") from None
     else:
         budget, source = device_memory(dev)
-    full = getattr(args, "full_model_steps", "ends") != "none"
-    plan = plan_probes(model, probe_shape, list(args.probes), budget=budget, budget_source=source,
-                       group_batch=args.group_batch, full_model=full, n_algorithms=len(args.algorithms),
-                       device=dev)
+    plan = plan_probes(model, probe_shape, config.probes, budget=budget, budget_source=source,
+                       group_batch=config.group_batch, full_model=config.full_model_steps != "none",
+                       options=config.options, device=dev)
     plan.notes.extend(extra)
     return plan
 
 
 def check_plan(plan: MemoryPlan) -> None:
-    """Raise :class:`~resrl_analysis.checkpoints.ProbeError` (one line) when the plan does not fit."""
-    from .checkpoints import ProbeError
-
+    """Raise :class:`~resrl_analysis.probe_sets.ProbeError` (one line) when the plan does not fit."""
     if not plan.fits:
         raise ProbeError(plan.refusal())
-
-
-def plan_only(args, mode: str, checkpoints: list[tuple[int, Path]]) -> int:
-    """``resrl probe --plan-only``: print the plan and exit (0 when it fits, 2 when it does not).
-
-    Reads only ``config.json`` (and the probe set's file or the run's rollout dump when there is one;
-    a tokenizer if the probe set is text), so a model can be planned for before its weights are
-    downloaded.
-    """
-    import sys
-
-    from .checkpoints import ProbeError, ProbeSet, load_tokenizer
-    from .probe_sets import load_probe_set
-
-    ckpt = checkpoints[0][1]
-    shape, notes = None, []
-    sources = args.run_info.probe_set_sources
-    try:
-        if args.probe_set is not None or (mode != "run" and sources):
-            has_tok = any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-            tok = load_tokenizer(ckpt) if has_tok else None
-            ps = load_probe_set(args.probe_set if args.probe_set is not None else sources[0], tok, model=None)
-            shape = ProbeShape.of(ps.select(args.groups or None, prefer_mixed=True).groups)
-        elif mode == "run":
-            shape = ProbeShape.of(ProbeSet.from_run(args.run_dir, args.probe_set_step)
-                                  .select(args.groups or None, prefer_mixed=True).groups)
-    except ProbeError as e:
-        notes.append(f"probe set not read ({e})")
-    plan = plan_for_args(args, ckpt, shape, notes=notes)
-    print(plan.describe())
-    if not plan.fits:
-        print(f"resrl probe: {plan.refusal()}", file=sys.stderr)
-        return 2
-    return 0

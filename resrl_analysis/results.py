@@ -45,6 +45,7 @@ __all__ = [
     "SubspaceResult",
     "DiversityResult",
     "RESULT_TYPES",
+    "register_result",
     "load_result",
     "load_results",
     "atomic_write_text",
@@ -529,10 +530,31 @@ class DiversityResult(ProbeResult):
         return {**super().summary(), "by_step": to_jsonable(rows)}
 
 
-RESULT_TYPES: dict[str, type[ProbeResult]] = {
-    cls.KIND: cls for cls in (ScoresResult, LLDResult, FirstOrderResult, InterferenceResult, SubspaceResult,
-                              DiversityResult)
-}
+#: Every result kind ``load_result`` reads, by ``KIND``: the built-in results, and each registered probe's
+#: (:func:`resrl_analysis.probes.registry.register_probe` calls :func:`register_result`).
+RESULT_TYPES: dict[str, type[ProbeResult]] = {}
+
+
+def register_result(cls: type[ProbeResult]) -> type[ProbeResult]:
+    """Make ``load_result`` read results of ``cls`` (its ``KIND`` must be new, or already ``cls``).
+
+    >>> register_result(ScoresResult) is ScoresResult
+    True
+    """
+    if not cls.KIND:
+        raise ValueError(f"{cls.__name__}: a result class needs a KIND")
+    other = RESULT_TYPES.get(cls.KIND)
+    if other is not None and other is not cls:
+        raise ValueError(f"result kind {cls.KIND!r} is already {other.__name__}'s")
+    names = {f.name for f in fields(cls)}  # every table named in TABLES is a field (a typo would surface late)
+    if not (set(cls.TABLES) <= names and "meta" in names):
+        raise ValueError(f"{cls.__name__}: TABLES {sorted(cls.TABLES)} must all be dataclass fields, with meta")
+    RESULT_TYPES[cls.KIND] = cls
+    return cls
+
+
+for _cls in (ScoresResult, LLDResult, FirstOrderResult, InterferenceResult, SubspaceResult, DiversityResult):
+    register_result(_cls)
 
 
 def load_result(path: str | Path) -> ProbeResult:
@@ -540,7 +562,8 @@ def load_result(path: str | Path) -> ProbeResult:
     path = Path(path)
     kind = _read_meta(path).get("kind")
     if kind not in RESULT_TYPES:
-        raise ProbeError(f"{path / 'meta.json'}: unknown result kind {kind!r}")
+        raise ProbeError(f"{path / 'meta.json'}: unknown result kind {kind!r} (known: {', '.join(RESULT_TYPES)}; a "
+                         "probe registered in your own module registers its result when that module is imported)")
     return RESULT_TYPES[kind].load(path)
 
 
@@ -552,12 +575,3 @@ def load_results(probes_dir: str | Path) -> dict[str, ProbeResult]:
     return {p.name: load_result(p) for p in sorted(root.iterdir())
             if p.is_dir() and not p.name.startswith(".") and (p / "meta.json").is_file()}
 
-
-def _check_fields() -> None:
-    # Every table named in TABLES is a dataclass field (a typo would otherwise surface late).
-    for cls in RESULT_TYPES.values():
-        names = {f.name for f in fields(cls)}
-        assert set(cls.TABLES) <= names and "meta" in names, cls
-
-
-_check_fields()

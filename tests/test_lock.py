@@ -95,7 +95,7 @@ _HOLDING_PROBE = textwrap.dedent("""
         print("probing", flush=True)
         time.sleep(600)
 
-    runner._probe_and_write = hold
+    runner.probe_and_write = hold
     raise SystemExit(runner.main(sys.argv[1:]))
 """)
 

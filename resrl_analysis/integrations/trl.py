@@ -22,14 +22,9 @@ ZeRO-3, whose sharded parameters need every rank).
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
-import shutil
 import sys
-import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,10 +35,25 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from ..checkpoints import ProbeError, ProbeSet
+from ..probe_sets import load_probe_set
+from ..probes.config import ProbeConfig
+from ..probes.engine import ProbePass
+from ..probes.interference import InterferenceOptions
+from ..probes.lld import LLDOptions
+from ..probes.output import results_summary, write_results
+from ..probes.registry import REGISTRY
+from ..results import ProbeResult
 
-__all__ = ["ProbeCallback", "LIVE_PROBES"]
+__all__ = ["ProbeCallback", "LIVE_PROBES", "live_probes"]
 
-LIVE_PROBES = ("lld", "entropy", "interference")
+
+def live_probes() -> tuple[str, ...]:
+    """The registered probes that can run inside a training run (``live = True``)."""
+    return tuple(n for n, p in REGISTRY.items() if p.live)
+
+
+#: The built-in live probes (a probe registered later and marked live is accepted too: :func:`live_probes`).
+LIVE_PROBES = live_probes()
 
 
 def _rng_state() -> dict:
@@ -98,12 +108,15 @@ class ProbeCallback(TrainerCallback):
         probe_set: a loaded :class:`~resrl_analysis.checkpoints.ProbeSet` or a path in any format
             of :func:`resrl_analysis.probe_sets.load_probe_set` (text is encoded with the trainer's
             tokenizer; a dataset file is sampled once with the starting policy).
-        probes: any of ``"lld"``, ``"entropy"``, ``"interference"``.
+        probes: any registered probe that can run live (``live = True`` in :mod:`resrl_analysis.probes.registry`;
+            built in: ``"lld"``, ``"entropy"``, ``"interference"``).
         every: probe every ``every`` optimizer steps (and at each save, and at step 0).
         groups: probe the first ``groups`` prompt groups, mixed ones first (0 = all).
         out: where the tables go (default ``<output_dir>/probes``).
         eps: LLD threshold.
         seed: seed of the interference probe's cosine sub-sampling (and of sampling a dataset).
+        options: probe name → its ``Options`` (e.g. a registered probe's own settings); ``eps`` and
+            ``max_cosine_samples`` fill in the built-in probes' when not given here.
         full_precision: score outside the trainer's mixed-precision autocast, in the weights' own
             dtype, so the numbers equal those of ``resrl probe`` on the saved checkpoints; False
             scores through the forward that training uses.
@@ -117,12 +130,13 @@ class ProbeCallback(TrainerCallback):
 
     def __init__(self, probe_set: ProbeSet | str | Path, probes: Sequence[str] = LIVE_PROBES, every: int = 50, *,
                  groups: int = 8, out: str | Path | None = None, eps: float = 0.0, seed: int = 0,
-                 max_cosine_samples: int = 256, format: str = "parquet",
+                 max_cosine_samples: int = 256, format: str = "parquet", options: Mapping[str, Any] | None = None,
                  probe_set_options: dict | None = None, full_precision: bool = True) -> None:
         probes = tuple(probes)
-        bad = sorted(set(probes) - set(LIVE_PROBES))
+        live = live_probes()
+        bad = sorted(set(probes) - set(live))
         if bad or not probes:
-            raise ValueError(f"ProbeCallback: unknown probes {bad}; choose from {','.join(LIVE_PROBES)}")
+            raise ValueError(f"ProbeCallback: unknown probes {bad}; choose from {','.join(live)}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"ProbeCallback: every must be a positive int, got {every!r}")
         if groups < 0:
@@ -130,11 +144,17 @@ class ProbeCallback(TrainerCallback):
         self.source, self.probes, self.every, self.groups = probe_set, probes, every, groups
         self.out = None if out is None else Path(out)
         self.eps, self.seed, self.max_cosine_samples, self.format = eps, seed, max_cosine_samples, format
+        given = dict(options or {})
+        defaults = {"lld": LLDOptions(eps=eps), "interference": InterferenceOptions(max_cosine_samples)}
+        # No whole-model steps live (a training step's gradients must not be disturbed): full_model_steps none.
+        self.config = ProbeConfig(probes=list(probes), groups=groups, seed=seed, full_model_steps="none",
+                                  format=format, options={n: given.get(n) or defaults.get(n) for n in
+                                                          {*given, *(n for n in defaults if n in probes)}})
         self.probe_set_options = dict(probe_set_options or {})
         self.full_precision = full_precision
         self.probe_set: ProbeSet | None = probe_set if isinstance(probe_set, ProbeSet) else None
         self.history: list[dict] = []  # the logged headline numbers, one dict per probed step
-        self._parts: dict[str, list] = {"scores": [], "interference": []}
+        self._pass: ProbePass | None = None
         self._done: set[int] = set()
         self._handler: CallbackHandler | None = None
         self._pending: dict | None = None
@@ -148,8 +168,6 @@ class ProbeCallback(TrainerCallback):
             self.out = Path(args.output_dir) / "probes"
         tok = getattr(processing_class, "tokenizer", processing_class)  # a multimodal processor wraps one
         if self.probe_set is None:
-            from ..probe_sets import load_probe_set
-
             rng = _rng_state()  # a dataset probe set is sampled here: the run's own draws stay as they were
             try:
                 with _own_precision(model, self.full_precision):
@@ -161,6 +179,7 @@ class ProbeCallback(TrainerCallback):
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if isinstance(vocab, int):
             self.probe_set.check_vocab(vocab, where="trained model")
+        self._pass = ProbePass(self.config, self.probe_set)
         self._probe(args, state, control, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -180,11 +199,12 @@ class ProbeCallback(TrainerCallback):
 
     def _probe(self, args, state, control, model) -> None:
         step = int(state.global_step)
-        if step in self._done or model is None or self.probe_set is None or not state.is_world_process_zero:
+        if step in self._done or model is None or self._pass is None or not state.is_world_process_zero:
             return
         self._done.add(step)
-        metrics = self._measure(model, step)
-        self._write(args, state)
+        results = self._measure(model, step)
+        metrics = {k: v for k, v in self._pass.live_metrics(results, step).items() if np.isfinite(v)}
+        self._write(args, results)
         self.history.append({"step": step, **metrics})
         if self._handler is not None:
             state.log_history.append({**metrics, "step": step})
@@ -200,87 +220,33 @@ class ProbeCallback(TrainerCallback):
         else:
             self._pending = {**(self._pending or {}), **metrics}
 
-    def _measure(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        from ..probes.capture import forward_group, pad_id_of
-        from ..probes.interference import interference_probe
-        from ..probes.lld import lld_along_run, scores_from_forwards
-        from ..results import ScoresResult
-
+    def _measure(self, model: torch.nn.Module, step: int) -> dict[str, ProbeResult]:
+        """Probe the live model as step ``step``: eval mode, no gradients, RNG states restored afterwards."""
+        assert self._pass is not None
         was_training, rng = model.training, _rng_state()
-        need = "interference" in self.probes
         model.eval()
         try:
             with torch.no_grad(), _own_precision(model, self.full_precision):
-                pad = pad_id_of(model)
-                for start in range(0, self.probe_set.n_groups, 8):
-                    one = replace(self.probe_set, groups=self.probe_set.groups[start : start + 8])
-                    fwd = [forward_group(model, g, keep_hidden=need, keep_logits=need, pad_id=pad) for g in one.groups]
-                    self._parts["scores"].append(scores_from_forwards(fwd, step=step))
-                    if need:
-                        self._parts["interference"].append(interference_probe(
-                            model, one, step=step, forwards=fwd, max_cosine_samples=self.max_cosine_samples,
-                            seed=self.seed))
-                    del fwd
+                self._pass.run_model(model, step)
         finally:
             model.train(was_training)
             _set_rng_state(rng)
-        scores = ScoresResult.concat(self._parts["scores"])
-        metrics: dict[str, float] = {}
-        now = scores.responses[scores.responses.step == step]
-        if "entropy" in self.probes:
-            n = now.n_tokens.sum()
-            metrics["probe/entropy"] = float((now.entropy_mean * now.n_tokens).sum() / n) if n else float("nan")
-            pos = now[now.is_positive]
-            metrics["probe/logp_pos_mean"] = float(pos.logp_sum.mean()) if len(pos) else float("nan")
-        if "lld" in self.probes:
-            d = lld_along_run(scores, eps=self.eps).deltas
-            if len(d):
-                d = d[(d.comparison == "vs_initial") & (d.step_to == step) & d.delta_pos_sum.notna()]
-                if len(d):
-                    metrics["probe/lld_delta_mean"] = float(d.delta_pos_sum.mean())
-                    metrics["probe/lld_frac"] = float(d.lld_sum.astype(float).mean())
-        if need and self._parts["interference"]:
-            g = self._parts["interference"][-1].groups
-            g = g[g.status == "ok"]
-            if len(g):
-                metrics["probe/interference_cos_mean"] = float(g.cos_mean.mean())
-                metrics["probe/interference_head_update_cosine"] = float(g.head_update_cosine.mean())
-        return {k: v for k, v in metrics.items() if np.isfinite(v)}
+        return self._pass.results()
 
-    def _write(self, args, state) -> None:
+    def _write(self, args, results: dict[str, ProbeResult]) -> None:
         """Rewrite ``out`` as one set (staged, then swapped in; summary.json last), as ``resrl probe`` does."""
-        from ..probes.lld import lld_along_run
-        from ..results import InterferenceResult, ScoresResult, _replace_dir, atomic_write_text, to_jsonable
-
+        assert self._pass is not None and self.probe_set is not None
         steps = sorted(self._done)
         common = {"run_dir": str(args.output_dir), "probe_set": self.probe_set.describe(), "steps": steps,
                   "writer": "ProbeCallback"}
-        scores = ScoresResult.concat(self._parts["scores"]).with_meta(**common)
-        results: dict[str, Any] = {"scores": scores}
-        if "lld" in self.probes:
-            results["lld"] = lld_along_run(scores, eps=self.eps).with_meta(**common)
-        if "interference" in self.probes:
-            results["interference"] = InterferenceResult.concat(self._parts["interference"]).with_meta(**common)
-        out: Path = self.out  # type: ignore[assignment]
-        out.mkdir(parents=True, exist_ok=True)
-        staging = out / f".staging-{uuid.uuid4().hex[:8]}"
+        results = {name: res.with_meta(**common) for name, res in results.items()}
+        summary = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "run_dir": str(args.output_dir), "mode": "live", "writer": "resrl_analysis.integrations.trl."
+            "ProbeCallback", "out": str(self.out), "checkpoints": [{"step": s, "path": None} for s in steps],
+            "probe_set": self.probe_set.describe(), "probes": sorted(self.probes), **results_summary(results),
+        }
         try:
-            for name, res in results.items():
-                res.save(staging / name, format=self.format)
-            summary = {
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "run_dir": str(args.output_dir), "mode": "live", "writer": "resrl_analysis.integrations.trl."
-                "ProbeCallback", "out": str(out), "checkpoints": [{"step": s, "path": None} for s in steps],
-                "probe_set": self.probe_set.describe(), "probes": sorted(self.probes),
-                "results": {name: {"path": name, "kind": res.KIND, **res.summary()} for name, res in results.items()},
-                "skipped": [{"probe": name, **s} for name, res in results.items() for s in res.skipped],
-            }
-            atomic_write_text(staging / "summary.json", json.dumps(to_jsonable(summary), indent=1, allow_nan=False))
-            (out / "summary.json").unlink(missing_ok=True)
-            for name in results:
-                _replace_dir(staging / name, out / name)
-            os.replace(staging / "summary.json", out / "summary.json")
+            write_results(self.out, results, summary, format=self.format)  # type: ignore[arg-type]
         except OSError as e:
-            raise ProbeError(f"{out}: cannot write probe results ({e.strerror or e})") from e
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            raise ProbeError(f"{self.out}: cannot write probe results ({e.strerror or e})") from e

@@ -18,6 +18,8 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -28,6 +30,11 @@ from ..checkpoints import ProbeSet
 from ..ops import avg_at_n, pass_at_k_curve
 from ..results import DiversityResult
 from ..sampling import SamplingParams, eos_token_ids, sample
+from .config import probe_set_keyword, steps_spec
+from .registry import CheckpointContext, Probe, option, register_probe
+
+if TYPE_CHECKING:
+    from ..plan import PlanInputs
 
 __all__ = [
     "RewardFn",
@@ -41,6 +48,8 @@ __all__ = [
     "sample_prompts",
     "sample_responses",
     "diversity_probe",
+    "DiversityOptions",
+    "DiversityProbe",
 ]
 
 RewardFn = Callable[[str, str], float]
@@ -326,3 +335,61 @@ def diversity_probe(
             "probe_set": probe_set.describe(), "skipped": skipped}
     return DiversityResult(prompts=pd.DataFrame(prows), pass_at_k=pd.DataFrame(krows), samples=pd.DataFrame(srows),
                            meta=meta)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@dataclass(frozen=True)
+class DiversityOptions:
+    """Options of the ``diversity`` probe (the sampling settings ``--samples``, ``--temperature`` and
+    ``--max-new-tokens`` are the pass's: the heldout/train probe sets sample with them too)."""
+
+    diversity_steps: str = option("ends", "where to sample for pass@k and diversity: 'ends' (default), 'all', 'none', "
+                                  "or steps", metavar="SPEC")
+    reward: str = option("auto", "correctness of sampled responses: exact match of the stripped text, math-verify, or "
+                         "auto (exact for the multiplication task, math-verify otherwise when installed)",
+                         choices=("auto", "exact", "math"))
+
+
+@register_probe
+class DiversityProbe(Probe):
+    """:func:`diversity_probe` with the checkpoint's model and tokenizer, on ``--diversity-steps``."""
+
+    name = "diversity"
+    summary = ("sampling (on --diversity-steps): pass@k for every k ≤ n, Avg@n, distinct-1/2/3, self-BLEU, distinct "
+               "final answers")
+    result = DiversityResult
+    scope = "checkpoint"
+    needs = frozenset({"tokenizer"})
+    Options = DiversityOptions
+    plan_hint = "--samples or --max-new-tokens"
+
+    def plan(self, p: PlanInputs) -> dict[str, int]:
+        # Sampling: a KV cache of samples × (P + T) tokens and one step's logits.
+        m = p.model
+        kv = p.G * p.L * m.layers * 2 * m.kv_heads * m.head_dim * m.dtype_bytes
+        return {"kv cache": kv, "logits": p.G * m.vocab * 4 * 2}
+
+    def active_at(self, step: int, steps: Sequence[int]) -> bool:
+        return step in steps_spec(self.options.diversity_steps, list(steps))
+
+    def reward_fn(self, ctx: CheckpointContext) -> RewardFn:
+        """The rule that scores samples: the option's, else the one the probe set's own rewards came from."""
+        if self.options.reward == "exact":
+            return exact_match_reward
+        if self.options.reward == "math":
+            return math_verify_reward
+        sources = {g.data_source for g in ctx.probe_set.groups}
+        source = sources.pop() if len(sources) == 1 else ""
+        if probe_set_keyword(ctx.config) is not None:  # the run's prompt files: the task's reward
+            from ..probe_sets import _prompt_file_reward
+
+            return _prompt_file_reward(source)
+        return default_reward_fn(source)
+
+    def on_checkpoint(self, ctx: CheckpointContext, parts: Sequence[DiversityResult]) -> DiversityResult:
+        c = ctx.config
+        return diversity_probe(ctx.model, ctx.tokenizer, ctx.probe_set, n_samples=c.samples,
+                               temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=ctx.seed,
+                               reward_fn=self.reward_fn(ctx), step=ctx.step)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import pandas as pd
 import torch
@@ -40,6 +41,10 @@ from .capture import (
     pad_id_of,
     row_slice,
 )
+from .registry import FinishContext, GroupsContext, Probe, check_positive, option, register_probe
+
+if TYPE_CHECKING:
+    from ..plan import PlanInputs
 
 __all__ = [
     "ALGORITHMS",
@@ -53,6 +58,9 @@ __all__ = [
     "full_step_delta",
     "full_step_deltas",
     "first_order_prediction",
+    "FirstOrderOptions",
+    "FirstOrderProbe",
+    "SubspaceSettings",
 ]
 
 #: The algorithms of the registry (:data:`resrl_analysis.advantages.ALGORITHM_NAMES`).
@@ -602,3 +610,83 @@ def first_order_prediction(
             "real_step_group_ids": sorted(stepped) if (head_step or full_step) else [],
             "real_step_micro_batch": micro_batch}
     return FirstOrderResult(predictions=pd.DataFrame(rows), groups=pd.DataFrame(grows), meta=meta)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@dataclass(frozen=True)
+class SubspaceSettings:
+    """The ResRL subspace settings the ``first_order`` (ResRL advantages) and ``subspace`` probes share."""
+
+    rank: int = option(PROBE_PARAMS.resrl.rank, f"subspace rank bound k (default {PROBE_PARAMS.resrl.rank})")
+    svd: str = option(PROBE_PARAMS.resrl.svd, f"subspace SVD (default {PROBE_PARAMS.resrl.svd})",
+                      choices=("exact", "lowrank"))
+
+    def __post_init__(self) -> None:
+        check_positive("subspace", rank=self.rank)
+        if self.svd not in ("exact", "lowrank"):
+            raise ValueError(f"--svd must be exact or lowrank, got {self.svd!r}")
+
+    def params(self) -> AdvantageParams:
+        """The probes' :data:`PROBE_PARAMS` with this rank and SVD."""
+        return dataclasses.replace(PROBE_PARAMS, resrl=dataclasses.replace(PROBE_PARAMS.resrl, rank=self.rank,
+                                                                           svd=self.svd))
+
+
+@dataclass(frozen=True)
+class FirstOrderOptions(SubspaceSettings):
+    """Options of the ``first_order`` probe."""
+
+    algorithms: list[str] = option(list(ALGORITHMS), f"advantages for the first-order prediction (default: "
+                                   f"{','.join(ALGORITHMS)})", csv=str)
+    lr: float = option(1e-3, "SGD step size η of the first-order prediction (default 1e-3)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = sorted(set(self.algorithms) - set(ALGORITHMS))
+        if bad:
+            raise ValueError(f"unknown algorithms {bad}; choose from {','.join(ALGORITHMS)}")
+
+
+@register_probe
+class FirstOrderProbe(Probe):
+    """:func:`first_order_prediction` on each group batch; the real steps on the probe set's first groups."""
+
+    name = "first_order"
+    summary = ("first-order (head-only) prediction of one SGD step's Δ log π(y), split into the positive and "
+               "negative contributions, beside real head-only and whole-model steps")
+    result = FirstOrderResult
+    scope = "groups"
+    needs = frozenset({"gram"})
+    Options = FirstOrderOptions
+    plan_hint = "--full-model-steps none or fewer --algorithms"
+
+    def plan(self, p: PlanInputs) -> dict[str, int]:
+        m, N, V, d = p.model, p.N, p.model.vocab, p.model.hidden
+        # _head_pass's vocabulary chunks (64 MB), the token advantages' head inputs side by side (N, n·d) and the
+        # head inputs themselves, float32.
+        n_alg = max(1, len(self.options.algorithms))
+        t = {"head pass": min(64 * 2**20, (3 + 2 * n_alg) * N * V * 4) + N * (n_alg + 1) * d * 4}
+        if p.full_model:
+            # The whole-model steps keep every algorithm's head direction S_k (n, V, d) in the model's dtype and
+            # (e_y − p)ᵀW per token; the body's backward starts at the head inputs, so no logits (or their
+            # gradient) are part of the graph; the after-step forward holds one micro-batch's.
+            mb = min(p.micro_batch, p.G)
+            fs = p.full_step(mb, 1)
+            fs.pop("logits grad")
+            fs["logits"] = p.logits(mb)
+            t.update({"head directions": n_alg * V * d * m.dtype_bytes, "head-input gradients": 2 * N * d * 4})
+            t.update({f"whole-model {k}": v for k, v in fs.items()})
+        return t
+
+    def on_groups(self, ctx: GroupsContext) -> FirstOrderResult:
+        o = self.options
+        # The real steps on the probe set's first groups, whatever the group batching.
+        step_ids = [g.group_id for g in ctx.all_groups.groups[:REAL_STEP_GROUPS]]
+        return first_order_prediction(ctx.model, ctx.probe_set, algorithms=o.algorithms, lr=o.lr, head_step=True,
+                                      full_step=ctx.full_model, step=ctx.step, forwards=ctx.forwards,
+                                      options=o.params(), seed=ctx.seed, step_groups=step_ids)
+
+    def finish(self, ctx: FinishContext, parts: Sequence[FirstOrderResult]) -> FirstOrderResult:
+        return super().finish(ctx, parts).with_meta(full_model_steps=list(ctx.full_model_steps))

@@ -16,7 +16,9 @@ Per mixed group (docs/MATH.md § Factorised head gradient):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,7 +29,7 @@ from ..checkpoints import ProbeSet
 from ..forward import response_forward
 from ..interference import GroupGrams, block_picks, nthr_eta, row_blocks, streaming_quantiles
 from ..ops import group_advantages
-from ..results import InterferenceResult
+from ..results import InterferenceResult, ProbeResult
 from .capture import (
     GroupForward,
     checkpointing,
@@ -37,8 +39,12 @@ from .capture import (
     pad_id_of,
     row_slice,
 )
+from .registry import FinishContext, GroupsContext, Probe, check_positive, option, register_probe
 
-__all__ = ["interference_probe", "full_model_gradient_cosine", "QUANTILES"]
+if TYPE_CHECKING:
+    from ..plan import PlanInputs
+
+__all__ = ["interference_probe", "full_model_gradient_cosine", "QUANTILES", "InterferenceOptions", "InterferenceProbe"]
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -263,3 +269,58 @@ def interference_probe(
 def _tied(model: nn.Module) -> bool:
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     return inp is not None and out is not None and inp.weight is out.weight
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@dataclass(frozen=True)
+class InterferenceOptions:
+    """Options of the ``interference`` probe."""
+
+    max_cosine_samples: int = option(256, "raw token-pair cosines kept per group for histograms (default 256)",
+                                     metavar="N")
+
+    def __post_init__(self) -> None:
+        check_positive("interference", max_cosine_samples=self.max_cosine_samples)
+
+
+@register_probe
+class InterferenceProbe(Probe):
+    """:func:`interference_probe` on each group batch; the whole-model cosine on ``--full-model-steps``."""
+
+    name = "interference"
+    summary = ("head-gradient cosines positive×negative, group update cosine, NTHR scores, whole-model gradient "
+               "cosine (on --full-model-steps)")
+    result = InterferenceResult
+    scope = "groups"
+    needs = frozenset({"gram"})
+    Options = InterferenceOptions
+    live = True
+    plan_hint = "--full-model-steps none"
+
+    def plan(self, p: PlanInputs) -> dict[str, int]:
+        # One cosine row block and its temporaries (denominator, quotient, where, a float64 copy).
+        t = {"gram build": p.gram_build, "cosine blocks": 6 * p.tp_tn_block}
+        if p.full_model:
+            fs = p.full_step(min(p.micro_batch, p.G), 2)
+            fs.pop("parameter copy")
+            t.update({f"whole-model {k}": v for k, v in fs.items()})
+        return t
+
+    def on_groups(self, ctx: GroupsContext) -> InterferenceResult:
+        return interference_probe(ctx.model, ctx.probe_set, step=ctx.step, forwards=ctx.forwards,
+                                  full_model=ctx.full_model, max_cosine_samples=self.options.max_cosine_samples,
+                                  seed=ctx.seed)
+
+    def finish(self, ctx: FinishContext, parts: Sequence[InterferenceResult]) -> InterferenceResult:
+        return super().finish(ctx, parts).with_meta(full_model_steps=list(ctx.full_model_steps))
+
+    def live_metrics(self, results: Mapping[str, ProbeResult], step: int) -> dict[str, float]:
+        g = results["interference"].groups  # type: ignore[attr-defined]
+        g = g[(g.status == "ok") & (g.step == step)]
+        if not len(g):
+            return {}
+        out = {"probe/interference_cos_mean": float(g.cos_mean.mean()),
+               "probe/interference_head_update_cosine": float(g.head_update_cosine.mean())}
+        return {k: v for k, v in out.items() if np.isfinite(v)}

@@ -13,7 +13,9 @@ failed to raise, or lowered, the likelihood of correct answers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,10 +23,15 @@ import torch
 from torch import nn
 
 from ..checkpoints import ProbeSet
-from ..results import LLDResult, ScoresResult
+from ..results import LLDResult, ProbeResult, ScoresResult
 from .capture import GroupForward, forward_probe_set, pad_id_of
+from .registry import FinishContext, GroupsContext, Probe, option, register_probe
 
-__all__ = ["score_responses", "scores_from_forwards", "lld_between", "lld_along_run", "lld_between_models"]
+if TYPE_CHECKING:
+    from ..plan import PlanInputs
+
+__all__ = ["score_responses", "scores_from_forwards", "lld_between", "lld_along_run", "lld_between_models",
+           "LLDOptions", "LLDProbe", "EntropyProbe"]
 
 
 def scores_from_forwards(forwards: Sequence[GroupForward], *, step: int = 0, meta: dict | None = None) -> ScoresResult:
@@ -154,3 +161,67 @@ def lld_between_models(
         a = score_responses(model_a, probe_set, step=step_a)
         b = score_responses(model_b, probe_set, step=step_b)
     return lld_between(a, b, eps=eps)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@dataclass(frozen=True)
+class LLDOptions:
+    """Options of the ``lld`` probe."""
+
+    eps: float = option(0.0, "LLD threshold: a prompt is in LLD when Δ ≤ eps (default 0)")
+
+
+@register_probe
+class LLDProbe(Probe):
+    """Δ(x) along the pass's checkpoints, from the ``entropy`` probe's scores."""
+
+    name = "lld"
+    summary = "lazy likelihood displacement Δ(x) per prompt, vs the first step and step to step"
+    result = LLDResult
+    scope = "pairs"
+    uses = ("entropy",)
+    Options = LLDOptions
+    live = True
+
+    def finish(self, ctx: FinishContext, parts: Sequence[LLDResult]) -> LLDResult:
+        return lld_along_run(ctx.results["scores"], eps=self.options.eps)  # type: ignore[arg-type]
+
+    def live_metrics(self, results: Mapping[str, ProbeResult], step: int) -> dict[str, float]:
+        d = results["lld"].deltas  # type: ignore[attr-defined]
+        if not len(d):
+            return {}
+        d = d[(d.comparison == "vs_initial") & (d.step_to == step) & d.delta_pos_sum.notna()]
+        if not len(d):
+            return {}
+        return {"probe/lld_delta_mean": float(d.delta_pos_sum.mean()),
+                "probe/lld_frac": float(d.lld_sum.astype(float).mean())}
+
+
+@register_probe
+class EntropyProbe(Probe):
+    """Teacher-forced log π(y|x), its per-token mean and the mean token entropy of every probe response."""
+
+    name = "entropy"
+    summary = "teacher-forced log-likelihood and token entropy of every probe response"
+    result = ScoresResult
+    table = "scores"
+    scope = "groups"
+    needs = frozenset({"logp"})
+    live = True
+
+    def plan(self, p: PlanInputs) -> dict[str, int]:
+        return dict(p.forward)  # the shared forward itself
+
+    def on_groups(self, ctx: GroupsContext) -> ScoresResult:
+        return scores_from_forwards(ctx.forwards, step=ctx.step)
+
+    def live_metrics(self, results: Mapping[str, ProbeResult], step: int) -> dict[str, float]:
+        r = results["scores"].responses  # type: ignore[attr-defined]
+        now = r[r.step == step]
+        n = now.n_tokens.sum()
+        pos = now[now.is_positive]
+        out = {"probe/entropy": float((now.entropy_mean * now.n_tokens).sum() / n) if n else float("nan"),
+               "probe/logp_pos_mean": float(pos.logp_sum.mean()) if len(pos) else float("nan")}
+        return {k: v for k, v in out.items() if np.isfinite(v)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -45,7 +46,12 @@ from ..weighting import (
     weights_from_residuals,
 )
 from .capture import GroupForward, forward_probe_set, pad_id_of
+from .first_order import SubspaceSettings
 from .interference import _concat, _frame
+from .registry import CheckpointContext, GroupsContext, Probe, register_probe
+
+if TYPE_CHECKING:
+    from ..plan import PlanInputs
 
 __all__ = [
     "Representation",
@@ -336,3 +342,33 @@ def _nanmean(x: np.ndarray) -> float:
     x = np.asarray(x, dtype=np.float64)
     x = x[np.isfinite(x)]
     return float(x.mean()) if x.size else float("nan")
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@register_probe
+class SubspaceProbe(Probe):
+    """:func:`subspace_probe` on each group batch; per checkpoint the correlations pooled over every group."""
+
+    name = "subspace"
+    summary = ("residual energy under 8 representations, explained variance, the alignment bound, "
+               "Spearman(residual, true interference)")
+    result = SubspaceResult
+    scope = "groups"
+    needs = frozenset({"gram"})
+    Options = SubspaceSettings
+    plan_hint = "fewer responses per group or shorter --max-new-tokens"
+
+    def plan(self, p: PlanInputs) -> dict[str, int]:
+        # One row block of |<x⁻, x⁺>|, both bounds, tolerances, |<g⁺, g⁻>| and the ratios (about twelve).
+        return {"gram build": p.gram_build, "bound blocks": 12 * p.tp_tn_block}
+
+    def on_groups(self, ctx: GroupsContext) -> SubspaceResult:
+        return subspace_probe(ctx.model, ctx.probe_set, step=ctx.step, forwards=ctx.forwards,
+                              config=self.options.params().resrl, seed=ctx.seed)
+
+    def on_checkpoint(self, ctx: CheckpointContext, parts: Sequence[SubspaceResult]) -> SubspaceResult | None:
+        if len(parts) <= 1:
+            return parts[0] if parts else None
+        return merge_subspace_results(parts)  # pool the correlations over all the groups of this step again
