@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .checkpoints import ProbeError
 from .interference import BLOCK_BYTES
 from .ops import DEFAULT_MEMORY_BUDGET_MB
@@ -212,8 +214,6 @@ class MemoryPlan:
 def device_memory(device: str) -> tuple[int, str]:
     """(bytes, where from): a CUDA device's total memory, or the host's available memory."""
     if str(device).startswith("cuda"):
-        import torch
-
         idx = torch.device(device).index or 0
         return int(torch.cuda.get_device_properties(idx).total_memory), f"{device} total memory"
     try:
@@ -399,8 +399,6 @@ ASSUMED_PROMPT_LEN = 512
 def _plan_device(spec: str) -> str:
     if spec != "auto":
         return spec
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -316,7 +316,8 @@ def probe_table() -> str:
     lines = ["| probe | runs | needs | result (table) | options | live | what it measures |",
              "|---|---|---|---|---|---|---|"]
     for name, cls in REGISTRY.items():
-        needs = ", ".join(sorted(cls.needs - {"logp"})) or "log-probs"
+        implied = {"hidden", "logits"} if "gram" in cls.needs else set()  # the Gram is built from them
+        needs = ", ".join(sorted(cls.needs - {"logp"} - implied)) or "log-probs"
         if cls.uses:
             needs = f"results of {', '.join(cls.uses)}"
         opts = ", ".join(f"`--{f.name.replace('_', '-')}`" for f in option_fields(cls.Options)) or "-"
