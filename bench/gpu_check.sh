@@ -44,8 +44,10 @@ import trainer.loop as loop
 from trainer.config import preset_config
 from trainer_runner import EasyTask
 
+from bench.train_bench import coin_flip_task
+
 out = Path(os.environ["OUT"])
-loop._build_task = lambda cfg, tok: EasyTask()  # a reward a random model half earns: groups mix
+task = EasyTask()  # a reward a random model half earns: groups mix
 failed = False
 
 
@@ -64,8 +66,9 @@ def run(title, **kw):
     global failed
     t = time.perf_counter()
     try:
-        r = loop.train(preset_config("tiny", device="cuda", progress_bar="off", log_every=10**6, cpu_threads=0,
-                                     tensorboard=False, **kw))
+        cfg = preset_config("tiny", device="cuda", progress_bar="off", log_every=10**6, cpu_threads=0,
+                            tensorboard=False, **kw)
+        r = loop.train(cfg, task=task if task is not None else coin_flip_task(cfg, 0.35, seed=0))
         report(title, r)
         print(f"   total {time.perf_counter() - t:.1f}s (model load, checkpoints and compile included)")
     except Exception:
@@ -93,8 +96,7 @@ with torch.random.fork_rng(devices=[]):
 tok.save_pretrained(model_dir)
 # Random weights never earn the task's reward: seeded coin flips (p = 0.35, about the warm start's accuracy)
 # make groups mix, so that ResRL computes its weights as in a real run.
-coin = torch.Generator().manual_seed(0)
-loop._rewards = lambda cfg, task, texts, prompts, lengths: (torch.rand(len(texts), generator=coin) < 0.35).float()
+task = None  # run() builds the coin-flip task from each run's settings
 run("Qwen3-0.6B-sized random init, resrl, 8 prompts x 8 x 256 new tokens, micro-batch 16, grad checkpointing",
     model=str(model_dir), algorithm="resrl", steps=3, save_every=3, prompts_per_step=8, n=8, mini_batch_size=8,
     micro_batch_size=16, max_response_length=256, lr=1e-6, gradient_checkpointing=True,

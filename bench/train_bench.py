@@ -9,7 +9,7 @@ ResRL/NTHR weights, and one optimizer step; checkpoint writing is outside it). T
 Which policy: the shipped tiny warm start (``trainer/assets/tiny_warmstart``) when it exists, with the task's
 real rewards. Otherwise a random tiny model, which never solves a task: every reward would be 0, no group
 would mix positives and negatives, and ResRL would skip its weights. For random models the rewards are
-therefore replaced by seeded coin flips (``coin_flip_rewards``, the same sequence for every run), so that
+therefore replaced by seeded coin flips (:func:`coin_flip_task`, the same sequence for every run), so that
 ResRL does its full work; the table says which rewards were used.
 
     python -m bench.train_bench --rounds 3 --steps 6
@@ -18,12 +18,10 @@ ResRL does its full work; the table says which rewards were used.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
 import statistics
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ __all__ = [
     "AlgoTimes",
     "OVERHEAD_TARGET",
     "coin_flip_for",
-    "coin_flip_rewards",
+    "coin_flip_task",
     "compare_algorithms",
     "default_tiny_model",
     "overhead_row",
@@ -74,32 +72,39 @@ def coin_flip_for(model: str) -> float | None:
     return WARMSTART_ACCURACY if model == "tiny-random" else None
 
 
-@contextlib.contextmanager
-def coin_flip_rewards(p: float | None, seed: int = 0) -> Iterator[None]:
-    """Within the block, the trainer's rewards are Bernoulli(``p``) draws from a generator seeded anew on entry.
+def coin_flip_task(cfg: Any, p: float | None, seed: int = 0) -> Any:
+    """The task ``cfg`` names, its rewards replaced by Bernoulli(``p``) draws from a generator seeded ``seed``
+    (one draw per response, in the trainer's order); None (the task ``train`` builds itself) when ``p`` is None.
 
-    Replaces ``trainer.loop._rewards`` (the loop's reward step); ``p=None`` changes nothing.
+    Pass it as ``train(cfg, task=...)``. Embedded tasks only (``task=math`` needs the policy's tokenizer).
     """
     if p is None:
-        yield
-        return
+        return None
     import torch
 
-    import trainer.loop as loop
+    from trainer.setup import build_task
+    from trainer.tasks import Prompt, Task
 
-    original = getattr(loop, "_rewards", None)
-    if original is None:
-        raise RuntimeError("trainer.loop._rewards not found: the coin-flip reward patch needs updating")
+    inner = build_task(cfg, None)
     gen = torch.Generator().manual_seed(seed)
 
-    def rewards(cfg: Any, task: Any, texts: list[str], prompts: list[Any], lengths: Any) -> Any:
-        return (torch.rand(len(texts), generator=gen) < p).float()  # (B,)
+    class CoinFlipTask(Task):
+        name, default_max_new_tokens = inner.name, inner.default_max_new_tokens
 
-    loop._rewards = rewards
-    try:
-        yield
-    finally:
-        loop._rewards = original
+        @property
+        def num_train(self) -> int:
+            return inner.num_train
+
+        def train_item(self, index: int) -> Prompt:
+            return inner.train_item(index)
+
+        def validation_prompts(self) -> list[Prompt]:
+            return inner.validation_prompts()
+
+        def reward(self, response_text: str, ground_truth: str) -> float:
+            return float(torch.rand((), generator=gen) < p)
+
+    return CoinFlipTask()
 
 
 def run_steps(algorithm: str, *, model: str, steps: int, seed: int = 0, out_dir: Path | None = None,
@@ -108,7 +113,7 @@ def run_steps(algorithm: str, *, model: str, steps: int, seed: int = 0, out_dir:
 
     Writes to a temporary run directory (deleted afterwards) unless ``out_dir`` is given. Rollout dumps,
     TensorBoard and the progress bar are off; checkpoints only at step 0 and the end (outside the timings).
-    ``coin_flip``: see :func:`coin_flip_rewards`.
+    ``coin_flip``: see :func:`coin_flip_task`.
     """
     from trainer.config import preset_config
     from trainer.loop import train
@@ -126,8 +131,7 @@ def run_steps(algorithm: str, *, model: str, steps: int, seed: int = 0, out_dir:
         k = max(1, settings.get("prompts_per_step", 8) // settings.get("mini_batch_size", 8))
         settings.setdefault("save_every", max(k, steps // k * k))
         cfg = preset_config("tiny", **settings)
-        with coin_flip_rewards(coin_flip, seed):
-            run = train(cfg)
+        run = train(cfg, task=coin_flip_task(cfg, coin_flip, seed))
         lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
     finally:

@@ -189,8 +189,8 @@ def test_algorithm_names_are_the_registry_everywhere():
     from resrl_analysis.advantages import ALGORITHM_NAMES as CORE_NAMES
     from resrl_analysis.probes.first_order import ALGORITHMS as PROBE_ALGORITHMS
     from resrl_analysis.probes.runner import add_probe_arguments
-    from trainer.cli import add_train_arguments
     from trainer.config import GROUP_ALGORITHMS
+    from trainer.train_cli import add_train_arguments
 
     assert ALGORITHM_NAMES == CORE_NAMES == PROBE_ALGORITHMS == tuple(ALGORITHMS)
     assert set(ALGORITHM_NAMES) == {"grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl"}
@@ -309,7 +309,7 @@ def tiny():
 @pytest.mark.parametrize("layer", ["penultimate", "head_input"])
 @pytest.mark.parametrize("algorithm", ["grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl"])
 def test_trainer_and_probe_advantages_are_identical(tiny, algorithm, layer):
-    """The trainer's path (pack_rows → no-grad response_forward → _algo_inputs → registry) and the first-order
+    """The trainer's path (pack_rows → no-grad response_forward → algo_inputs → registry) and the first-order
     probe's (forward_group → token_advantages) give the same per-token advantages for the same group."""
     import trainer.loop as loop
     from resrl_analysis.forward import pack_rows, response_forward
@@ -336,7 +336,7 @@ def test_trainer_and_probe_advantages_are_identical(tiny, algorithm, layer):
         rows = pack_rows(prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool), response_ids, response_mask)
         fo = response_forward(tiny, rows, temperature=cfg.temperature, capture=capture,
                               return_logits="logits" in algo.needs)
-        inp = loop._algo_inputs(cfg, step, loop._algo_params(cfg), rows, fo, torch.tensor(group.rewards),
+        inp = loop.algo_inputs(cfg, step, params_from_config(cfg), rows, fo, torch.tensor(group.rewards),
                                 torch.full((G,), group.group_id))
     trainer_out = algo.fn(inp)
     fwd = forward_group(tiny, group)
@@ -372,9 +372,9 @@ def test_probe_nthr_uses_the_temperature(tiny):
 
 
 def test_rollout_metrics_read_the_extras_generically():
-    import trainer.loop as loop
     from trainer.config import TrainConfig
     from trainer.distributed import DistContext
+    from trainer.rollout import ScoredBatch, rollout_metrics
 
     g = torch.Generator().manual_seed(0)
     B, T = 8, 5
@@ -385,7 +385,7 @@ def test_rollout_metrics_read_the_extras_generically():
     tok = torch.randn(B, T, generator=g).masked_fill(~mask, 0.0)
     w = torch.rand(B, T, generator=g) * 0.9 + 0.1
     res = torch.where(mask & (rewards <= 0)[:, None], torch.rand(B, T, generator=g), torch.tensor(float("nan")))
-    data = loop.ScoredBatch(
+    data = ScoredBatch(
         prompt_ids=torch.ones(B, 4, dtype=torch.long), prompt_mask=pmask,
         response_ids=torch.ones(B, T, dtype=torch.long), response_mask=mask, finished=torch.ones(B, dtype=torch.bool),
         group_ids=torch.arange(B) // 4, rewards=rewards,
@@ -393,7 +393,7 @@ def test_rollout_metrics_read_the_extras_generically():
         extras={"resrl_weights": w, "resrl_residuals": res},
     )
     ctx = DistContext.single(torch.device("cpu"))
-    m = loop._rollout_metrics(data, TrainConfig(algorithm="resrl"), ctx)
+    m = rollout_metrics(data, TrainConfig(algorithm="resrl"), ctx)
     valid = tok[mask].double()
     assert m["actor/advantage_mean"] == pytest.approx(float(valid.mean()), rel=1e-12)
     assert m["actor/advantage_min"] == float(valid.min()) and m["actor/advantage_max"] == float(valid.max())
@@ -406,17 +406,16 @@ def test_rollout_metrics_read_the_extras_generically():
     # a mixed group whose negatives no subspace weighed (the reference's per-micro-batch weights): 1/2 left
     res2 = res.clone()
     res2[4:] = float("nan")
-    m2 = loop._rollout_metrics(loop.ScoredBatch(**{**vars(data), "extras": {"resrl_weights": w,
-                                                                             "resrl_residuals": res2}}),
-                               TrainConfig(algorithm="resrl"), ctx)
+    m2 = rollout_metrics(ScoredBatch(**{**vars(data), "extras": {"resrl_weights": w, "resrl_residuals": res2}}),
+                         TrainConfig(algorithm="resrl"), ctx)
     neg = mask & (rewards <= 0)[:, None]
     assert m2["resrl/weighted_token_frac"] == pytest.approx(float(neg[:4].sum() / neg.sum()))
     # A slice keeps the extras with the rows
     part = data.select(slice(4, 8))
     assert torch.equal(part.extras["resrl_weights"], w[4:]) and part.num_rows == 4
-    nthr = loop.ScoredBatch(**{**vars(data), "extras": {"nthr_weights": torch.where(w < 0.5, 0.5, 1.0),
-                                                         "nthr_scores": res}})
-    m2 = loop._rollout_metrics(nthr, TrainConfig(algorithm="nthr"), ctx)
+    nthr = ScoredBatch(**{**vars(data), "extras": {"nthr_weights": torch.where(w < 0.5, 0.5, 1.0),
+                                                    "nthr_scores": res}})
+    m2 = rollout_metrics(nthr, TrainConfig(algorithm="nthr"), ctx)
     neg = mask & (rewards <= 0)[:, None]
     assert m2["nthr/downweighted_frac"] == float((w[neg] < 0.5).sum()) / float(neg.sum())
     assert "resrl/weight_mean" not in m2

@@ -220,7 +220,7 @@ def test_config_field():
 def _run(tmp_path: Path, name: str, **kw) -> tuple[list[dict], dict]:
     cfg = TrainConfig(**{**FAST, "output_dir": str(tmp_path / name), "algorithm": "resrl", "steps": 1,
                          "max_response_length": 8, "resrl_svd": "exact", **kw})
-    run = loop.train(cfg)
+    run = loop.train(cfg, task=EasyTask())
     rows = [json.loads(x) for x in (run / "rollouts" / "step_000000.jsonl").read_text().splitlines()]
     return rows, read_metrics(run / "metrics.jsonl")[0]
 
@@ -241,8 +241,7 @@ def _check_rows_against_sets(rows: list[dict], sets: list[int]) -> None:
 
 
 @pytest.mark.integration
-def test_micro_batch_grouping_on_one_process_against_a_hand_computed_split(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())
+def test_micro_batch_grouping_on_one_process_against_a_hand_computed_split(tmp_path):
     # One process: no reordering; 4 prompts × 4 rows in one mini-batch cut into micro-batches of 3 rows:
     # rows {0,1,2} {3,4,5} {6,7,8} {9,10,11} {12,13,14} {15}. Each group is split; row 3 (group 0) shares its
     # micro-batch with group 1's rows 4 and 5 only, and row 15 is alone.

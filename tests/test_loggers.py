@@ -124,9 +124,8 @@ def test_wandb_offline_gets_every_finite_scalar_and_the_config(tmp_path, wandb_o
 
 def test_training_run_reports_to_tensorboard_and_wandb(tmp_path, wandb_offline, monkeypatch):
     # The real loop, unchanged: MetricsLog finds report_to in the config.yaml the loop writes first.
-    monkeypatch.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())
     run = loop.train(TrainConfig(**FAST, algorithm="grpo", steps=2, save_every=2, output_dir=str(tmp_path / "r"),
-                                 report_to=["tensorboard", "wandb"]))
+                                 report_to=["tensorboard", "wandb"]), task=EasyTask())
     lines = read_metrics(run / "metrics.jsonl")
     tb = tb_scalars(run / "tb")
     assert [s for s, _ in tb["reward/mean"]] == [1, 2]

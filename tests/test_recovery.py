@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from trainer_runner import FAST, EasyTask
+from trainer_runner import FAST, train_easy
 
 import trainer.loop as loop
 from resrl_analysis.rundir import SUPERSEDED, list_checkpoints, read_jsonl
 from trainer.config import TrainConfig
-from trainer.loop import SetupError, TrainingDiverged, train
+from trainer.loop import SetupError, TrainingDiverged
 from trainer.metrics_log import read_metrics
 from trainer.setup import last_sane_checkpoint, suggest_lr
 
@@ -45,11 +45,6 @@ def _cfg(out: Path, **kw) -> TrainConfig:
 
 def _params(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt / "model.safetensors"))
-
-
-@pytest.fixture
-def easy(monkeypatch):
-    monkeypatch.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())
 
 
 # ================================================================================== units
@@ -119,15 +114,15 @@ def test_blown_up_run_names_step_0_and_its_printed_command_recovers(tmp_path):
 # ================================================================================== --resume-from
 
 
-def test_resume_from_moves_later_files_aside_and_equals_the_original(tmp_path, easy):
+def test_resume_from_moves_later_files_aside_and_equals_the_original(tmp_path):
     run = tmp_path / "run"
-    train(_cfg(run, algorithm="resrl", steps=6, save_every=2))
+    train_easy(_cfg(run, algorithm="resrl", steps=6, save_every=2))
     original = [(r["step"], r["actor/pg_loss"]) for r in read_metrics(run / "metrics.jsonl")]
     refused = r"--resume-from 3: .* no complete checkpoint step_000003 \(have \[0, 2, 4, 6\]\)"
     with pytest.raises(SetupError, match=refused):
-        train(_cfg(run, algorithm="resrl", steps=6, save_every=2, resume_from=3))
+        train_easy(_cfg(run, algorithm="resrl", steps=6, save_every=2, resume_from=3))
     assert not (run / SUPERSEDED).exists()  # a refused resume moves nothing
-    train(_cfg(run, algorithm="resrl", steps=6, save_every=2, resume_from=2))
+    train_easy(_cfg(run, algorithm="resrl", steps=6, save_every=2, resume_from=2))
     (aside,) = (run / SUPERSEDED).iterdir()
     assert re.fullmatch(r"\d{8}T\d{6}Z", aside.name)
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
@@ -146,7 +141,7 @@ def test_resume_from_moves_later_files_aside_and_equals_the_original(tmp_path, e
     assert "resume_from: -1" in (run / "config.yaml").read_text()
 
 
-def test_non_finite_streak_starts_again_on_resume(tmp_path, monkeypatch, easy):
+def test_non_finite_streak_starts_again_on_resume(tmp_path, monkeypatch):
     real = loop.policy_loss
     bad = {"steps": set(range(1, 100)), "n": 0}
 
@@ -160,12 +155,12 @@ def test_non_finite_streak_starts_again_on_resume(tmp_path, monkeypatch, easy):
     monkeypatch.setattr(loop, "policy_loss", poisoned)
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"5 non-finite steps in a row \(steps 1-5\)"):
-        train(_cfg(run, algorithm="grpo", steps=8, save_every=2))
+        train_easy(_cfg(run, algorithm="grpo", steps=8, save_every=2))
     assert [s for s, _ in list_checkpoints(run)] == [0, 2, 4]  # step 4 saved with 4 non-finite steps in a row
     # Resumed from step 4 with two more non-finite steps: the streak restarts, so the run goes on to the end
     # (it used to stop after 1 step, counting 4 + 1).
     bad.update(n=0, steps={1, 2})
-    train(_cfg(run, algorithm="grpo", steps=8, save_every=2, resume=True))
+    train_easy(_cfg(run, algorithm="grpo", steps=8, save_every=2, resume=True))
     lines = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in lines] == list(range(1, 9))
     assert [r["train/skipped_steps"] for r in lines] == [1, 2, 3, 4, 5, 6, 6, 6]  # the run's total carries over
@@ -174,9 +169,9 @@ def test_non_finite_streak_starts_again_on_resume(tmp_path, monkeypatch, easy):
 # ================================================================================== collapse (lr=10)
 
 
-def test_collapse_is_reported_counted_and_stops_the_run(tmp_path, capsys, easy):
+def test_collapse_is_reported_counted_and_stops_the_run(tmp_path, capsys):
     run = tmp_path / "report"
-    train(_cfg(run, algorithm="grpo", lr=10.0, steps=6, save_every=2, max_blowup_steps=0))  # report only
+    train_easy(_cfg(run, algorithm="grpo", lr=10.0, steps=6, save_every=2, max_blowup_steps=0))  # report only
     out = capsys.readouterr().out
     assert "warning: blow-up" in out and "the policy has collapsed" in out
     lines = read_metrics(run / "metrics.jsonl")
@@ -186,13 +181,13 @@ def test_collapse_is_reported_counted_and_stops_the_run(tmp_path, capsys, easy):
     assert lines[0]["actor/param_norm_ratio"] > 1.5  # the first step's jump is what started it
     run = tmp_path / "stop"
     with pytest.raises(TrainingDiverged, match=r"3 blow-up steps .* is step 0: .* resrl train --resume-from 0 "):
-        train(_cfg(run, algorithm="grpo", lr=10.0, steps=6, save_every=2))
+        train_easy(_cfg(run, algorithm="grpo", lr=10.0, steps=6, save_every=2))
     assert [r["train/blowup_steps"] for r in read_metrics(run / "metrics.jsonl")][-1] == 3
 
 
-def test_update_norm_bound(tmp_path, capsys, easy):
+def test_update_norm_bound(tmp_path, capsys):
     run = tmp_path / "run"
-    train(_cfg(run, algorithm="grpo", steps=2, save_every=2, blowup_update_norm=1e-12, max_blowup_steps=0))
+    train_easy(_cfg(run, algorithm="grpo", steps=2, save_every=2, blowup_update_norm=1e-12, max_blowup_steps=0))
     lines = read_metrics(run / "metrics.jsonl")
     assert all(r["actor/update_norm"] > 1e-12 for r in lines if r["actor/grad_norm"] > 0)
     assert "update norm" in capsys.readouterr().out

@@ -43,6 +43,9 @@ from trainer.checkpointing import list_checkpoints, load_trainer_state
 from trainer.cli import main as resrl_main
 from trainer.config import ConfigError, TrainConfig
 from trainer.metrics_log import read_metrics
+from trainer.setup import build_task, check_world
+from trainer.tokenizer import build_char_tokenizer
+from trainer.train_cli import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,22 +190,15 @@ def test_resume_with_data_gone_bad_leaves_the_run_untouched(cli_runs):
 
 
 @pytest.mark.integration
-def test_long_prompts_skipped_and_counted_in_a_run(tmp_path, monkeypatch):
+def test_long_prompts_skipped_and_counted_in_a_run(tmp_path):
     """on_long_prompt=skip (the default): the run goes on without the long prompts, which are counted."""
     rows = [_rec(i) for i in range(6)] + [_rec(10 + i, prompt="7" * (25 + i)) for i in range(3)]
     data = _jsonl(tmp_path / "train.jsonl", rows)
-    built = []
-    real = loop._build_task
-
-    def spy(cfg, tok):
-        built.append(real(cfg, tok))
-        return built[-1]
-
-    monkeypatch.setattr(loop, "_build_task", spy)
     cfg = TrainConfig(**{**FAST, "output_dir": str(tmp_path / "run"), "task": "math", "train_files": [str(data)],
                          "max_prompt_length": 20, "train_prompts": 0, "prompts_per_step": 8, "mini_batch_size": 8,
                          "n": 2, "algorithm": "grpo", "steps": 1})
-    run = loop.train(cfg)
+    built = [build_task(cfg, build_char_tokenizer())]  # the task train() would build (tiny-random's tokenizer)
+    run = loop.train(cfg, task=built[0])
     assert built[0].num_train == 6 and built[0].num_skipped_long == 3
     dumped = [json.loads(x) for x in (run / "rollouts" / "step_000000.jsonl").read_text().splitlines()]
     assert len(dumped) == 16 and {r["prompt_uid"] for r in dumped} <= {f"train-{i}" for i in range(6)}
@@ -272,8 +268,8 @@ def test_batch_not_divisible_by_the_ranks_is_rejected():
     ctx = DistContext(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"), use_fsdp=True)
     with pytest.raises(ConfigError, match=r"prompts_per_step=4 and mini_batch_size=4 must be divisible by the 3 "
                                           r"ranks .*: use multiples of 3"):
-        loop._check_world(TrainConfig(**{**FAST, "prompts_per_step": 4, "mini_batch_size": 4}), ctx)
-    loop._check_world(TrainConfig(**{**FAST, "prompts_per_step": 6, "mini_batch_size": 3}), ctx)
+        check_world(TrainConfig(**{**FAST, "prompts_per_step": 4, "mini_batch_size": 4}), ctx)
+    check_world(TrainConfig(**{**FAST, "prompts_per_step": 6, "mini_batch_size": 3}), ctx)
 
 
 #: Float settings whose check is a comparison that NaN slips through (``nan < 0`` is False).
@@ -313,7 +309,6 @@ class _NanGrad(torch.autograd.Function):
 
 @pytest.mark.integration
 def test_non_finite_gradient_with_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())
     real = loop.policy_loss
     calls = {"n": 0}
 
@@ -326,7 +321,7 @@ def test_non_finite_gradient_with_finite_loss_is_skipped_and_counted(tmp_path, m
 
     monkeypatch.setattr(loop, "policy_loss", poisoned)
     run = loop.train(TrainConfig(**{**FAST, "output_dir": str(tmp_path / "run"), "algorithm": "grpo", "steps": 3,
-                                    "save_every": 1}))
+                                    "save_every": 1}), task=EasyTask())
     lines = read_metrics(run / "metrics.jsonl")
     assert [r["train/skipped_steps"] for r in lines] == [0, 1, 1]
     assert math.isfinite(lines[1]["actor/pg_loss"]) and lines[1]["actor/grad_norm"] is None  # loss fine, grad not
@@ -344,7 +339,6 @@ def diverged(tmp_path_factory):
     """A run whose loss is NaN from step 3 on, through `resrl train`; checkpoints every 2 steps."""
     run = tmp_path_factory.mktemp("diverged") / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())
         real = loop.policy_loss
         calls = {"n": 0}
 
@@ -358,8 +352,8 @@ def diverged(tmp_path_factory):
         mp.setattr(loop, "policy_loss", poisoned)
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            rc = resrl_main(["train", "--output-dir", str(run), *fast_args(), "--algorithm", "grpo", "--steps", "10",
-                             "--save-every", "2"])
+            rc = train_main(["--output-dir", str(run), *fast_args(), "--algorithm", "grpo", "--steps", "10",
+                             "--save-every", "2"], task=EasyTask())
     return run, rc, err.getvalue()
 
 
@@ -393,9 +387,8 @@ def test_divergence_advice_can_be_followed(diverged, tmp_path, monkeypatch, caps
     suggested = re.search(r"--set lr=([0-9.eE+-]+)", err)
     lr = suggested.group(1) if suggested else "1e-4"
     assert float(lr) < FAST["lr"]
-    monkeypatch.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())  # the data is fine now
     mine = Path(shutil.copytree(run, tmp_path / "run"))
-    rc = resrl_main(["train", "--resume", "--output-dir", str(mine), "--set", f"lr={lr}"])
+    rc = train_main(["--resume", "--output-dir", str(mine), "--set", f"lr={lr}"], task=EasyTask())  # data fine now
     assert rc == 0, capsys.readouterr().err
     lines = read_metrics(mine / "metrics.jsonl")
     assert [r["step"] for r in lines] == list(range(1, 11))
@@ -443,7 +436,6 @@ def test_weights_float32_in_a_bfloat16_fsdp_run(tmp_path, monkeypatch):
     ResRL in bfloat16, the subspace and quantiles are computed in float32, the weights are float32."""
     import resrl_analysis.advantages as algorithms
 
-    monkeypatch.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())
     seen: list[tuple[str, torch.dtype]] = []
     real_details, real_subspace = algorithms.resrl_weight_details, weighting.positive_subspace
 
@@ -460,7 +452,7 @@ def test_weights_float32_in_a_bfloat16_fsdp_run(tmp_path, monkeypatch):
     monkeypatch.setattr(algorithms, "resrl_weight_details", details)
     monkeypatch.setattr(weighting, "positive_subspace", subspace)
     run = loop.train(TrainConfig(**{**FAST, "output_dir": str(tmp_path / "run"), "algorithm": "resrl", "steps": 1,
-                                    "fsdp": "on", "param_dtype": "bfloat16"}))
+                                    "fsdp": "on", "param_dtype": "bfloat16"}), task=EasyTask())
     assert set(seen) == {("hidden", torch.bfloat16), ("subspace input", torch.float32), ("weights", torch.float32)}
     rows = [json.loads(x) for x in (run / "rollouts" / "step_000000.jsonl").read_text().splitlines()]
     w = [x for r in rows if not r["is_positive"] for x in r["resrl_weights"]]

@@ -72,11 +72,10 @@ def test_doc_tree_names_every_entry_and_no_other():
     assert f"`{rundir.TMP_PREFIX}`" in DOC.read_text(encoding="utf-8")
 
 
-def test_a_real_run_writes_what_the_page_says(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())
+def test_a_real_run_writes_what_the_page_says(tmp_path):
     cfg = TrainConfig(**{**FAST, "output_dir": str(tmp_path / "run"), "steps": 2, "save_every": 2,
                          "val_every": 1, "val_prompts": 2, "val_n": 2, "kl_coef": 0.01, "blowup_update_norm": 1e9})
-    run = loop.train(cfg)
+    run = loop.train(cfg, task=EasyTask())
     assert {p.name for p in run.iterdir()} <= set(RUN_ENTRIES)
     assert not (run / rundir.LOCK).exists()  # released and removed at the end
     documented = set(METRIC_KEYS) | set(OPTIONAL_METRIC_KEYS)

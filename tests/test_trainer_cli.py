@@ -73,7 +73,7 @@ def test_cli_bad_settings_fail_with_one_line(tmp_path, capsys, args, message):
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path):
     settings = dict(FAST, algorithm="resrl", steps=16, save_every=2)
     killed = tmp_path / "killed"
     args = ["--output-dir", str(killed), *fast_args(), "--set", "algorithm=resrl", "--steps", "16",
@@ -88,9 +88,8 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path, m
     proc.wait()
     assert list_checkpoints(killed)[-1][0] < 16, "the run finished before it could be killed"
 
-    monkeypatch.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())
-    loop.train(TrainConfig(**settings, output_dir=str(killed), resume=True))
-    reference = loop.train(TrainConfig(**settings, output_dir=str(tmp_path / "reference")))
+    loop.train(TrainConfig(**settings, output_dir=str(killed), resume=True), task=EasyTask())
+    reference = loop.train(TrainConfig(**settings, output_dir=str(tmp_path / "reference")), task=EasyTask())
 
     assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     lines = (killed / "metrics.jsonl").read_text().splitlines()
@@ -106,7 +105,7 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path, m
 def _parse(*argv: str):
     import argparse
 
-    from trainer.cli import add_train_arguments
+    from trainer.train_cli import add_train_arguments
 
     p = argparse.ArgumentParser(prog="resrl train")
     add_train_arguments(p)
@@ -114,7 +113,7 @@ def _parse(*argv: str):
 
 
 def _cfg(*argv: str) -> TrainConfig:
-    from trainer.cli import resolve_config
+    from trainer.train_cli import resolve_config
 
     return resolve_config(_parse(*argv))
 
@@ -273,7 +272,7 @@ def test_every_declared_metric_key_is_documented():
 def test_a_hand_written_flag_takes_precedence_over_the_generated_one():
     import argparse
 
-    from trainer.cli import add_train_arguments
+    from trainer.train_cli import add_train_arguments
 
     p = argparse.ArgumentParser()
     p.add_argument("--steps", dest="my_steps", type=int)  # as a hand-written flag for a setting would be

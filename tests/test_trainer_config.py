@@ -7,7 +7,6 @@ from dataclasses import fields
 
 import pytest
 
-from trainer.cli import add_train_arguments, resolve_config
 from trainer.config import (
     ConfigError,
     TrainConfig,
@@ -17,6 +16,7 @@ from trainer.config import (
     preset_config,
     save_config_yaml,
 )
+from trainer.train_cli import add_train_arguments, resolve_config
 
 pytestmark = pytest.mark.unit
 

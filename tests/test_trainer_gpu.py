@@ -17,15 +17,15 @@ import trainer.loop as loop
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext
 from trainer.models import build_tiny_model
+from trainer.rollout import ScoredBatch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_tiny_resrl_on_cuda(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())
+def test_tiny_resrl_on_cuda(tmp_path):
     cfg = TrainConfig(**{**FAST, "cpu_threads": 0}, device="cuda", algorithm="resrl", steps=3, save_every=3,
                       output_dir=str(tmp_path / "run"))
-    run = loop.train(cfg)
+    run = loop.train(cfg, task=EasyTask())
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert all(r["perf/peak_memory_gb"] > 0 and r["train/skipped_steps"] == 0 for r in lines)
@@ -43,14 +43,14 @@ def test_update_does_not_depend_on_micro_batch_size_on_cuda():
     base = build_tiny_model(seed=0, num_hidden_layers=2).to(dev)
     mb = _synthetic_minibatch(base.cpu())
     base.to(dev)
-    mb = loop.ScoredBatch(**{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in vars(mb).items()})
+    mb = ScoredBatch(**{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in vars(mb).items()})
     ctx = DistContext.single(dev)
     params = []
     for micro in (8, 1, 3):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        loop._optimizer_step(model, opt, sched, mb, TrainConfig(**{**FAST, "micro_batch_size": micro}), ctx)
+        loop.optimizer_step(model, opt, sched, mb, TrainConfig(**{**FAST, "micro_batch_size": micro}), ctx)
         params.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     for other in params[1:]:
         for k in other:

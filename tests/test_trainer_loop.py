@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runner import FAST, EasyTask
+from trainer_runner import FAST, train_easy
 
 import trainer.checkpointing as checkpointing
 import trainer.loop as loop
@@ -22,9 +22,10 @@ from resrl_analysis.forward import pack_rows, response_forward
 from trainer.checkpointing import CheckpointError, latest_checkpoint
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext
-from trainer.loop import ScoredBatch, SetupError, TrainingDiverged, train
+from trainer.loop import SetupError, TrainingDiverged, train
 from trainer.metrics_log import METRIC_KEYS, ROLLOUT_FIELDS, read_metrics
 from trainer.models import build_tiny_model
+from trainer.rollout import ScoredBatch
 from trainer.tasks import DataError
 
 pytestmark = pytest.mark.integration
@@ -45,18 +46,11 @@ def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], r
         assert float((a[k] - b[k]).abs().max()) <= rtol * scale + 1e-7, k
 
 
-@pytest.fixture
-def easy(monkeypatch):
-    monkeypatch.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())
-
-
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
     """An uninterrupted ResRL run: 4 steps, checkpoints at 0, 2, 4."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "_build_task", lambda cfg, tok: EasyTask())
-        train(cfg_for(out, algorithm="resrl", steps=4, save_every=2))
+    train_easy(cfg_for(out, algorithm="resrl", steps=4, save_every=2))
     return out
 
 
@@ -97,8 +91,8 @@ def test_update_does_not_depend_on_micro_batch_size(mode):
         # ≈ lr·sign(g), would magnify float round-off on gradients that are ~0 into ~lr.)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        n_micro = len(loop._micro_slices(mb, cfg))
-        out = loop._optimizer_step(model, opt, sched, mb, cfg, ctx)
+        n_micro = len(loop.micro_slices(mb, cfg))
+        out = loop.optimizer_step(model, opt, sched, mb, cfg, ctx)
         assert out["finite"] and out["metrics"]["actor/pg_clipfrac"] > 0
         results[(micro, tokens, n_micro)] = ({k: v.detach().clone() for k, v in model.state_dict().items()},
                                              out["metrics"])
@@ -120,7 +114,7 @@ class _Crash(Exception):
     pass
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(reference_run, tmp_path, monkeypatch, easy):
+def test_interrupted_and_resumed_run_equals_uninterrupted(reference_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
     real_log = loop.MetricsLog.log
 
@@ -131,7 +125,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(reference_run, tmp_pat
 
     monkeypatch.setattr(loop.MetricsLog, "log", log_then_crash)
     with pytest.raises(_Crash):
-        train(cfg_for(run, algorithm="resrl", steps=4, save_every=2))
+        train_easy(cfg_for(run, algorithm="resrl", steps=4, save_every=2))
     monkeypatch.setattr(loop.MetricsLog, "log", real_log)
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
     # Crash debris: a half-written checkpoint and a hand-made directory without trainer state.
@@ -143,7 +137,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(reference_run, tmp_pat
         f.write('{"step": 4, "reward/me')  # a torn line
     assert latest_checkpoint(run)[0] == 2
 
-    train(cfg_for(run, algorithm="resrl", steps=4, save_every=2, resume=True))
+    train_easy(cfg_for(run, algorithm="resrl", steps=4, save_every=2, resume=True))
 
     assert not debris.exists()
     assert_same_params(params_of(reference_run, 4), params_of(run, 4))
@@ -159,11 +153,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(reference_run, tmp_pat
         reference_run / "rollouts" / "step_000004.jsonl").read_text()
 
 
-def test_resume_to_a_larger_step_count_continues(reference_run, tmp_path, easy):
+def test_resume_to_a_larger_step_count_continues(reference_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     # A resume may lower the learning rate (what the divergence message advises); nothing else may change.
-    train(cfg_for(run, algorithm="resrl", steps=6, save_every=2, resume=True, lr=1e-4))
+    train_easy(cfg_for(run, algorithm="resrl", steps=6, save_every=2, resume=True, lr=1e-4))
     assert [s for s, _ in checkpointing.list_checkpoints(run)] == [0, 2, 4, 6]
     lines = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in lines] == list(range(1, 7))
@@ -171,7 +165,7 @@ def test_resume_to_a_larger_step_count_continues(reference_run, tmp_path, easy):
     assert_same_params(params_of(reference_run, 4), params_of(run, 4))
 
 
-def test_crash_while_writing_a_checkpoint_leaves_earlier_ones_intact(tmp_path, monkeypatch, easy):
+def test_crash_while_writing_a_checkpoint_leaves_earlier_ones_intact(tmp_path, monkeypatch):
     run = tmp_path / "run"
     real_save = checkpointing.torch.save
 
@@ -182,26 +176,26 @@ def test_crash_while_writing_a_checkpoint_leaves_earlier_ones_intact(tmp_path, m
 
     monkeypatch.setattr(checkpointing.torch, "save", failing_save)
     with pytest.raises(CheckpointError, match="No space left on device; earlier checkpoints are intact"):
-        train(cfg_for(run, algorithm="grpo", steps=2, save_every=2))
+        train_easy(cfg_for(run, algorithm="grpo", steps=2, save_every=2))
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["step_000000"]  # no partial step_000002, no .tmp debris
     monkeypatch.setattr(checkpointing.torch, "save", real_save)
-    train(cfg_for(run, algorithm="grpo", steps=2, save_every=2, resume=True))
+    train_easy(cfg_for(run, algorithm="grpo", steps=2, save_every=2, resume=True))
     assert [s for s, _ in checkpointing.list_checkpoints(run)] == [0, 2]
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
 
 
-def test_run_directory_guards(reference_run, tmp_path, easy):
+def test_run_directory_guards(reference_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     with pytest.raises(SetupError, match="already holds a run; pass --resume"):
-        train(cfg_for(run, algorithm="resrl", steps=4, save_every=2))
+        train_easy(cfg_for(run, algorithm="resrl", steps=4, save_every=2))
     with pytest.raises(SetupError, match=r"settings differ .*algorithm \('resrl' → 'grpo'\)"):
-        train(cfg_for(run, algorithm="grpo", steps=4, save_every=2, resume=True))
+        train_easy(cfg_for(run, algorithm="grpo", steps=4, save_every=2, resume=True))
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     with pytest.raises(SetupError, match="cannot write to the output directory"):
-        train(cfg_for(blocked / "run", steps=1))
+        train_easy(cfg_for(blocked / "run", steps=1))
 
 
 def test_checkpoints_load_with_auto_classes(reference_run):
@@ -270,7 +264,7 @@ def test_rollout_dump_schema(reference_run):
 # ------------------------------------------------------------------------------------ numerics and bad input
 
 
-def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch, easy):
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
     real = loop.policy_loss
     calls = {"n": 0, "bad": {2}}
 
@@ -283,7 +277,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
 
     monkeypatch.setattr(loop, "policy_loss", poisoned)
     run = tmp_path / "one"
-    train(cfg_for(run, algorithm="grpo", steps=3, save_every=3))  # one micro-batch per step
+    train_easy(cfg_for(run, algorithm="grpo", steps=3, save_every=3))  # one micro-batch per step
     lines = read_metrics(run / "metrics.jsonl")
     assert [r["train/skipped_steps"] for r in lines] == [0, 1, 1]
     assert lines[1]["actor/grad_norm"] is None and lines[2]["actor/grad_norm"] > 0  # NaN is written as null
@@ -291,7 +285,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
     calls.update(n=0, bad=set(range(1, 100)))
     run = tmp_path / "diverged"
     with pytest.raises(TrainingDiverged, match="5 non-finite steps in a row .*last checkpoint .* is intact"):
-        train(cfg_for(run, algorithm="grpo", steps=10, save_every=10))
+        train_easy(cfg_for(run, algorithm="grpo", steps=10, save_every=10))
     assert [s for s, _ in checkpointing.list_checkpoints(run)] == [0]
     assert [r["train/skipped_steps"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
@@ -337,22 +331,22 @@ def test_hook_capture_matches_output_hidden_states():
     torch.testing.assert_close(fo.captured["emb"], hs[0][:, sl])
 
 
-def test_fsdp2_single_process_matches_plain_module(tmp_path, easy):
+def test_fsdp2_single_process_matches_plain_module(tmp_path):
     # The FSDP2 path (one-rank gloo group on CPU) gives the plain module's trajectory, with the KL
     # penalty's reference model (also sharded) in play.
     kw = dict(algorithm="grpo", steps=2, save_every=2, kl_coef=0.05)
-    plain = train(cfg_for(tmp_path / "plain", fsdp="off", **kw))
-    sharded = train(cfg_for(tmp_path / "fsdp", fsdp="on", **kw))
+    plain = train_easy(cfg_for(tmp_path / "plain", fsdp="off", **kw))
+    sharded = train_easy(cfg_for(tmp_path / "fsdp", fsdp="on", **kw))
     assert_same_params(params_of(plain, 2), params_of(sharded, 2), rtol=1e-5)
     assert not torch.distributed.is_initialized()  # the group made for the run is gone
     kl = [r["actor/kl"] for r in read_metrics(plain / "metrics.jsonl")]
     assert kl[0] == pytest.approx(0.0, abs=1e-9) and kl[1] > 0  # π = π_ref before the first update
 
 
-def test_several_updates_per_rollout_batch_resume_exactly(tmp_path, monkeypatch, easy):
+def test_several_updates_per_rollout_batch_resume_exactly(tmp_path, monkeypatch):
     # 4 prompts, mini-batches of 2, 2 epochs: 4 optimizer steps per rollout batch.
     kw = dict(algorithm="nthr", prompts_per_step=4, mini_batch_size=2, ppo_epochs=2, steps=8, save_every=4)
-    full = train(cfg_for(tmp_path / "full", **kw))
+    full = train_easy(cfg_for(tmp_path / "full", **kw))
     lines = read_metrics(full / "metrics.jsonl")
     assert [r["step"] for r in lines] == list(range(1, 9))
     assert lines[0]["timing/rollout_s"] > 0 and lines[1]["timing/rollout_s"] == 0  # one rollout per 4 steps
@@ -369,17 +363,17 @@ def test_several_updates_per_rollout_batch_resume_exactly(tmp_path, monkeypatch,
 
     monkeypatch.setattr(loop.MetricsLog, "log", log_then_crash)
     with pytest.raises(_Crash):
-        train(cfg_for(part, **kw))
+        train_easy(cfg_for(part, **kw))
     monkeypatch.setattr(loop.MetricsLog, "log", real_log)
-    train(cfg_for(part, resume=True, **kw))
+    train_easy(cfg_for(part, resume=True, **kw))
     assert_same_params(params_of(full, 8), params_of(part, 8))
     assert [r["step"] for r in read_metrics(part / "metrics.jsonl")] == list(range(1, 9))
 
 
-def test_weights_do_not_depend_on_the_no_grad_forward_chunking(tmp_path, easy):
+def test_weights_do_not_depend_on_the_no_grad_forward_chunking(tmp_path):
     # The no-grad pass runs in chunks of whole groups; ResRL's weights must not see the chunking.
-    a = train(cfg_for(tmp_path / "a", algorithm="resrl", steps=1, logprob_micro_batch_size=3))  # → 1 group
-    b = train(cfg_for(tmp_path / "b", algorithm="resrl", steps=1))  # all groups at once
+    a = train_easy(cfg_for(tmp_path / "a", algorithm="resrl", steps=1, logprob_micro_batch_size=3))  # → 1 group
+    b = train_easy(cfg_for(tmp_path / "b", algorithm="resrl", steps=1))  # all groups at once
     rows_a = [json.loads(x) for x in (a / "rollouts" / "step_000000.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (b / "rollouts" / "step_000000.jsonl").read_text().splitlines()]
     for ra, rb in zip(rows_a, rows_b):
@@ -387,8 +381,8 @@ def test_weights_do_not_depend_on_the_no_grad_forward_chunking(tmp_path, easy):
         assert ra["resrl_weights"] == pytest.approx(rb["resrl_weights"], rel=1e-5, abs=1e-6)
 
 
-def test_validation_metrics(tmp_path, easy):
-    run = train(cfg_for(tmp_path / "run", algorithm="psr", steps=2, val_every=2, val_prompts=4, val_n=3))
+def test_validation_metrics(tmp_path):
+    run = train_easy(cfg_for(tmp_path / "run", algorithm="psr", steps=2, val_every=2, val_prompts=4, val_n=3))
     lines = read_metrics(run / "metrics.jsonl")
     assert "val/reward_mean" not in lines[0]
     assert 0 <= lines[1]["val/reward_mean"] <= lines[1]["val/pass@3"] <= 1

@@ -233,12 +233,13 @@ def test_shipped_addition_checkpoint_quick_sampled_eval():
 @pytest.mark.integration
 def test_tiny_addition_preset_trains_four_steps(tmp_path):
     from trainer.config import preset_config
-    from trainer.loop import _build_task, train
+    from trainer.loop import train
     from trainer.metrics_log import read_metrics
+    from trainer.setup import build_task
 
     cfg = preset_config("tiny-addition", steps=4, save_every=4, output_dir=str(tmp_path / "run"),
                         progress_bar="off", report_to=["none"], dump_rollouts=False)
-    assert _build_task(cfg, build_char_tokenizer()).name == "addition"
+    assert build_task(cfg, build_char_tokenizer()).name == "addition"
     run = train(cfg)
     rows = read_metrics(run / "metrics.jsonl")
     assert len(rows) == 4 and all(math.isfinite(r["actor/pg_loss"]) for r in rows)

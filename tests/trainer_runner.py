@@ -15,6 +15,7 @@ from __future__ import annotations
 import string
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,11 +31,11 @@ class EasyTask(MultiplicationTask):
         return float(bool(response_text) and response_text[0] in _GOOD)
 
 
-def use_easy_task() -> None:
-    """Make the trainer build :class:`EasyTask` whatever ``task`` says (tests only)."""
-    import trainer.loop
+def train_easy(cfg: Any) -> Path:
+    """``trainer.loop.train(cfg)`` on :class:`EasyTask`, whatever ``cfg.task`` says."""
+    from trainer.loop import train
 
-    trainer.loop._build_task = lambda cfg, tokenizer: EasyTask()  # type: ignore[assignment]
+    return train(cfg, task=EasyTask())
 
 
 #: Small, fast settings for tests (a random tiny model; overrides of the tiny preset).
@@ -51,7 +52,6 @@ def fast_args() -> list[str]:
 
 
 if __name__ == "__main__":
-    use_easy_task()
     from trainer.train_cli import main
 
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main(sys.argv[1:], task=EasyTask()))

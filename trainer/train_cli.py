@@ -34,7 +34,7 @@ import textwrap
 import typing
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer.config import (
     ALGORITHM_NAMES,
@@ -45,6 +45,9 @@ from trainer.config import (
     canonical_keys,
     config_from_sources,
 )
+
+if TYPE_CHECKING:
+    from trainer.tasks import Task
 
 __all__ = ["add_train_arguments", "main", "resolve_config", "run_train"]
 
@@ -211,9 +214,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return config_from_sources(args.preset, yaml_path, overrides)
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace, *, task: Task | None = None) -> int:
     """Run ``resrl train`` for parsed arguments; returns the exit code (0 ok, 2 bad input, 1 failed run: diverged,
-    or a write to the run directory failed)."""
+    or a write to the run directory failed). ``task``: as :func:`trainer.loop.train`'s (a task of your own)."""
     from trainer.checkpointing import CheckpointError
     from trainer.loggers import check_available
     from trainer.metrics_log import RunWriteError
@@ -229,7 +232,7 @@ def run_train(args: argparse.Namespace) -> int:
     from trainer.loop import SetupError, TrainingDiverged, train
 
     try:
-        run_dir = train(cfg)
+        run_dir = train(cfg, task=task)
     except (ConfigError, DataError, SetupError) as exc:
         print(f"resrl train: error: {_one_line(exc)}", file=sys.stderr)
         return exit_if_launched(2)
@@ -244,13 +247,16 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.train_cli [train options]`` (the same as ``resrl train [train options]``)."""
+def main(argv: list[str] | None = None, *, task: Task | None = None) -> int:
+    """``python -m trainer.train_cli [train options]`` (the same as ``resrl train [train options]``).
+
+    ``task``: train on this task instead of the one the settings name (a script of your own that takes the
+    ``resrl train`` options; see :func:`trainer.loop.train`)."""
     from trainer.cli import parse_args
 
     parser = argparse.ArgumentParser(prog="resrl train")
     add_train_arguments(parser)
-    return run_train(parse_args(parser, sys.argv[1:] if argv is None else argv))
+    return run_train(parse_args(parser, sys.argv[1:] if argv is None else argv), task=task)
 
 
 if __name__ == "__main__":
