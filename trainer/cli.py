@@ -2,7 +2,8 @@
 
 A leaf: it may import both halves (``resrl_analysis`` never imports ``trainer``). Each subcommand's
 implementation is imported only when that subcommand runs, so ``resrl --help`` starts fast and
-``resrl probe`` does not load the trainer. An unknown option is an error that suggests the closest one.
+``resrl probe`` does not load the trainer. An unknown option is an error that suggests the closest one
+(:func:`trainer.cli_args.parse_args`, shared with ``resrl train``).
 
 >>> build_parser().prog
 'resrl'
@@ -16,11 +17,11 @@ exit 2
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import sys
 from collections.abc import Callable
-from typing import Any
+
+from trainer.cli_args import parse_args
 
 __all__ = ["build_parser", "main", "parse_args"]
 
@@ -35,15 +36,6 @@ _SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "demo": ("trainer.demo", "add_demo_arguments", "run_demo",
              "the main job: train 5 algorithms (PSR the control) over 3 seeds, probe, summarise with intervals, draw"),
 }
-
-# The train subcommand's functions, importable from here as before the dispatcher moved (lazily).
-_TRAIN_NAMES = ("add_train_arguments", "resolve_config", "run_train")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _TRAIN_NAMES:
-        return getattr(importlib.import_module("trainer.train_cli"), name)
-    raise AttributeError(f"module 'trainer.cli' has no attribute {name!r}")
 
 
 def _load(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
@@ -70,31 +62,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             add, _ = _load(name)
             add(p)
     return parser
-
-
-def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
-    if command is not None and parser._subparsers is not None:
-        for action in parser._subparsers._group_actions:
-            choices = getattr(action, "choices", None) or {}
-            if command in choices:
-                return choices[command]
-    return parser
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: list[str], command: str | None = None) -> argparse.Namespace:
-    """``parser.parse_args(argv)``, but an unrecognised option names the closest known one
-    (``--num-generation 4`` → "did you mean --num-generations?"); exits with status 2 as argparse does."""
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        target = _subparser(parser, command)
-        known = list(target._option_string_actions)
-        parts = []
-        for item in extra:
-            flag = item.split("=", 1)[0]
-            close = difflib.get_close_matches(flag, known, n=1) if flag.startswith("-") else []
-            parts.append(f"{item} (did you mean {close[0]}?)" if close else item)
-        target.error(f"unrecognized arguments: {' '.join(parts)}")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainer.cli_args import parse_args
 from trainer.config import (
     ALGORITHM_NAMES,
     ALIASES,
@@ -252,8 +253,6 @@ def main(argv: list[str] | None = None, *, task: Task | None = None) -> int:
 
     ``task``: train on this task instead of the one the settings name (a script of your own that takes the
     ``resrl train`` options; see :func:`trainer.loop.train`)."""
-    from trainer.cli import parse_args
-
     parser = argparse.ArgumentParser(prog="resrl train")
     add_train_arguments(parser)
     return run_train(parse_args(parser, sys.argv[1:] if argv is None else argv), task=task)
