@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from trainer.rewards import exact_match_reward
-from trainer.tasks import Prompt, Task
+from trainer.tasks.base import Prompt, Task
 
 # Fixed once: changing it would silently move prompts between train and validation, and the
 # shipped warm-start checkpoint was trained on the training side of this split.
