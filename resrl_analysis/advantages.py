@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .interference import nthr_token_weights
 from .ops import group_advantages
+from .settings import SettingError
 from .weighting import ResRLWeightConfig, resrl_weight_details
 
 __all__ = [
@@ -85,21 +86,23 @@ class AdvantageParams:
     """ResRL token-weight hyper-parameters (rank, quantiles, min weight, SVD)."""
 
     def __post_init__(self) -> None:
+        """Every check of these fields (the trainer's settings reuse it): :class:`SettingError`."""
         if not self.adv_eps > 0:
-            raise ValueError(f"adv_eps must be > 0, got {self.adv_eps}")
-        if not (self.w_reinforce_lambda >= 0 and self.nthr_beta >= 0):
-            raise ValueError(f"w_reinforce_lambda and nthr_beta must be >= 0, got {self.w_reinforce_lambda}, "
-                             f"{self.nthr_beta}")
+            raise SettingError(["adv_eps"], [self.adv_eps], "must be > 0")
+        for name in ("w_reinforce_lambda", "nthr_beta"):
+            if not getattr(self, name) >= 0:
+                raise SettingError([name], [getattr(self, name)], "must be >= 0")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise SettingError(["temperature"], [self.temperature], "must be > 0")
         if not 0.0 <= self.pos_weight <= 1.0:
-            raise ValueError(f"pos_weight must lie in [0, 1], got {self.pos_weight}")
+            raise SettingError(["pos_weight"], [self.pos_weight], "must lie in [0, 1]", what="a weight")
         if self.resrl_layer not in ("penultimate", "head_input"):
             try:
                 int(self.resrl_layer)
             except ValueError:
-                raise ValueError(f"resrl_layer must be 'penultimate', 'head_input' or an integer index, got "
-                                 f"{self.resrl_layer!r}") from None
+                raise SettingError(["resrl_layer"], [self.resrl_layer],
+                                   choices="'penultimate', 'head_input' or an integer index into hidden_states"
+                                   ) from None
 
 
 #: Flat config field name (``TrainConfig``, ``config.yaml``, ``--set``) -> its place in :class:`AdvantageParams`
@@ -119,6 +122,8 @@ CONFIG_FIELDS: dict[str, str] = {
     "resrl_svd": "resrl.svd",
     "resrl_layer": "resrl_layer",
 }
+#: Place in :class:`AdvantageParams` -> flat config field name (the inverse of :data:`CONFIG_FIELDS`).
+_FLAT_NAME = {path: flat for flat, path in CONFIG_FIELDS.items()}
 
 
 def config_defaults() -> dict[str, Any]:
@@ -141,10 +146,17 @@ def config_defaults() -> dict[str, Any]:
 def params_from_config(cfg: Mapping[str, Any] | Any) -> AdvantageParams:
     """:class:`AdvantageParams` from a TrainConfig-like object or mapping of flat field names.
 
-    Fields it does not hold keep their defaults; other keys are ignored.
+    Fields it does not hold keep their defaults; other keys are ignored. An impossible value raises the
+    :class:`~resrl_analysis.settings.SettingError` of the dataclass that checks it, naming the flat field
+    (this is the only check of these settings; ``TrainConfig`` relies on it).
 
     >>> params_from_config({"resrl_rank": 8, "nthr_beta": 2.0, "lr": 1.0}).resrl.rank
     8
+    >>> try:
+    ...     params_from_config({"resrl_q_low": 0.9, "resrl_q_high": 0.5})
+    ... except SettingError as exc:
+    ...     print(exc.as_setting())
+    resrl_q_low=0.9 must be below resrl_q_high=0.5, both in [0, 1]
     """
     get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d: getattr(cfg, k, d))
     top: dict[str, Any] = {}
@@ -158,7 +170,15 @@ def params_from_config(cfg: Mapping[str, Any] | Any) -> AdvantageParams:
             nested[path.split(".", 1)[1]] = v
         else:
             top[path] = v
-    return AdvantageParams(**top, resrl=ResRLWeightConfig(**nested))
+    try:
+        resrl = ResRLWeightConfig(**nested)
+    except SettingError as exc:  # its fields are AdvantageParams' resrl.<name>
+        raise exc.renamed({n: _FLAT_NAME.get(f"resrl.{n}", n) for n in exc.names}) from None
+    try:
+        return AdvantageParams(**top, resrl=resrl)
+    except SettingError as exc:
+        raise exc.renamed({n: _FLAT_NAME.get(n, n) for n in exc.names}) from None
+
 
 
 # =========================================================================================== registry types

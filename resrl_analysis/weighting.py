@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .forward import hidden_state_index
 from .ops import group_index
+from .settings import SettingError
 
 __all__ = [
     "ResRLWeightConfig",
@@ -67,20 +68,21 @@ class ResRLWeightConfig:
     """A group with fewer valid positive tokens keeps weight 1."""
 
     def __post_init__(self) -> None:
+        """Every check of these fields (the trainer's ``resrl_*`` settings reuse it): :class:`SettingError`."""
         if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+            raise SettingError(["rank"], [self.rank], "must be >= 1")
         if self.max_pos_tokens < 2:
-            raise ValueError(f"max_pos_tokens must be >= 2, got {self.max_pos_tokens}")
+            raise SettingError(["max_pos_tokens"], [self.max_pos_tokens], "must be >= 2")
         if not (0.0 <= self.q_low < self.q_high <= 1.0):
-            raise ValueError(f"need 0 <= q_low < q_high <= 1, got q_low={self.q_low}, q_high={self.q_high}")
+            raise SettingError(["q_low", "q_high"], [self.q_low, self.q_high], "must be below {1}, both in [0, 1]")
         if not (0.0 <= self.min_weight <= 1.0):
-            raise ValueError(f"min_weight must lie in [0, 1], got {self.min_weight}")
+            raise SettingError(["min_weight"], [self.min_weight], "must lie in [0, 1]", what="a weight")
         if self.niter < 0:
-            raise ValueError(f"niter must be >= 0, got {self.niter}")
+            raise SettingError(["niter"], [self.niter], "must be >= 0")
         if self.svd not in ("lowrank", "exact"):
-            raise ValueError(f"svd must be 'lowrank' or 'exact', got {self.svd!r}")
+            raise SettingError(["svd"], [self.svd], choices="'lowrank' or 'exact'")
         if self.min_pos_tokens < 2:
-            raise ValueError(f"min_pos_tokens must be >= 2, got {self.min_pos_tokens}")
+            raise SettingError(["min_pos_tokens"], [self.min_pos_tokens], "must be >= 2")
 
 
 #: The defaults of :class:`ResRLWeightConfig`, which the functions below take as their own (declared once).

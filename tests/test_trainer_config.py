@@ -48,6 +48,26 @@ def test_validation_messages(kw, message):
         TrainConfig(**kw)
 
 
+@pytest.mark.parametrize("bad", [
+    dict(resrl_rank=0), dict(resrl_max_pos_tokens=1), dict(resrl_niter=-1), dict(resrl_svd="qr"),
+    dict(resrl_q_low=0.9, resrl_q_high=0.5), dict(resrl_min_weight=2.0), dict(resrl_pos_weight=-1.0),
+    dict(resrl_layer="x"), dict(adv_eps=0.0), dict(w_reinforce_lambda=-1.0), dict(nthr_beta=-1.0),
+    dict(temperature=0.0),
+])
+def test_algorithm_settings_are_checked_once_by_the_core(bad):
+    """TrainConfig's message about an algorithm setting is the core's check (AdvantageParams, ResRLWeightConfig)
+    in the settings' own words: one declaration, one check."""
+    from resrl_analysis.advantages import params_from_config
+    from resrl_analysis.settings import SettingError
+
+    with pytest.raises(SettingError) as core:
+        params_from_config(bad)
+    assert core.value.names[0] in bad
+    with pytest.raises(ConfigError) as cfg:
+        TrainConfig(**bad)
+    assert str(cfg.value).startswith(core.value.as_setting())
+
+
 @pytest.mark.parametrize("name", ["grad_clip", "temperature", "adam_eps", "kl_coef", "dual_clip", "resrl_q_low"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_floats_are_rejected(name, value):

@@ -29,6 +29,7 @@ import yaml
 
 import resrl_analysis.advantages as _advantages
 from resrl_analysis.rundir import atomic_write
+from resrl_analysis.settings import SettingError
 
 __all__ = [
     "ALGORITHM_NAMES",
@@ -50,8 +51,11 @@ __all__ = [
 ALGORITHM_NAMES = _advantages.ALGORITHM_NAMES
 #: Those that compare responses within a prompt group: they need >= 2 responses per prompt.
 GROUP_ALGORITHMS = tuple(name for name, a in _advantages.ALGORITHMS.items() if a.group)
-#: Defaults of the algorithms' hyper-parameters, declared once in ``resrl_analysis.advantages.AdvantageParams``.
+#: Defaults of the algorithms' hyper-parameters, declared once in ``resrl_analysis.advantages.AdvantageParams``
+#: (which also checks their values: ``TrainConfig`` turns its :class:`SettingError` into a :class:`ConfigError`).
 _ALGO = _advantages.config_defaults()
+#: What the trainer adds to the core's message about one of those settings.
+_SETTING_HINTS = {"temperature": " for training rollouts (0 would be greedy: every response of a group identical)"}
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 #: Fields that may change when a run is resumed: most do not change the trajectory (``micro_batch_*``
@@ -313,9 +317,6 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise e(f"{name}={getattr(self, name)} must lie in [0, 1)")
-        if self.temperature <= 0:
-            raise e(f"temperature={self.temperature} must be > 0 for training rollouts (0 would be greedy: every "
-                    "response of a group identical)")
         if self.val_temperature < 0:
             raise e(f"val_temperature={self.val_temperature} must be >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
@@ -332,28 +333,16 @@ class TrainConfig:
             raise e(f"loss_agg_mode={self.loss_agg_mode!r}: choose one of {', '.join(LOSS_AGG_MODES)}")
         if self.kl_coef < 0 or self.entropy_coef < 0 or self.grad_clip < 0:
             raise e("kl_coef, entropy_coef and grad_clip must be >= 0")
-        for name in ("resrl_min_weight", "resrl_pos_weight", "length_end_scale", "min_lr_ratio"):
+        for name in ("length_end_scale", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise e(f"{name}={getattr(self, name)} is a weight and must lie in [0, 1]")
-        if self.resrl_rank < 1:
-            raise e(f"resrl_rank={self.resrl_rank} must be >= 1")
-        if self.resrl_max_pos_tokens < 2 or self.resrl_niter < 0:
-            raise e("resrl_max_pos_tokens must be >= 2 and resrl_niter >= 0")
-        if not 0.0 <= self.resrl_q_low < self.resrl_q_high <= 1.0:
-            raise e(f"resrl_q_low={self.resrl_q_low} must be below resrl_q_high={self.resrl_q_high}, both in [0, 1]")
+        try:  # the algorithms' settings: checked where they are declared (AdvantageParams, ResRLWeightConfig)
+            _advantages.params_from_config(self)
+        except SettingError as exc:
+            raise e(exc.as_setting() + _SETTING_HINTS.get(exc.names[0], "")) from None
         if self.resrl_grouping not in ("group", "micro_batch"):
             raise e(f"resrl_grouping={self.resrl_grouping!r}: choose 'group' (whole prompt groups) or 'micro_batch' "
                     "(the reference implementation's per-micro-batch weights)")
-        if self.resrl_svd not in ("lowrank", "exact"):
-            raise e(f"resrl_svd={self.resrl_svd!r}: choose 'lowrank' or 'exact'")
-        if self.resrl_layer not in ("penultimate", "head_input"):
-            try:
-                int(self.resrl_layer)
-            except ValueError:
-                raise e(f"resrl_layer={self.resrl_layer!r}: choose 'penultimate', 'head_input' or an integer "
-                        "index into hidden_states") from None
-        if self.adv_eps <= 0 or self.w_reinforce_lambda < 0 or self.nthr_beta < 0:
-            raise e("adv_eps must be > 0, w_reinforce_lambda and nthr_beta >= 0")
         if self.length_scale and self.length_start >= self.max_response_length:
             raise e(f"length_scale needs length_start={self.length_start} < max_response_length="
                     f"{self.max_response_length}")
