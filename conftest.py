@@ -1,4 +1,4 @@
-"""Root conftest: names available to every docstring example (doctests run over resrl_analysis/)."""
+"""Root conftest: names available to every docstring example (doctests run over resrl_analysis/ and trainer/)."""
 
 import numpy as np
 import pytest
