@@ -11,4 +11,5 @@ Modules:
 - :mod:`bench.logprob_bench`: chunked log-probs and entropy against full float32 logits.
 - :mod:`bench.train_bench`: ``resrl`` against ``grpo`` step time with our trainer.
 - :mod:`bench.trl_compare`: our ``grpo`` step against TRL's ``GRPOTrainer`` (own virtual environment).
+- :mod:`bench.rollout_token_cost`: what the rollout dump's per-token entropies add to the no-grad forward.
 """

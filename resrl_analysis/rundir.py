@@ -44,6 +44,7 @@ __all__ = [
     "PROMPT_FIELDS",
     "ROLLOUTS",
     "ROLLOUT_FIELDS",
+    "ROLLOUT_FIELDS_ADDED_LATER",
     "RUN_ENTRIES",
     "STEP_DIR",
     "STEP_FILE",
@@ -113,8 +114,10 @@ OPTIONAL_METRIC_KEYS = ("actor/kl", "actor/update_norm", "perf/peak_memory_gb", 
 ROLLOUT_FIELDS = (
     "step", "group_id", "prompt_uid", "data_source", "prompt", "prompt_ids", "response", "response_ids",
     "ground_truth", "reward", "is_positive", "finished", "advantage", "token_advantages", "resrl_weights",
-    "resrl_residuals", "nthr_weights", "nthr_scores",
+    "resrl_residuals", "nthr_weights", "nthr_scores", "token_logprobs", "token_entropies",
 )
+#: Fields of :data:`ROLLOUT_FIELDS` that dumps written before they existed lack: readers treat them as optional.
+ROLLOUT_FIELDS_ADDED_LATER = ("token_logprobs", "token_entropies")
 
 #: Fields of every line of prompts/heldout.jsonl and prompts/train.jsonl, in order.
 PROMPT_FIELDS = (

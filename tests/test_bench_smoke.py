@@ -24,6 +24,7 @@ BENCH_MODULES = [
     "bench.probe_bench",
     "bench.reference_weighting",
     "bench.lld_in_batch_cost",
+    "bench.rollout_token_cost",
     "bench.diversity_bench",
 ]
 

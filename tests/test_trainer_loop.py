@@ -261,6 +261,44 @@ def test_rollout_dump_schema(reference_run):
     assert mixed > 0
 
 
+def test_rollout_dump_token_logprobs_and_entropies_are_the_rollout_policys(reference_run):
+    """token_logprobs / token_entropies of every dump equal an independent float64 computation (one unpadded
+    row at a time through the checkpoint of the dump's step, log_softmax of logits / temperature), aligned with
+    response_ids and rounded to 6 significant digits."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = cfg_for(reference_run)
+    for step in (0, 2, 4):  # step 4: the final policy's dump, written after the last update
+        model = AutoModelForCausalLM.from_pretrained(reference_run / "checkpoints" / f"step_{step:06d}").eval()
+        rows = [json.loads(x) for x in (reference_run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+        for r in rows:
+            n, p = len(r["response_ids"]), len(r["prompt_ids"])
+            assert len(r["token_logprobs"]) == len(r["token_entropies"]) == n
+            assert all(v == float(f"{v:.6g}") for v in r["token_logprobs"] + r["token_entropies"])
+            with torch.no_grad():
+                logits = model(torch.tensor([r["prompt_ids"] + r["response_ids"]])).logits[0, p - 1 : p + n - 1]
+            logq = torch.log_softmax(logits.double() / cfg.temperature, dim=-1)  # (n, V)
+            want_lp = logq.gather(-1, torch.tensor(r["response_ids"])[:, None]).squeeze(-1)
+            want_h = -(logq.exp() * logq).sum(-1)
+            assert r["token_logprobs"] == pytest.approx(want_lp.tolist(), rel=1e-4, abs=1e-5), (step, r["group_id"])
+            assert r["token_entropies"] == pytest.approx(want_h.tolist(), rel=1e-4, abs=1e-5), (step, r["group_id"])
+
+
+def test_old_rollout_dumps_without_token_fields_still_read(reference_run, tmp_path):
+    """Dumps written before token_logprobs / token_entropies existed: the probe-set reader takes them as before."""
+    from resrl_analysis.probe_sets import ProbeSet
+    from resrl_analysis.rundir import ROLLOUT_FIELDS_ADDED_LATER
+
+    src = reference_run / "rollouts" / "step_000002.jsonl"
+    old = tmp_path / "step_000002.jsonl"
+    rows = [json.loads(x) for x in src.read_text().splitlines()]
+    old.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ROLLOUT_FIELDS_ADDED_LATER}) + "\n"
+                           for r in rows))
+    a, b = ProbeSet.from_rollouts(src), ProbeSet.from_rollouts(old)
+    assert [(g.group_id, g.response_ids, g.rewards) for g in a.groups] == [
+        (g.group_id, g.response_ids, g.rewards) for g in b.groups]
+
+
 # ------------------------------------------------------------------------------------ numerics and bad input
 
 

@@ -158,8 +158,9 @@ def train(config: TrainConfig, *, task: Task | None = None) -> Path:
             # -------------------------------------------------------------- rollout → reward → advantage
             _reset_peak_memory(ctx)
             t0 = time.perf_counter()
-            dumped = cfg.dump_rollouts and is_save_step(cfg, batch_step)
-            data, roll_metrics = _collect(cfg, batch_step, model, ref_model, tokenizer, task, algo, ctx)
+            dumped = cfg.dump_rollouts and is_save_step(cfg, batch_step)  # the dump adds token entropies
+            data, roll_metrics = _collect(cfg, batch_step, model, ref_model, tokenizer, task, algo, ctx,
+                                          entropy=dumped)
             roll_metrics["timing/rollout_s"] = time.perf_counter() - t0
             if dumped:
                 dump(batch_step, data)
@@ -198,7 +199,7 @@ def train(config: TrainConfig, *, task: Task | None = None) -> Path:
         checkpoint(end)
         if cfg.dump_rollouts and not rollout_path(run_dir, end).exists():
             # What the final policy samples (the batch a continued run would train on).
-            data, _ = _collect(cfg, end, model, ref_model, tokenizer, task, algo, ctx)
+            data, _ = _collect(cfg, end, model, ref_model, tokenizer, task, algo, ctx, entropy=True)
             dump(end, data)
         return run_dir
     finally:
@@ -254,9 +255,12 @@ def _pad_cols(x: Tensor, width: int, value: float = 0.0) -> Tensor:
 
 def _collect(
     cfg: TrainConfig, step: int, model: torch.nn.Module, ref_model: torch.nn.Module | None, tokenizer: Any,
-    task: Task, algo: Any, ctx: DistContext,
+    task: Task, algo: Any, ctx: DistContext, *, entropy: bool = False,
 ) -> tuple[ScoredBatch, dict[str, Any]]:
-    """Sample this rank's share of the step's prompts, reward them, run the no-grad forward, compute advantages."""
+    """Sample this rank's share of the step's prompts, reward them, run the no-grad forward, compute advantages.
+
+    ``entropy``: the no-grad forward also gives the token entropies (``ScoredBatch.entropy``, for the dump).
+    """
     # ---- rollout: rank r takes prompts [r·P/W, (r+1)·P/W) of the step's batch: whole groups per rank
     P, W = cfg.prompts_per_step, ctx.world_size
     position = (step // cfg.updates_per_rollout) * P
@@ -276,6 +280,7 @@ def _collect(
         # ---- no-grad forward over whole groups: old log-probs and the algorithm's inputs → advantages
         B, Tr = batch.response_ids.shape
         old_logp = torch.zeros(B, Tr, device=dev)
+        token_entropy = torch.zeros(B, Tr, device=dev) if entropy else None
         ref_logp = torch.zeros(B, Tr, device=dev) if ref_model is not None else None
         outs: list[tuple[slice, AlgoOutput]] = []
         capture: dict[str, str | int] = {}
@@ -306,8 +311,10 @@ def _collect(
                     rows = pack_rows(batch.prompt_ids[sl], batch.prompt_mask[sl], batch.response_ids[sl],
                                      batch.response_mask[sl])
                     fo = response_forward(model, rows, temperature=cfg.temperature, memory_mb=cfg.logprob_memory_mb,
-                                          capture=capture, return_logits="logits" in algo.needs)
+                                          capture=capture, return_logits="logits" in algo.needs, entropy=entropy)
                     old_logp[sl, : rows.response_len] = fo.logp
+                    if token_entropy is not None:  # same chunks as the log-probs: they stay bit for bit the same
+                        token_entropy[sl, : rows.response_len] = fo.entropy
                     if ref_model is not None:
                         rf = response_forward(ref_model, rows, temperature=cfg.temperature,
                                               memory_mb=cfg.logprob_memory_mb)
@@ -329,7 +336,7 @@ def _collect(
         old_logp=old_logp, ref_logp=ref_logp, advantages=torch.cat([o.advantages.float() for _, o in outs]),
         token_advantages=stitch([o.token_advantages for _, o in outs], 0.0),
         extras={name: stitch([o.extras[name] for _, o in outs], EXTRAS[name].fill) for name in algo.extras},
-        prompts=row_prompts, texts=texts,
+        prompts=row_prompts, texts=texts, entropy=token_entropy,
     )
     metrics = rollout_metrics(data, cfg, ctx)
     metrics["timing/sample_s"] = sample_s

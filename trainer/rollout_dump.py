@@ -1,7 +1,10 @@
 """The rollout dump: ``rollouts/step_XXXXXX.jsonl``, one JSON object per response (docs/RUN_DIRECTORY.md).
 
-What was sampled (prompt, response text and ids, reward, group) and what the algorithm made of it (advantages and
-every registered per-token extra, e.g. ResRL's weights and residuals).
+What was sampled (prompt, response text and ids, reward, group), what the algorithm made of it (advantages and
+every registered per-token extra, e.g. ResRL's weights and residuals) and, per response token, the rollout
+policy's log-prob and entropy from the no-grad forward the trainer runs before the update (``token_logprobs``,
+``token_entropies``: what a token viewer colours by). Those two are kept to :data:`TOKEN_DIGITS` significant
+digits, which keeps the files small.
 
 >>> import json, tempfile, torch
 >>> from trainer.distributed import DistContext
@@ -16,8 +19,10 @@ every registered per-token extra, e.g. ResRL's weights and residuals).
 >>> tmp = tempfile.TemporaryDirectory()
 >>> dump_rollouts(tmp.name, 0, data, DistContext.single(torch.device("cpu")))
 >>> rows = [json.loads(line) for line in open(f"{tmp.name}/rollouts/step_000000.jsonl")]
->>> [(r["response_ids"], r["reward"]) for r in rows]
-[([7, 8], 1.0), ([9], 0.0)]
+>>> [(r["response_ids"], r["reward"], r["token_logprobs"]) for r in rows]
+[([7, 8], 1.0, [-0.5, -1.25]), ([9], 0.0, [-2.0])]
+>>> rows[0]["token_entropies"] is None  # the batch holds no entropies: the trainer asks for them when it dumps
+True
 >>> tmp.cleanup()
 """
 
@@ -37,7 +42,20 @@ from trainer.metrics_log import write_rollouts
 from trainer.rollout import ScoredBatch
 from trainer.setup import on_all_ranks
 
-__all__ = ["dump_rollouts"]
+__all__ = ["TOKEN_DIGITS", "dump_rollouts", "round_sig"]
+
+#: Significant digits of ``token_logprobs`` and ``token_entropies`` (float32 holds about 7).
+TOKEN_DIGITS = 6
+
+
+def round_sig(values: list[float], digits: int = TOKEN_DIGITS) -> list[float]:
+    """``values`` rounded to ``digits`` significant digits (non-finite values pass through; the writer stores
+    them as null).
+
+    >>> round_sig([-1.234567891, 0.000123456789, 2.0, float("nan")])
+    [-1.23457, 0.000123457, 2.0, nan]
+    """
+    return [float(f"{v:.{digits}g}") for v in values]
 
 
 def dump_rollouts(run_dir: str | Path, step: int, data: ScoredBatch, ctx: DistContext, *,
@@ -70,6 +88,9 @@ def dump_rollouts(run_dir: str | Path, step: int, data: ScoredBatch, ctx: DistCo
             "advantage": float(data.advantages[i]), "token_advantages": tok(data.token_advantages),
             # Every registered extra, None where this algorithm has none; undefined values (NaN) as None.
             **{name: tok(data.extras.get(name), nan_as_none=True) for name in EXTRAS},
+            # The rollout policy's own view of each token (the forward that gave the old log-probs).
+            "token_logprobs": round_sig(data.old_logp[i, :L].tolist()),
+            "token_entropies": round_sig(data.entropy[i, :L].tolist()) if data.entropy is not None else None,
         })
     every = all_gather_objects(rows, ctx)
     if ctx.is_main:
