@@ -7,7 +7,8 @@ rollout batch, giving per-token quantities aligned with the rollout's own (``old
 diagnostics of the same kind (Δ log π of the negatives, the realised entropy change) choose other rows and ask
 ``rescore`` for the entropy too.
 
-Re-scored by the policy that sampled them, the positives have not moved: every group's Δ is 0.
+Re-scored by the policy that sampled them, the positives have not moved: every group's Δ is 0 (up to float32
+round-off: a forward over other rows may sum in another order).
 
 >>> import torch
 >>> from resrl_analysis.forward import pack_rows, response_forward
@@ -22,11 +23,11 @@ Re-scored by the policy that sampled them, the positives have not moved: every g
 ...                    finished=torch.ones(2, dtype=torch.bool), group_ids=torch.tensor([0, 0]),
 ...                    rewards=torch.tensor([1.0, 0.0]), old_logp=old, advantages=torch.zeros(2),
 ...                    token_advantages=torch.zeros(2, 2))
->>> torch.equal(rescore(model, data, torch.tensor([0, 1]), cfg, ctx).logp, old)
+>>> torch.allclose(rescore(model, data, torch.tensor([0, 1]), cfg, ctx).logp, old, atol=1e-5)
 True
 >>> m = in_batch_lld(model, data, cfg, ctx)
->>> m["lld/mixed_groups"], m["lld/batch_delta_mean"], m["lld/shared_token_delta_mean"]
-(1, 0.0, 0.0)
+>>> m["lld/mixed_groups"], abs(m["lld/batch_delta_mean"]) < 1e-5, abs(m["lld/shared_token_delta_mean"]) < 1e-5
+(1, True, True)
 """
 
 from __future__ import annotations
