@@ -198,10 +198,24 @@ def test_addition_recipe_short_run_reproduces_the_shipped_first_losses(tmp_path)
         {k: v for k, v in rec["recipe"].items() if k != "steps"}
     res = run_warmstart(tmp_path, recipe, evaluate=False, verbose=False)
     env = rec["environment"]
-    if (env["torch"], env["machine"]) == (torch.__version__, platform.machine()):
-        assert res.losses == head  # bit for bit: same build, one thread, deterministic algorithms
+    # Bit for bit only on the same build and instruction set (one thread, deterministic algorithms): torch's CPU
+    # kernels round some float32 reductions differently under AVX2 and AVX512 (index 8 of the shipped head differs
+    # by 5e-7 on an AVX512 machine). Elsewhere the curve must agree to 1e-4; determinism on this machine is
+    # test_addition_recipe_is_bit_for_bit_deterministic_here.
+    same = (env["torch"], env["machine"], env.get("cpu_capability")) == (
+        torch.__version__, platform.machine(), torch.backends.cpu.get_cpu_capability())
+    if same:
+        assert res.losses == head
     else:
         assert res.losses == pytest.approx(head, rel=1e-4)
+
+
+@pytest.mark.integration
+def test_addition_recipe_is_bit_for_bit_deterministic_here(tmp_path):
+    recipe = WarmstartRecipe.for_task("addition", steps=3)
+    a = run_warmstart(tmp_path / "a", recipe, evaluate=False, verbose=False)
+    b = run_warmstart(tmp_path / "b", recipe, evaluate=False, verbose=False)
+    assert a.losses == b.losses and len(a.losses) == 3
 
 
 @pytest.mark.integration

@@ -466,6 +466,9 @@ def _save(
             "transformers": transformers.__version__,
             "python": platform.python_version(),
             "machine": platform.machine(),
+            # The vector instructions torch's CPU kernels dispatch to (AVX2, AVX512, ...): the same build on
+            # another instruction set rounds some float32 reductions differently.
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(),
         },
     }
