@@ -27,7 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["GroupDisplacement", "group_displacements", "in_batch_lld_metrics", "shared_prefix_mask"]
+__all__ = ["AFTER", "FIRST_DIVERGENT", "SHARED", "TOKEN_CLASSES", "GroupDisplacement", "group_displacements",
+           "in_batch_lld_metrics", "shared_prefix_mask", "token_classes"]
+
+#: :func:`token_classes` codes: 0 is padding, or a token of a group without both polarities.
+SHARED, FIRST_DIVERGENT, AFTER = 1, 2, 3
+#: Code → name, in the order figures and metrics list them.
+TOKEN_CLASSES = {SHARED: "shared", FIRST_DIVERGENT: "first_divergent", AFTER: "after"}
 
 
 def shared_prefix_mask(pos_ids: Tensor, pos_mask: Tensor, neg_ids: Tensor, neg_mask: Tensor) -> Tensor:
@@ -111,3 +117,38 @@ def in_batch_lld_metrics(groups: list[GroupDisplacement], eps: float = 0.0) -> d
         "lld/unique_token_delta_mean": sum(g.unique for g in groups) / n,
         "lld/mixed_groups": n,
     }
+
+
+def token_classes(response_ids: Tensor, response_mask: Tensor, rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """(B, T) int8: where each response token stands against the group's responses of the other polarity.
+
+    For a response of a mixed group (a positive and a negative response), with d its number of *shared*
+    positions (:func:`shared_prefix_mask` against the other polarity; shared positions are a prefix):
+    :data:`SHARED` (1) at t < d, :data:`FIRST_DIVERGENT` (2) at t = d (the first token no response of the other
+    polarity has after the same prefix: for a wrong answer, where it goes wrong), :data:`AFTER` (3) at t > d.
+    0 on padding and on every token of a group that is not mixed.
+
+    ``response_ids``/``response_mask`` (B, T) right-padded; ``rewards`` (B,), positive when > 0; ``group_ids`` (B,).
+
+    >>> ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 8], [1, 2, 0, 0]])
+    >>> mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]).bool()
+    >>> token_classes(ids, mask, torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1])).tolist()
+    [[1, 1, 2, 3], [1, 1, 2, 3], [0, 0, 0, 0]]
+    """
+    B, T = response_ids.shape
+    out = torch.zeros(B, T, dtype=torch.int8, device=response_ids.device)
+    pos_all = rewards > 0
+    for g in torch.unique(group_ids).tolist():
+        rows = group_ids == g
+        pos, neg = rows & pos_all, rows & ~pos_all
+        if not pos.any() or not neg.any():
+            continue
+        for mine, other in ((pos, neg), (neg, pos)):
+            idx = torch.nonzero(mine).flatten()  # (R,)
+            shared = shared_prefix_mask(response_ids[mine], response_mask[mine], response_ids[other],
+                                        response_mask[other])  # (R, T)
+            d = shared.sum(1, keepdim=True)  # (R, 1) shared positions form a prefix
+            t = torch.arange(T, device=response_ids.device)[None, :]  # (1, T)
+            cls = torch.where(t < d, SHARED, torch.where(t == d, FIRST_DIVERGENT, AFTER)).to(torch.int8)
+            out[idx] = torch.where(response_mask[mine], cls, torch.zeros((), dtype=torch.int8, device=cls.device))
+    return out

@@ -1,11 +1,14 @@
-"""Live diagnostics after an update: the rollout batch re-scored by the updated policy (in-batch LLD).
+"""Live diagnostics of an update: the rollout batch re-scored by the updated policy, once, for all of them.
 
-:func:`rescore` is the after-update forward: one no-grad pass of the policy as it is now over chosen rows of the
-rollout batch, giving per-token quantities aligned with the rollout's own (``old_logp``, ``entropy``).
-:func:`in_batch_lld` uses it on the positive responses of mixed groups and hands the mathematics to the core
-(:func:`resrl_analysis.displacement.group_displacements`, docs/MATH.md § Lazy likelihood displacement). Other
-diagnostics of the same kind (Δ log π of the negatives, the realised entropy change) choose other rows and ask
-``rescore`` for the entropy too.
+After a rollout batch's last optimizer step, :func:`update_metrics` runs the **after-update forward** once
+(:func:`after_update`: one no-grad pass of the policy as it is now over the rows the enabled diagnostics need,
+with the token entropy when one of them needs it) and hands the batch before and after (:class:`AfterUpdate`)
+to every enabled :class:`UpdateDiagnostic` of :data:`UPDATE_DIAGNOSTICS`. A diagnostic is one registration
+(:func:`register_update_diagnostic`): its switch in the config, the rows it reads (the positives of mixed groups,
+or every row), whether it needs entropies (then the rollout's no-grad forward computes them too:
+:func:`needs_rollout_entropy`) and its metrics function; the mathematics stays in the core. In-batch LLD
+(``lld/*``, :func:`in_batch_lld`; :func:`resrl_analysis.displacement.group_displacements`, docs/MATH.md § Lazy
+likelihood displacement) is the first.
 
 Re-scored by the policy that sampled them, the positives have not moved: every group's Δ is 0 (up to float32
 round-off: a forward over other rows may sum in another order).
@@ -32,8 +35,9 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -44,7 +48,8 @@ from trainer.config import TrainConfig
 from trainer.distributed import DistContext, all_gather_objects, all_reduce_max
 from trainer.rollout import ScoredBatch
 
-__all__ = ["Rescored", "in_batch_lld", "rescore"]
+__all__ = ["AfterUpdate", "Rescored", "UPDATE_DIAGNOSTICS", "UpdateDiagnostic", "after_update", "in_batch_lld",
+           "needs_rollout_entropy", "register_update_diagnostic", "rescore", "update_metrics"]
 
 
 @dataclass
@@ -93,13 +98,114 @@ def rescore(model: torch.nn.Module, data: ScoredBatch, rows: Tensor, cfg: TrainC
     return Rescored(rows=rows, logp=new_logp, entropy=new_ent)
 
 
-def in_batch_lld(model: torch.nn.Module, data: ScoredBatch, cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
-    """``lld/*`` of a rollout batch (docs/MATH.md § Lazy likelihood displacement): its mixed groups' positive
-    responses re-scored after the batch's last update, against the rollout's log-probs. A collective; every rank
-    gets the same metrics (a group never spans ranks, so each rank scores its own groups)."""
-    positives = torch.nonzero(data.mixed_rows() & (data.rewards > 0)).flatten()  # (R,)
-    after = rescore(model, data, positives, cfg, ctx)
+@dataclass
+class AfterUpdate:
+    """A rollout batch before and after its update(s), token by token: what every update diagnostic reads.
+
+    ``data`` is the batch as the rollout scored it (before: ``data.old_logp``, and ``data.entropy`` when a
+    diagnostic needs entropies); ``logp`` and ``entropy`` (B, Tr) are the updated policy's on the rows in
+    ``scored`` (B,) bool, 0 elsewhere and on padding.
+    """
+
+    data: ScoredBatch
+    logp: Tensor  # (B, Tr) float32
+    entropy: Tensor | None  # (B, Tr) float32
+    scored: Tensor  # (B,) bool
+
+    @property
+    def delta_logp(self) -> Tensor:
+        """(B, Tr) float64 Δ log π(y_t) on the scored rows' tokens (0 elsewhere)."""
+        keep = self.data.response_mask & self.scored[:, None]
+        return torch.where(keep, self.logp.double() - self.data.old_logp.double(), torch.zeros((), dtype=torch.float64,
+                                                                                             device=keep.device))
+
+
+RowsNeeded = Literal["mixed_positives", "all"]
+
+
+@dataclass(frozen=True)
+class UpdateDiagnostic:
+    """A live diagnostic of each rollout batch's update.
+
+    ``enabled(cfg)``: its switch; ``rows``: what the after-update forward must re-score for it (the positive
+    responses of mixed groups, or every row); ``entropy``: it reads token entropies before and after;
+    ``metrics(after, cfg, ctx)``: its metrics (a collective: every rank passes its rows and gets the same dict).
+    """
+
+    name: str
+    enabled: Callable[[TrainConfig], bool]
+    rows: RowsNeeded
+    entropy: bool
+    metrics: Callable[[AfterUpdate, TrainConfig, DistContext], dict[str, Any]]
+
+
+#: Every registered update diagnostic, in the order their metrics are computed.
+UPDATE_DIAGNOSTICS: dict[str, UpdateDiagnostic] = {}
+
+
+def register_update_diagnostic(d: UpdateDiagnostic) -> UpdateDiagnostic:
+    """Add ``d`` to :data:`UPDATE_DIAGNOSTICS` (its metric keys belong in resrl_analysis.rundir's lists and
+    docs/METRICS.md)."""
+    if d.rows not in ("mixed_positives", "all"):
+        raise ValueError(f"update diagnostic {d.name!r}: rows must be 'mixed_positives' or 'all', got {d.rows!r}")
+    UPDATE_DIAGNOSTICS[d.name] = d
+    return d
+
+
+def _enabled(cfg: TrainConfig) -> list[UpdateDiagnostic]:
+    return [d for d in UPDATE_DIAGNOSTICS.values() if d.enabled(cfg)]
+
+
+def needs_rollout_entropy(cfg: TrainConfig) -> bool:
+    """Whether an enabled diagnostic reads token entropies (the rollout's no-grad forward then computes them)."""
+    return any(d.entropy for d in _enabled(cfg))
+
+
+def after_update(model: torch.nn.Module, data: ScoredBatch, cfg: TrainConfig, ctx: DistContext, *,
+                 rows: RowsNeeded = "mixed_positives", entropy: bool = False) -> AfterUpdate:
+    """The after-update forward over ``rows`` of the batch (a collective).
+
+    The positive responses of mixed groups are re-scored first and on their own, whatever else is asked, so
+    ``lld/*`` is the same number whichever other diagnostics run; ``rows="all"`` then re-scores the other rows.
+    """
+    mixed_pos = data.mixed_rows() & (data.rewards > 0)  # (B,)
+    first = rescore(model, data, torch.nonzero(mixed_pos).flatten(), cfg, ctx, entropy=entropy)
+    logp, ent, scored = first.logp, first.entropy, mixed_pos.clone()
+    if rows == "all":
+        rest = rescore(model, data, torch.nonzero(~mixed_pos).flatten(), cfg, ctx, entropy=entropy)
+        logp = logp + rest.logp  # each row is re-scored once: 0 in the other
+        ent = ent + rest.entropy if ent is not None and rest.entropy is not None else ent
+        scored = torch.ones_like(mixed_pos)
+    return AfterUpdate(data=data, logp=logp, entropy=ent, scored=scored)
+
+
+def update_metrics(model: torch.nn.Module, data: ScoredBatch, cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+    """Every enabled update diagnostic's metrics, from one after-update forward ({} when none is enabled)."""
+    todo = _enabled(cfg)
+    if not todo:
+        return {}
+    rows: RowsNeeded = "all" if any(d.rows == "all" for d in todo) else "mixed_positives"
+    after = after_update(model, data, cfg, ctx, rows=rows, entropy=any(d.entropy for d in todo))
+    out: dict[str, Any] = {}
+    for d in todo:
+        out.update(d.metrics(after, cfg, ctx))
+    return out
+
+
+def _lld_metrics(after: AfterUpdate, cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+    data = after.data
     mine = group_displacements(data.old_logp, after.logp, data.response_ids, data.response_mask, data.rewards,
                                data.group_ids)
     every = all_gather_objects(mine, ctx)
     return in_batch_lld_metrics([g for part in every for g in part])
+
+
+def in_batch_lld(model: torch.nn.Module, data: ScoredBatch, cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+    """``lld/*`` of a rollout batch (docs/MATH.md § Lazy likelihood displacement): its mixed groups' positive
+    responses re-scored after the batch's last update, against the rollout's log-probs. A collective; every rank
+    gets the same metrics (a group never spans ranks, so each rank scores its own groups)."""
+    return _lld_metrics(after_update(model, data, cfg, ctx), cfg, ctx)
+
+
+register_update_diagnostic(UpdateDiagnostic("lld", lambda cfg: cfg.lld_in_batch, "mixed_positives", False,
+                                            _lld_metrics))

@@ -62,7 +62,7 @@ from trainer.distributed import (
     setup_distributed,
     teardown_distributed,
 )
-from trainer.in_batch import in_batch_lld
+from trainer.in_batch import needs_rollout_entropy, update_metrics
 from trainer.losses import LossNorm, policy_loss
 from trainer.metrics_log import MetricsLog, write_rollouts
 from trainer.rollout import ScoredBatch, rollout_metrics, sample_prompts
@@ -160,7 +160,7 @@ def train(config: TrainConfig, *, task: Task | None = None) -> Path:
             t0 = time.perf_counter()
             dumped = cfg.dump_rollouts and is_save_step(cfg, batch_step)  # the dump adds token entropies
             data, roll_metrics = _collect(cfg, batch_step, model, ref_model, tokenizer, task, algo, ctx,
-                                          entropy=dumped)
+                                          entropy=dumped or needs_rollout_entropy(cfg))
             roll_metrics["timing/rollout_s"] = time.perf_counter() - t0
             if dumped:
                 dump(batch_step, data)
@@ -184,8 +184,8 @@ def train(config: TrainConfig, *, task: Task | None = None) -> Path:
                     "timing/step_s": rollout_s + update_s,
                     "perf/tokens_per_s": upd["tokens"] / (rollout_s + update_s),
                 })
-                if cfg.lld_in_batch and i == len(minibatches) - 1:  # after the batch's last update
-                    metrics.update(in_batch_lld(model, data, cfg, ctx))
+                if i == len(minibatches) - 1:  # after the batch's last update: lld/* and the other live diagnostics
+                    metrics.update(update_metrics(model, data, cfg, ctx))
                 metrics.update(watch.observe(step, upd["finite"], metrics, model, before))
                 if ctx.device.type == "cuda":
                     metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30

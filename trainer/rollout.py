@@ -41,7 +41,8 @@ class ScoredBatch:
     ``group_ids`` are unique within the step across ranks. Advantages and the algorithm's ``extras`` (its
     registered per-token outputs, e.g. ResRL's ``resrl_weights``; see ``resrl_analysis.advantages.EXTRAS``)
     are computed on whole groups before any micro-batching. ``old_logp`` and ``entropy`` come from the same
-    no-grad forward of the rollout policy (``entropy`` only when the batch is dumped).
+    no-grad forward of the rollout policy (``entropy`` only when the batch is dumped or a live update diagnostic
+    reads entropies: :func:`trainer.in_batch.needs_rollout_entropy`).
     """
 
     prompt_ids: Tensor  # (B, Tp)
