@@ -35,3 +35,61 @@ def test_ceiling_note_only_when_every_algorithm_is_at_the_ceiling():
     assert "pass@16 (last) is at least 0.99" in _ceiling_notes({"algorithms": full}, 16)[1]
     part = {"a": {"pass@n_end": {"mean": 1.0}}, "b": {"pass@n_end": {"mean": 0.9}}}
     assert _ceiling_notes({"algorithms": part}, 16) == []
+
+
+def test_committed_demo_summary_regenerates_from_its_numbers():
+    """figures/SUMMARY.md is what its figures/summary.json's per-run numbers give, through `resrl compare`."""
+    import json
+    from pathlib import Path
+
+    from resrl_analysis.compare import DEMO_SPEC, summary_from_payload
+
+    root = Path(__file__).resolve().parents[1] / "figures"
+    payload = json.loads((root / "summary.json").read_text(encoding="utf-8"))
+    assert summary_from_payload(payload, DEMO_SPEC) == (root / "SUMMARY.md").read_text(encoding="utf-8")
+    agg = aggregate(payload["runs"], tuple(payload["settings"]["algorithms"]))
+    assert agg["algorithms"] == payload["algorithms"] and agg["comparisons"] == payload["comparisons"]
+
+
+def _fake_run(path, algo, seed, values):
+    import json
+
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(f"algorithm: {algo}\nseed: {seed}\n", encoding="utf-8")
+    rows = [{"step": i + 1, "lld/batch_frac": v, "reward/mean": 0.5} for i, v in enumerate(values)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_compare_groups_runs_by_algorithm_and_seed(tmp_path):
+    """`resrl compare` on run directories: per-algorithm means over seeds, each run's value its live mean over
+    steps, the difference recomputed here, and the CLI prints the same summary and writes it."""
+    import json
+    import subprocess
+    import sys
+
+    from resrl_analysis.stats import mean_interval
+
+    vals = {("nsr", 0): [0.3, 0.5], ("nsr", 1): [0.4, 0.4], ("nsr", 2): [0.5, 0.45],
+            ("psr", 0): [0.1, 0.2], ("psr", 1): [0.2, 0.2], ("psr", 2): [0.15, 0.25]}
+    dirs = []
+    for (algo, seed), v in vals.items():
+        _fake_run(tmp_path / f"{algo}-s{seed}", algo, seed, v)
+        dirs.append(tmp_path / f"{algo}-s{seed}")
+    from resrl_analysis.compare import compare
+
+    md, payload = compare(dirs, out=tmp_path / "cmp")
+    nsr = payload["algorithms"]["nsr"]["lld/batch_frac"]
+    assert nsr["seeds"] == [0.4, 0.4, 0.475] and nsr["seed_ids"] == [0, 1, 2]
+    assert nsr["mean"] == mean_interval([0.4, 0.4, 0.475]).mean
+    (c,) = [c for c in payload["comparisons"] if c["metric"] == "lld/batch_frac"]
+    iv = welch_difference([0.4, 0.4, 0.475], [0.15, 0.2, 0.2])
+    assert (c["a"], c["b"]) == ("nsr", "psr") and c["diff"] == iv.mean and c["excludes_zero"] == iv.excludes_zero
+    assert "NSR above the control PSR), in-batch LLD fraction: shown" in md
+    assert json.loads((tmp_path / "cmp" / "summary.json").read_text())["runs"] == payload["runs"]
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "compare", *map(str, dirs)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == md.strip()
+    bad = subprocess.run([sys.executable, "-m", "trainer.cli", "compare", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "nope" in bad.stderr and "not a run directory" in bad.stderr
