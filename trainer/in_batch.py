@@ -7,8 +7,8 @@ to every enabled :class:`UpdateDiagnostic` of :data:`UPDATE_DIAGNOSTICS`. A diag
 (:func:`register_update_diagnostic`): its switch in the config, the rows it reads (the positives of mixed groups,
 or every row), whether it needs entropies (then the rollout's no-grad forward computes them too:
 :func:`needs_rollout_entropy`) and its metrics function; the mathematics stays in the core. In-batch LLD
-(``lld/*``, :func:`in_batch_lld`; :func:`resrl_analysis.displacement.group_displacements`, docs/MATH.md § Lazy
-likelihood displacement) is the first.
+(``lld/*``, :func:`in_batch_lld`; :func:`resrl_analysis.displacement.group_displacements`;
+docs/MATH.md § Lazy likelihood displacement) is the first.
 
 Re-scored by the policy that sampled them, the positives have not moved: every group's Δ is 0 (up to float32
 round-off: a forward over other rows may sum in another order).
