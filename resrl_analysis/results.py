@@ -114,6 +114,8 @@ class ProbeResult:
 
     KIND: ClassVar[str] = ""
     TABLES: ClassVar[dict[str, dict[str, str]]] = {}
+    #: Tables added after results were first saved: a saved result without one loads with it empty.
+    OPTIONAL_TABLES: ClassVar[frozenset[str]] = frozenset()
 
     meta: dict
 
@@ -231,6 +233,9 @@ class ProbeResult:
         tables = {}
         for name in cls.TABLES:
             f = path / f"{name}.{fmt}"
+            if not f.is_file() and name in cls.OPTIONAL_TABLES:
+                tables[name] = None
+                continue
             if not f.is_file():
                 raise ProbeError(f"{f}: missing table")
             dtypes = info.get("tables", {}).get(name, {})
@@ -269,14 +274,27 @@ class ScoresResult(ProbeResult):
 
     ``responses``: one row per (step, response): ``logp_sum`` = log π(y|x), ``logp_mean`` = its
     per-token mean, ``entropy_mean`` = mean token entropy −Σ p log p over the response.
+    ``tokens`` (per-token detail, what ``resrl view`` colours): one row per (step, response, token):
+    ``position`` (0-based in the response), ``token_id``, ``logp`` = log p_t[y_t], ``entropy`` =
+    −Σ p_t log p_t; Δ log-prob between two checkpoints is the difference of ``logp`` at the same
+    (group_id, response_index, position). ``prompts``: one row per (step, group): the prompt text and
+    ground truth the token ids came from. Both are empty when the detail was not asked for
+    (``scores_from_forwards(..., tokens=False)``) and in results saved before they existed.
     """
 
     KIND: ClassVar[str] = "scores"
     TABLES: ClassVar[dict[str, dict[str, str]]] = {
         "responses": {"step": _I, "group_id": _I, "prompt_uid": _S, "response_index": _I, "is_positive": _B,
                       "reward": _F, "n_tokens": _I, "logp_sum": _F, "logp_mean": _F, "entropy_mean": _F},
+        "tokens": {"step": _I, "group_id": _I, "response_index": _I, "position": _I, "token_id": _I, "logp": _F,
+                   "entropy": _F},
+        "prompts": {"step": _I, "group_id": _I, "prompt_uid": _S, "data_source": _S, "prompt": _S,
+                    "ground_truth": _S},
     }
+    OPTIONAL_TABLES: ClassVar[frozenset[str]] = frozenset({"tokens", "prompts"})
     responses: pd.DataFrame = None  # type: ignore[assignment]
+    tokens: pd.DataFrame = None  # type: ignore[assignment]
+    prompts: pd.DataFrame = None  # type: ignore[assignment]
     meta: dict = field(default_factory=dict)
 
     def entropy_by_step(self) -> pd.DataFrame:
