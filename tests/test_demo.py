@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +59,11 @@ def test_demo_shortened_writes_runs_figures_and_a_summary_with_intervals(tmp_pat
         assert c["sentence"] == want
         assert want.replace("pass@n", "pass@4") in md
     assert (out / "figures" / "training_dynamics.png").is_file()
+    page = (out / "view.html").read_text(encoding="utf-8")  # the seed-0 runs side by side, nothing else
+    blob = json.loads(page.split('id="resrl-view-data">', 1)[1].split("</script>", 1)[0])
+    assert [(r["name"], Path(r["path"]).name) for r in blob["runs"]] == [("NSR seed 0", "nsr-s0"),
+                                                                           ("ResRL seed 0", "resrl-s0")]
+    assert {s["key"] for s in blob["steps"]} >= {"rollouts:0", "probe:0", "probe:2"}
     assert (tmp_path / "figs" / "training_dynamics.png").is_file()
     assert "| in-batch LLD fraction (live, mean over steps) |" in md
 

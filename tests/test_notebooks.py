@@ -128,6 +128,10 @@ def test_quickstart_notebook_runs(kernel, tmp_path, monkeypatch):
     cfg = preset_config("tiny")
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert f"{cfg.prompts_per_step} prompts × {cfg.n} responses per step" in printed
+    # One call shows the token page inline: the whole page inside the cell's HTML output (a srcdoc iframe).
+    pages = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+             if "text/html" in o.get("data", {}) and "srcdoc=" in o["data"]["text/html"]]
+    assert len(pages) == 1 and "resrl-view-data" in pages[0] and "rollouts:4" in pages[0]
     print(f"{QUICKSTART}: {seconds:.1f} s")
 
 

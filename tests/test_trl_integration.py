@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 from test_foreign_runs import BASE, PAIRS, grpo_run, reference_logp
@@ -98,3 +99,22 @@ def test_bad_arguments():
         ProbeCallback("x.jsonl", probes=("lld", "subspace"))
     with pytest.raises(ValueError, match="every must be a positive int"):
         ProbeCallback("x.jsonl", every=0)
+
+
+def test_resrl_view_opens_the_live_run(runs, tmp_path):
+    # What the callback wrote is enough for the token page: the probe set at every probed step, per-token
+    # log-probs from the live scores, Δ between steps, LLD flags as the callback's lld table has them.
+    from resrl_analysis.view import read_run, write_view
+
+    live = runs["root"] / "live"
+    rv = read_run(live)
+    r = load_results(live / "probes")
+    tok = r["scores"].tokens
+    assert rv.kind == "trl" and [e.key for e in rv.entries] == [f"probe:{s}" for s in range(5)]
+    assert len(tok) == sum(len(x.ids) for e in rv.entries for g in e.groups for x in g.responses)
+    assert (0, 4) in rv.pairs and all(g.probed for e in rv.entries for g in e.groups)
+    d = r["lld"].deltas
+    g = rv.entries[-1].groups[0]
+    want = d[(d.step_from == 0) & (d.step_to == 4) & (d.group_id == g.group_id)].lld_sum.iloc[0]
+    assert g.lld["0-4"] == (None if want is pd.NA else bool(want))
+    assert write_view([live], tmp_path / "live.html").stat().st_size > 10_000

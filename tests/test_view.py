@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from view_runs import TOKEN_FIELDS, read_dump
+from view_runs import TOKEN_FIELDS, read_dump, slow_shared
 
 from resrl_analysis.checkpoints import ProbeError
 from resrl_analysis.results import ScoresResult, load_results
@@ -46,22 +46,6 @@ def _scores_tokens(run: Path) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- unit: pure functions
 
 
-def _slow_shared(ids: list[list[int]], positive: list[bool]) -> list[int]:
-    """The longest common prefix with any response of the other sign, by plain loops."""
-    out = []
-    for i, a in enumerate(ids):
-        best = 0
-        for j, b in enumerate(ids):
-            if positive[j] == positive[i]:
-                continue
-            n = 0
-            while n < min(len(a), len(b)) and a[n] == b[n]:
-                n += 1
-            best = max(best, n)
-        out.append(best)
-    return out
-
-
 @pytest.mark.unit
 def test_shared_prefix_lengths_match_a_slow_reference():
     rng = np.random.default_rng(0)
@@ -69,7 +53,7 @@ def test_shared_prefix_lengths_match_a_slow_reference():
         n = int(rng.integers(1, 7))
         ids = [[int(x) for x in rng.integers(0, 3, int(rng.integers(0, 6)))] for _ in range(n)]
         pos = [bool(x) for x in rng.integers(0, 2, n)]
-        assert shared_prefix_lengths(ids, pos) == _slow_shared(ids, pos), (ids, pos)
+        assert shared_prefix_lengths(ids, pos) == slow_shared(ids, pos), (ids, pos)
 
 
 @pytest.mark.unit
@@ -131,7 +115,7 @@ def test_our_run_entries_hold_exactly_the_dumps(view_fixture_runs):
             assert resp.advantage == row["advantage"]
             for f in TOKEN_FIELDS:
                 assert resp.values[fields[f]] == row[f], f
-            assert resp.shared == _slow_shared(
+            assert resp.shared == slow_shared(
                 [r["response_ids"] for r in rows if r["group_id"] == row["group_id"]],
                 [r["reward"] > 0 for r in rows if r["group_id"] == row["group_id"]])[
                 [r for r in rows if r["group_id"] == row["group_id"]].index(row)]
@@ -408,3 +392,10 @@ def test_show_returns_an_inline_frame(view_fixture_runs):
     assert type(h).__name__ == "HTML" and h.data.startswith("<div><iframe srcdoc=\"&lt;!doctype html&gt;")
     assert "height:300px" in h.data and "<script" not in h.data  # all of it escaped inside srcdoc
     assert build_view(view_fixture_runs["verl"]).startswith("<!doctype html>")
+
+
+@pytest.mark.unit
+def test_the_colour_page_describes_every_quantity():
+    text = (ROOT / "docs" / "VIEW.md").read_text(encoding="utf-8")
+    for q in QUANTITIES:
+        assert f"| {q.label} | {q.units or '—'} |" in text, q.key

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from view_runs import read_dump
+from view_runs import read_dump, slow_shared
 
 from resrl_analysis.results import load_results
 from resrl_analysis.view import write_view
@@ -161,7 +161,8 @@ def test_hover_shows_the_token_text_id_and_every_number_in_the_files(driver, pag
             shown = tip_rows(driver)
             assert shown["token id"] == str(row["response_ids"][p]) and shown["position"].startswith(f"{p} of ")
             assert shown["text"] == json.dumps(_char(row["response_ids"][p]))
-            assert number(shown["reward"]) == row["reward"] and number(shown["sequence advantage"]) == num(row["advantage"])
+            assert number(shown["reward"]) == row["reward"]
+            assert number(shown["sequence advantage"]) == num(row["advantage"])
             for field, label in (("token_logprobs", "log-prob"), ("token_entropies", "entropy"),
                                  ("token_advantages", "token advantage"), ("resrl_weights", "ResRL weight ω"),
                                  ("resrl_residuals", "residual energy e(x)"), ("nthr_weights", "NTHR weight"),
@@ -186,14 +187,8 @@ def _char(token_id: int) -> str:
 
 
 def _shared(rows: list[dict], row: dict) -> int:
-    other = [r["response_ids"] for r in rows if r["group_id"] == row["group_id"] and (r["reward"] > 0) != (row["reward"] > 0)]
-    best = 0
-    for o in other:
-        n = 0
-        while n < min(len(o), len(row["response_ids"])) and o[n] == row["response_ids"][n]:
-            n += 1
-        best = max(best, n)
-    return best
+    group = [r for r in rows if r["group_id"] == row["group_id"]]
+    return slow_shared([r["response_ids"] for r in group], [r["reward"] > 0 for r in group])[group.index(row)]
 
 
 def test_keyboard_focus_shows_the_numbers_and_moves_token_by_token(driver, pages, view_fixture_runs):
@@ -206,7 +201,8 @@ def test_keyboard_focus_shows_the_numbers_and_moves_token_by_token(driver, pages
     active.send_keys(Keys.ENTER)  # its first token
     first = rows[0]
     shown = tip_rows(driver)
-    assert shown["token id"] == str(first["response_ids"][0]) and shown["position"] == f"0 of {len(first['response_ids'])}"
+    assert shown["token id"] == str(first["response_ids"][0])
+    assert shown["position"] == f"0 of {len(first['response_ids'])}"
     assert number(shown["log-prob"]) == num(first["token_logprobs"][0])
     driver.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)
     shown = tip_rows(driver)
@@ -251,7 +247,8 @@ def test_groups_in_lld_filter_leaves_the_groups_resrl_probe_marked(driver, pages
         marked = d[(d.step_from == a) & (d.step_to == b) & (d.lld_sum == True)].group_id  # noqa: E712 (nullable)
         shown = [int(g.get_attribute("data-gid")) for g in driver.find_elements(By.CSS_SELECTOR, "#groups .group")]
         assert sorted(shown) == sorted(set(marked.tolist())) and 0 < len(shown) < 5
-        assert all(g.find_elements(By.CLASS_NAME, "lld") for g in driver.find_elements(By.CSS_SELECTOR, "#groups .group"))
+        groups = driver.find_elements(By.CSS_SELECTOR, "#groups .group")
+        assert all(g.find_elements(By.CLASS_NAME, "lld") for g in groups)
     driver.find_element(By.ID, "lld").click()
     assert counts(driver)[0] == 5
 
@@ -353,3 +350,13 @@ def test_the_page_says_what_it_left_out(driver, view_fixture_runs, tmp_path):
     assert box.get_attribute("open") is not None
     assert "at most 2 prompt groups per step (--max-groups 2)" in box.text and "4 of 10 groups embedded" in box.text
     assert counts(driver)[0] == 2
+
+
+def test_the_address_fragment_sets_the_first_view(driver, pages):
+    driver.get(pages["ours"].as_uri() + "#step=rollouts:1&q=entropy&pair=1-2&mixed=1")
+    WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+    picked = {c: Select(driver.find_element(By.ID, c)).first_selected_option.get_attribute("value")
+              for c in ("step", "quantity", "pair")}
+    assert picked == {"step": "rollouts:1", "quantity": "entropy", "pair": "1-2"}
+    assert driver.find_element(By.ID, "mixed").is_selected()
+    assert driver.find_element(By.CSS_SELECTOR, "#legend strong").text.startswith("entropy")

@@ -52,6 +52,23 @@ def read_dump(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def slow_shared(ids: list[list[int]], positive: list[bool]) -> list[int]:
+    """Per response, its longest common prefix with any response of the other sign, by plain loops (the slow
+    reference of the shared prefix)."""
+    out = []
+    for i, a in enumerate(ids):
+        best = 0
+        for j, b in enumerate(ids):
+            if positive[j] == positive[i]:
+                continue
+            n = 0
+            while n < min(len(a), len(b)) and a[n] == b[n]:
+                n += 1
+            best = max(best, n)
+        out.append(best)
+    return out
+
+
 def our_run(root: Path) -> Path:
     """Our run directory: checkpoints 0, 1, 2; dumps at steps 0 and 1 with every per-token field; probed."""
     run = write_fake_run(root / "ours", steps=(0, 1, 2), n_groups=5, group_size=6, debris=False)

@@ -10,6 +10,7 @@ last checkpoint. Then:
 
     OUT/runs/<algorithm>-s<seed>/   the run directories (docs/RUN_DIRECTORY.md), probed
     OUT/figures/                    the figures (PNG + PDF): all seeds (means with 95% bands)
+    OUT/view.html                   every token of the first seed's runs, side by side (`resrl view`)
     OUT/summary.json                per algorithm and metric {"mean", "lo", "hi", "seeds"}; the comparisons
     OUT/summary.md                  the same as tables, and one generated sentence per comparison
 
@@ -178,6 +179,13 @@ def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALG
         fd.mkdir(parents=True, exist_ok=True)
         for f in sorted((out / "figures").glob("*.png")):
             shutil.copy2(f, fd / f.name)
+    # The token-level page: every algorithm's run of the first seed side by side on the same prompts.
+    from resrl_analysis.view import write_view
+
+    page = write_view([done[(a, seeds[0])] for a in algorithms], out / "view.html",
+                      names=[f"{NAMES.get(a, a)} seed {seeds[0]}" for a in algorithms],
+                      title=f"resrl demo: {', '.join(NAMES.get(a, a) for a in algorithms)} (seed {seeds[0]})")
+    _say(f"token view: {page} (open it in a browser)")
     seconds = time.time() - t0
     settings = {"preset": preset, "task": cfgs[0].task, "steps": steps, "save_every": save_every,
                 "seeds": list(seeds), "jobs": jobs, "samples": samples,

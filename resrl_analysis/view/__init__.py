@@ -52,8 +52,11 @@ def view_data(runs: PathLike | Sequence[PathLike], *, steps: Sequence[int] | Non
 
 
 def _labels(paths: Sequence[PathLike]) -> list[str]:
-    # Folder names, made unique with their parent's name when two runs share one (a/run, b/run).
-    names = [Path(p).name or str(p) for p in paths]
+    # Folder names (the run's, for a probes folder), made unique with their parent's when two share one.
+    def name(p: Path) -> str:
+        return p.parent.name if (p / "scores" / "meta.json").is_file() else (p.name or str(p))
+
+    names = [name(Path(p).resolve()) for p in paths]
     return [f"{Path(p).parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 

@@ -367,10 +367,14 @@ def _dump_entry(path: Path, step: int) -> EntryView:
 
 
 def _same_file(a: str | Path, b: Path) -> bool:
+    """Whether the probe set's recorded source is this dump: the same file, or (a relative path recorded from
+    another working directory) the same ``rollouts/step_XXXXXX.jsonl``; the token ids are checked afterwards."""
     try:
-        return Path(a).resolve() == b.resolve()
+        if Path(a).resolve() == b.resolve():
+            return True
     except OSError:
         return False
+    return not Path(a).is_absolute() and Path(a).parts[-2:] == b.parts[-2:]
 
 
 def _pairwise_tables(probes: _Probes) -> dict[str, _TokenTable]:
@@ -505,6 +509,9 @@ def read_run(path: str | Path, *, steps: Sequence[int] | None = None, name: str 
         root = root if root is not None and root.is_dir() else None
         kind = "probes"
         ckpt_dirs = [Path(c["path"]) for c in summary.get("checkpoints", []) if c.get("path")]
+    elif rundir.list_rollouts(path):  # ours; its checkpoints may be gone (only the dumps are read)
+        probes_dir, root, kind = path / rundir.PROBES, path, "resrl"
+        ckpt_dirs = [p for _, p in rundir.list_checkpoints(path)]
     else:
         from ..runs import discover_run
 
@@ -539,4 +546,5 @@ def read_run(path: str | Path, *, steps: Sequence[int] | None = None, name: str 
     tok_dir = _tokenizer_dir([*(ckpt_dirs or []), *([root] if root is not None else [])])
     if tok_dir is None:
         notes.append("no tokenizer found in the run's checkpoints: tokens are shown by id")
-    return RunView(name or path.name, path, kind, entries, pairs, eps, notes, tok_dir)
+    label = name or (path.parent.name if kind == "probes" else path.name)
+    return RunView(label, path, kind, entries, pairs, eps, notes, tok_dir)

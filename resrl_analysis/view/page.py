@@ -186,8 +186,7 @@ def page_data(runs: Sequence[RunView], *, max_groups: int | None = None, budget_
             chosen = [(p, m[e.key][p]) for p in ranked[e.key][:per_step] if p in m[e.key]]
             shown += len(chosen)
             entries[e.key] = {"source": e.source, "total": len(e.groups), "groups": [js(g, p) for p, g in chosen]}
-            chosen = [g for _, g in chosen]
-            for g in chosen:
+            for _, g in chosen:
                 for r in g.responses:
                     ids.update(r.ids)
                     for qk, vals in r.values.items():

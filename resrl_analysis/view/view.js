@@ -169,10 +169,9 @@
       '<span class="rest">' + cells[1].join("") + (resp.ids.length ? "" : '<span class="muted">(no tokens)</span>') +
       "</span></div>", drawn];
   }
-  function groupHTML(side, runIdx, g, gi, q) {
+  function groupHTML(side, runIdx, g, gi, q, pair) {
     const run = D.runs[runIdx], npos = g.r.filter((r) => r.reward > 0).length;
     const d = g.delta ? g.delta[S.pair] : undefined, inLLD = g.lld && g.lld[S.pair] === true;
-    const pair = pairsShown().find((p) => p.key === S.pair);
     let tokens = 0;
     const body = g.r.map((r, ri) => {
       if (!keepResp(r)) return "";
@@ -195,14 +194,14 @@
     return '<div class="pane empty">' + esc(run.name) + ": no group with this prompt at this step</div>";
   }
   function render() {
-    const q = Q.get(S.q), all = rows(), two = sides().length === 2;
+    const q = Q.get(S.q), all = rows(), two = sides().length === 2, pair = pairsShown().find((p) => p.key === S.pair);
     const shown = sorted(all.filter(passes));
     let html = "", tokens = 0, groups = 0;
     for (const row of shown.slice(0, S.limit)) {
       const panes = sides().map((runIdx, side) => {
         const g = row.g[side];
         if (!g) return emptyPane(runIdx);
-        const [h, n] = groupHTML(side, runIdx, g, row.gi[side], q);
+        const [h, n] = groupHTML(side, runIdx, g, row.gi[side], q, pair);
         tokens += n; groups++;
         return '<div class="pane">' + h + "</div>";
       });
@@ -397,9 +396,20 @@
   $("omitted-box").open = D.meta.omitted.length > 0;
   if (!D.steps.length) { $("status").textContent = "Nothing to show."; return; }
   readTheme();
-  S.step = (D.steps.find((s) => D.runs[S.left].entries[s.key]) || D.steps[0]).key;
-  S.q = (D.quantities.find((q) => hasValues(q, S.step)) || D.quantities[0]).key;
+  // The first view: the page's defaults, or what the address's #fragment asks for
+  // (e.g. view.html#step=probe:8&q=delta_logp&pair=0-8&left=0&right=2&mixed=1).
+  const H = new URLSearchParams(location.hash.slice(1));
+  const idx = (k, n) => (H.has(k) && +H.get(k) >= -1 && +H.get(k) < n ? +H.get(k) : null);
+  if (idx("left", D.runs.length) !== null && idx("left", D.runs.length) >= 0) S.left = idx("left", D.runs.length);
+  if (idx("right", D.runs.length) !== null) S.right = idx("right", D.runs.length);
+  S.step = (D.steps.find((s) => s.key === H.get("step")) || D.steps.find((s) => D.runs[S.left].entries[s.key]) ||
+    D.steps[0]).key;
+  S.q = Q.has(H.get("q")) ? H.get("q") : (D.quantities.find((q) => hasValues(q, S.step)) || D.quantities[0]).key;
+  S.pair = H.get("pair") || "";
+  S.mixed = $("mixed").checked = H.get("mixed") === "1";
   setupControls();
   render();
+  void $("groups").offsetHeight; // layout done: the first view is drawn (bench/view_bench.py reads this time)
+  document.documentElement.dataset.firstViewMs = Math.round(performance.now());
   document.documentElement.dataset.ready = "1";
 })();
