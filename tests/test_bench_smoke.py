@@ -26,6 +26,7 @@ BENCH_MODULES = [
     "bench.lld_in_batch_cost",
     "bench.rollout_token_cost",
     "bench.diversity_bench",
+    "bench.view_bench",
 ]
 
 
@@ -106,3 +107,14 @@ def test_diversity_bench_tiny() -> None:
     assert len(res["ratios"]) == 2 and all(r > 0 for r in res["ratios"])
     assert res["tokens"]["ours"][0] <= 2 * 2 * 3
     assert "Diversity sampler" in row(res).benchmark
+
+
+def test_view_bench_run_has_the_shape_it_says(tmp_path) -> None:
+    from bench.view_bench import write_synthetic_run
+    from resrl_analysis.view import read_run
+
+    run = write_synthetic_run(tmp_path, steps=3, groups=2, group_size=4, tokens=6, vocab_size=64)
+    rv = read_run(run)
+    assert [e.key for e in rv.entries] == ["rollouts:0", "rollouts:1", "rollouts:2"]
+    assert all(len(e.groups) == 2 and all(len(r.ids) == 6 for g in e.groups for r in g.responses) for e in rv.entries)
+    assert {"logp", "entropy", "advantage", "resrl_weight"} <= set(rv.entries[0].groups[0].responses[-1].values)

@@ -346,17 +346,18 @@ def test_dark_and_light_schemes_and_the_legend(driver, pages):
 def test_the_page_says_what_it_left_out(driver, view_fixture_runs, tmp_path):
     page = write_view([view_fixture_runs["ours"]], tmp_path / "capped.html", max_groups=2)
     open_page(driver, page)
-    box = driver.find_element(By.ID, "omitted-box")
-    assert box.get_attribute("open") is not None
-    assert "at most 2 prompt groups per step (--max-groups 2)" in box.text and "4 of 10 groups embedded" in box.text
+    summary = driver.find_element(By.ID, "omitted-summary").text  # the first note, in view without a click
+    assert summary.startswith("Left out: at most 2 prompt groups per step (--max-groups 2)")
+    driver.find_element(By.ID, "omitted-summary").click()
+    assert "4 of 10 groups embedded" in driver.find_element(By.ID, "omitted-box").text
     assert counts(driver)[0] == 2
 
 
 def test_the_address_fragment_sets_the_first_view(driver, pages):
-    driver.get(pages["ours"].as_uri() + "#step=rollouts:1&q=entropy&pair=1-2&mixed=1")
+    driver.get(pages["ours"].as_uri() + "#step=rollouts:1&q=entropy&pair=1-2&mixed=1&sort=desc")
     WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.documentElement.dataset.ready"))
     picked = {c: Select(driver.find_element(By.ID, c)).first_selected_option.get_attribute("value")
-              for c in ("step", "quantity", "pair")}
-    assert picked == {"step": "rollouts:1", "quantity": "entropy", "pair": "1-2"}
+              for c in ("step", "quantity", "pair", "sort")}
+    assert picked == {"step": "rollouts:1", "quantity": "entropy", "pair": "1-2", "sort": "desc"}
     assert driver.find_element(By.ID, "mixed").is_selected()
     assert driver.find_element(By.CSS_SELECTOR, "#legend strong").text.startswith("entropy")

@@ -386,14 +386,14 @@
 
   // ------------------------------------------------------------------ start
   $("title").textContent = D.meta.title;
-  $("subtitle").textContent = D.runs.map((r) => r.name + " (" + r.kind + ", " + r.path + ")").join(" · ") +
-    " — written " + D.meta.created + "; numbers at " + (D.meta.digits || 4) + " significant digits";
+  $("subtitle").textContent = D.runs.length + " run(s), written " + D.meta.created + "; numbers at " +
+    (D.meta.digits || 4) + " significant digits; where each run is: below";
   const notes = D.runs.flatMap((r) => r.notes.map((n) => r.name + ": " + n));
-  const omitted = D.meta.omitted.concat(notes);
-  $("omitted-summary").textContent = D.meta.omitted.length ? "This page leaves out part of the run(s): " + D.meta.omitted.length +
-    " note(s)" : "Everything the run(s) hold at the steps shown is in this page" + (notes.length ? " (notes inside)" : "");
-  $("omitted").replaceChildren(...omitted.map((t) => { const li = document.createElement("li"); li.textContent = t; return li; }));
-  $("omitted-box").open = D.meta.omitted.length > 0;
+  const paths = D.runs.map((r) => r.name + ": " + r.kind + " run at " + r.path);
+  const lines = D.meta.omitted.concat(notes, paths);
+  $("omitted-summary").textContent = (D.meta.omitted.length ? "Left out: " + D.meta.omitted[0] :
+    "Nothing left out: every group of the steps shown is in this page") + " (details: " + lines.length + " line(s))";
+  $("omitted").replaceChildren(...lines.map((t) => { const li = document.createElement("li"); li.textContent = t; return li; }));
   if (!D.steps.length) { $("status").textContent = "Nothing to show."; return; }
   readTheme();
   // The first view: the page's defaults, or what the address's #fragment asks for
@@ -407,6 +407,7 @@
   S.q = Q.has(H.get("q")) ? H.get("q") : (D.quantities.find((q) => hasValues(q, S.step)) || D.quantities[0]).key;
   S.pair = H.get("pair") || "";
   S.mixed = $("mixed").checked = H.get("mixed") === "1";
+  if (["run", "asc", "desc"].includes(H.get("sort"))) S.sort = $("sort").value = H.get("sort");
   setupControls();
   render();
   void $("groups").offsetHeight; // layout done: the first view is drawn (bench/view_bench.py reads this time)
