@@ -399,3 +399,10 @@ def test_the_colour_page_describes_every_quantity():
     text = (ROOT / "docs" / "VIEW.md").read_text(encoding="utf-8")
     for q in QUANTITIES:
         assert f"| {q.label} | {q.units or '—'} |" in text, q.key
+
+
+@pytest.mark.integration
+def test_the_page_logs_to_wandb_unchanged(view_fixture_runs):
+    wandb = pytest.importorskip("wandb")
+    page = build_view(view_fixture_runs["verl"])
+    assert wandb.Html(page, inject=False).html == page

@@ -4,7 +4,7 @@ Every response token of the rollout groups, coloured by a quantity the reader pi
 between two probed checkpoints, token advantage, ResRL ω and residual, NTHR weight, entropy, shared
 prefix), with the numbers on hover and keyboard focus, filters, and two runs side by side on the same
 prompts. Data and code are inline and the page never reaches the network: open it from disk, show it in
-a notebook (:func:`show`) or log it with ``wandb.Html``.
+a notebook (:func:`show`) or log it with ``wandb.Html(build_view(run), inject=False)``.
 
     >>> import tempfile, pathlib
     >>> from resrl_analysis.probes.synthetic import write_fake_run
