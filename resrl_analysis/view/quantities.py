@@ -88,8 +88,9 @@ _PAPER = (("representation", PAPER_REPRESENTATION),)
 
 QUANTITIES: list[Quantity] = [
     Quantity("logp", "log-prob", "nats", "sequential",
-             "log π(y_t | x, y_<t): in a rollout batch, under the policy that sampled it (the trainer's no-grad "
-             "forward); in a probe-set view, under that checkpoint, teacher-forced",
+             "log π(y_t | x, y_<t): in a rollout batch, under the policy that sampled it, at its sampling "
+             "temperature (the trainer's no-grad forward); in a probe-set view, under that checkpoint, teacher-forced "
+             "at temperature 1",
              dump_field="token_logprobs", probe=ProbeColumn(_SCORES, "tokens", "logp")),
     Quantity("delta_logp", "Δ log-prob", "nats", "diverging",
              "log π_b(y_t) − log π_a(y_t) between the two checkpoints picked, teacher-forced on the probe set "
@@ -117,7 +118,8 @@ QUANTITIES: list[Quantity] = [
              probe=ProbeColumn("interference", "tokens", "nthr_score")),
     Quantity("entropy", "entropy", "nats", "sequential",
              "−Σ p log p of the next-token distribution at this position (rollout batch: the trainer's no-grad "
-             "forward; probe set: that checkpoint)", dump_field="token_entropies",
+             "forward, at the sampling temperature; probe set: that checkpoint, at temperature 1)",
+             dump_field="token_entropies",
              probe=ProbeColumn(_SCORES, "tokens", "entropy")),
     Quantity("shared", "shared / unique", "", "categorical",
              "shared: a response of the other sign in the group has the same tokens up to and including this one "
