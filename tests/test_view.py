@@ -406,3 +406,29 @@ def test_the_page_logs_to_wandb_unchanged(view_fixture_runs):
     wandb = pytest.importorskip("wandb")
     page = build_view(view_fixture_runs["verl"])
     assert wandb.Html(page, inject=False).html == page
+
+
+@pytest.mark.integration
+def test_a_run_the_trainer_wrote(tmp_path):
+    # The trainer's own dump (ResRL: weights, residuals, the rollout log-probs and entropies) read as written.
+    from trainer_runner import FAST, train_easy
+
+    from trainer.config import TrainConfig
+
+    run = train_easy(TrainConfig(**{**FAST, "output_dir": str(tmp_path / "run"), "steps": 1, "save_every": 1,
+                                    "algorithm": "resrl"}))
+    rv = read_run(run)
+    assert [e.key for e in rv.entries] == ["rollouts:0", "rollouts:1"] and rv.tokenizer_path is not None
+    fields = _by_field()
+    for e in rv.entries:
+        rows = read_dump(Path(e.source))
+        flat = [r for g in e.groups for r in g.responses]
+        assert len(flat) == len(rows)
+        for row, resp in zip(rows, flat):
+            assert resp.ids == row["response_ids"]
+            for f, key in fields.items():
+                if isinstance(row.get(f), list):
+                    assert resp.values[key] == row[f], f
+            assert len(resp.values["logp"]) == len(resp.ids) and len(resp.values["entropy"]) == len(resp.ids)
+    page = build_view(run)
+    assert "rollouts:1" in page and "resrl_weight" in page
