@@ -60,7 +60,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(_SUBCOMMANDS) + "}")
     for name, (_, _, _, help_) in _SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_,
+        # help= is %-formatted by argparse (the list of subcommands), description= is not: "95%" needs escaping once.
+        p = sub.add_parser(name, help=help_.replace("%", "%%"), description=help_,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name == command:
             add, _ = _load(name)
