@@ -395,7 +395,7 @@ def bench_resrl_overhead(device: Any, quick: bool) -> list[Row]:
 def _probe_group(G: int, T: int, V: int, P: int = 8) -> Any:
     import numpy as np
 
-    from resrl_analysis.checkpoints import ProbeGroup, ProbeSet
+    from resrl_analysis.probe_sets import ProbeGroup, ProbeSet
 
     rng = np.random.default_rng(0)
     resp = tuple(tuple(int(t) for t in rng.integers(3, V, T)) for _ in range(G))

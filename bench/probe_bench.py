@@ -63,7 +63,7 @@ def qwen3_shaped(G: int, T: int, P: int = 8, V: int = 32_000, d: int = 256):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from resrl_analysis.checkpoints import ProbeGroup, ProbeSet
+    from resrl_analysis.probe_sets import ProbeGroup, ProbeSet
 
     cfg = qwen3_config(T, P, V, d)
     torch.manual_seed(0)

@@ -1,23 +1,20 @@
-"""Load Hugging Face causal-LM checkpoints and run directories; build probe sets (docs/RUN_DIRECTORY.md).
+"""Load Hugging Face causal-LM checkpoints (docs/RUN_DIRECTORY.md): file checks, the model, the tokenizer.
 
 A *checkpoint* is any directory that ``AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` accept: ours (``RUN_DIR/checkpoints/step_XXXXXX``), a TRL one, a
 verl checkpoint merged to HF format, a plain ``save_pretrained`` folder. Before any model is built
 the files are checked (config, weights, safetensors headers against the file sizes), so a missing or
-truncated file gives a one-line :class:`ProbeError` naming the path instead of a deep traceback.
+truncated file gives a one-line :class:`~resrl_analysis.errors.ProbeError` naming the path instead of a
+deep traceback.
 
-A *probe set* is a fixed list of prompt groups, each holding the prompt's token ids, its responses'
-token ids and their rewards: every checkpoint is scored on the same text (teacher forcing). It comes
-from a run's rollout dump (``rollouts/step_XXXXXX.jsonl``, docs/RUN_DIRECTORY.md) or from a user
-JSONL with one prompt per line (``prompt``, ``responses``, ``rewards``).
+Finding a run's checkpoints is :mod:`resrl_analysis.runs` (any trainer) and :mod:`resrl_analysis.rundir` (ours);
+probe sets are :mod:`resrl_analysis.probe_sets`. Module-level imports are the standard library only: torch
+and transformers are imported inside the functions that need them.
 
-Module-level imports are the standard library only: torch and transformers are imported inside
-the functions that need them, so :mod:`resrl_analysis.results` (and plotting) can import
-:class:`ProbeError` cheaply.
-
-    >>> g = ProbeGroup(group_id=0, prompt_ids=(1, 5), response_ids=((6, 2), (7, 2)), rewards=(1.0, 0.0))
-    >>> g.status, g.n_positive, ProbeSet((g,), source="inline").n_responses
-    ('mixed', 1, 2)
+    >>> from resrl_analysis.checkpoints import ProbeSet
+    Traceback (most recent call last):
+    ...
+    ImportError: resrl_analysis.checkpoints.ProbeSet has moved: import it from resrl_analysis.probe_sets
 """
 
 from __future__ import annotations
@@ -25,96 +22,33 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import struct
 import sys
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import rundir
-from .rundir import STEP_DIR, JsonlError, parse_step
+from .errors import ProbeError
+from .errors import one_line as _one_line
+from .rundir import checkpoint_step
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
-    "ProbeError",
     "Checkpoint",
-    "checkpoint_step",
-    "list_checkpoints",
-    "run_checkpoints",
     "validate_checkpoint_files",
     "check_safetensors",
     "load_checkpoint",
     "load_tokenizer",
     "quiet_progress_bars_unless_tty",
     "check_compatible",
-    "read_jsonl",
-    "ProbeGroup",
-    "ProbeSet",
 ]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
-
-class ProbeError(ValueError):
-    """The input cannot be probed. The message is one line and names the offending path (or file:line)."""
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-# ----------------------------------------------------------------------------- run directories
-
-
-def checkpoint_step(path: str | Path) -> int | None:
-    """The step encoded in a ``step_XXXXXX`` directory name, else None.
-
-    >>> checkpoint_step("runs/a/checkpoints/step_000120"), checkpoint_step("my-model")
-    (120, None)
-    """
-    return parse_step(path) if STEP_DIR.match(Path(path).name) else None
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint of a run, sorted by step (:func:`resrl_analysis.rundir.
-    list_checkpoints`), with a one-line :class:`ProbeError` when ``run_dir`` has no ``checkpoints/``.
-
-    >>> import tempfile, pathlib
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> for n in ("step_000010", "step_000000", ".tmp-step_000020-x", "notes"):
-    ...     (d / "checkpoints" / n).mkdir(parents=True)
-    >>> [s for s, _ in list_checkpoints(d)]
-    [0, 10]
-    """
-    root = Path(run_dir) / rundir.CHECKPOINTS
-    if not root.is_dir():
-        raise ProbeError(f"{root}: no checkpoints directory (is {run_dir} a run directory?)")
-    return rundir.list_checkpoints(run_dir)
-
-
-def run_checkpoints(run: str | Path | Sequence[str | Path], *, base_model: str | Path | None = None
-                    ) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint of any run: ours, a TRL output directory (``checkpoint-N``),
-    a verl one (``global_step_N/actor/huggingface``), one checkpoint or an ordered list of them;
-    ``base_model`` adds the starting policy as step 0. See :func:`resrl_analysis.runs.discover_run`.
-
-    >>> import tempfile, pathlib
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> for n in ("checkpoint-3", "checkpoint-1"):
-    ...     (d / n).mkdir(); _ = (d / n / "config.json").write_text("{}")
-    >>> [s for s, _ in run_checkpoints(d)]
-    [1, 3]
-    """
-    from .runs import discover_run
-
-    return list(discover_run(run, base_model=base_model).checkpoints)
 
 
 # ----------------------------------------------------------------------------- file checks
@@ -133,7 +67,7 @@ def check_safetensors(path: str | Path) -> None:
     >>> check_safetensors(f)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    resrl_analysis.checkpoints.ProbeError: .../model.safetensors: truncated safetensors file (...)
+    resrl_analysis.errors.ProbeError: .../model.safetensors: truncated safetensors file (...)
     """
     path = Path(path)
     if not path.is_file():
@@ -174,7 +108,7 @@ def validate_checkpoint_files(path: str | Path) -> dict:
     >>> validate_checkpoint_files(tempfile.mkdtemp())  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    resrl_analysis.checkpoints.ProbeError: .../config.json: missing
+    resrl_analysis.errors.ProbeError: .../config.json: missing
     """
     path = Path(path)
     if not path.is_dir():
@@ -344,6 +278,7 @@ def check_compatible(paths: Sequence[str | Path]) -> None:
     the model vocabulary sizes must match, and so must the tokenizers' token→id maps and special
     tokens wherever a checkpoint ships a tokenizer.
 
+    >>> from resrl_analysis.rundir import list_checkpoints
     >>> check_compatible([ck for _, ck in list_checkpoints("runs/tiny")])  # doctest: +SKIP
     """
     paths = [Path(p) for p in paths]
@@ -388,282 +323,14 @@ def check_compatible(paths: Sequence[str | Path]) -> None:
                                  f"{getattr(ref_tok, name)}")
 
 
-# ----------------------------------------------------------------------------- probe sets
+#: Names this module held before issue 20, and their one home now: importing them from here fails with a pointer.
+_MOVED = {"ProbeSet": "resrl_analysis.probe_sets", "ProbeGroup": "resrl_analysis.probe_sets",
+          "read_jsonl": "resrl_analysis.rundir", "list_checkpoints": "resrl_analysis.rundir",
+          "checkpoint_step": "resrl_analysis.rundir", "run_checkpoints": "resrl_analysis.runs"}
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line (:func:`resrl_analysis.rundir.read_jsonl`); a one-line
-    :class:`ProbeError` naming file:line, also for a missing or empty file.
-
-    >>> import tempfile, pathlib
-    >>> f = pathlib.Path(tempfile.mkdtemp()) / "a.jsonl"; _ = f.write_text('{"a": 1}\\n\\n{"a": 2}\\n')
-    >>> read_jsonl(f)
-    [(1, {'a': 1}), (3, {'a': 2})]
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ProbeError(f"{path}: file not found")
-    try:
-        out = rundir.read_jsonl(path)
-    except JsonlError as e:
-        raise ProbeError(str(e)) from None
-    if not out:
-        raise ProbeError(f"{path}: empty file")
-    return out
-
-
-def _field(obj: dict, name: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if name not in obj:
-        raise ProbeError(f"{where}: missing field {name!r}")
-    v = obj[name]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):  # JSON true is not an int here
-        raise ProbeError(f"{where}: field {name!r} has type {type(v).__name__}")
-    return v
-
-
-def _int_list(obj: dict, name: str, where: str) -> tuple[int, ...]:
-    v = _field(obj, name, list, where)
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
-        raise ProbeError(f"{where}: field {name!r} must be a list of non-negative ints")
-    return tuple(v)
-
-
-@dataclass(frozen=True)
-class ProbeGroup:
-    """One prompt with its responses, token ids without padding, and their rewards.
-
-    A response is positive when its reward is > 0 (as the trainer's ``is_positive``).
-    """
-
-    group_id: int
-    prompt_ids: tuple[int, ...]
-    response_ids: tuple[tuple[int, ...], ...]
-    rewards: tuple[float, ...]
-    prompt: str = ""
-    responses: tuple[str, ...] = ()
-    ground_truth: str | None = None
-    prompt_uid: str = ""
-    data_source: str = ""
-
-    def __post_init__(self) -> None:
-        if len(self.response_ids) != len(self.rewards):
-            raise ValueError(f"group {self.group_id}: {len(self.response_ids)} responses but "
-                             f"{len(self.rewards)} rewards")
-        if len(self.prompt_ids) == 0:
-            raise ValueError(f"group {self.group_id}: empty prompt")
-
-    @property
-    def n_responses(self) -> int:
-        return len(self.response_ids)
-
-    @property
-    def is_positive(self) -> tuple[bool, ...]:
-        return tuple(r > 0 for r in self.rewards)
-
-    @property
-    def n_positive(self) -> int:
-        return sum(self.is_positive)
-
-    @property
-    def n_negative(self) -> int:
-        return self.n_responses - self.n_positive
-
-    @property
-    def status(self) -> str:
-        """``"mixed"``, ``"no_positive"`` or ``"no_negative"``."""
-        if self.n_positive == 0:
-            return "no_positive"
-        if self.n_negative == 0:
-            return "no_negative"
-        return "mixed"
-
-    @property
-    def is_mixed(self) -> bool:
-        return self.status == "mixed"
-
-
-@dataclass(frozen=True)
-class ProbeSet:
-    """A fixed, teacher-forced probe set: prompt groups scored identically at every checkpoint.
-
-    ``source`` says where it came from, ``step`` the rollout step it was taken from (None for a
-    user file), ``notes`` anything dropped while reading.
-    """
-
-    groups: tuple[ProbeGroup, ...]
-    source: str = ""
-    step: int | None = None
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def n_groups(self) -> int:
-        return len(self.groups)
-
-    @property
-    def n_responses(self) -> int:
-        return sum(g.n_responses for g in self.groups)
-
-    @property
-    def n_mixed(self) -> int:
-        return sum(g.is_mixed for g in self.groups)
-
-    @property
-    def max_token_id(self) -> int:
-        return max(max(g.prompt_ids + tuple(t for r in g.response_ids for t in r)) for g in self.groups)
-
-    def describe(self) -> dict:
-        """A JSON-able summary (for ``summary.json`` and result metadata)."""
-        return {"source": self.source, "step": self.step, "n_groups": self.n_groups, "n_mixed": self.n_mixed,
-                "n_responses": self.n_responses, "notes": list(self.notes)}
-
-    def select(self, n_groups: int | None = None, *, prefer_mixed: bool = True) -> ProbeSet:
-        """The first ``n_groups`` groups, mixed groups (both positive and negative responses) first.
-
-        Interference, the bound and the first-order split need mixed groups; with ``prefer_mixed``
-        a small probe set spends its budget on them (order within each kind is kept).
-
-        >>> g = lambda i, r: ProbeGroup(i, (1,), ((3,),) * len(r), tuple(r))
-        >>> [x.group_id for x in ProbeSet((g(0, [0, 0]), g(1, [1, 0]), g(2, [1, 1]))).select(2).groups]
-        [1, 0]
-        """
-        groups = list(self.groups)
-        if prefer_mixed:
-            groups = [g for g in groups if g.is_mixed] + [g for g in groups if not g.is_mixed]
-        if n_groups is not None:
-            if n_groups < 1:
-                raise ValueError(f"n_groups must be >= 1, got {n_groups}")
-            groups = groups[:n_groups]
-        return replace(self, groups=tuple(groups))
-
-    def check_vocab(self, vocab_size: int, where: str = "model") -> None:
-        """Raise :class:`ProbeError` if a token id is outside the model's vocabulary."""
-        if self.max_token_id >= vocab_size:
-            raise ProbeError(f"{self.source}: token id {self.max_token_id} outside the {where}'s vocabulary "
-                             f"of {vocab_size}; was the probe set made with another tokenizer?")
-
-    # -- constructors ------------------------------------------------------------------------------
-
-    @classmethod
-    def from_rollouts(cls, path: str | Path) -> ProbeSet:
-        """Read a rollout dump ``rollouts/step_XXXXXX.jsonl`` (docs/RUN_DIRECTORY.md).
-
-        Rows are grouped by ``group_id`` in order of first appearance; responses with no token are
-        dropped (and counted in ``notes``).
-        """
-        path = Path(path)
-        rows = read_jsonl(path)
-        by_group: dict[int, list[tuple[int, dict]]] = {}
-        for i, obj in rows:
-            gid = _field(obj, "group_id", int, f"{path}:{i}")
-            by_group.setdefault(gid, []).append((i, obj))
-        groups, dropped = [], 0
-        for gid, items in by_group.items():
-            i0, first = items[0]
-            where0 = f"{path}:{i0}"
-            prompt_ids = _int_list(first, "prompt_ids", where0)
-            resp_ids, resp_text, rewards = [], [], []
-            for i, obj in items:
-                where = f"{path}:{i}"
-                if _int_list(obj, "prompt_ids", where) != prompt_ids:
-                    raise ProbeError(f"{where}: prompt_ids differ within group {gid}")
-                ids = _int_list(obj, "response_ids", where)
-                reward = float(_field(obj, "reward", (int, float), where))
-                if not math.isfinite(reward):
-                    raise ProbeError(f"{where}: field 'reward' must be a finite number, got {reward}")
-                if "is_positive" in obj and bool(obj["is_positive"]) != (reward > 0):
-                    raise ProbeError(f"{where}: is_positive={obj['is_positive']} disagrees with reward {reward}")
-                if not ids:
-                    dropped += 1
-                    continue
-                resp_ids.append(ids)
-                resp_text.append(str(obj.get("response", "")))
-                rewards.append(reward)
-            if not resp_ids:
-                continue
-            gt = first.get("ground_truth")
-            groups.append(ProbeGroup(
-                group_id=gid, prompt_ids=prompt_ids, response_ids=tuple(resp_ids), rewards=tuple(rewards),
-                prompt=str(first.get("prompt", "")), responses=tuple(resp_text),
-                ground_truth=None if gt is None else str(gt), prompt_uid=str(first.get("prompt_uid", gid)),
-                data_source=str(first.get("data_source", "")),
-            ))
-        if not groups:
-            raise ProbeError(f"{path}: no response with tokens")
-        steps = {obj.get("step") for _, obj in rows}
-        step = steps.pop() if len(steps) == 1 else None
-        notes = (f"dropped {dropped} empty responses",) if dropped else ()
-        return cls(groups=tuple(groups), source=str(path), step=step if isinstance(step, int) else None,
-                   notes=notes)
-
-    @classmethod
-    def from_run(cls, run_dir: str | Path, step: int = 0) -> ProbeSet:
-        """The probe set of a run: ``RUN_DIR/rollouts/step_XXXXXX.jsonl`` (step 0 by default, so
-        every checkpoint is scored on what the starting policy sampled)."""
-        path = Path(run_dir) / "rollouts" / f"step_{step:06d}.jsonl"
-        if not path.is_file():
-            raise ProbeError(f"{path}: rollout dump not found")
-        return cls.from_rollouts(path)
-
-    @classmethod
-    def from_jsonl(
-        cls,
-        path: str | Path,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        *,
-        append_eos: bool = True,
-        add_special_tokens: bool = True,
-    ) -> ProbeSet:
-        """A user probe set: one JSON object per prompt with ``prompt`` (str), ``responses`` (list
-        of str), ``rewards`` (list of numbers); optional ``ground_truth``, ``group_id``,
-        ``prompt_uid``, and ``prompt_ids`` / ``response_ids`` (then no tokenizer is needed).
-
-        Text is tokenized with ``tokenizer``: the prompt with its special tokens (as the model saw
-        it), each response without them and, with ``append_eos``, followed by EOS (a finished
-        response). A file in the rollout-dump format (one response per line) is read as such.
-        """
-        path = Path(path)
-        rows = read_jsonl(path)
-        if "responses" not in rows[0][1] and "response_ids" in rows[0][1]:
-            return cls.from_rollouts(path)
-        groups = []
-        for n, (i, obj) in enumerate(rows):
-            where = f"{path}:{i}"
-            prompt = _field(obj, "prompt", str, where)
-            responses = _field(obj, "responses", list, where)
-            rewards = _field(obj, "rewards", list, where)
-            if len(responses) != len(rewards) or not responses:
-                raise ProbeError(f"{where}: need as many rewards as responses (and at least one), got "
-                                 f"{len(responses)} and {len(rewards)}")
-            if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
-                raise ProbeError(f"{where}: field 'rewards' must hold numbers")
-            if not all(math.isfinite(r) for r in rewards):
-                raise ProbeError(f"{where}: field 'rewards' must hold finite numbers, got {rewards}")
-            if not all(isinstance(r, str) for r in responses):
-                raise ProbeError(f"{where}: field 'responses' must hold strings")
-            if "prompt_ids" in obj and "response_ids" in obj:
-                prompt_ids = _int_list(obj, "prompt_ids", where)
-                resp_ids = obj["response_ids"]
-                if not isinstance(resp_ids, list) or len(resp_ids) != len(responses):
-                    raise ProbeError(f"{where}: field 'response_ids' must be one id list per response")
-                resp = tuple(_int_list({"r": r}, "r", where) for r in resp_ids)
-            else:
-                if tokenizer is None:
-                    raise ProbeError(f"{where}: text without token ids needs a tokenizer")
-                prompt_ids = tuple(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-                eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
-                resp = tuple(tuple(tokenizer(r, add_special_tokens=False)["input_ids"]) + tuple(eos)
-                             for r in responses)
-            if any(len(r) == 0 for r in resp):
-                raise ProbeError(f"{where}: a response has no tokens")
-            gt = obj.get("ground_truth")
-            gid = obj.get("group_id", n)
-            if isinstance(gid, bool) or not isinstance(gid, int):
-                raise ProbeError(f"{where}: field 'group_id' must be an integer, got {type(gid).__name__} {gid!r}")
-            groups.append(ProbeGroup(
-                group_id=int(gid), prompt_ids=prompt_ids, response_ids=resp,
-                rewards=tuple(float(r) for r in rewards), prompt=prompt, responses=tuple(responses),
-                ground_truth=None if gt is None else str(gt), prompt_uid=str(obj.get("prompt_uid", gid)),
-                data_source=str(obj.get("data_source", "")),
-            ))
-        return cls(groups=tuple(groups), source=str(path), step=None)
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        # ImportError, not AttributeError: `from resrl_analysis.checkpoints import ProbeSet` shows this line.
+        raise ImportError(f"resrl_analysis.checkpoints.{name} has moved: import it from {_MOVED[name]}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,7 +53,7 @@ _TRL_METRICS = {"reward": "reward/mean", "entropy": "actor/entropy", "completion
 def _load_foreign_run(p: Path, label: str | None) -> RunData | None:
     # A TRL / verl run or checkpoint folder (resrl_analysis.runs): metrics from its own logs, probe
     # tables from where `resrl probe` and ProbeCallback write them.
-    from .checkpoints import ProbeError
+    from .errors import ProbeError
     from .runs import discover_run
 
     try:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoints import ProbeError
+from .errors import ProbeError
 from .interference import BLOCK_BYTES
 from .ops import DEFAULT_MEMORY_BUDGET_MB
 from .probes.registry import instantiate
@@ -138,9 +138,9 @@ class ProbeShape:
 
     @classmethod
     def of(cls, groups: Iterable) -> ProbeShape:
-        """From :class:`~resrl_analysis.checkpoints.ProbeGroup` objects (the largest of each size).
+        """From :class:`~resrl_analysis.probe_sets.ProbeGroup` objects (the largest of each size).
 
-        >>> from resrl_analysis.checkpoints import ProbeGroup
+        >>> from resrl_analysis.probe_sets import ProbeGroup
         >>> ProbeShape.of([ProbeGroup(0, (1, 2), ((3,), (4, 5, 6)), (1.0, 0.0))])
         ProbeShape(responses=2, response_len=3, prompt_len=2, n_groups=1)
         """
@@ -434,6 +434,6 @@ def plan_for_config(config: ProbeConfig, checkpoint: Path, probe_shape: ProbeSha
 
 
 def check_plan(plan: MemoryPlan) -> None:
-    """Raise :class:`~resrl_analysis.probe_sets.ProbeError` (one line) when the plan does not fit."""
+    """Raise :class:`~resrl_analysis.errors.ProbeError` (one line) when the plan does not fit."""
     if not plan.fits:
         raise ProbeError(plan.refusal())

@@ -1,5 +1,13 @@
-"""Probe sets from anywhere: our rollout dumps, TRL completion logs, verl rollout dumps, user JSONL,
-and RLVR datasets sampled with the base model (docs/FOREIGN_RUNS.md).
+"""Probe sets: :class:`ProbeSet` and :class:`ProbeGroup`, and every reader of them: our rollout dumps, the run's
+prompt files, TRL completion logs, verl rollout dumps, user JSONL, and RLVR datasets sampled with the base
+model (docs/FOREIGN_RUNS.md).
+
+A *probe set* is a fixed list of prompt groups, each holding the prompt's token ids, its responses'
+token ids and their rewards: every checkpoint is scored on the same text (teacher forcing).
+
+    >>> g = ProbeGroup(group_id=0, prompt_ids=(1, 5), response_ids=((6, 2), (7, 2)), rewards=(1.0, 0.0))
+    >>> g.status, g.n_positive, ProbeSet((g,), source="inline").n_responses
+    ('mixed', 1, 2)
 
 :func:`load_probe_set` detects the format of a file (or a directory of dumps):
 
@@ -39,11 +47,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoints import ProbeError, ProbeGroup, ProbeSet, read_jsonl
+from . import rundir
+from .errors import ProbeError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -56,6 +65,274 @@ __all__ = ["ProbeSet", "ProbeGroup", "encode_prompt", "render_prompt", "detect_f
 PROBE_SET_KEYWORDS = ("heldout", "train", "batch")
 FORMATS = ("rollouts", "jsonl", "trl_completions", "verl_rollouts", "dataset")
 _TRL_FIXED = {"step", "prompt", "completion", "advantage", "image", "images"}
+
+
+# ----------------------------------------------------------------------------- the probe set
+
+
+def _read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """:func:`resrl_analysis.rundir.read_jsonl` of a file that must hold rows, its errors as :class:`ProbeError`."""
+    try:
+        return rundir.read_jsonl(path, nonempty=True)
+    except rundir.JsonlError as e:
+        raise ProbeError(str(e)) from None
+
+
+def _field(obj: dict, name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if name not in obj:
+        raise ProbeError(f"{where}: missing field {name!r}")
+    v = obj[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):  # JSON true is not an int here
+        raise ProbeError(f"{where}: field {name!r} has type {type(v).__name__}")
+    return v
+
+
+def _int_list(obj: dict, name: str, where: str) -> tuple[int, ...]:
+    v = _field(obj, name, list, where)
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+        raise ProbeError(f"{where}: field {name!r} must be a list of non-negative ints")
+    return tuple(v)
+
+
+@dataclass(frozen=True)
+class ProbeGroup:
+    """One prompt with its responses, token ids without padding, and their rewards.
+
+    A response is positive when its reward is > 0 (as the trainer's ``is_positive``).
+    """
+
+    group_id: int
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[tuple[int, ...], ...]
+    rewards: tuple[float, ...]
+    prompt: str = ""
+    responses: tuple[str, ...] = ()
+    ground_truth: str | None = None
+    prompt_uid: str = ""
+    data_source: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.response_ids) != len(self.rewards):
+            raise ValueError(f"group {self.group_id}: {len(self.response_ids)} responses but "
+                             f"{len(self.rewards)} rewards")
+        if len(self.prompt_ids) == 0:
+            raise ValueError(f"group {self.group_id}: empty prompt")
+
+    @property
+    def n_responses(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def is_positive(self) -> tuple[bool, ...]:
+        return tuple(r > 0 for r in self.rewards)
+
+    @property
+    def n_positive(self) -> int:
+        return sum(self.is_positive)
+
+    @property
+    def n_negative(self) -> int:
+        return self.n_responses - self.n_positive
+
+    @property
+    def status(self) -> str:
+        """``"mixed"``, ``"no_positive"`` or ``"no_negative"``."""
+        if self.n_positive == 0:
+            return "no_positive"
+        if self.n_negative == 0:
+            return "no_negative"
+        return "mixed"
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.status == "mixed"
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """A fixed, teacher-forced probe set: prompt groups scored identically at every checkpoint.
+
+    ``source`` says where it came from, ``step`` the rollout step it was taken from (None for a
+    user file), ``notes`` anything dropped while reading.
+    """
+
+    groups: tuple[ProbeGroup, ...]
+    source: str = ""
+    step: int | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def n_responses(self) -> int:
+        return sum(g.n_responses for g in self.groups)
+
+    @property
+    def n_mixed(self) -> int:
+        return sum(g.is_mixed for g in self.groups)
+
+    @property
+    def max_token_id(self) -> int:
+        return max(max(g.prompt_ids + tuple(t for r in g.response_ids for t in r)) for g in self.groups)
+
+    def describe(self) -> dict:
+        """A JSON-able summary (for ``summary.json`` and result metadata)."""
+        return {"source": self.source, "step": self.step, "n_groups": self.n_groups, "n_mixed": self.n_mixed,
+                "n_responses": self.n_responses, "notes": list(self.notes)}
+
+    def select(self, n_groups: int | None = None, *, prefer_mixed: bool = True) -> ProbeSet:
+        """The first ``n_groups`` groups, mixed groups (both positive and negative responses) first.
+
+        Interference, the bound and the first-order split need mixed groups; with ``prefer_mixed``
+        a small probe set spends its budget on them (order within each kind is kept).
+
+        >>> g = lambda i, r: ProbeGroup(i, (1,), ((3,),) * len(r), tuple(r))
+        >>> [x.group_id for x in ProbeSet((g(0, [0, 0]), g(1, [1, 0]), g(2, [1, 1]))).select(2).groups]
+        [1, 0]
+        """
+        groups = list(self.groups)
+        if prefer_mixed:
+            groups = [g for g in groups if g.is_mixed] + [g for g in groups if not g.is_mixed]
+        if n_groups is not None:
+            if n_groups < 1:
+                raise ValueError(f"n_groups must be >= 1, got {n_groups}")
+            groups = groups[:n_groups]
+        return replace(self, groups=tuple(groups))
+
+    def check_vocab(self, vocab_size: int, where: str = "model") -> None:
+        """Raise :class:`ProbeError` if a token id is outside the model's vocabulary."""
+        if self.max_token_id >= vocab_size:
+            raise ProbeError(f"{self.source}: token id {self.max_token_id} outside the {where}'s vocabulary "
+                             f"of {vocab_size}; was the probe set made with another tokenizer?")
+
+    # -- constructors ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_rollouts(cls, path: str | Path) -> ProbeSet:
+        """Read a rollout dump ``rollouts/step_XXXXXX.jsonl`` (docs/RUN_DIRECTORY.md).
+
+        Rows are grouped by ``group_id`` in order of first appearance; responses with no token are
+        dropped (and counted in ``notes``).
+        """
+        path = Path(path)
+        rows = _read_jsonl(path)
+        by_group: dict[int, list[tuple[int, dict]]] = {}
+        for i, obj in rows:
+            gid = _field(obj, "group_id", int, f"{path}:{i}")
+            by_group.setdefault(gid, []).append((i, obj))
+        groups, dropped = [], 0
+        for gid, items in by_group.items():
+            i0, first = items[0]
+            where0 = f"{path}:{i0}"
+            prompt_ids = _int_list(first, "prompt_ids", where0)
+            resp_ids, resp_text, rewards = [], [], []
+            for i, obj in items:
+                where = f"{path}:{i}"
+                if _int_list(obj, "prompt_ids", where) != prompt_ids:
+                    raise ProbeError(f"{where}: prompt_ids differ within group {gid}")
+                ids = _int_list(obj, "response_ids", where)
+                reward = float(_field(obj, "reward", (int, float), where))
+                if not math.isfinite(reward):
+                    raise ProbeError(f"{where}: field 'reward' must be a finite number, got {reward}")
+                if "is_positive" in obj and bool(obj["is_positive"]) != (reward > 0):
+                    raise ProbeError(f"{where}: is_positive={obj['is_positive']} disagrees with reward {reward}")
+                if not ids:
+                    dropped += 1
+                    continue
+                resp_ids.append(ids)
+                resp_text.append(str(obj.get("response", "")))
+                rewards.append(reward)
+            if not resp_ids:
+                continue
+            gt = first.get("ground_truth")
+            groups.append(ProbeGroup(
+                group_id=gid, prompt_ids=prompt_ids, response_ids=tuple(resp_ids), rewards=tuple(rewards),
+                prompt=str(first.get("prompt", "")), responses=tuple(resp_text),
+                ground_truth=None if gt is None else str(gt), prompt_uid=str(first.get("prompt_uid", gid)),
+                data_source=str(first.get("data_source", "")),
+            ))
+        if not groups:
+            raise ProbeError(f"{path}: no response with tokens")
+        steps = {obj.get("step") for _, obj in rows}
+        step = steps.pop() if len(steps) == 1 else None
+        notes = (f"dropped {dropped} empty responses",) if dropped else ()
+        return cls(groups=tuple(groups), source=str(path), step=step if isinstance(step, int) else None,
+                   notes=notes)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, step: int = 0) -> ProbeSet:
+        """The probe set of a run: ``RUN_DIR/rollouts/step_XXXXXX.jsonl`` (step 0 by default, so
+        every checkpoint is scored on what the starting policy sampled)."""
+        path = rundir.rollout_path(run_dir, step)
+        if not path.is_file():
+            raise ProbeError(f"{path}: rollout dump not found")
+        return cls.from_rollouts(path)
+
+    @classmethod
+    def from_jsonl(
+        cls,
+        path: str | Path,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        append_eos: bool = True,
+        add_special_tokens: bool = True,
+    ) -> ProbeSet:
+        """A user probe set: one JSON object per prompt with ``prompt`` (str), ``responses`` (list
+        of str), ``rewards`` (list of numbers); optional ``ground_truth``, ``group_id``,
+        ``prompt_uid``, and ``prompt_ids`` / ``response_ids`` (then no tokenizer is needed).
+
+        Text is tokenized with ``tokenizer``: the prompt with its special tokens (as the model saw
+        it), each response without them and, with ``append_eos``, followed by EOS (a finished
+        response). A file in the rollout-dump format (one response per line) is read as such.
+        """
+        path = Path(path)
+        rows = _read_jsonl(path)
+        if "responses" not in rows[0][1] and "response_ids" in rows[0][1]:
+            return cls.from_rollouts(path)
+        groups = []
+        for n, (i, obj) in enumerate(rows):
+            where = f"{path}:{i}"
+            prompt = _field(obj, "prompt", str, where)
+            responses = _field(obj, "responses", list, where)
+            rewards = _field(obj, "rewards", list, where)
+            if len(responses) != len(rewards) or not responses:
+                raise ProbeError(f"{where}: need as many rewards as responses (and at least one), got "
+                                 f"{len(responses)} and {len(rewards)}")
+            if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
+                raise ProbeError(f"{where}: field 'rewards' must hold numbers")
+            if not all(math.isfinite(r) for r in rewards):
+                raise ProbeError(f"{where}: field 'rewards' must hold finite numbers, got {rewards}")
+            if not all(isinstance(r, str) for r in responses):
+                raise ProbeError(f"{where}: field 'responses' must hold strings")
+            if "prompt_ids" in obj and "response_ids" in obj:
+                prompt_ids = _int_list(obj, "prompt_ids", where)
+                resp_ids = obj["response_ids"]
+                if not isinstance(resp_ids, list) or len(resp_ids) != len(responses):
+                    raise ProbeError(f"{where}: field 'response_ids' must be one id list per response")
+                resp = tuple(_int_list({"r": r}, "r", where) for r in resp_ids)
+            else:
+                if tokenizer is None:
+                    raise ProbeError(f"{where}: text without token ids needs a tokenizer")
+                prompt_ids = tuple(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+                eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+                resp = tuple(tuple(tokenizer(r, add_special_tokens=False)["input_ids"]) + tuple(eos)
+                             for r in responses)
+            if any(len(r) == 0 for r in resp):
+                raise ProbeError(f"{where}: a response has no tokens")
+            gt = obj.get("ground_truth")
+            gid = obj.get("group_id", n)
+            if isinstance(gid, bool) or not isinstance(gid, int):
+                raise ProbeError(f"{where}: field 'group_id' must be an integer, got {type(gid).__name__} {gid!r}")
+            groups.append(ProbeGroup(
+                group_id=int(gid), prompt_ids=prompt_ids, response_ids=resp,
+                rewards=tuple(float(r) for r in rewards), prompt=prompt, responses=tuple(responses),
+                ground_truth=None if gt is None else str(gt), prompt_uid=str(obj.get("prompt_uid", gid)),
+                data_source=str(obj.get("data_source", "")),
+            ))
+        return cls(groups=tuple(groups), source=str(path), step=None)
 
 
 # ----------------------------------------------------------------------------- prompt encoding
@@ -221,7 +498,7 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
         if df.empty:
             raise ProbeError(f"{path}: empty file")
         return [(f"{path}:row {i}", _plain(r)) for i, r in enumerate(df.to_dict(orient="records"))]
-    return [(f"{path}:{i}", obj) for i, obj in read_jsonl(path)]
+    return [(f"{path}:{i}", obj) for i, obj in _read_jsonl(path)]
 
 
 def _pick_file(path: Path, step: int | None) -> Path:
@@ -286,7 +563,7 @@ def _from_user_jsonl(path: Path, tokenizer: Any) -> ProbeSet:
     # The user's rewards are explicit: kept as given. Text prompts are re-encoded under the one
     # prefix rule (ProbeSet.from_jsonl always adds special tokens, doubling a BOS already written).
     ps = ProbeSet.from_jsonl(path, tokenizer)
-    has_ids = ["prompt_ids" in obj and "response_ids" in obj for _, obj in read_jsonl(path)]
+    has_ids = ["prompt_ids" in obj and "response_ids" in obj for _, obj in _read_jsonl(path)]
     groups = tuple(g if ids else replace(g, prompt_ids=encode_prompt(tokenizer, g.prompt))
                    for g, ids in zip(ps.groups, has_ids))
     return replace(ps, groups=groups, notes=(*ps.notes, "rewards: as logged"))
@@ -441,7 +718,7 @@ def _run_setting(run_dir: Path, key: str, default: Any) -> Any:
     import yaml
 
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        cfg = yaml.safe_load((run_dir / rundir.CONFIG).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return default
     v = cfg.get(key, default) if isinstance(cfg, dict) else default
@@ -461,8 +738,6 @@ def from_run_prompts(run_dir: str | Path, which: str, tokenizer: Any, model: Pre
     Raises:
         ProbeError: the run has no such file (written by runs before it existed: give ``--probe-set FILE``).
     """
-    from . import rundir
-
     if which not in ("heldout", "train"):
         raise ProbeError(f"probe set {which!r}: expected 'heldout' or 'train'")
     run_dir = Path(run_dir)
@@ -470,7 +745,7 @@ def from_run_prompts(run_dir: str | Path, which: str, tokenizer: Any, model: Pre
     if not path.is_file():
         raise ProbeError(f"{path}: not found; this run did not write its prompt files (older trainer, or "
                          "probe_prompts=0): give --probe-set FILE")
-    rows = read_jsonl(path)
+    rows = _read_jsonl(path)
     if not rows:
         raise ProbeError(f"{path}: no prompts")
     for i, obj in rows:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from .checkpoints import ProbeError
+from .errors import ProbeError
 from .rundir import TMP_PREFIX, atomic_write
 
 __all__ = [

@@ -57,6 +57,7 @@ __all__ = [
     "RunLocked",
     "atomic_write",
     "atomic_write_json",
+    "checkpoint_step",
     "fsync_dir",
     "list_checkpoints",
     "list_rollouts",
@@ -165,6 +166,16 @@ def parse_step(path: str | Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a checkpoint directory named ``step_XXXXXX``, else None (a ``.jsonl`` dump name is not one).
+
+    >>> checkpoint_step("runs/a/checkpoints/step_000120"), checkpoint_step("step_000003.jsonl"), checkpoint_step("m")
+    (120, None, None)
+    """
+    m = STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir: str | Path, *, with_trainer_state: bool = False) -> list[tuple[int, Path]]:
     """Complete checkpoints ``(step, path)`` of a run, sorted by step; ``[]`` when there are none.
 
@@ -209,11 +220,13 @@ class JsonlError(ValueError):
     """A JSONL file is unreadable; the message is one line naming ``file:line``."""
 
 
-def read_jsonl(path: str | Path, *, skip_invalid: bool = False) -> list[tuple[int, dict]]:
+def read_jsonl(path: str | Path, *, skip_invalid: bool = False, nonempty: bool = False) -> list[tuple[int, dict]]:
     """``(line number, object)`` for every non-blank line of a JSONL file.
 
     A line that is not UTF-8, not JSON or not an object raises :class:`JsonlError` naming ``file:line``, unless
     ``skip_invalid`` (the trainer's own append-only metrics, where a crash can leave one torn last line).
+    ``nonempty``: a missing file or one without an object is a :class:`JsonlError` too (a probe set or a
+    run's metrics that must hold something); otherwise a missing file raises ``FileNotFoundError``.
 
     >>> import tempfile
     >>> f = Path(tempfile.mkdtemp()) / "a.jsonl"; _ = f.write_text('{"a": 1}\\n\\n{"a": 2}\\n{"a"')
@@ -225,6 +238,8 @@ def read_jsonl(path: str | Path, *, skip_invalid: bool = False) -> list[tuple[in
     resrl_analysis.rundir.JsonlError: ...a.jsonl:4: bad JSON (JSONDecodeError: Expecting ':' ...)
     """
     path = Path(path)
+    if nonempty and not path.is_file():
+        raise JsonlError(f"{path}: file not found")
     out: list[tuple[int, dict]] = []
     with path.open("rb") as f:
         for i, raw in enumerate(f, 1):
@@ -247,6 +262,8 @@ def read_jsonl(path: str | Path, *, skip_invalid: bool = False) -> list[tuple[in
                     continue
                 raise
             out.append((i, obj))
+    if nonempty and not out:
+        raise JsonlError(f"{path}: empty file")
     return out
 
 

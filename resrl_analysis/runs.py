@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .checkpoints import ProbeError, checkpoint_step, list_checkpoints, read_jsonl
+from . import rundir
+from .errors import ProbeError
+from .rundir import checkpoint_step
 
-__all__ = ["RunInfo", "RunKind", "discover_run", "foreign_step", "verl_merge_command"]
+__all__ = ["RunInfo", "RunKind", "discover_run", "foreign_step", "run_checkpoints", "verl_merge_command"]
 
 RunKind = Literal["resrl", "trl", "verl", "checkpoints", "checkpoint"]
 
@@ -60,7 +62,7 @@ class RunInfo:
     checkpoints: tuple[tuple[int, Path], ...]
     metrics: tuple[dict, ...] = ()
     probe_set_sources: tuple[Path, ...] = ()
-    probes_dir: Path = Path("probes")
+    probes_dir: Path = Path(rundir.PROBES)
     base_model: Path | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -131,18 +133,18 @@ def _with_base(ckpts: list[tuple[int, Path]], base_model: Path | None, where: Pa
 
 def _single(path: Path) -> RunInfo | None:
     root = Path(path)
-    if (root / "checkpoints").is_dir():
-        ckpts = list_checkpoints(root)
+    if (root / rundir.CHECKPOINTS).is_dir():
+        ckpts = rundir.list_checkpoints(root)
         if not ckpts:
-            raise ProbeError(f"{root / 'checkpoints'}: no complete checkpoint (step_XXXXXX)")
+            raise ProbeError(f"{root / rundir.CHECKPOINTS}: no complete checkpoint (step_XXXXXX)")
         metrics, notes = (), ()
-        if (root / "metrics.jsonl").is_file():
+        if (root / rundir.METRICS).is_file():
             try:
-                metrics = tuple(o for _, o in read_jsonl(root / "metrics.jsonl"))
-            except ProbeError as e:  # damaged metrics do not stop the probes, which never read them
+                metrics = tuple(o for _, o in rundir.read_jsonl(root / rundir.METRICS, nonempty=True))
+            except rundir.JsonlError as e:  # damaged metrics do not stop the probes, which never read them
                 notes = (f"metrics not read: {e}",)
-        dumps = sorted((root / "rollouts").glob("step_*.jsonl")) if (root / "rollouts").is_dir() else []
-        return RunInfo("resrl", root, tuple(ckpts), metrics, tuple(dumps), root / "probes", notes=notes)
+        dumps = [p for _, p in rundir.list_rollouts(root)]
+        return RunInfo("resrl", root, tuple(ckpts), metrics, tuple(dumps), root / rundir.PROBES, notes=notes)
     if not root.is_dir():
         raise ProbeError(f"{root}: no such directory")
     trl = _numbered(root, _TRL_DIR)
@@ -150,7 +152,7 @@ def _single(path: Path) -> RunInfo | None:
         comp = root / "completions"
         logs = sorted((int(m.group(1)), f) for f in comp.iterdir() if (m := _TRL_COMPLETIONS.match(f.name))) \
             if comp.is_dir() else []
-        return RunInfo("trl", root, tuple(trl), _trl_metrics(trl), tuple(f for _, f in logs), root / "probes")
+        return RunInfo("trl", root, tuple(trl), _trl_metrics(trl), tuple(f for _, f in logs), root / rundir.PROBES)
     verl = _numbered(root, _VERL_DIR)
     if verl:
         ckpts = []
@@ -159,10 +161,27 @@ def _single(path: Path) -> RunInfo | None:
             if not _has_weights(hf):
                 raise ProbeError(f"{hf}: no merged Hugging Face weights; run: {verl_merge_command(p)}")
             ckpts.append((step, hf))
-        return RunInfo("verl", root, tuple(ckpts), probes_dir=root / "probes")
+        return RunInfo("verl", root, tuple(ckpts), probes_dir=root / rundir.PROBES)
     if (root / "config.json").is_file():
-        return RunInfo("checkpoint", root, ((foreign_step(root) or 0, root),), probes_dir=root / "probes")
+        return RunInfo("checkpoint", root, ((foreign_step(root) or 0, root),), probes_dir=root / rundir.PROBES)
     return None
+
+
+def run_checkpoints(run: str | Path | Sequence[str | Path], *, base_model: str | Path | None = None
+                    ) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint of any run: ours, a TRL output directory (``checkpoint-N``),
+    a verl one (``global_step_N/actor/huggingface``), one checkpoint or an ordered list of them;
+    ``base_model`` adds the starting policy as step 0 (:func:`discover_run`, checkpoints only). A path
+    that is none of these is a one-line :class:`~resrl_analysis.errors.ProbeError`.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> for n in ("checkpoint-3", "checkpoint-1"):
+    ...     (d / n).mkdir(); _ = (d / n / "config.json").write_text("{}")
+    >>> [s for s, _ in run_checkpoints(d)]
+    [1, 3]
+    """
+    return list(discover_run(run, base_model=base_model).checkpoints)
 
 
 def discover_run(paths: str | Path | Sequence[str | Path], *, base_model: str | Path | None = None) -> RunInfo:
@@ -209,4 +228,4 @@ def discover_run(paths: str | Path | Sequence[str | Path], *, base_model: str | 
     logs = sorted((int(m.group(1)), f) for f in comp.iterdir() if (m := _TRL_COMPLETIONS.match(f.name))) \
         if comp.is_dir() else []
     return RunInfo("checkpoints", common, tuple(ckpts), probe_set_sources=tuple(f for _, f in logs),
-                   probes_dir=common / "probes", base_model=base)
+                   probes_dir=common / rundir.PROBES, base_model=base)

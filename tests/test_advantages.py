@@ -287,7 +287,7 @@ def test_extras_are_registered_with_fill_values_and_dumped():
 
 
 def _probe_group():
-    from resrl_analysis.checkpoints import ProbeGroup
+    from resrl_analysis.probe_sets import ProbeGroup
 
     g = torch.Generator().manual_seed(5)
     lengths = [6, 4, 5, 6, 3, 6]

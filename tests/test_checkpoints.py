@@ -9,18 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from resrl_analysis.checkpoints import (
-    ProbeError,
-    ProbeGroup,
-    ProbeSet,
-    check_compatible,
-    check_safetensors,
-    list_checkpoints,
-    load_checkpoint,
-    read_jsonl,
-    validate_checkpoint_files,
-)
+from resrl_analysis.checkpoints import check_compatible, check_safetensors, load_checkpoint, validate_checkpoint_files
+from resrl_analysis.errors import ProbeError
+from resrl_analysis.probe_sets import ProbeGroup, ProbeSet
 from resrl_analysis.probes.synthetic import char_tokenizer, tiny_model, write_fake_run
+from resrl_analysis.rundir import read_jsonl
+from resrl_analysis.runs import run_checkpoints
 
 pytestmark = pytest.mark.integration
 
@@ -43,13 +37,13 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
 
 
 def test_list_checkpoints_ignores_debris(run):
-    assert [s for s, _ in list_checkpoints(run)] == [0, 1, 2]
+    assert [s for s, _ in run_checkpoints(run)] == [0, 1, 2]
     assert any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())
 
 
 def test_list_checkpoints_not_a_run(tmp_path):
     with pytest.raises(ProbeError) as e:
-        list_checkpoints(tmp_path)
+        run_checkpoints(tmp_path)
     assert str(tmp_path) in _one_line(e)
 
 
@@ -126,7 +120,7 @@ def test_missing_tokenizer(ckpt):
 
 
 def test_compatible_run(run):
-    check_compatible([p for _, p in list_checkpoints(run)])
+    check_compatible([p for _, p in run_checkpoints(run)])
 
 
 def test_mismatched_vocab_size(run, tmp_path):

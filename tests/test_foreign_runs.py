@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from resrl_analysis.checkpoints import ProbeError, run_checkpoints
+from resrl_analysis.errors import ProbeError
 from resrl_analysis.probe_sets import (
     detect_format,
     encode_prompt,
@@ -25,7 +25,7 @@ from resrl_analysis.probe_sets import (
 )
 from resrl_analysis.probes.runner import main as probe_main
 from resrl_analysis.results import load_results
-from resrl_analysis.runs import discover_run
+from resrl_analysis.runs import discover_run, run_checkpoints
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from resrl_analysis.checkpoints import ProbeGroup
 from resrl_analysis.forward import (
     capture,
     hidden_state_index,
@@ -19,6 +18,7 @@ from resrl_analysis.forward import (
     representation_site,
     response_forward,
 )
+from resrl_analysis.probe_sets import ProbeGroup
 from resrl_analysis.probes.capture import forward_group
 from resrl_analysis.probes.diversity import diversity_probe, sample_prompts, sample_responses
 from resrl_analysis.probes.synthetic import char_tokenizer, random_probe_set, tiny_model

@@ -173,7 +173,7 @@ def run_opening_cell(name: str, monkeypatch, **env: str) -> dict:
 
 @pytest.mark.parametrize("name", ANALYSIS)
 def test_opening_cell_opens_foreign_runs_and_refuses_other_paths(name, tmp_path, monkeypatch, capsys):
-    from resrl_analysis.checkpoints import ProbeError
+    from resrl_analysis.errors import ProbeError
 
     # Layouts only: discovery reads names and config.json, never weights.
     verl = tmp_path / "verl"

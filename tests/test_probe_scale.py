@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from resrl_analysis.bounds import alignment_bound, alignment_bound_paper
-from resrl_analysis.checkpoints import ProbeGroup, ProbeSet
 from resrl_analysis.interference import (
     NTHRWeights,
     group_gradient_alignment,
@@ -29,6 +28,7 @@ from resrl_analysis.interference import (
     nthr_threshold,
 )
 from resrl_analysis.ops import group_advantages
+from resrl_analysis.probe_sets import ProbeGroup, ProbeSet
 from resrl_analysis.probes.capture import GroupForward, forward_probe_set, pad_id_of, token_probs
 from resrl_analysis.probes.interference import QUANTILES, _tied, full_model_gradient_cosine
 from resrl_analysis.probes.subspace import (

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from resrl_analysis import rundir
-from resrl_analysis.checkpoints import ProbeError
+from resrl_analysis.errors import ProbeError
 from resrl_analysis.probe_sets import final_answer_reward, from_run_prompts
 from resrl_analysis.probes.runner import main
 from resrl_analysis.results import LLDResult

@@ -116,7 +116,7 @@ def _prop_model():
 
 
 def test_too_few_positive_tokens_is_skipped(model):
-    from resrl_analysis.checkpoints import ProbeGroup, ProbeSet
+    from resrl_analysis.probe_sets import ProbeGroup, ProbeSet
 
     g = ProbeGroup(0, (1, 5), ((6, 2), (7, 8, 9, 2)), (1.0, 0.0))
     r = subspace_probe(model, ProbeSet((g,)))
@@ -127,7 +127,7 @@ def test_too_few_positive_tokens_is_skipped(model):
 def test_pair_samples_hold_measured_pairs_under_their_bounds():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from resrl_analysis.checkpoints import ProbeGroup, ProbeSet
+    from resrl_analysis.probe_sets import ProbeGroup, ProbeSet
     from resrl_analysis.probes import subspace_probe
 
     torch.manual_seed(0)

@@ -623,7 +623,8 @@ def _probe_file(path: Path, **group) -> Path:
     ({"rewards": [1.0, float("inf")]}, ":2: field 'rewards' must hold finite numbers, got [1.0, inf]"),
 ])
 def test_bad_probe_set_fields_are_one_line_errors(tmp_path, group, message):
-    from resrl_analysis.checkpoints import ProbeError, ProbeSet
+    from resrl_analysis.errors import ProbeError
+    from resrl_analysis.probe_sets import ProbeSet
 
     f = _probe_file(tmp_path / "p.jsonl", **group)
     with pytest.raises(ProbeError) as info:
@@ -633,7 +634,8 @@ def test_bad_probe_set_fields_are_one_line_errors(tmp_path, group, message):
 
 @pytest.mark.unit
 def test_nan_reward_in_a_rollout_dump_probe_set_is_rejected(tmp_path):
-    from resrl_analysis.checkpoints import ProbeError, ProbeSet
+    from resrl_analysis.errors import ProbeError
+    from resrl_analysis.probe_sets import ProbeSet
 
     rows = [{"group_id": 0, "prompt_ids": [1], "response_ids": [2], "reward": r} for r in (1.0, float("nan"))]
     f = tmp_path / "step_000000.jsonl"

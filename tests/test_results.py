@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from resrl_analysis.checkpoints import ProbeError
+from resrl_analysis.errors import ProbeError
 from resrl_analysis.results import (
     RESULT_TYPES,
     DiversityResult,

@@ -100,7 +100,7 @@ def test_step_names_round_trip():
 
 
 def test_list_checkpoints_one_meaning(tmp_path):
-    assert list_checkpoints(tmp_path) == []  # not a run: nothing, not an error (checkpoints.py raises for probes)
+    assert list_checkpoints(tmp_path) == []  # not a run: nothing, not an error (runs.run_checkpoints raises for probes)
     for name in ("step_000004", "step_000000", ".tmp-step_000008-x", "step_9", "notes"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_000002").write_text("a file, not a checkpoint")

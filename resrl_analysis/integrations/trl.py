@@ -34,8 +34,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from ..checkpoints import ProbeError, ProbeSet
-from ..probe_sets import load_probe_set
+from ..errors import ProbeError
+from ..probe_sets import ProbeSet, load_probe_set
 from ..probes.config import ProbeConfig
 from ..probes.engine import ProbePass
 from ..probes.interference import InterferenceOptions
@@ -105,7 +105,7 @@ class ProbeCallback(TrainerCallback):
     """Run the probes on the live model during training (a ``transformers.TrainerCallback``).
 
     Args:
-        probe_set: a loaded :class:`~resrl_analysis.checkpoints.ProbeSet` or a path in any format
+        probe_set: a loaded :class:`~resrl_analysis.probe_sets.ProbeSet` or a path in any format
             of :func:`resrl_analysis.probe_sets.load_probe_set` (text is encoded with the trainer's
             tokenizer; a dataset file is sampled once with the starting policy).
         probes: any registered probe that can run live (``live = True`` in :mod:`resrl_analysis.probes.registry`;

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints import ProbeGroup, ProbeSet
 from ..forward import PackedRows, capture, model_device, pack_rows, response_forward
 from ..interference import GroupGrams, group_grams
 from ..ops import DEFAULT_MEMORY_BUDGET_MB, softmax_probs
+from ..probe_sets import ProbeGroup, ProbeSet
 
 __all__ = [
     "GroupBatch",

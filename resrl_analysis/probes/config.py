@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import ProbeError
+from ..errors import ProbeError
 from ..probe_sets import PROBE_SET_KEYWORDS
 from .registry import REGISTRY, get_probe, option_fields, probe_options_from, resolve_probes
 

@@ -26,8 +26,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..checkpoints import ProbeSet
 from ..ops import avg_at_n, pass_at_k_curve
+from ..probe_sets import ProbeSet
 from ..results import DiversityResult
 from ..sampling import SamplingParams, eos_token_ids, sample
 from .config import probe_set_keyword, steps_spec
@@ -277,7 +277,7 @@ def diversity_probe(
         max_batch_rows: rows (prompts x ``n_samples``) per sampling call; changes speed, not samples.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probe_sets import ProbeGroup
     >>> class Tok:  # any object with decode() and eos_token_id will do
     ...     eos_token_id, pad_token_id = 2, 0
     ...     def decode(self, ids, skip_special_tokens=True): return " ".join(map(str, ids))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoints import ProbeSet
+from ..probe_sets import ProbeSet
 from ..results import ProbeResult
 from .capture import forward_group, pad_id_of
 from .config import ProbeConfig, steps_spec

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from ..advantages import ALGORITHM_NAMES, AdvantageParams, AlgoInputs, get_algorithm
-from ..checkpoints import ProbeSet
 from ..forward import PackedRows, response_forward
 from ..interference import sharing_grams
+from ..probe_sets import ProbeSet
 from ..results import FirstOrderResult
 from .capture import (
     GroupBatch,
@@ -86,7 +86,7 @@ def token_advantages(fwd: GroupForward, algorithm: str, options: AdvantageParams
     ``seed`` (with the group's id) seeds ResRL's sub-sampling and randomized SVD, as the trainer's step seed does.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probe_sets import ProbeGroup
     >>> from resrl_analysis.probes.capture import forward_group
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
@@ -352,7 +352,7 @@ def full_step_deltas(model: nn.Module, fwd: GroupForward, advantages: Sequence[T
     model (forward and backward of every micro-batch). Log π before the step is the forward's own.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probe_sets import ProbeGroup
     >>> from resrl_analysis.probes.capture import forward_group
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
@@ -464,7 +464,7 @@ def head_step_delta(fwd: GroupForward, advantages: Tensor, lr: float, head: nn.M
     shows the first-order agreement down to small steps.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probe_sets import ProbeGroup
     >>> from resrl_analysis.probes.capture import forward_group
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
@@ -483,7 +483,7 @@ def head_step_deltas(fwd: GroupForward, advantages: Sequence[Tensor], lr: float,
     logits and probabilities) is done once.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probe_sets import ProbeGroup
     >>> from resrl_analysis.probes.capture import forward_group
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
@@ -543,7 +543,7 @@ def first_order_prediction(
     group without a mixed reward zero advantages); ``groups`` records each group's status.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probe_sets import ProbeGroup
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
     >>> ps = ProbeSet((ProbeGroup(0, (1, 5), ((6, 2), (7, 8, 2), (9, 2)), (1.0, 0.0, 0.0)),))

@@ -25,10 +25,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints import ProbeSet
 from ..forward import response_forward
 from ..interference import GroupGrams, block_picks, nthr_eta, row_blocks, streaming_quantiles
 from ..ops import group_advantages
+from ..probe_sets import ProbeSet
 from ..results import InterferenceResult, ProbeResult
 from .capture import (
     GroupForward,
@@ -202,7 +202,7 @@ def interference_probe(
         max_cosine_samples: raw cosines kept per group (uniform sample, seeded) for histograms.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probe_sets import ProbeGroup
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)).eval()
     >>> ps = ProbeSet((ProbeGroup(0, (1, 5), ((6, 2), (7, 8, 2), (9, 2)), (1.0, 0.0, 0.0)),))

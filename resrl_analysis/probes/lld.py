@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..checkpoints import ProbeSet
+from ..probe_sets import ProbeSet
 from ..results import LLDResult, ProbeResult, ScoresResult
 from .capture import GroupForward, forward_probe_set, pad_id_of
 from .registry import FinishContext, GroupsContext, Probe, option, register_probe
@@ -91,7 +91,7 @@ def score_responses(
     keeps the per-token detail (:func:`scores_from_forwards`).
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probe_sets import ProbeGroup
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
     ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
     >>> ps = ProbeSet((ProbeGroup(0, (1, 5), ((6, 2), (7,)), (1.0, 0.0)),))

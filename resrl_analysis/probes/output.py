@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import ProbeSet
+from ..probe_sets import ProbeSet
 from ..results import ProbeResult, _replace_dir, atomic_write_text, to_jsonable
 
 __all__ = ["write_results", "results_summary", "probe_set_hash", "saved_tables"]

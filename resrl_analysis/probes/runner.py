@@ -29,9 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import rundir
-from ..checkpoints import ProbeError, ProbeSet, check_compatible, load_checkpoint, load_tokenizer
+from ..checkpoints import check_compatible, load_checkpoint, load_tokenizer
+from ..errors import ProbeError
 from ..plan import MemoryPlan, ProbeShape, check_plan, plan_for_config
-from ..probe_sets import from_run_prompts, load_probe_set
+from ..probe_sets import ProbeSet, from_run_prompts, load_probe_set
 from ..results import LLDResult, ProbeResult, ScoresResult, to_jsonable
 from ..rundir import RunLock, RunLocked
 from ..runs import RunInfo, discover_run

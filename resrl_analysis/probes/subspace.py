@@ -34,8 +34,8 @@ from scipy import stats
 from torch import Tensor, nn
 
 from ..bounds import paper_bound_from_norms, projection_norms, tight_bound_from_norms
-from ..checkpoints import ProbeSet
 from ..interference import GroupGrams, block_picks, row_blocks, streaming_quantiles
+from ..probe_sets import ProbeSet
 from ..results import SubspaceResult
 from ..weighting import (
     ResRLWeightConfig,
@@ -218,7 +218,7 @@ def subspace_probe(
     row per representation with their ``status`` and are listed in ``meta["skipped"]``.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probe_sets import ProbeGroup
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
     >>> ps = ProbeSet((ProbeGroup(0, (1, 5), ((6, 3, 2), (4, 5, 2), (7, 8, 2), (9, 2)), (1.0, 1.0, 0.0, 0.0)),))

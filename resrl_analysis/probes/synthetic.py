@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoints import ProbeGroup, ProbeSet, _quiet_transformers
+from ..checkpoints import _quiet_transformers
+from ..probe_sets import ProbeGroup, ProbeSet
 
 __all__ = ["CHARS", "char_tokenizer", "tiny_model", "random_probe_set", "write_fake_run"]
 
