@@ -4,7 +4,7 @@ Identical setup: the same model files (the tiny warm start when shipped, else th
 model with the character tokenizer, saved once by ``prepare``), the same prompts in the same order
 (the multiplication task's seeded training stream), 4 prompts × 8 generations per step, at most 8 completion
 tokens (EOS ends a completion), temperature 1, no top-k/top-p, exact-match reward
-(:func:`trainer.rewards.exact_match_reward`; with a random model, which never solves the task, both sides
+(:func:`resrl_analysis.rewards.exact_match_reward`; with a random model, which never solves the task, both sides
 use seeded coin-flip rewards instead so that advantages are not all zero), no KL (no reference model), PPO
 clip ε = 0.2 with token-mean aggregation (TRL's default ``dapo`` loss), one optimizer step per generation
 batch, float32, CPU.
@@ -87,7 +87,7 @@ def run_trl(model_dir: Path, prompts_file: Path, steps: int, warmup: int, thread
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from trainer.rewards import exact_match_reward
+    from resrl_analysis.rewards import exact_match_reward
 
     rows = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()]
     dataset = Dataset.from_list(rows)

@@ -23,10 +23,11 @@ RLVR dataset (JSONL/parquet)  verl's layout (``prompt`` as a chat list, ``reward
                               default): responses are sampled with the base model and scored
 ============================  ==========================================================================
 
-Rows are grouped by ``uid`` when present, else by prompt. Rewards are recomputed with the task's
-reward (:func:`resrl_analysis.probes.diversity.default_reward_fn`: math-verify, or exact match for
-the multiplication task) wherever a ground truth is known and kept as logged otherwise; the probe
-set's ``notes`` say which (``rewards: recomputed with ...`` / ``rewards: as logged``).
+Rows are grouped by ``uid`` when present, else by prompt. Rewards are recomputed with the reward the
+trainer used for the row's data source (:func:`resrl_analysis.rewards.default_reward_fn`: exact match for the
+multiplication task, the final answer for addition, math-verify for any other source) wherever a ground
+truth is known and kept as logged otherwise; the probe set's ``notes`` say which (``rewards: recomputed
+with ...`` / ``rewards: as logged``).
 
 Prompt text is tokenized once, the way the trainer saw it: a chat message list is rendered with the
 tokenizer's chat template and encoded without special tokens; a string that already starts with
@@ -53,13 +54,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import rundir
 from .errors import ProbeError
+from .rewards import default_reward_fn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["ProbeSet", "ProbeGroup", "encode_prompt", "render_prompt", "detect_format", "load_probe_set",
            "from_records", "from_trl_completions", "from_verl_rollouts", "from_dataset", "reward_origin",
-           "PROBE_SET_KEYWORDS", "final_answer_reward", "from_run_prompts"]
+           "PROBE_SET_KEYWORDS", "from_run_prompts"]
 
 #: ``resrl probe --probe-set KEYWORD``: built from the run directory instead of a file.
 PROBE_SET_KEYWORDS = ("heldout", "train", "batch")
@@ -414,14 +416,6 @@ def reward_origin(probe_set: ProbeSet) -> str:
     return ""
 
 
-def _task_reward(data_source: str) -> Callable[[str, str], float]:
-    # Exact match for the tiny multiplication task; math-verify for any other (a foreign dump's
-    # empty data_source included); exact match only when math-verify is not installed.
-    from .probes.diversity import default_reward_fn
-
-    return default_reward_fn(data_source or "math")
-
-
 def from_records(records: Sequence[_Record], tokenizer: Any, *, source: str, append_eos: bool = True,
                  reward_fn: Callable[[str, str], float] | None = None) -> ProbeSet:
     """Group prompt/response/reward records by ``uid`` (else prompt) into a probe set; rewards are
@@ -450,7 +444,7 @@ def from_records(records: Sequence[_Record], tokenizer: Any, *, source: str, app
                 dropped += 1
                 continue
             if r.ground_truth is not None:
-                fn = reward_fn or fns.setdefault(r.data_source, _task_reward(r.data_source))
+                fn = reward_fn or fns.setdefault(r.data_source, default_reward_fn(r.data_source))
                 reward = float(fn(r.response, r.ground_truth))
                 n_recomputed += 1
             elif r.reward is None or not math.isfinite(r.reward):
@@ -668,7 +662,7 @@ def from_dataset(path: str | Path, tokenizer: Any, model: PreTrainedModel | str 
     groups, fns, dropped = [], {}, 0
     for gid, ((_, r, text, pids, gt), resp) in enumerate(zip(items, samples)):
         ds = str(r.get("data_source", ""))
-        fn = reward_fn or fns.setdefault(ds, _task_reward(ds))
+        fn = reward_fn or fns.setdefault(ds, default_reward_fn(ds))
         kept = [x for x in resp if x]
         dropped += len(resp) - len(kept)
         if not kept:
@@ -692,27 +686,6 @@ def from_dataset(path: str | Path, tokenizer: Any, model: PreTrainedModel | str 
 # ----------------------------------------------------------------------------- the run's own prompts
 
 
-def final_answer_reward(response_text: str, ground_truth: str) -> float:
-    """1.0 iff the response's final answer, the text after its last ``=`` (the whole response when it has none),
-    stripped, is exactly the ground truth: the embedded tasks' rule (a bare product, or a worked solution ending in
-    ``=answer``), recomputed here because the core cannot call the trainer's reward.
-
-    >>> final_answer_reward("7+5=12;4+8+1=13;=132", "132"), final_answer_reward(" 1081", "1081")
-    (1.0, 1.0)
-    >>> final_answer_reward("7+5=12;=13", "132"), final_answer_reward("", "")
-    (0.0, 0.0)
-    """
-    answer = response_text.rsplit("=", 1)[-1].strip()
-    return float(bool(answer) and answer == ground_truth.strip())
-
-
-def _prompt_file_reward(data_source: str) -> Callable[[str, str], float]:
-    # Multiplication responses are the bare product: whole-text exact match, exactly the trainer's rule there.
-    from .probes.diversity import exact_match_reward
-
-    return exact_match_reward if data_source == "multiplication" else final_answer_reward
-
-
 def _run_setting(run_dir: Path, key: str, default: Any) -> Any:
     """One field of the run's config.yaml (``default`` when the file or the field is missing)."""
     import yaml
@@ -732,7 +705,8 @@ def from_run_prompts(run_dir: str | Path, which: str, tokenizer: Any, model: Pre
 
     Each prompt's group is its reference response (the task's correct response, reward 1) followed by
     ``n_samples`` responses sampled by ``model`` (the starting policy: the step-0 checkpoint) through the core
-    sampler, scored by :func:`final_answer_reward` against the ground truth. Defaults come from the run's
+    sampler, scored against the ground truth by the reward the trainer used for the prompt's data source
+    (:func:`resrl_analysis.rewards.default_reward_fn`). Defaults come from the run's
     config.yaml: ``n`` samples at the training ``temperature``, at most ``max_response_length`` tokens.
 
     Raises:
@@ -766,7 +740,7 @@ def from_run_prompts(run_dir: str | Path, which: str, tokenizer: Any, model: Pre
     groups, names, dropped = [], set(), 0
     for gid, ((_, obj), resp) in enumerate(zip(rows, samples)):
         ds = str(obj.get("data_source", ""))
-        fn = _prompt_file_reward(ds)
+        fn = default_reward_fn(ds)
         names.add(fn.__name__)
         kept = [tuple(x) for x in resp if x]
         dropped += len(resp) - len(kept)
@@ -778,8 +752,8 @@ def from_run_prompts(run_dir: str | Path, which: str, tokenizer: Any, model: Pre
             rewards=(1.0, *(float(fn(x, obj["ground_truth"])) for x in texts)),
             prompt=str(obj.get("prompt", "")), responses=(ref_text, *texts), ground_truth=str(obj["ground_truth"]),
             prompt_uid=str(obj["uid"]), data_source=ds))
-    notes = [f"rewards: recomputed with {','.join(sorted(names))} (exact match of the final answer against the "
-             "ground truth, the embedded tasks' rule; the reference response counts as correct)",
+    notes = [f"rewards: recomputed with {','.join(sorted(names))} (the task's reward against the ground truth, "
+             "as the trainer scored it; the reference response counts as correct)",
              f"{which}: {len(groups)} prompts of {path.name}, each with its reference response and {n} responses "
              f"sampled by the starting policy at temperature {temp}, seed {seed}"]
     if dropped:

@@ -181,7 +181,7 @@ def test_verl_rollout_dump_rewards(tmp_path):
 
 
 def test_dataset_layouts_are_sampled_and_scored(tmp_path, one_thread):
-    from resrl_analysis.probes.diversity import exact_match_reward
+    from resrl_analysis.rewards import exact_match_reward
 
     tok = AutoTokenizer.from_pretrained(BASE)
     tok.chat_template = CHAT

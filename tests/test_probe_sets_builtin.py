@@ -1,6 +1,6 @@
 """``resrl probe --probe-set heldout|train|batch`` on a tiny run of the embedded default.
 
-The probe sets' rewards are checked against the trainer's own task reward (which the core cannot call), and the
+The probe sets' rewards are checked against the trainer's own task reward (both call resrl_analysis.rewards), and the
 in-batch LLD against log-likelihoods computed directly from the two checkpoints with a plain forward.
 """
 
@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from resrl_analysis import rundir
 from resrl_analysis.errors import ProbeError
-from resrl_analysis.probe_sets import final_answer_reward, from_run_prompts
+from resrl_analysis.probe_sets import from_run_prompts
 from resrl_analysis.probes.runner import main
 from resrl_analysis.results import LLDResult
+from resrl_analysis.rewards import final_answer_reward
 from trainer.config import preset_config
 from trainer.loop import train
 from trainer.setup import limit_prompts

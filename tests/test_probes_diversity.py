@@ -9,16 +9,15 @@ import pytest
 import torch
 
 from resrl_analysis.probes.diversity import (
-    default_reward_fn,
     distinct_n,
     diversity_probe,
-    exact_match_reward,
     final_answer,
     sample_responses,
     self_bleu,
     sentence_bleu,
 )
 from resrl_analysis.probes.synthetic import char_tokenizer, random_probe_set, tiny_model
+from resrl_analysis.rewards import default_reward_fn, exact_match_reward
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
@@ -68,7 +67,7 @@ def test_answers_and_rewards():
 
 def test_math_verify_reward():
     pytest.importorskip("math_verify")
-    from resrl_analysis.probes.diversity import math_verify_reward
+    from resrl_analysis.rewards import math_verify_reward
 
     assert math_verify_reward("the answer is $\\boxed{72}$", "72") == 1.0
     assert math_verify_reward("\\boxed{71}", "72") == 0.0

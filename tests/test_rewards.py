@@ -1,4 +1,5 @@
-"""Reward functions: exact match, math-verify (also off the main thread), length scale."""
+"""Reward functions: exact match, math-verify (also off the main thread), length scale, and the one reward per
+task that the trainer and the probes share (the cases where the four copies of issue 20 disagreed)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.rewards import exact_match_reward, length_scale_reward, math_verify_reward
+from resrl_analysis.rewards import (
+    EOS_TEXT,
+    default_reward_fn,
+    exact_match_reward,
+    final_answer_reward,
+    length_scale_reward,
+    math_verify_reward,
+)
 
 # -- math-verify ------------------------------------------------------------------------------------
 
@@ -118,3 +126,83 @@ def test_length_scale_scalar_and_validation():
         length_scale_reward(1.0, 5, 10, 10, 0.5)
     with pytest.raises(ValueError):
         length_scale_reward(1.0, 5, 10, 20, 1.5)
+
+
+# -- one reward per task, shared by the trainer and the probes ----------------------------------------
+# Before issue 20 the rewards had four homes that disagreed on exactly these cases: trainer/rewards.py (EOS text
+# cut, math-verify time-outs off outside the main thread), probes/diversity.py (no EOS cut; math-verify's own
+# signal-based time-outs, which raise off the main thread; addition scored by math-verify),
+# probe_sets.final_answer_reward (no EOS cut) and probe_sets._prompt_file_reward (a math run's prompts scored by
+# the final answer). The trainer's behaviour produced the logged rewards, so it is the one kept.
+
+#: (response, ground truth): the cases the copies scored differently, and the ordinary ones around them.
+RESPONSES = [
+    ("1081", "1081"), (" 1081 \n", "1081"), ("1081", " 1081 "), ("108", "1081"), ("", "1081"), ("  ", "  "),
+    (f"1081{EOS_TEXT}junk", "1081"), (f" 1081 {EOS_TEXT}", "1081"), (f"{EOS_TEXT}1081", "1081"),
+    ("7+5=12;4+8+1=13;3+2+1=6;=632", "632"), (f"7+5=12;4+8+1=13;3+2+1=6;=632{EOS_TEXT}junk", "632"),
+    (f"7+5=12;=12{EOS_TEXT}=5", "12"), ("632=", "632"), ("=632 ", "632"), ("7+5=12;=633", "632"),
+    ("\\boxed{632}", "632"), ("so $\\boxed{72}$", "72"), ("The answer is 72.", "72"), ("23*47=1081", "1081"),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("response", "gold", "want"), [
+    (f"1081{EOS_TEXT}junk", "1081", 1.0),  # probes/diversity.py's copy gave 0 (no EOS cut)
+    (f"{EOS_TEXT}1081", "1081", 0.0),  # nothing before the EOS: empty
+    (" 1081 \n", "1081", 1.0), ("1081", " 1081 ", 1.0),  # whitespace stripped on both sides
+    ("23*47=1081", "1081", 0.0),  # the whole response, not the text after "="
+    ("\\boxed{1081}", "1081", 0.0),  # no boxed-answer extraction in exact match
+])
+def test_exact_match_cases_where_copies_differed(response, gold, want):
+    assert exact_match_reward(response, gold) == want
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("response", "gold", "want"), [
+    (f"7+5=12;4+8+1=13;3+2+1=6;=632{EOS_TEXT}junk", "632", 1.0),  # probe_sets' copy gave 0 (no EOS cut)
+    (f"7+5=12;=12{EOS_TEXT}=5", "12", 1.0),  # probe_sets' copy read "5", the text after a "=" past the EOS
+    ("=632 \n", " 632", 1.0), ("632", "632", 1.0),  # whitespace; no "=" at all: the whole response
+    ("632=", "632", 0.0), ("7+5=12;=633", "632", 0.0),  # an empty or wrong final answer
+    ("7+5=12;=\\boxed{632}", "632", 0.0),  # math-verify (diversity's default for addition) said 1
+])
+def test_final_answer_cases_where_copies_differed(response, gold, want):
+    assert final_answer_reward(response, gold) == want
+
+
+@pytest.mark.unit
+def test_each_data_source_gets_the_reward_its_task_used():
+    assert default_reward_fn("multiplication") is exact_match_reward
+    assert default_reward_fn("addition") is final_answer_reward  # diversity's copy: math-verify
+    assert default_reward_fn("openai/gsm8k") is math_verify_reward  # a math file's data source
+    assert default_reward_fn("") is math_verify_reward  # a foreign dump (diversity's copy: exact match)
+
+
+@pytest.mark.unit
+def test_probe_reward_equals_the_trainer_task_reward(tmp_path):
+    """For every embedded task and every case above, the reward a probe recomputes from the prompt's data source
+    is the trainer's own ``task.reward`` (the value logged in its rollouts)."""
+    import json
+
+    from trainer.tasks import make_task
+    from trainer.tasks.math import MathTask
+
+    data = tmp_path / "toy.jsonl"
+    data.write_text(json.dumps({"prompt": "6*12=?", "reward_model": {"ground_truth": "72"}}) + "\n")
+    tasks = [make_task("multiplication"), make_task("addition"), MathTask(data)]
+    for task in tasks:
+        source = task.train_item(0).data_source  # what the rollout dump records for the prompt
+        probe_reward = default_reward_fn(source)
+        for response, gold in RESPONSES:
+            assert probe_reward(response, gold) == task.reward(response, gold), (source, response, gold)
+
+
+@pytest.mark.unit
+def test_probe_rewards_work_off_the_main_thread():
+    # The probes' math-verify copy raised "signal only works in main thread" there; the one reward switches the
+    # time-outs off instead, as the trainer's did.
+    fn = default_reward_fn("openai/gsm8k")
+    out: list[float] = []
+    t = threading.Thread(target=lambda: out.append(fn("so $\\boxed{72}$", "72")))
+    t.start()
+    t.join(timeout=60)
+    assert out == [1.0]

@@ -221,7 +221,7 @@ def _reset_peak_memory(ctx: DistContext) -> None:
 def _rewards(cfg: TrainConfig, task: Task, texts: list[str], prompts: list[Prompt], lengths: Tensor) -> Tensor:
     r = torch.tensor([task.reward(t, p.ground_truth) for t, p in zip(texts, prompts)], dtype=torch.float32)  # (B,)
     if cfg.length_scale:
-        from trainer.rewards import length_scale_reward
+        from resrl_analysis.rewards import length_scale_reward
 
         r = length_scale_reward(r, lengths.cpu(), cfg.length_start, cfg.max_response_length, cfg.length_end_scale)
     return r.float()

@@ -7,7 +7,8 @@ randomness from its own generator (seeded from ``seed`` and its group id; the gl
 touched), so its samples are those of sampling it alone with the same seed, whatever the batching:
 the uniforms are identical and only the floating-point effect of batching and padding on the logits
 could move a draw that falls within rounding of a token boundary. A response is correct when
-``reward_fn(text, ground_truth)`` is > 0; the unbiased pass@k (:func:`resrl_analysis.ops.pass_at_k`) is
+``reward_fn(text, ground_truth)`` is > 0 (default: the reward the trainer used for the prompt's data source,
+:func:`resrl_analysis.rewards.default_reward_fn`); the unbiased pass@k (:func:`resrl_analysis.ops.pass_at_k`) is
 reported for every k ≤ n.
 Diversity is measured in model tokens (distinct-n, self-BLEU) and in final answers.
 """
@@ -29,18 +30,15 @@ from torch import nn
 from ..ops import avg_at_n, pass_at_k_curve
 from ..probe_sets import ProbeSet
 from ..results import DiversityResult
+from ..rewards import RewardFn, default_reward_fn, exact_match_reward, math_verify_reward
 from ..sampling import SamplingParams, eos_token_ids, sample
-from .config import probe_set_keyword, steps_spec
+from .config import steps_spec
 from .registry import CheckpointContext, Probe, option, register_probe
 
 if TYPE_CHECKING:
     from ..plan import PlanInputs
 
 __all__ = [
-    "RewardFn",
-    "exact_match_reward",
-    "math_verify_reward",
-    "default_reward_fn",
     "final_answer",
     "distinct_n",
     "sentence_bleu",
@@ -51,53 +49,6 @@ __all__ = [
     "DiversityOptions",
     "DiversityProbe",
 ]
-
-RewardFn = Callable[[str, str], float]
-
-
-def exact_match_reward(response_text: str, ground_truth: str) -> float:
-    """1.0 iff the stripped response equals the stripped ground truth (never for an empty response).
-
-    >>> exact_match_reward(" 1081 ", "1081"), exact_match_reward("108", "1081"), exact_match_reward("", "")
-    (1.0, 0.0, 0.0)
-    """
-    answer = response_text.strip()
-    return float(bool(answer) and answer == ground_truth.strip())
-
-
-def math_verify_reward(response_text: str, ground_truth: str) -> float:
-    """1.0 iff math-verify judges the response's final answer equal to the ground truth.
-
-    Needs the ``math_verify`` package. A bare ground truth is wrapped in ``\\boxed{}`` so that it
-    parses as LaTeX and as a number.
-
-    >>> math_verify_reward("so it is $\\\\boxed{\\\\frac{1}{2}}$", "0.5")  # doctest: +SKIP
-    1.0
-    """
-    from math_verify import parse, verify
-
-    gold_text = ground_truth if ("\\boxed" in ground_truth or "$" in ground_truth) else f"\\boxed{{{ground_truth}}}"
-    gold = parse(gold_text)
-    answer = parse(response_text)
-    if not gold or not answer:
-        return 0.0
-    return float(verify(gold, answer))
-
-
-def default_reward_fn(data_source: str = "") -> RewardFn:
-    """Exact match for the tiny multiplication task (and whenever math-verify is missing), else math-verify.
-
-    >>> default_reward_fn("multiplication") is exact_match_reward
-    True
-    """
-    if data_source in ("", "multiplication"):
-        return exact_match_reward
-    try:
-        import math_verify  # noqa: F401
-    except ImportError:
-        return exact_match_reward
-    return math_verify_reward
-
 
 _BOXED = re.compile(r"\\boxed\{")
 
@@ -271,8 +222,9 @@ def diversity_probe(
         seed: prompt i is sampled with seed ``seed * 1_000_003 + group_id`` (reproducible, and
             independent of which other prompts are probed).
         reward_fn: ``reward_fn(response_text, ground_truth) -> float``, correct when > 0; default
-            :func:`default_reward_fn` of the probe set's data source. Prompts without a ground truth
-            get NaN correctness (listed in ``meta["skipped"]``).
+            each prompt's task reward, :func:`resrl_analysis.rewards.default_reward_fn` of its data source
+            (as the trainer scored it). Prompts without a ground truth get NaN correctness (listed in
+            ``meta["skipped"]``).
         answer_fn: extracts the final answer for the distinct-answer fraction.
         max_batch_rows: rows (prompts x ``n_samples``) per sampling call; changes speed, not samples.
 
@@ -296,8 +248,7 @@ def diversity_probe(
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else (min(stop) if stop else 0)
     max_new = max_new_tokens or max(len(r) for g in probe_set.groups for r in g.response_ids)
-    sources = {g.data_source for g in probe_set.groups}
-    rf = reward_fn or default_reward_fn(sources.pop() if len(sources) == 1 else "")
+    rfs = {g.data_source: reward_fn or default_reward_fn(g.data_source) for g in probe_set.groups}
     prows, srows, skipped = [], [], []
     counts, correct_matrix = [], []
     sampled = sample_prompts(model, [g.prompt_ids for g in probe_set.groups], n_samples,
@@ -308,7 +259,7 @@ def diversity_probe(
         texts = [tokenizer.decode([t for t in r if t not in stop], skip_special_tokens=True) for r in ids]
         answers = [answer_fn(t) for t in texts]
         if g.ground_truth is not None:
-            rewards = [float(rf(t, g.ground_truth)) for t in texts]
+            rewards = [float(rfs[g.data_source](t, g.ground_truth)) for t in texts]
             correct = [r > 0 for r in rewards]
             counts.append(sum(correct))
             correct_matrix.append(correct)
@@ -331,7 +282,8 @@ def diversity_probe(
         krows = [{"step": step, "k": k + 1, "pass_at_k": float(v), "avg_at_n": avg, "n_prompts": len(counts)}
                  for k, v in enumerate(curve)]
     meta = {"n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new, "seed": seed,
-            "reward_fn": getattr(rf, "__name__", repr(rf)), "units": "model tokens",
+            "reward_fn": ",".join(sorted({getattr(f, "__name__", repr(f)) for f in rfs.values()})),
+            "units": "model tokens",
             "probe_set": probe_set.describe(), "skipped": skipped}
     return DiversityResult(prompts=pd.DataFrame(prows), pass_at_k=pd.DataFrame(krows), samples=pd.DataFrame(srows),
                            meta=meta)
@@ -348,7 +300,8 @@ class DiversityOptions:
     diversity_steps: str = option("ends", "where to sample for pass@k and diversity: 'ends' (default), 'all', 'none', "
                                   "or steps", metavar="SPEC")
     reward: str = option("auto", "correctness of sampled responses: exact match of the stripped text, math-verify, or "
-                         "auto (exact for the multiplication task, math-verify otherwise when installed)",
+                         "auto (each prompt's task reward, as the trainer scored it: exact match for multiplication, "
+                         "the final answer for addition, math-verify otherwise)",
                          choices=("auto", "exact", "math"))
 
 
@@ -374,19 +327,14 @@ class DiversityProbe(Probe):
     def active_at(self, step: int, steps: Sequence[int]) -> bool:
         return step in steps_spec(self.options.diversity_steps, list(steps))
 
-    def reward_fn(self, ctx: CheckpointContext) -> RewardFn:
-        """The rule that scores samples: the option's, else the one the probe set's own rewards came from."""
+    def reward_fn(self, ctx: CheckpointContext) -> RewardFn | None:
+        """The rule that scores samples: the option's, else None (each prompt's task reward, as the trainer scored
+        it: :func:`resrl_analysis.rewards.default_reward_fn` of its data source)."""
         if self.options.reward == "exact":
             return exact_match_reward
         if self.options.reward == "math":
             return math_verify_reward
-        sources = {g.data_source for g in ctx.probe_set.groups}
-        source = sources.pop() if len(sources) == 1 else ""
-        if probe_set_keyword(ctx.config) is not None:  # the run's prompt files: the task's reward
-            from ..probe_sets import _prompt_file_reward
-
-            return _prompt_file_reward(source)
-        return default_reward_fn(source)
+        return None
 
     def on_checkpoint(self, ctx: CheckpointContext, parts: Sequence[DiversityResult]) -> DiversityResult:
         c = ctx.config

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.rewards import EOS_TEXT
+from resrl_analysis.rewards import final_answer_reward
 from trainer.tasks.base import Prompt, Task
 
 # Fixed once: changing it would silently move prompts between train and validation, and the
@@ -127,6 +127,4 @@ class AdditionTask(Task):
         >>> AdditionTask(validation_pairs=1).reward("7+8=15;4+3=7;=75", "85")
         0.0
         """
-        answer = response_text.split(EOS_TEXT, 1)[0].rsplit("=", 1)[-1].strip()
-        gold = ground_truth.strip()
-        return float(bool(answer) and answer == gold)
+        return final_answer_reward(response_text, ground_truth)

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from trainer.rewards import math_verify_reward
+from resrl_analysis.rewards import math_verify_reward
 from trainer.tasks.base import DataError, Prompt, Task
 
 PathLike = str | os.PathLike

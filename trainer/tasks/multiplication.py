@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.rewards import exact_match_reward
+from resrl_analysis.rewards import exact_match_reward
 from trainer.tasks.base import Prompt, Task
 
 # Fixed once: changing it would silently move prompts between train and validation, and the
