@@ -1,6 +1,6 @@
 """The diversity probe's sampling against HF ``generate`` once per prompt (issue 13): same model, prompts, n, tokens.
 
-Ours: :func:`resrl_analysis.probes.diversity.sample_prompts`, what the diversity probe calls: all
+Ours: :func:`resrl_analysis.sampling.sample_prompts`, what the diversity probe calls: all
 prompts × n rows through the core sampler (:func:`resrl_analysis.sampling.sample`) in batches of at most
 ``max_batch_rows`` rows. Reference: ``model.generate`` called once per prompt with ``num_return_sequences
 = n`` (what the probe did before), pure sampling (temperature 1, no top-k, no top-p), the same
@@ -49,7 +49,7 @@ def _prompts(n_prompts: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 def ours(model, prompts: list[list[int]], n: int, max_new_tokens: int, seed: int = 0) -> list[list[list[int]]]:
     """The diversity probe's sampling: every prompt × n in batched calls of the core sampler."""
-    from resrl_analysis.probes.diversity import sample_prompts
+    from resrl_analysis.sampling import sample_prompts
 
     return sample_prompts(model, prompts, n, [seed + i for i in range(len(prompts))], max_new_tokens=max_new_tokens,
                           eos_token_id=2, pad_token_id=0)

@@ -610,13 +610,12 @@ def _sample_for_probe_set(model: PreTrainedModel, tokenizer: Any, prompts: Seque
                           max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
                           batch_size: int = 16) -> list[list[list[int]]]:
     """``n`` sampled responses (token ids, cut after EOS, EOS kept) per prompt, by the core sampler
-    (:func:`resrl_analysis.probes.diversity.sample_prompts`): pure sampling, batched over prompts, prompt ``i``
+    (:func:`resrl_analysis.sampling.sample_prompts`): pure sampling, batched over prompts, prompt ``i``
     driven by its own generator seeded from ``(seed, i)``, so a prompt's responses do not depend on its
     neighbours; the global RNG is left untouched."""
     import numpy as np
 
-    from .probes.diversity import sample_prompts
-    from .sampling import eos_token_ids
+    from .sampling import eos_token_ids, sample_prompts
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(len(prompts))]

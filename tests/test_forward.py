@@ -20,9 +20,9 @@ from resrl_analysis.forward import (
 )
 from resrl_analysis.probe_sets import ProbeGroup
 from resrl_analysis.probes.capture import forward_group
-from resrl_analysis.probes.diversity import diversity_probe, sample_prompts, sample_responses
+from resrl_analysis.probes.diversity import diversity_probe
 from resrl_analysis.probes.synthetic import char_tokenizer, random_probe_set, tiny_model
-from resrl_analysis.sampling import SamplingParams, encode_prompts, sample
+from resrl_analysis.sampling import SamplingParams, encode_prompts, sample, sample_prompts, sample_responses
 from resrl_analysis.weighting import select_representation
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]

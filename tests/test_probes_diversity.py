@@ -12,12 +12,12 @@ from resrl_analysis.probes.diversity import (
     distinct_n,
     diversity_probe,
     final_answer,
-    sample_responses,
     self_bleu,
     sentence_bleu,
 )
 from resrl_analysis.probes.synthetic import char_tokenizer, random_probe_set, tiny_model
 from resrl_analysis.rewards import default_reward_fn, exact_match_reward
+from resrl_analysis.sampling import sample_responses
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 

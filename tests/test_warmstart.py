@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from resrl_analysis.sampling import sample_texts
 from trainer.models import build_tiny_model
 from trainer.tasks import Prompt, make_task
 from trainer.tasks.multiplication import MultiplicationTask
@@ -23,7 +24,6 @@ from trainer.warmstart import (
     load_tiny_warmstart,
     read_warmstart_record,
     run_warmstart,
-    sample_responses,
     sft_batch,
     shared_token_fraction,
 )
@@ -47,7 +47,7 @@ def test_sampler_greedy_matches_unbatched_reference():
     tok = build_char_tokenizer()
     model = build_tiny_model(seed=3, tokenizer=tok).eval()
     prompts = ["1*2=", "12*34=", "hello world 5", "7"]
-    batched = sample_responses(model, tok, prompts, max_new_tokens=6, temperature=0)
+    batched = sample_texts(model, tok, prompts, max_new_tokens=6, temperature=0)
     for prompt, got in zip(prompts, batched):
         ids = torch.tensor([tok(prompt)["input_ids"]])
         out = []
@@ -68,7 +68,7 @@ def test_sampler_is_seeded_and_samples_full_softmax():
     prompts = ["12*34="] * 64
 
     def draw(seed: int) -> list[str]:
-        return sample_responses(model, tok, prompts, 3, generator=torch.Generator().manual_seed(seed))
+        return sample_texts(model, tok, prompts, 3, generator=torch.Generator().manual_seed(seed))
 
     a, b, c = draw(0), draw(0), draw(1)
     assert a == b and a != c

@@ -195,30 +195,6 @@ def sft_batch(
 # -- sampling and evaluation ---------------------------------------------------------------------
 
 
-def sample_responses(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> list[str]:
-    """Sample one response per prompt from the full softmax (no top-k, no top-p); 0 = greedy.
-
-    The RL rollout's sampler (:func:`resrl_analysis.sampling.sample`), not `model.generate`, whose
-    sampling defaults (top_k=50 in transformers 5) differ. Responses are cut at the first EOS and
-    decoded without special tokens.
-
-    >>> model, tok = build_tiny_model(seed=0), build_char_tokenizer()
-    >>> outs = sample_responses(model, tok, ["12*34="], 4, generator=torch.Generator().manual_seed(0))
-    >>> len(outs), len(outs[0]) <= 4
-    (1, True)
-    """
-    rows = [r[:-1] if done else r for r, done in _sample_rows(model, tokenizer, prompts, max_new_tokens,
-                                                             temperature, generator)]  # drop EOS
-    return tokenizer.batch_decode(rows, skip_special_tokens=True)
-
-
 def _sample_rows(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

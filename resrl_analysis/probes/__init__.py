@@ -52,7 +52,6 @@ from .diversity import (  # isort: skip
     DiversityProbe,
     distinct_n,
     diversity_probe,
-    sample_responses,
     self_bleu,
     sentence_bleu,
 )
@@ -91,7 +90,6 @@ __all__ = [
     "lld_between",
     "lld_between_models",
     "register_probe",
-    "sample_responses",
     "score_responses",
     "scores_from_forwards",
     "self_bleu",

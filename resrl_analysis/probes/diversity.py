@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
 from ..ops import avg_at_n, pass_at_k_curve
 from ..probe_sets import ProbeSet
 from ..results import DiversityResult
 from ..rewards import RewardFn, default_reward_fn, exact_match_reward, math_verify_reward
-from ..sampling import SamplingParams, eos_token_ids, sample
+from ..sampling import eos_token_ids, sample_prompts
 from .config import steps_spec
 from .registry import CheckpointContext, Probe, option, register_probe
 
@@ -43,8 +42,6 @@ __all__ = [
     "distinct_n",
     "sentence_bleu",
     "self_bleu",
-    "sample_prompts",
-    "sample_responses",
     "diversity_probe",
     "DiversityOptions",
     "DiversityProbe",
@@ -132,72 +129,6 @@ def self_bleu(sequences: Sequence[Sequence[Hashable]], max_n: int = 4) -> float:
 
 def _eos_list(eos: int | Sequence[int] | None) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
-
-def sample_prompts(
-    model: nn.Module,
-    prompt_ids: Sequence[Sequence[int]],
-    n: int,
-    seeds: Sequence[int],
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int = 0,
-    max_batch_rows: int = 256,
-) -> list[list[list[int]]]:
-    """``n`` responses to each prompt by pure sampling (``top_k=0``, ``top_p=1``), batched across prompts
-    (at most ``max_batch_rows`` rows a call), prompt ``i`` driven by a generator seeded with ``seeds[i]``:
-    the same responses as :func:`sample_responses` of that prompt alone with that seed. Responses are cut
-    after the first EOS (EOS kept, as in a rollout); the global RNG is left untouched.
-
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
-    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
-    >>> both = sample_prompts(m, [[1, 5], [1, 7, 8]], 3, [0, 1], max_new_tokens=4, eos_token_id=2)
-    >>> both[1] == sample_responses(m, [1, 7, 8], 3, max_new_tokens=4, eos_token_id=2, seed=1)
-    True
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if len(seeds) != len(prompt_ids):
-        raise ValueError(f"seeds: one per prompt expected, got {len(seeds)} for {len(prompt_ids)} prompts")
-    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=n)
-    per_call = max(1, max_batch_rows // n)  # whole prompts per call: a prompt's n rows stay together
-    out: list[list[list[int]]] = []
-    for start in range(0, len(prompt_ids), per_call):
-        chunk = [list(p) for p in prompt_ids[start : start + per_call]]
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + per_call]]
-        batch = sample(model, chunk, params, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                       generator=gens, return_logprobs=False)
-        rows = batch.response_token_lists()
-        out += [rows[i * n : (i + 1) * n] for i in range(len(chunk))]
-    return out
-
-
-def sample_responses(
-    model: nn.Module,
-    prompt_ids: Sequence[int],
-    n: int,
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    seed: int = 0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int = 0,
-) -> list[list[int]]:
-    """``n`` responses to one prompt by pure sampling (``top_k=0``, ``top_p=1``), cut after the first EOS
-    (EOS kept, as in a rollout). Seeded with ``seed``; the global RNG is not touched.
-
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
-    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
-    >>> r = sample_responses(m, [1, 5], 3, max_new_tokens=4, eos_token_id=2, seed=0)
-    >>> len(r), all(1 <= len(x) <= 4 for x in r), r == sample_responses(m, [1, 5], 3, max_new_tokens=4, eos_token_id=2)
-    (3, True, True)
-    """
-    return sample_prompts(model, [prompt_ids], n, [seed], max_new_tokens=max_new_tokens, temperature=temperature,
-                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)[0]
 
 
 def diversity_probe(

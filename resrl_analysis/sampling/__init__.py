@@ -1,4 +1,4 @@
-"""The one sampler for Hugging Face causal LMs (trainer rollouts, the warm start, the diversity probe).
+"""The one sampler for Hugging Face causal LMs (trainer rollouts, the warm start, the diversity probe, probe sets).
 
 The RL trainer samples ``n`` responses per prompt, then needs, for every row, the prompt (left-padded), the
 response (right-padded, pad after EOS), masks, lengths, and the log-probability the sampler assigned to each
@@ -32,7 +32,8 @@ probe relies on it).
 Modules: ``params`` (what to sample, what comes back), ``draw`` (filtering and inverse-CDF sampling),
 ``decode`` (prompt packing, the shared decode loop, the dynamic-cache backend), ``static`` (static cache and
 compiled decode step), ``hf_backend``, ``hf_compat`` (transformers-version guards), ``prompts`` (text to
-prompt ids, EOS ids), ``api`` (:func:`sample`).
+prompt ids, EOS ids), ``api`` (:func:`sample`), ``responses`` (:func:`sample_prompts` and :func:`sample_responses`:
+token ids per prompt, seeded per prompt; :func:`sample_texts`: decoded text).
 
 Example:
     >>> import torch
@@ -51,6 +52,7 @@ from .api import Backend, sample
 from .draw import draw_uniforms, filter_logits, sample_from_uniforms
 from .params import SampledBatch, SamplingParams
 from .prompts import encode_prompts, eos_token_ids
+from .responses import sample_prompts, sample_responses, sample_texts
 from .static import release_static_cache
 
 __all__ = [
@@ -64,4 +66,7 @@ __all__ = [
     "release_static_cache",
     "sample",
     "sample_from_uniforms",
+    "sample_prompts",
+    "sample_responses",
+    "sample_texts",
 ]
