@@ -26,6 +26,7 @@ import re
 import shutil
 import threading
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ __all__ = [
     "atomic_write_json",
     "checkpoint_step",
     "fsync_dir",
+    "iter_jsonl",
     "list_checkpoints",
     "list_rollouts",
     "move_aside",
@@ -217,11 +219,57 @@ def list_rollouts(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 class JsonlError(ValueError):
-    """A JSONL file is unreadable; the message is one line naming ``file:line``."""
+    """A JSONL file is unreadable; the message is one line naming ``file:line``.
+
+    ``path`` and ``line`` (0: the whole file) say where; ``cause`` is the ``UnicodeDecodeError`` or
+    ``json.JSONDecodeError`` behind it, if any, for a caller that words its own message.
+    """
+
+    def __init__(self, message: str, *, path: Path, line: int = 0, cause: Exception | None = None) -> None:
+        super().__init__(message)
+        self.path, self.line, self.cause = path, line, cause
+
+
+def iter_jsonl(path: str | Path, *, skip_invalid: bool = False, objects_only: bool = True) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for every non-blank line of a JSONL file, read one line at a time: the one JSONL
+    reader (run directories, probe sets, the math task's data files).
+
+    A line that is not UTF-8, not JSON or (with ``objects_only``) not an object raises :class:`JsonlError`
+    naming ``file:line``, unless ``skip_invalid`` (then it is passed over). A missing file raises
+    ``FileNotFoundError``.
+
+    >>> import tempfile
+    >>> f = Path(tempfile.mkdtemp()) / "a.jsonl"; _ = f.write_text('{"a": 1}\\n[2]\\n')
+    >>> list(iter_jsonl(f, objects_only=False))
+    [(1, {'a': 1}), (2, [2])]
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if skip_invalid:
+                    continue
+                raise JsonlError(f"{path}:{i}: not UTF-8", path=path, line=i, cause=e) from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                if skip_invalid:
+                    continue
+                raise JsonlError(f"{path}:{i}: bad JSON ({type(e).__name__}: {str(e).splitlines()[0]})",
+                                 path=path, line=i, cause=e) from None
+            if objects_only and not isinstance(obj, dict):
+                if skip_invalid:
+                    continue
+                raise JsonlError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}", path=path, line=i)
+            yield i, obj
 
 
 def read_jsonl(path: str | Path, *, skip_invalid: bool = False, nonempty: bool = False) -> list[tuple[int, dict]]:
-    """``(line number, object)`` for every non-blank line of a JSONL file.
+    """``(line number, object)`` for every non-blank line of a JSONL file (:func:`iter_jsonl`, as a list).
 
     A line that is not UTF-8, not JSON or not an object raises :class:`JsonlError` naming ``file:line``, unless
     ``skip_invalid`` (the trainer's own append-only metrics, where a crash can leave one torn last line).
@@ -239,31 +287,10 @@ def read_jsonl(path: str | Path, *, skip_invalid: bool = False, nonempty: bool =
     """
     path = Path(path)
     if nonempty and not path.is_file():
-        raise JsonlError(f"{path}: file not found")
-    out: list[tuple[int, dict]] = []
-    with path.open("rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise JsonlError(f"{path}:{i}: bad JSON ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-                if not isinstance(obj, dict):
-                    raise JsonlError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-            except UnicodeDecodeError:
-                if skip_invalid:
-                    continue
-                raise JsonlError(f"{path}:{i}: not UTF-8") from None
-            except JsonlError:
-                if skip_invalid:
-                    continue
-                raise
-            out.append((i, obj))
+        raise JsonlError(f"{path}: file not found", path=path)
+    out = list(iter_jsonl(path, skip_invalid=skip_invalid))
     if nonempty and not out:
-        raise JsonlError(f"{path}: empty file")
+        raise JsonlError(f"{path}: empty file", path=path)
     return out
 
 

@@ -36,6 +36,7 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 
 from resrl_analysis.rewards import math_verify_reward
+from resrl_analysis.rundir import JsonlError, iter_jsonl
 from trainer.tasks.base import DataError, Prompt, Task
 
 PathLike = str | os.PathLike
@@ -45,22 +46,18 @@ _Located = tuple[str, Any]
 
 
 def _iter_jsonl(path: Path) -> Iterator[_Located]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-                ) from None
-            if not line.strip():
-                continue  # blank lines (a trailing newline, say) are not records
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            yield where, record
+    # The core's one JSONL reader, its errors worded as this task's DataError (byte and column of a bad line).
+    try:
+        for lineno, record in iter_jsonl(path, objects_only=False):  # a non-object is _field's one-line error
+            yield f"{path}:{lineno}", record
+    except JsonlError as e:
+        where, c = f"{e.path}:{e.line}", e.cause
+        if isinstance(c, UnicodeDecodeError):
+            byte = c.object[c.start]
+            raise DataError(f"{where}: not valid UTF-8 (byte 0x{byte:02x} at column {c.start + 1})") from None
+        if isinstance(c, json.JSONDecodeError):
+            raise DataError(f"{where}: invalid JSON: {c.msg} (column {c.colno})") from None
+        raise DataError(str(e)) from None
 
 
 def _iter_parquet(path: Path) -> Iterator[_Located]:
