@@ -48,6 +48,7 @@ __all__ = [
     "position_ids",
     "representation_site",
     "response_forward",
+    "stop_at_head",
 ]
 
 Representation = str | int
@@ -228,6 +229,41 @@ def capture(
     finally:
         for h in handles:
             h.remove()
+
+
+class _StopAtHead(Exception):
+    """Raised by the head's pre-hook of :func:`stop_at_head` once its input is recorded."""
+
+
+@contextlib.contextmanager
+def stop_at_head(model: nn.Module, positions: slice = slice(None)) -> Iterator[dict[str, Tensor]]:
+    """Stop the forward inside the block at the LM head, recording its input (key ``"head_input"``,
+    ``tensor[:, positions]``) with the body's graph: the (B, T, V) logits are never computed.
+
+    The forward raises once the head input is recorded and the block ends there, quietly: put the forward
+    last in the block. The hook is removed in ``finally``, whatever happens inside.
+
+    >>> from resrl_analysis.probes.synthetic import tiny_model
+    >>> m = tiny_model()
+    >>> with stop_at_head(m, slice(1, None)) as got:
+    ...     _ = m(torch.tensor([[1, 2, 3]]))
+    >>> got["head_input"].shape, len(m.get_output_embeddings()._forward_pre_hooks)
+    (torch.Size([1, 2, 32]), 0)
+    """
+    store: dict[str, Tensor] = {}
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        h = args[0] if args else kwargs["hidden_states"]
+        store["head_input"] = h[:, positions]  # (B, |positions|, d)
+        raise _StopAtHead
+
+    handle = representation_site(model, "head_input").module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield store
+    except _StopAtHead:
+        pass
+    finally:
+        handle.remove()
 
 
 _capture_cm = capture  # `response_forward`'s `capture` argument shadows the context manager's name

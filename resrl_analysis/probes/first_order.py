@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..advantages import ALGORITHM_NAMES, AdvantageParams, AlgoInputs, get_algorithm
-from ..forward import PackedRows, response_forward
+from ..forward import PackedRows, response_forward, stop_at_head
 from ..interference import sharing_grams
 from ..probe_sets import ProbeSet
 from ..results import FirstOrderResult
@@ -297,29 +297,14 @@ def _advantage_basis(A: Tensor, row: Tensor, G: int) -> tuple[Tensor, Tensor]:
     return B, C
 
 
-class _StopAtHead(Exception):
-    """Raised by the head's pre-hook once its input is recorded: the body's graph is all that is needed."""
-
-
 def _head_inputs_with_graph(model: nn.Module, rows: PackedRows) -> Tensor:
     """The head inputs (B, Tr, d) at the positions that predict response tokens, with the body's graph,
     from a forward stopped before the head (its (B, Tr, V) logits are never computed)."""
     tr = rows.response_len
-    store: dict[str, Tensor] = {}
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        store["h"] = args[0][:, -(tr + 1) : -1]  # (B, Tr, d): counted from the end, as response_forward does
-        raise _StopAtHead
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
-    try:
+    with stop_at_head(model, slice(-(tr + 1), -1)) as store:  # counted from the end, as response_forward does
         model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids,
               use_cache=False)
-    except _StopAtHead:
-        pass
-    finally:
-        handle.remove()
-    return store["h"]
+    return store["head_input"]  # (B, Tr, d)
 
 
 def _closed_form_head_ok(model: nn.Module, fwd: GroupForward) -> bool:
