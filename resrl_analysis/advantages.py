@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .interference import nthr_token_weights
+from .interference import GroupGrams, nthr_token_weights
 from .ops import group_advantages
 from .settings import SettingError
 from .weighting import ResRLWeightConfig, resrl_weight_details
@@ -190,7 +190,9 @@ class AlgoInputs:
 
     ``hidden`` is the ResRL representation (the configured layer, raw, (B, T, d)); ``head_input`` the vector
     entering the LM head and ``logits`` the head's raw output (before the temperature), both at the positions
-    that predict each response token. ``generator`` seeds ResRL's sub-sampling and randomized SVD.
+    that predict each response token. ``generator`` seeds ResRL's sub-sampling and randomized SVD. ``grams``: the
+    head-gradient Gram of a one-group batch at temperature 1 when the caller has it already (the probes): NTHR
+    reads it instead of computing it again.
     ``weight_group_ids``, if given, are the row sets ResRL computes its subspaces and residual quantiles in
     instead of the prompt groups (the advantages stay per prompt group): the trainer's
     ``resrl_grouping: micro_batch`` passes (prompt group, reference micro-batch) pairs
@@ -207,6 +209,7 @@ class AlgoInputs:
     logits: Tensor | None = None  # (B, T, V)
     generator: torch.Generator | None = None
     weight_group_ids: Tensor | None = None  # (B,) ResRL's weight sets; None = group_ids
+    grams: GroupGrams | None = None  # (N, N) Gram of a one-group batch's tokens (interference.group_grams)
 
 
 @dataclass
@@ -363,7 +366,7 @@ def nthr(b: AlgoInputs) -> AlgoOutput:
         raise ValueError("nthr needs the head inputs and logits of the forward (AlgoInputs.head_input, .logits)")
     w = nthr_token_weights(
         b.head_input, b.logits, b.response_ids, b.response_mask, b.rewards > 0, b.group_ids,
-        beta=b.params.nthr_beta, temperature=b.params.temperature,
+        beta=b.params.nthr_beta, temperature=b.params.temperature, grams=b.grams,
     )
     return AlgoOutput(advantages=base.advantages, token_advantages=base.token_advantages * w.weights,
                       extras={NTHR_WEIGHTS: w.weights, NTHR_SCORES: w.scores})

@@ -12,9 +12,7 @@ No per-token V×d gradient and no (Ta, Tb, V) tensor is ever built.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -258,6 +256,7 @@ def nthr_token_weights(
     temperature: float = 1.0,
     chunk: int = 1024,
     memory_budget_mb: float = 256.0,
+    grams: GroupGrams | None = None,
 ) -> NTHRWeights:
     """NTHR (Deng et al.) token multipliers for a batch, per prompt group.
 
@@ -271,6 +270,9 @@ def nthr_token_weights(
         (probabilities are formed per group, float32); labels: (B, T) the sampled tokens;
         response_mask: (B, T) bool; is_positive: (B,) bool; group_ids: (B,) ints.
         chunk: unused (kept for callers); memory_budget_mb: the vocabulary chunks of :func:`group_grams`.
+        grams: the Gram of these very inputs at temperature 1 (:func:`group_grams`), when the caller has it
+            already (the probes compute one per group and share it): the batch must then be one group at
+            temperature 1, holding the Gram's tokens (a ValueError otherwise). None computes it here.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> out = nthr_token_weights(torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 11, generator=g),
@@ -284,6 +286,11 @@ def nthr_token_weights(
     B, T, _ = head_input.shape
     dev = head_input.device
     mask = response_mask.bool()
+    if grams is not None and (temperature != 1.0 or len(torch.unique(group_ids)) != 1
+                              or grams.y.shape[0] != int(mask.sum())):
+        raise ValueError(f"nthr_token_weights: grams is one group's Gram at temperature 1 ({grams.y.shape[0]} "
+                         f"tokens); got {len(torch.unique(group_ids))} group(s) with {int(mask.sum())} tokens at "
+                         f"temperature {temperature}")
     pos = is_positive.bool().to(dev)
     weights = torch.ones(B, T, dtype=torch.float32, device=dev)
     scores = torch.full((B, T), float("nan"), dtype=torch.float32, device=dev)
@@ -301,11 +308,9 @@ def nthr_token_weights(
             groups.append(info)
             continue
         # One Gram of the group's tokens, straight from the logits in vocabulary chunks (no (Tp, V) copies),
-        # or the one a probe already computed for these very logits (see :func:`sharing_grams`).
-        shared = _SHARED.get()
-        if (shared is not None and shared[0] is logits and temperature == 1.0 and len(rows) == B
-                and shared[1].y.shape[0] == int(mask.sum())):
-            gr = shared[1]
+        # or the one the caller computed already.
+        if grams is not None:
+            gr = grams
         else:
             gr = group_grams(head_input, logits, labels, response_mask, is_positive.to(dev), temperature=temperature,
                              rows=torch.cat([prow, nrow]), memory_budget_mb=memory_budget_mb)
@@ -330,23 +335,6 @@ def nthr_token_weights(
 
 
 # ----------------------------------------------------------------------------- one Gram per group
-
-_SHARED: contextvars.ContextVar[tuple[Tensor, GroupGrams] | None] = contextvars.ContextVar("_SHARED", default=None)
-
-
-@contextlib.contextmanager
-def sharing_grams(logits: Tensor, grams: GroupGrams) -> Iterator[None]:
-    """Inside the block, :func:`nthr_token_weights` on exactly these ``logits`` (one group, temperature 1)
-    reuses ``grams`` (their Gram at temperature 1) instead of computing it again (the probes' NTHR
-    advantages go through the registry, which knows nothing of the probes' cache).
-    """
-    token = _SHARED.set((logits, grams))
-    try:
-        yield
-    finally:
-        _SHARED.reset(token)
-
-
 
 @dataclass(frozen=True)
 class GroupGrams:

@@ -512,7 +512,7 @@ def test_full_model_cosine_micro_batched_equals_one_batch(tiny):
 def test_nthr_advantages_reuse_the_shared_gram(tiny):
     from dataclasses import replace as dc_replace
 
-    from resrl_analysis.interference import nthr_token_weights, sharing_grams
+    from resrl_analysis.interference import nthr_token_weights
     from resrl_analysis.probes.first_order import token_advantages
 
     model, ps, fwds = tiny
@@ -520,18 +520,18 @@ def test_nthr_advantages_reuse_the_shared_gram(tiny):
     gids = torch.zeros(fwd.mask.shape[0], dtype=torch.long)
     args = (fwd.head_input, fwd.logits, fwd.labels, fwd.mask, fwd.is_positive, gids)
     own = nthr_token_weights(*args)
-    with sharing_grams(fwd.logits, fwd.grams()):
-        shared = nthr_token_weights(*args)
+    shared = nthr_token_weights(*args, grams=fwd.grams())
     torch.testing.assert_close(shared.scores, own.scores, equal_nan=True, rtol=1e-12, atol=1e-12)
     # A different Gram handed over is what gets used (so the probes' one really is reused) ...
     fake = dc_replace(fwd.grams(), inner=torch.zeros_like(fwd.grams().inner))
-    with sharing_grams(fwd.logits, fake):
-        zero = nthr_token_weights(*args)
+    zero = nthr_token_weights(*args, grams=fake)
     assert float(zero.scores[~torch.isnan(zero.scores)].abs().max()) == 0.0
-    # ... and only for those very logits.
-    with sharing_grams(fwd.logits.clone(), fake):
-        again = nthr_token_weights(*args)
-    torch.testing.assert_close(again.scores, own.scores, equal_nan=True)
+    # ... and only for inputs it can be the Gram of (one group, its tokens, temperature 1): the argument replaces
+    # the context variable whose identity check on the logits guarded this before.
+    with pytest.raises(ValueError, match="one group's Gram"):
+        nthr_token_weights(*args, grams=fake, temperature=0.7)
+    with pytest.raises(ValueError, match="one group's Gram"):
+        nthr_token_weights(*args[:-1], torch.arange(len(gids)), grams=fake)
     nthr = token_advantages(fwd, "nthr")
     assert torch.isfinite(nthr).all()
 

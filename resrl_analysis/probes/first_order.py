@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from ..advantages import ALGORITHM_NAMES, AdvantageParams, AlgoInputs, get_algorithm
 from ..forward import PackedRows, response_forward, stop_at_head
-from ..interference import sharing_grams
 from ..probe_sets import ProbeSet
 from ..results import FirstOrderResult
 from .capture import (
@@ -112,11 +111,9 @@ def token_advantages(fwd: GroupForward, algorithm: str, options: AdvantageParams
         rewards=fwd.rewards.float(), group_ids=torch.full((G,), fwd.group.group_id, device=fwd.mask.device),
         response_ids=fwd.labels, response_mask=fwd.mask, params=o, hidden=hidden, head_input=fwd.head_input,
         logits=fwd.logits, generator=torch.Generator().manual_seed(seed),
-    )
-    if "logits" in algo.needs and o.temperature == 1.0:
         # NTHR's Gram is the probes' shared one: computed once per group, not again inside the registry.
-        with sharing_grams(fwd.logits, fwd.grams()):  # type: ignore[arg-type]
-            return algo.fn(inp).token_advantages.float()  # (G, T)
+        grams=fwd.grams() if "logits" in algo.needs and o.temperature == 1.0 else None,
+    )
     return algo.fn(inp).token_advantages.float()  # (G, T)
 
 
