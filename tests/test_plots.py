@@ -55,15 +55,6 @@ def test_lld_bars_sorted_and_flagged():
     assert "LLD 33%" in fig.axes[0].get_title() and "LLD 100%" in fig.axes[1].get_title()
 
 
-def test_mean_band_plots_average_per_step():
-    f = pd.DataFrame({"step": [0, 0, 0, 10, 10, 10], "delta": [1, 2, 3, 4, 5, 9.0], "label": ["nsr"] * 6})
-    ax = plots.plot_lld_over_steps(f)
-    np.testing.assert_allclose(ax.lines[0].get_ydata(), [2.0, 6.0])
-    g = f.rename(columns={"delta": "group_cosine"})
-    ax2 = plots.plot_group_cosine_over_steps(g, ax=plt.subplots()[1])
-    np.testing.assert_allclose(ax2.lines[0].get_ydata(), [2.0, 6.0])
-
-
 def test_cosine_violin_one_per_label():
     rng = np.random.default_rng(0)
     f = pd.DataFrame({"cosine": rng.uniform(-1, 1, 60), "label": ["grpo", "nsr", "resrl"] * 20})

@@ -1,7 +1,9 @@
 """Across-seed means and 95% t intervals for the figures (pandas and :mod:`..stats` only, no drawing).
 
 A per-step curve of several seeds is drawn as the mean over the seeds at each x with the interval of
-:func:`resrl_analysis.stats.mean_interval` as its band; one seed gives the plain value and no band.
+:func:`resrl_analysis.stats.mean_interval` as its band; one seed gives the plain value and no band. Any other
+unit works the same way (``seed=`` names its column: the prompts of one run, for a band over prompts): the
+plots draw the intervals :mod:`resrl_analysis.stats` computed and compute none of their own.
 """
 
 from __future__ import annotations
@@ -43,16 +45,17 @@ def seed_bands(frame: pd.DataFrame, x: str, value: str, *, label: str = "label",
     return pd.DataFrame(rows, columns=[label, x, "mean", "lo", "hi", "n"])
 
 
-def seeds_phrase(counts: Sequence[int]) -> str:
-    """How many seeds a figure averages, for its title: ``"3 seeds"``, ``"1 seed"``, ``"1–3 seeds"``.
+def seeds_phrase(counts: Sequence[int], unit: str = "seed") -> str:
+    """How many seeds (or units of another ``unit``) a figure averages, for its title: ``"3 seeds"``, ``"1 seed"``,
+    ``"1–3 seeds"``.
 
-    >>> seeds_phrase([3, 3]), seeds_phrase([1]), seeds_phrase([1, 3])
-    ('3 seeds', '1 seed', '1–3 seeds')
+    >>> seeds_phrase([3, 3]), seeds_phrase([1]), seeds_phrase([1, 3]), seeds_phrase([12], "prompt")
+    ('3 seeds', '1 seed', '1–3 seeds', '12 prompts')
     """
     lo, hi = min(counts), max(counts)
     if lo == hi:
-        return f"{lo} seed{'s' if lo != 1 else ''}"
-    return f"{lo}–{hi} seeds"
+        return f"{lo} {unit}{'s' if lo != 1 else ''}"
+    return f"{lo}–{hi} {unit}s"
 
 
 def overlap_note(table: pd.DataFrame, x: str = "step", *, label: str = "label", rel: float = 0.02) -> str:

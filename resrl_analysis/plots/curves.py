@@ -92,9 +92,10 @@ def plot_pass_at_k(frame: pd.DataFrame, *, label: str = "label", task: str | Non
 
 
 def plot_seed_bands(table: pd.DataFrame, x: str = "step", *, label: str = "label", ylabel: str = "", ax=None,
-                    zero_line: bool = False, marker: str | None = None, legend: bool = True):
+                    zero_line: bool = False, marker: str | None = None, legend: bool = True, unit: str = "seed"):
     """Lines of a :func:`~resrl_analysis.plots.bands.seed_bands` table: the mean over seeds, with its
-    interval as a band where it exists (two or more seeds); the legend says how many seeds.
+    interval as a band where it exists (two or more seeds); the legend says how many seeds (``unit``: what
+    the table averaged over instead, e.g. ``"prompt"``).
 
     >>> from resrl_analysis.plots.bands import seed_bands
     >>> f = pd.DataFrame({"label": ["nsr"] * 4, "seed": [0, 1] * 2, "step": [1, 1, 2, 2], "v": [1., 2., 3., 4.]})
@@ -107,7 +108,7 @@ def plot_seed_bands(table: pd.DataFrame, x: str = "step", *, label: str = "label
         d = table[table[label] == lab].sort_values(x)
         c = color_for(str(lab))
         ax.plot(d[x].to_numpy(), d["mean"].to_numpy(dtype=float), color=c, lw=1.6, marker=marker, ms=3,
-                label=f"{lab} ({seeds_phrase([int(d['n'].max())])})")
+                label=f"{lab} ({seeds_phrase([int(d['n'].max())], unit)})")
         lo, hi = d["lo"].to_numpy(dtype=float), d["hi"].to_numpy(dtype=float)
         ok = np.isfinite(lo) & np.isfinite(hi)
         if ok.any():

@@ -21,10 +21,8 @@ from .style import color_for, new_axes, order_labels
 __all__ = [
     "log_floor",
     "plot_lld_bars",
-    "plot_lld_over_steps",
     "plot_lld_shared_unique",
     "plot_cosine_distribution",
-    "plot_group_cosine_over_steps",
     "plot_bound_validation",
     "plot_proxy_vs_interference",
     "plot_explained_variance",
@@ -63,36 +61,6 @@ def plot_lld_bars(frame: pd.DataFrame, *, value: str = "delta", label: str = "la
         a.set_ylabel(ylabel)
     fig.tight_layout()
     return fig
-
-
-def _mean_band(frame: pd.DataFrame, value: str, label: str, ax, ylabel: str):
-    """Mean of ``value`` per step with a 95% normal-approximation band over rows, a line per label."""
-    _require(frame, ["step", value, label], "mean-over-steps plot")
-    fig, ax = new_axes(ax)
-    for lab in order_labels(list(frame[label].unique())):
-        d = frame[frame[label] == lab].groupby("step")[value]
-        mean, half = d.mean(), 1.96 * d.sem().fillna(0.0)
-        ax.plot(mean.index, mean.to_numpy(), color=color_for(lab), label=str(lab), marker="o", ms=3)
-        ax.fill_between(mean.index, (mean - half).to_numpy(), (mean + half).to_numpy(), color=color_for(lab),
-                        alpha=0.2)
-    ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.legend(frameon=False, fontsize="small")
-    return ax
-
-
-def plot_lld_over_steps(frame: pd.DataFrame, *, value: str = "delta", label: str = "label", ax=None):
-    """Mean Δ over training steps with a 95% confidence band (over prompts), a line per label.
-
-    Args:
-        frame: ``step``, ``label``, ``delta`` (one row per prompt and step).
-
-    >>> f = pd.DataFrame({"step": [1, 1, 2, 2], "delta": [0., .2, .1, .3], "label": ["grpo"] * 4})
-    >>> ax = plot_lld_over_steps(f); [round(float(v), 2) for v in ax.lines[0].get_ydata()]
-    [0.1, 0.2]
-    """
-    return _mean_band(frame, value, label, ax, "mean Δ log π(y⁺|x)")
 
 
 def plot_lld_shared_unique(frame: pd.DataFrame, *, value: str = "value", part: str = "part", label: str = "label",
@@ -171,16 +139,6 @@ def plot_cosine_distribution(frame: pd.DataFrame, *, value: str = "cosine", labe
     ax.set_xlabel("")
     ax.set_ylabel("cos(∇ log p⁺, ∇ log p⁻)  (head)")
     return ax
-
-
-def plot_group_cosine_over_steps(frame: pd.DataFrame, *, value: str = "group_cosine", label: str = "label", ax=None):
-    """Group-level cosine between summed positive and negative head gradients over steps (mean ± 95% CI).
-
-    >>> f = pd.DataFrame({"step": [0, 0, 5, 5], "group_cosine": [.1, .3, .0, .2], "label": ["nsr"] * 4})
-    >>> ax = plot_group_cosine_over_steps(f); [round(float(v), 2) for v in ax.lines[0].get_ydata()]
-    [0.2, 0.1]
-    """
-    return _mean_band(frame, value, label, ax, "cos(Σ g⁺, Σ A⁻ g⁻)  (head)")
 
 
 # ----------------------------------------------------------------------------- the bound
