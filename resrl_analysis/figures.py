@@ -60,9 +60,9 @@ def _load_foreign_run(p: Path, label: str | None) -> RunData | None:
         info = discover_run(p)
         kind, rows, probes_dir = info.kind, info.metrics, info.probes_dir
     except ProbeError:
-        if not (p / "probes" / "summary.json").is_file():  # live probes of a run that saved no checkpoint
+        if not (p / PROBES / "summary.json").is_file():  # live probes of a run that saved no checkpoint
             return None
-        kind, rows, probes_dir = "run", (), p / "probes"
+        kind, rows, probes_dir = "run", (), p / PROBES
     metrics = pd.DataFrame(list(rows)).rename(columns=_TRL_METRICS) if rows else pd.DataFrame()
     probes = load_results(probes_dir) if (probes_dir / "summary.json").is_file() else {}
     return RunData(p, label or kind, {"algorithm": kind}, metrics, probes, {})

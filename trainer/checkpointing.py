@@ -112,7 +112,7 @@ def save_checkpoint(
         def du(d: Path) -> int:
             return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else 0
 
-        done = [d for d in sorted(root.glob("step_*")) if d.name != final.name and (d / TRAINER_STATE).is_file()]
+        done = [d for _, d in list_checkpoints(run_dir, with_trainer_state=True) if d.name != final.name]
         needed = max(du(done[-1]) if done else 0, du(tmp)) or None
         why = write_failure_reason(exc, tmp, needed=needed)
         shutil.rmtree(tmp, ignore_errors=True)

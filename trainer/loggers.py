@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from resrl_analysis.rundir import TENSORBOARD
 from trainer.config import REPORT_TO, ConfigError
 
 __all__ = ["Logger", "LoggerUnavailable", "check_available", "make_loggers", "scalars"]
@@ -128,7 +129,7 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: a resumed run re-does the steps after its checkpoint; drop their old events.
-        self._w = SummaryWriter(str(run / "tb"), purge_step=start_step + 1 if start_step else None)
+        self._w = SummaryWriter(str(run / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for k, v in metrics.items():

@@ -51,7 +51,7 @@ from torch import Tensor
 from resrl_analysis.advantages import EXTRAS, AdvantageParams, AlgoInputs, AlgoOutput, get_algorithm, params_from_config
 from resrl_analysis.balancing import micro_batch_groups, micro_batch_ids
 from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
-from resrl_analysis.rundir import METRIC_KEYS, rollout_path
+from resrl_analysis.rundir import METRIC_KEYS, METRICS, rollout_path
 from trainer.config import TrainConfig
 from trainer.distributed import (
     DistContext,
@@ -191,7 +191,7 @@ def train(config: TrainConfig, *, task: Task | None = None) -> Path:
                     metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
                 if cfg.val_every and step % cfg.val_every == 0:
                     metrics.update(validate(cfg, step, model, tokenizer, task, ctx))
-                on_all_ranks(log.log if ctx.is_main else None, metrics, what=str(run_dir / "metrics.jsonl"),
+                on_all_ranks(log.log if ctx.is_main else None, metrics, what=str(run_dir / METRICS),
                              ctx=ctx)
                 watch.stop_if_diverged(step)
         # ------------------------------------------------------------------ the end: the final policy

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from resrl_analysis.rundir import METRIC_KEYS, METRICS, ROLLOUT_FIELDS, atomic_write, read_jsonl
+from resrl_analysis.rundir import CONFIG, METRIC_KEYS, METRICS, ROLLOUT_FIELDS, atomic_write, read_jsonl
 
 __all__ = [
     "METRIC_KEYS",
@@ -273,7 +273,7 @@ def _saved_config(run: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        data = yaml.safe_load((run / CONFIG).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}

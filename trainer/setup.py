@@ -248,7 +248,7 @@ def find_resume_point(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Resu
                 ck = (cfg.resume_from, have[cfg.resume_from]) if cfg.resume_from in have else None
                 if ck is None:
                     found = ("error", f"--resume-from {cfg.resume_from}: {run_dir / rundir.CHECKPOINTS} has no "
-                                      f"complete checkpoint step_{cfg.resume_from:06d} (have {sorted(have)})")
+                                      f"complete checkpoint {rundir.step_name(cfg.resume_from)} (have {sorted(have)})")
             elif found is None:
                 ck = latest_checkpoint(run_dir)
             if ck is not None:

@@ -36,6 +36,7 @@ from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from resrl_analysis.rundir import CONFIG
 from trainer.cli_args import parse_args
 from trainer.config import (
     ALGORITHM_NAMES,
@@ -209,7 +210,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     yaml_path = args.config
     out_dir = overrides.get("output_dir")
     if args.resume and yaml_path is None and args.preset is None and out_dir:
-        saved = Path(out_dir) / "config.yaml"
+        saved = Path(out_dir) / CONFIG
         if saved.is_file():
             yaml_path = str(saved)
     return config_from_sources(args.preset, yaml_path, overrides)

@@ -34,6 +34,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
+from .. import rundir
 from ..errors import ProbeError
 from ..probe_sets import ProbeSet, load_probe_set
 from ..probes.config import ProbeConfig
@@ -165,7 +166,7 @@ class ProbeCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._handler = _handler_of_caller()
         if self.out is None:
-            self.out = Path(args.output_dir) / "probes"
+            self.out = Path(args.output_dir) / rundir.PROBES
         tok = getattr(processing_class, "tokenizer", processing_class)  # a multimodal processor wraps one
         if self.probe_set is None:
             rng = _rng_state()  # a dataset probe set is sampled here: the run's own draws stay as they were

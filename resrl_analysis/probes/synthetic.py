@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import rundir
 from ..checkpoints import _quiet_transformers
 from ..probe_sets import ProbeGroup, ProbeSet
 
@@ -157,8 +158,8 @@ def write_fake_run(
     ['.tmp-step_000002-x', 'step_000000', 'step_000001']
     """
     run = Path(run_dir)
-    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run / "rollouts").mkdir(exist_ok=True)
+    (run / rundir.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    (run / rundir.ROLLOUTS).mkdir(exist_ok=True)
     tok = char_tokenizer()
     model = tiny_model(vocab_size, hidden=hidden, layers=layers, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -169,18 +170,18 @@ def write_fake_run(
                 for p in model.parameters():
                     p.add_(torch.randn(p.shape, generator=gen) * noise * (p.std() if p.numel() > 1 else 1.0))
         done = step
-        ck = run / "checkpoints" / f"step_{step:06d}"
+        ck = rundir.step_dir(run, step)
         with _quiet_transformers():
             model.save_pretrained(ck)
         tok.save_pretrained(ck)
-        torch.save({"step": step}, ck / "trainer_state.pt")
+        torch.save({"step": step}, ck / rundir.TRAINER_STATE)
     if debris:
-        tmp = run / "checkpoints" / f".tmp-step_{max(steps) + 1:06d}-x"
+        tmp = run / rundir.CHECKPOINTS / f"{rundir.TMP_PREFIX}-{rundir.step_name(max(steps) + 1)}-x"
         tmp.mkdir(exist_ok=True)
         (tmp / "config.json").write_text("{")  # half-written: must be ignored
     rows = _rollout_rows(tok, n_groups, group_size, np.random.default_rng(seed), unmixed_groups)
-    (run / "rollouts" / "step_000000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "config.yaml").write_text(f"algorithm: grpo\nseed: {seed}\nsteps: {max(steps)}\n")
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": 0.5}) + "\n"
+    rundir.rollout_path(run, 0).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / rundir.CONFIG).write_text(f"algorithm: grpo\nseed: {seed}\nsteps: {max(steps)}\n")
+    (run / rundir.METRICS).write_text("".join(json.dumps({"step": s, "reward/mean": 0.5}) + "\n"
                                                for s in range(1, max(steps) + 1)))
     return run
