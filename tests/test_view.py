@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from view_runs import TOKEN_FIELDS, read_dump, slow_shared
 
-from resrl_analysis.checkpoints import ProbeError
+from resrl_analysis.errors import ProbeError
 from resrl_analysis.results import ScoresResult, load_results
 from resrl_analysis.view import (
     Quantity,
@@ -309,7 +309,7 @@ def test_scores_tokens_against_a_plain_forward(view_fixture_runs):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from resrl_analysis.checkpoints import ProbeSet
+    from resrl_analysis.probe_sets import ProbeSet
 
     run = view_fixture_runs["ours"]
     ps = ProbeSet.from_run(run)

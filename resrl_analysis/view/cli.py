@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..checkpoints import ProbeError
+from ..errors import ProbeError
 from .page import DEFAULT_BUDGET_MB
 
 __all__ = ["add_view_arguments", "run_view", "main"]

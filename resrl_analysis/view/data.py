@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .. import rundir
-from ..checkpoints import ProbeError
+from ..errors import ProbeError
 from .quantities import QUANTITIES
 
 __all__ = ["ResponseView", "GroupView", "EntryView", "RunView", "read_run", "shared_prefix_lengths", "num",
@@ -333,11 +333,13 @@ def _check_lengths(obj: dict, n: int, where: str, fields: Iterable[str]) -> None
 
 def _dump_entry(path: Path, step: int) -> EntryView:
     """One rollout dump as an entry: every group, every per-token field a quantity declares."""
-    from ..checkpoints import read_jsonl
-
     fields = [q for q in QUANTITIES if q.dump_field and not q.pairwise and q.builtin is None]
     by_group: dict[int, list[tuple[int, dict]]] = {}
-    for i, obj in read_jsonl(path):
+    try:
+        lines = rundir.read_jsonl(path, nonempty=True)
+    except rundir.JsonlError as e:
+        raise ProbeError(str(e)) from None
+    for i, obj in lines:
         gid = obj.get("group_id")
         if isinstance(gid, bool) or not isinstance(gid, int):
             raise ProbeError(f"{path}:{i}: field 'group_id' must be an integer")
