@@ -155,7 +155,12 @@ class WandbLogger:
         self._run.log(metrics, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self._run.finish()
+        # finish() can return before wandb's service process has written the run file (offline runs read right
+        # after a run ended came back empty about one time in three); teardown waits for the service to exit.
+        wandb.teardown()
 
 
 class TrackioLogger:
