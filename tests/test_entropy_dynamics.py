@@ -203,3 +203,24 @@ def test_coupling_counts_equal_an_enumeration_of_pairs(seed):
                     ref[kind] += (1, int(together))
     np.testing.assert_array_equal(got.numpy(), ref)
     assert ref[0, 0] > 0  # the case is exercised
+
+
+def test_at_a_sampling_temperature_the_prediction_carries_one_over_tau_squared():
+    """p = softmax(W h / τ): the head's gradients carry 1/τ each; the Gram of the tempered probabilities times
+    η/τ² is the derivative of the tempered entropy along the tempered loss's step (float64 jvp)."""
+    h, W, y, mask, pos = _group(7)
+    tau, lr = 0.6, 0.2
+    gr = group_grams(h, h @ W.T, y, mask, pos, temperature=tau, entropy=True)
+    a = grams_columns(gr, _advantages(mask, pos, 7))
+    got = predict_entropy_change(gr, a, lr=lr / tau**2).total
+    Ht, yt, N = h[gr.row, gr.pos], gr.y, int(gr.y.shape[0])
+
+    def entropies(Wm):
+        p = torch.softmax(Ht @ Wm.T / tau, -1)
+        return -(p * torch.log(p)).sum(-1)
+
+    Wv = W.clone().requires_grad_(True)
+    lp = torch.log_softmax(Ht @ Wv.T / tau, -1)[torch.arange(N), yt]
+    (g,) = torch.autograd.grad(-(a * lp).sum() / N, Wv)
+    _, ref = jvp(entropies, (W,), (-lr * g,))
+    assert float((got - ref).abs().max()) <= 1e-9 * float(ref.abs().max())
