@@ -584,10 +584,10 @@ def fig_entropy_prediction(runs: Sequence[RunData]):
                                       xlabel="−(A − Ā)(log π − mean log π)")
         a2.set_title(f"{_run_name(named[lab])}: covariance proxy (Cui et al.)", fontsize="small")
     lr = sorted({float(v) for r in chosen for v in [r.probes["entropy_dynamics"].meta.get("lr")] if v is not None})
-    _suptitle(fig, "each token's entropy change after one SGD step of the head (η = "
-              f"{', '.join(f'{x:g}' for x in lr)}) on the probe set's first groups, every probed checkpoint: the "
-              "exact first-order prediction\n(top) and the covariance proxy's per-token term (bottom) against the "
-              "realised change (float64); ρ: Spearman over all tokens of the run", fontsize="small")
+    _suptitle(fig, "one SGD step of the head (η = "
+              f"{', '.join(f'{x:g}' for x in lr)}), probe set's first groups,\nevery probed checkpoint: each "
+              "token's realised ΔH (float64)\nagainst the first-order prediction (top) and\nthe covariance proxy's "
+              "per-token term (bottom);\nρ: Spearman over the run's tokens", fontsize="small")
     return fig
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import FixedLocator, NullLocator
 
 from .style import color_for, new_axes
 
@@ -32,12 +33,16 @@ def plot_entropy_prediction(frame: pd.DataFrame, *, x: str = "predicted", y: str
     fig, ax = new_axes(ax, figsize=(4.2, 4.0))
     colour = color_for(str(d[label].iloc[0])) if label in d.columns else None
     ax.scatter(d[x], d[y], s=5, alpha=0.35, color=colour, linewidths=0, rasterized=True)
-    vals = np.abs(np.concatenate([d[x].to_numpy(float), d[y].to_numpy(float)]))
-    top = float(vals.max()) if vals.size else 1.0
-    nz = vals[vals > 0]
-    lin = float(np.quantile(nz, 0.1)) if nz.size else 1e-12  # the linear zone: the smallest tenth of the changes
-    for set_scale in (ax.set_xscale, ax.set_yscale):
-        set_scale("symlog", linthresh=max(lin, top * 1e-6))
+    for col, axis, set_scale in ((x, ax.xaxis, ax.set_xscale), (y, ax.yaxis, ax.set_yscale)):
+        v = np.abs(d[col].to_numpy(float))
+        top = float(v.max()) if v.size and v.max() > 0 else 1.0
+        lin = 10.0 ** (np.floor(np.log10(top)) - 3)  # three decades below the largest change are drawn linearly
+        set_scale("symlog", linthresh=lin)
+        hi = np.floor(np.log10(top))
+        ticks = [s * 10.0 ** e for e in (hi - 2, hi) for s in (-1, 1)] + [0.0]
+        axis.set_major_locator(FixedLocator(sorted(ticks)))
+        axis.set_minor_locator(NullLocator())
+    top = float(np.abs(d[[x, y]].to_numpy(float)).max())
     if diagonal:
         ax.plot([-top, top], [-top, top], color="k", lw=0.8, ls="--")
     ax.axhline(0, color="0.6", lw=0.6)
@@ -86,6 +91,7 @@ def plot_flip_map(frame: pd.DataFrame, *, ax=None, title: str = "", colorbar: bo
     ax.set_yticks(range(len(FLIP_ROWS)))
     ax.set_yticklabels([f"{p[:3]}. {s}" for p, s in FLIP_ROWS], fontsize="small")
     ax.set_xlabel("p(y) before (bin's lower edge)")
+    ax.set_ylabel("response polarity, token")
     ax.grid(False)
     if title:
         ax.set_title(title, fontsize="small")
