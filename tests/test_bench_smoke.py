@@ -26,6 +26,8 @@ BENCH_MODULES = [
     "bench.lld_in_batch_cost",
     "bench.rollout_token_cost",
     "bench.diversity_bench",
+    "bench.entropy_bench",
+    "bench.live_diagnostics_cost",
 ]
 
 
@@ -106,3 +108,11 @@ def test_diversity_bench_tiny() -> None:
     assert len(res["ratios"]) == 2 and all(r > 0 for r in res["ratios"])
     assert res["tokens"]["ours"][0] <= 2 * 2 * 3
     assert "Diversity sampler" in row(res).benchmark
+
+
+def test_entropy_bench_worker_tiny(capsys) -> None:
+    from bench.entropy_bench import plan_mb, worker
+
+    worker("interference+entropy_dynamics", 2, 4, 1)
+    out = capsys.readouterr().out
+    assert "entropy_dynamics" in out and plan_mb("interference+entropy_dynamics", 2, 4) > 0

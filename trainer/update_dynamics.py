@@ -60,13 +60,14 @@ def entropy_prediction(chunk: RolloutChunk) -> dict[str, Tensor]:
     pos = chunk.rewards > 0
     uniq, inv = group_index(chunk.group_ids.to(z.device))
     tau = chunk.cfg.temperature
+    adv = chunk.token_advantages.to(z.device)  # (b, t)
     for gi in range(len(uniq)):
         r = (inv == gi).nonzero().flatten()
-        if not rows.response_mask[r].any():
+        if not (adv[r] * rows.response_mask[r]).any():  # no sample moves the head: the prediction is 0
             continue
         gr = group_grams(h, z, rows.response_ids, rows.response_mask, pos, rows=r, temperature=tau, entropy=True,
                          memory_budget_mb=chunk.cfg.logprob_memory_mb)
-        a = chunk.token_advantages.to(z.device)[gr.row, gr.pos]  # (N,)
+        a = adv[gr.row, gr.pos]  # (N,)
         split = predict_entropy_change(gr, a, lr=1.0 / tau**2)
         out["entropy_pred_pos"][gr.row, gr.pos] = split.from_pos.float()
         out["entropy_pred_neg"][gr.row, gr.pos] = split.from_neg.float()

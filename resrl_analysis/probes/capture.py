@@ -208,10 +208,12 @@ def forward_probe_set(
     keep_hidden: bool = True,
     keep_logits: bool = True,
     pad_id: int = 0,
+    entropy_gram: bool = False,
 ) -> list[GroupForward]:
     """:func:`forward_group` for every group of a probe set (one batch per group)."""
     groups = probe_set.groups if isinstance(probe_set, ProbeSet) else probe_set
-    return [forward_group(model, g, keep_hidden=keep_hidden, keep_logits=keep_logits, pad_id=pad_id) for g in groups]
+    return [forward_group(model, g, keep_hidden=keep_hidden, keep_logits=keep_logits, pad_id=pad_id,
+                          entropy_gram=entropy_gram) for g in groups]
 
 
 def token_probs(logits: Tensor) -> Tensor:
