@@ -567,10 +567,10 @@ def group_grams(
         same = y[b, None] == y[None, :]  # (rb, N)
         blk = L[b]
         hh = (h[b] @ h.T).to(cdt)  # (rb, N): the representation factor
-        if M is not None and ent is not None:
-            _entropy_block(M[b], blk, lp_row, p_row, p_col.T, same, py, lpy, ent, b, hh)
-        q_row = p_row.masked_fill_(same, 0.0)  # q_b[y_j]
         q_col = p_col.T.masked_fill(same, 0.0)  # q_j[y_b]  (rb, N)
+        if M is not None and ent is not None:
+            _entropy_block(M[b], blk, lp_row, p_row, q_col, s, py, lpy, ent, b, hh)
+        q_row = p_row.masked_fill_(same, 0.0)  # q_b[y_j]
         blk += same * (s[b, None] * s[None, :])
         blk -= s[b, None] * q_col + s[None, :] * q_row
         blk *= hh
@@ -578,30 +578,33 @@ def group_grams(
                       y=y, n_pos=n_pos, entropy_inner=M, entropy=ent)
 
 
-def _entropy_block(Mb: Tensor, QQb: Tensor, lp_row: Tensor, p_row: Tensor, p_colT: Tensor, same: Tensor, py: Tensor,
+def _entropy_block(Mb: Tensor, QQb: Tensor, lp_row: Tensor, p_row: Tensor, q_col: Tensor, s: Tensor, py: Tensor,
                    lpy: Tensor, ent: Tensor, b: slice, hh: Tensor) -> None:
-    """Turn a row block of R Qᵀ into the entropy Gram in place: Mb[t, j] ← ⟨∂H_t/∂z, e_{y_j} − p_j⟩ ⟨h_t, h_j⟩.
+    """Turn a row block of R̃ Qᵀ into the entropy Gram in place: Mb[t, j] ← ⟨∂H_t/∂z, e_{y_j} − p_j⟩ ⟨h_t, h_j⟩.
 
-    With p_t = q_t + π_t e_{y_t} (π = p[y]) and R_t = R̃_t + π_t log π_t e_{y_t} (R̃ = q ⊙ log p, whose
-    product with Q is ``Mb``), every full-vocabulary product is a product of the q's plus gathers:
+    With p_t = q_t + π_t e_{y_t} (π = p[y]) and R_t = p_t ⊙ log p_t = R̃_t + π_t log π_t e_{y_t} (R̃ = q ⊙ log p,
+    whose product with Q is ``Mb``), every full-vocabulary product is a product of the q's plus gathers:
 
         ⟨p_t, p_j⟩ = ⟨q_t, q_j⟩ + π_j q_t[y_j] + π_t q_j[y_t] + π_t π_j [y_t = y_j]
-        ⟨R_t, p_j⟩ = ⟨R̃_t, q_j⟩ + π_j R̃_t[y_j] + π_t log π_t (q_j[y_t] + π_j [y_t = y_j])
+        ⟨R_t, p_j⟩ = ⟨R̃_t, q_j⟩ + π_j q_t[y_j] log p_t[y_j] + π_t log π_t (q_j[y_t] + π_j [y_t = y_j])
         ⟨∂H_t/∂z, e_{y_j} − p_j⟩ = −p_t[y_j] (log p_t[y_j] + H_t) + ⟨R_t, p_j⟩ + H_t ⟨p_t, p_j⟩
 
-    ``QQb`` (rb, N) is the block of Q Qᵀ (read before the Gram's own in-place steps); ``lp_row``/``p_row``
-    (rb, N) log p_t[y_j] and p_t[y_j]; ``p_colT`` (rb, N) p_j[y_t]; ``same`` (rb, N) [y_t = y_j].
+    Collected (p_t[y_j] = q_t[y_j] + π_t [y_t = y_j], and s_j = 1 − π_j the Gram's cancellation-free sum), the
+    terms in q_t[y_j] and in [y_t = y_j] merge back into one in p_t[y_j]:
+
+        = ⟨R̃_t, q_j⟩ + H_t ⟨q_t, q_j⟩ − s_j p_t[y_j] (log p_t[y_j] + H_t) + π_t (log π_t + H_t) q_j[y_t],
+
+    built in place with one (rows, N) temporary. ``QQb`` (rb, N) is the block of Q Qᵀ (before the Gram's own
+    in-place steps); ``lp_row``/``p_row`` (rb, N) log p_t[y_j] and p_t[y_j] (``lp_row`` is consumed);
+    ``q_col`` (rb, N) q_j[y_t]; ``s`` (N,) 1 − π.
     """
-    pit, lpit, Ht = py[b, None], lpy[b, None], ent[b, None]  # (rb, 1)
-    pij = py[None, :]  # (1, N)
-    sf = same.to(Mb.dtype)
-    q_row = p_row.masked_fill(same, 0.0)  # q_t[y_j]
-    q_col = p_colT.masked_fill(same, 0.0)  # q_j[y_t]
-    pp = QQb + pij * q_row + pit * q_col + pit * pij * sf  # (rb, N) ⟨p_t, p_j⟩
-    Mb += pij * (q_row * lp_row) + (pit * lpit) * (q_col + pij * sf)  # ⟨R_t, p_j⟩
-    Mb -= p_row * (lp_row + Ht)  # + u_t[y_j]
-    Mb += Ht * pp
-    Mb *= hh
+    Ht = ent[b, None]  # (rb, 1)
+    Mb.addcmul_(QQb, Ht)
+    t = lp_row.add_(Ht).mul_(p_row).mul_(s[None, :])  # (rb, N): s_j p_t[y_j] (log p_t[y_j] + H_t)
+    Mb.sub_(t)
+    del t
+    Mb.addcmul_(q_col, py[b, None] * (lpy[b, None] + Ht))
+    Mb.mul_(hh)
 
 
 def _order_keys(x: Tensor) -> tuple[Tensor, int]:

@@ -2,8 +2,8 @@
 
 Two update diagnostics (:data:`trainer.in_batch.UPDATE_DIAGNOSTICS`) on the one after-update forward, which
 re-scores every row of the batch with its token entropies; the mathematics is the core's
-(:mod:`resrl_analysis.entropy_dynamics`, :mod:`resrl_analysis.flips`, docs/MATH.md § Entropy dynamics and
-§ Token flips):
+(:mod:`resrl_analysis.entropy_dynamics`, :mod:`resrl_analysis.flips`; docs/MATH.md § Entropy dynamics,
+docs/MATH.md § Token flips):
 
 - ``entropy`` (``entropy_in_batch``): the realised change of every response token's entropy across the batch's
   update(s), on positive and on negative responses; Cui et al.'s covariance of token log-prob and advantage over
