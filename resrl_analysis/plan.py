@@ -359,8 +359,8 @@ def plan_probes(
         if "gram" in probe.needs:
             phased.add(name)
     gram_build = PlanInputs(model, shape, None, full_model, micro_batch, cpu, fwd).gram_build
-    if "entropy_gram" in needs:  # the entropy part's row blocks hold about as many (rows, N) temporaries again
-        gram_build += min(CHUNK_BYTES, 4 * N * N * 4)
+    if "entropy_gram" in needs:  # the entropy part's row blocks hold one more (rows, N) temporary
+        gram_build += min(CHUNK_BYTES, 4 * N * N * 4) // 4
 
     def peaks_at(gb: int) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
         kept = gb * (per_group + gram)
