@@ -5,7 +5,7 @@
 The kernel is this interpreter, registered under a private kernelspec in a temporary directory (as
 tests/test_notebooks.py does), so the machine's own ``python3`` kernel, or its absence, does not
 matter. Each notebook runs in notebooks/ (their relative paths assume it); the committed notebooks
-are left untouched, without outputs. Notebooks 02-04 read ``$RESRL_RUN_DIR`` when it is set (with
+are left untouched, without outputs. Notebooks 02-05 read ``$RESRL_RUN_DIR`` when it is set (with
 ``$RESRL_BASE_MODEL`` and ``$RESRL_PROBE_SET`` for a TRL or verl run; notebooks/README.md).
 """
 

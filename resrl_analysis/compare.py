@@ -88,13 +88,14 @@ def register_metric(metric: Metric) -> Metric:
 
 @dataclass(frozen=True)
 class Question:
-    """A claim a summary judges: ``metric``'s a − b is expected ``> 0`` (``sign`` +1) or ``< 0`` (−1).
+    """A claim a summary judges: ``metric``'s a − b is expected ``> 0`` (``sign`` +1) or ``< 0`` (−1); with ``b``
+    None, a's own mean is (a sign question about one algorithm, judged by its interval over seeds).
 
     ``claim`` is its wording; the verdict (shown / not shown / the opposite is shown) comes from the interval.
     """
 
     a: str
-    b: str
+    b: str | None
     metric: str
     sign: int
     claim: str
@@ -205,6 +206,51 @@ for _a, _b, _sign, _claim in (
         ("resrl", "grpo", -1, "ResRL displaces positives less than GRPO")):
     for _key in ("lld/batch_frac", "heldout_lld_frac_end"):
         register_question(Question(_a, _b, _key, _sign, _claim))
+
+
+# Entropy dynamics (issue 24; docs/MATH.md § Entropy dynamics): which samples raise or lower entropy.
+def _abs_live_mean(key: str) -> Callable[[Any], float | None]:
+    def read(r: Any) -> float | None:
+        m = r.metrics
+        return None if m.empty or key not in m else _finite(m[key].astype(float).abs().mean())
+
+    return read
+
+
+def _entropy_rho(r: Any) -> float | None:
+    """Spearman over the run's probe tokens of the first-order ΔH with a real head-only step's, for the run's own
+    algorithm (the entropy_dynamics probe's correlation table)."""
+    ed = r.probes.get("entropy_dynamics")
+    if ed is None or not len(ed.correlation):
+        return None
+    c = ed.correlation
+    c = c[(c.scope == "run") & (c.level == "token") & (c.predictor == "predicted") & (c.target == "actual_head")
+          & (c.algorithm == str(r.config.get("algorithm")))]
+    return _finite(c.spearman.iloc[0]) if len(c) else None
+
+
+for _m in (
+    Metric("entropy/pred_from_pos", "first-order ΔH from positive samples (live, per unit step)",
+           live_mean("entropy/pred_from_pos")),
+    Metric("entropy/pred_from_neg", "first-order ΔH from negative samples (live, per unit step)",
+           live_mean("entropy/pred_from_neg")),
+    Metric("entropy_pred_from_neg_abs", "|first-order ΔH from negative samples| (live, per unit step)",
+           _abs_live_mean("entropy/pred_from_neg")),
+    Metric("entropy/delta_mean", "realised ΔH across each update (live)", live_mean("entropy/delta_mean")),
+    Metric("entropy_pred_rho", "Spearman(first-order, real head-step ΔH), probe tokens", _entropy_rho,
+           compare=False),
+):
+    register_metric(_m)
+
+for _a in ("grpo", "nsr", "w-reinforce", "nthr", "resrl"):  # PSR's negative part is 0 by construction
+    register_question(Question(_a, None, "entropy/pred_from_neg", +1,
+                               f"Negative samples raise entropy under {NAMES[_a]}"))
+for _a in ("grpo", "psr", "w-reinforce", "nthr", "resrl"):  # NSR's positive part is 0 by construction
+    register_question(Question(_a, None, "entropy/pred_from_pos", -1,
+                               f"Positive samples lower entropy under {NAMES[_a]}"))
+for _b in ("nsr", "w-reinforce"):
+    register_question(Question("resrl", _b, "entropy_pred_from_neg_abs", -1,
+                               f"ResRL's negative samples move entropy less than {NAMES[_b]}'s"))
 
 
 @dataclass(frozen=True)
@@ -372,17 +418,31 @@ def verdict(c: dict[str, Any] | None, sign: int) -> str:
 
 
 def verdicts(agg: dict[str, Any], spec: SummarySpec, n_seeds: int) -> list[str]:
-    """One generated line per question of ``spec`` that was compared: the claim, the metric, the verdict, a − b."""
-    from .stats import Interval, describe_interval
+    """One generated line per question of ``spec`` whose metric both sides measured: the claim, the metric, the
+    verdict, a − b (or a alone, for a question about one algorithm)."""
+    from .stats import Interval, describe_interval, welch_difference
 
     found = {(c["a"], c["b"], c["metric"]): c for c in agg["comparisons"]}
     out = []
     for q in spec.questions:
-        c = found.get((q.a, q.b, q.metric))
-        if c is None:
-            continue
-        iv = Interval.from_dict({"mean": c["diff"], "lo": c["lo"], "hi": c["hi"]}, n=n_seeds)
         what = METRICS[q.metric].label.split(" (")[0]
+        if q.b is None:  # one algorithm's own mean against 0
+            d = agg["algorithms"].get(q.a, {}).get(q.metric)
+            if d is None or d.get("mean") is None:
+                continue
+            iv = Interval.from_dict(d, n=n_seeds)
+            c = {"lo": d["lo"], "hi": d["hi"], "excludes_zero": iv.excludes_zero}
+            out.append(f"- {q.claim}, {what}: {verdict(c, q.sign)}, {name_of(q.a)} = {describe_interval(iv)}.")
+            continue
+        c = found.get((q.a, q.b, q.metric))
+        if c is None:  # a question about a pair the summary does not list: its own Welch interval
+            da, db = (agg["algorithms"].get(x, {}).get(q.metric) for x in (q.a, q.b))
+            if da is None or db is None:
+                continue
+            w = welch_difference(da["seeds"], db["seeds"])
+            c = {"diff": w.mean, "lo": w.lo if math.isfinite(w.lo) else None,
+                 "hi": w.hi if math.isfinite(w.hi) else None, "excludes_zero": w.excludes_zero}
+        iv = Interval.from_dict({"mean": c["diff"], "lo": c["lo"], "hi": c["hi"]}, n=n_seeds)
         out.append(f"- {q.claim}, {what}: {verdict(c, q.sign)}, {name_of(q.a)} − {name_of(q.b)} = "
                    f"{describe_interval(iv)}.")
     return out

@@ -533,6 +533,97 @@ def fig_first_order(runs: Sequence[RunData]):
     return fig
 
 
+ENTROPY_KEYS = {"entropy/pred_from_pos": "predicted ΔH from positive samples\n(nats per unit step, head SGD)",
+                "entropy/pred_from_neg": "predicted ΔH from negative samples\n(nats per unit step, head SGD)",
+                "entropy/delta_pos_mean": "realised ΔH on positive responses' tokens\n(nats, the update)",
+                "entropy/delta_neg_mean": "realised ΔH on negative responses' tokens\n(nats, the update)"}
+
+
+def fig_entropy_by_polarity(runs: Sequence[RunData]):
+    parts = [r.metrics.assign(label=r.label, seed=_seed_id(r)) for r in runs
+             if any(k in r.metrics and r.metrics[k].notna().any() for k in ENTROPY_KEYS)]
+    if not parts:
+        return "no live entropy metrics (train with entropy_in_batch: true)"
+    m = pd.concat(parts, ignore_index=True)
+    fig = plots.plot_training_dynamics(m, keys=tuple(ENTROPY_KEYS), smooth=IN_BATCH_SMOOTH)
+    for ax in fig.axes:
+        key = ax.get_title().split("\n")[0]
+        if key in ENTROPY_KEYS:
+            ax.set_ylabel(ENTROPY_KEYS[key], fontsize="small")
+            ax.axhline(0.0, color="k", lw=0.8)
+    _suptitle(fig, "entropy change by polarity, each rollout batch: the first-order change of one SGD step of the "
+              "head caused by the\ngroups' positive and negative samples, and the realised change across the update "
+              f"on each polarity's tokens; rolling mean over {IN_BATCH_SMOOTH} steps, {_phrase(m)} (band: 95% t)")
+    return fig
+
+
+def fig_entropy_prediction(runs: Sequence[RunData]):
+    chosen = _first_runs(runs, _has_table("entropy_dynamics", "tokens"))
+    d = _cat(chosen, "entropy_dynamics", "tokens")
+    if d.empty:
+        return "no entropy_dynamics token rows (run `resrl probe` with the entropy_dynamics probe)"
+    algo = {r.label: str(r.config.get("algorithm")) for r in runs}
+    d = d[(d.algorithm == d.label.map(algo)) & d.actual_head.notna()]
+    if d.empty:
+        return "no entropy_dynamics rows for the runs' own algorithms with a real head step"
+    corr = _cat(chosen, "entropy_dynamics", "correlation")
+    named = {r.label: r for r in chosen}
+    labs = plots.style.order_labels(list(d.label.unique()))
+    fig, axes = _grid(len(labs))  # a column per algorithm: the prediction above, the proxy below
+    for j, lab in enumerate(labs):
+        t = d[d.label == lab].assign(cov_proxy=lambda x: -x.cov_centred)
+        c = corr[(corr.label == lab) & (corr.scope == "run") & (corr.level == "token") & (corr.target == "actual_head")
+                 & (corr.algorithm == algo[lab])]
+        rho = {p: float(c[c.predictor == p].spearman.iloc[0]) if (c.predictor == p).any() else None
+               for p in ("predicted", "cov_proxy")}
+        a1, a2 = axes[j], axes[len(labs) + j]
+        plots.plot_entropy_prediction(t.rename(columns={"actual_head": "measured"}), rho=rho["predicted"], ax=a1)
+        a1.set_title(f"{_run_name(named[lab])}: first-order prediction", fontsize="small")
+        plots.plot_entropy_prediction(t.rename(columns={"actual_head": "measured"}), x="cov_proxy",
+                                      rho=rho["cov_proxy"], diagonal=False, ax=a2,
+                                      xlabel="−(A − Ā)(log π − mean log π)")
+        a2.set_title(f"{_run_name(named[lab])}: covariance proxy (Cui et al.)", fontsize="small")
+    lr = sorted({float(v) for r in chosen for v in [r.probes["entropy_dynamics"].meta.get("lr")] if v is not None})
+    _suptitle(fig, "one SGD step of the head (η = "
+              f"{', '.join(f'{x:g}' for x in lr)}), probe set's first groups,\nevery probed checkpoint: each "
+              "token's realised ΔH (float64)\nagainst the first-order prediction (top) and\nthe covariance proxy's "
+              "per-token term (bottom);\nρ: Spearman over the run's tokens", fontsize="small")
+    return fig
+
+
+def _grid(n: int):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, n, figsize=(3.3 * n, 6.6), squeeze=False)
+    return fig, list(axes[0]) + list(axes[1])
+
+
+def fig_flip_map(runs: Sequence[RunData]):
+    chosen = _first_runs(runs, _has_table("flips", "counts"))
+    d = _cat(chosen, "flips", "counts")
+    if d.empty:
+        return "no flips results (needs the flips probe over at least two checkpoints)"
+    d = d[(d.comparison == "step_to_step") & d.token_class.isin(["shared", "first_divergent", "after"])]
+    if d.empty:
+        return "no tokens of mixed groups in the flips results"
+    d = d.assign(part=np.where(d.token_class == "shared", "shared", "unique"))
+    named = {r.label: r for r in chosen}
+    labs = plots.style.order_labels(list(d.label.unique()))
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(labs), 1, figsize=(7.0, 2.2 * len(labs) + 0.6), squeeze=False)
+    for a, lab in zip(axes[:, 0], labs):
+        t = d[d.label == lab]
+        pairs = t.groupby(["step_from", "step_to"]).ngroups
+        plots.plot_flip_map(t, ax=a, title=f"{_run_name(named[lab])}: {pairs} consecutive checkpoint pairs pooled, "
+                                           f"{int(t.n_tokens.sum())} tokens")
+    _suptitle(fig, "token flips between consecutive probed checkpoints (mixed groups of the probe set): the fraction "
+              "of tokens whose log-prob rose,\nby p(y) at the earlier checkpoint and by polarity × shared/unique "
+              "(shared: a response of the other polarity has the same token after the same prefix); number: tokens",
+              fontsize="small")
+    return fig
+
+
 FIGURES: dict[str, Callable[[Sequence[RunData]], object]] = {
     "pass_at_k": fig_pass_at_k,
     "lld_bars": fig_lld_bars,
@@ -548,6 +639,9 @@ FIGURES: dict[str, Callable[[Sequence[RunData]], object]] = {
     "in_batch_lld": fig_in_batch_lld,
     "lld_shared_unique": fig_lld_shared_unique,
     "first_order": fig_first_order,
+    "entropy_by_polarity": fig_entropy_by_polarity,
+    "entropy_prediction": fig_entropy_prediction,
+    "flip_map": fig_flip_map,
 }
 
 

@@ -24,6 +24,8 @@ __all__ = [
     "head_gradient_inner",
     "head_gradient_cosine",
     "head_gradient_sqnorm",
+    "entropy_logit_factor",
+    "entropy_head_inner",
     "weighted_pair_sum",
     "GroupAlignment",
     "group_gradient_alignment",
@@ -133,6 +135,42 @@ def head_gradient_cosine(
     nb = head_gradient_sqnorm(h_b, p_b, y_b).clamp(min=0).sqrt()
     denom = na[:, None] * nb[None, :]
     return torch.where(denom > eps, inner / denom.clamp(min=eps), torch.zeros_like(inner))
+
+
+def entropy_logit_factor(p_a: Tensor, p_b: Tensor, y_b: Tensor) -> Tensor:
+    """⟨∂H/∂z (p_a), e_{y_b} − p_b⟩ for all pairs → (Ta, Tb): how token a's entropy moves when its logits move
+    along token b's logit gradient (docs/MATH.md § Entropy dynamics).
+
+    With ∂H/∂z_k = −p_k (log p_k + H) this is −p_a[y_b] (log p_a[y_b] + H_a) + ⟨p_a ⊙ log p_a, p_b⟩ +
+    H_a ⟨p_a, p_b⟩, from (Ta, V) probabilities directly (the Gram's pass computes it in vocabulary chunks,
+    :func:`group_grams` with ``entropy=True``). Not symmetric in a and b.
+
+    >>> p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    >>> [round(v, 4) for v in entropy_logit_factor(p, p, torch.tensor([0, 0]))[1].tolist()]  # toward token 0
+    [-0.1978, -0.0396]
+    """
+    lp = torch.log(p_a)  # (Ta, V)
+    H = -torch.special.xlogy(p_a, p_a).sum(-1)  # (Ta,)
+    u = -p_a * (lp + H[:, None])  # (Ta, V) ∂H/∂z, 0 where p is 0
+    u = torch.where(p_a > 0, u, torch.zeros_like(u))
+    return u[:, y_b] - u @ p_b.T
+
+
+def entropy_head_inner(h_a: Tensor, p_a: Tensor, h_b: Tensor, p_b: Tensor, y_b: Tensor) -> Tensor:
+    """⟨∇_W H_a, ∇_W log p_b[y_b]⟩_F for all pairs → (Ta, Tb): the first-order change of token a's entropy per
+    unit step of the head along token b's log-likelihood gradient, ``entropy_logit_factor · ⟨h_a, h_b⟩``.
+
+    Args:
+        h_a: (Ta, d) head inputs; p_a: (Ta, V) probabilities; likewise for b, with y_b: (Tb,) token ids.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> h, p = torch.randn(3, 4, generator=g), torch.softmax(torch.randn(3, 5, generator=g), -1)
+    >>> entropy_head_inner(h, p, h, p, torch.tensor([0, 1, 2])).shape
+    torch.Size([3, 3])
+    """
+    _check(h_a, p_a, torch.zeros(h_a.shape[0], dtype=torch.long, device=h_a.device), "a")
+    _check(h_b, p_b, y_b, "b")
+    return entropy_logit_factor(p_a, p_b, y_b) * (h_a @ h_b.T)
 
 
 def weighted_pair_sum(
@@ -343,7 +381,8 @@ class GroupGrams:
     ``inner`` (N, N) <g_a, g_b>_F, with the first ``n_pos`` rows/columns the positive tokens (so the
     positive×negative block is the view ``inner[:n_pos, n_pos:]``); ``logit_sqnorm`` (N,) ||e_y − p||²,
     ``rep_sqnorm`` (N,) ||h||²; ``row`` (N,) response index, ``pos`` (N,) position, ``y`` (N,) token id,
-    each token in row-major order within the positives and within the negatives.
+    each token in row-major order within the positives and within the negatives. With ``entropy=True``
+    (:func:`group_grams`) also ``entropy_inner`` (N, N) and ``entropy`` (N,), from the same pass.
     """
 
     inner: Tensor
@@ -353,6 +392,11 @@ class GroupGrams:
     pos: Tensor
     y: Tensor
     n_pos: int
+    entropy_inner: Tensor | None = None
+    """(N, N) ⟨∇_W H_t, g_j⟩_F: the directional derivative of token t's entropy along token j's head gradient
+    (rows t, columns j; :func:`entropy_head_inner`), when built with ``entropy=True``."""
+    entropy: Tensor | None = None
+    """(N,) the token entropies −Σ p log p of the same pass, when built with ``entropy=True``."""
 
     @property
     def grad_norm(self) -> Tensor:
@@ -419,6 +463,7 @@ def group_grams(
     temperature: float = 1.0,
     memory_budget_mb: float = 256.0,
     rows: Tensor | None = None,
+    entropy: bool = False,
 ) -> GroupGrams:
     """All token-pair head-gradient inner products of one group, computed once (the probes share it).
 
@@ -428,6 +473,12 @@ def group_grams(
     the logits directly and the representation Gram H Hᵀ multiplies the logit factor in place, row
     block by row block. Peak: one (N, N) matrix plus ``memory_budget_mb`` of chunks. Same values as
     :func:`head_gradient_inner` (and its cancellation-free form).
+
+    With ``entropy`` the same pass over the chunks also accumulates R Qᵀ, R = q ⊙ log p (the entropy's
+    extra contraction, docs/MATH.md § Entropy dynamics), and the token entropies, and the row blocks turn it
+    into ``entropy_inner`` (N, N), the derivative of each token's entropy along each token's head gradient
+    (:func:`entropy_head_inner`): one more (N, N) matrix and one more full (not triangular) product per
+    chunk, the probabilities computed once for both. ``inner`` is bit for bit the same either way.
 
     Args:
         head_input: (G, T, d); logits: (G, T, V) at the same positions; labels, mask: (G, T);
@@ -441,6 +492,9 @@ def group_grams(
     >>> ref = head_gradient_inner(h[0], p[0], y[0], h[1:].reshape(4, 4), p[1:].reshape(4, 7), y[1:].reshape(4))
     >>> bool(torch.allclose(gr.block("pos", "neg"), ref, atol=1e-6)), gr.n_pos
     (True, 2)
+    >>> ge = group_grams(h, z, y, m, torch.tensor([True, False, False]), memory_budget_mb=1e-4, entropy=True)
+    >>> bool(torch.equal(ge.inner, gr.inner)), tuple(ge.entropy_inner.shape)
+    (True, (6, 6))
     """
     _, T, V = logits.shape
     dev = logits.device
@@ -462,10 +516,13 @@ def group_grams(
     L = torch.zeros(N, N, dtype=cdt, device=dev)  # (N, N): Σ over chunks of Q Qᵀ, then the logit factor
     s = torch.zeros(N, dtype=cdt, device=dev)  # 1 − p[y], summed (no cancellation, see _split)
     qq = torch.zeros(N, dtype=cdt, device=dev)  # Σ_{v≠y} p_v²
+    M = torch.zeros(N, N, dtype=cdt, device=dev) if entropy else None  # (N, N): Σ over chunks of R Qᵀ
+    rs = torch.zeros(N, dtype=cdt, device=dev) if entropy else None  # Σ_{v≠y} p_v log p_v
     # Q Qᵀ is symmetric: accumulate only the block lower triangle (half the products), mirror it after.
     tb = max(1, -(-N // 4))
     for v0 in range(0, V, c):
-        q = torch.exp(logits[ridx, tidx, v0 : v0 + c].to(cdt) / temperature - lse[:, None])  # (N, c)
+        lp = logits[ridx, tidx, v0 : v0 + c].to(cdt) / temperature - lse[:, None]  # (N, c) log p
+        q = torch.exp(lp)  # (N, c)
         inside = (y >= v0) & (y < v0 + q.shape[1])
         q[inside.nonzero().squeeze(-1), y[inside] - v0] = 0.0
         s += q.sum(-1)
@@ -473,26 +530,69 @@ def group_grams(
         for i0 in range(0, N, tb):
             i1 = min(N, i0 + tb)
             L[i0:i1, :i1].addmm_(q[i0:i1], q[:i1].T)  # (tb, i1): blocks on and below the diagonal
-        del q
+        if M is not None and rs is not None:
+            r = lp.mul_(q).masked_fill_(q == 0, 0.0)  # (N, c): q ⊙ log p, 0 at y and where p is 0 (0 log 0)
+            rs += r.sum(-1)
+            M.addmm_(r, q.T)  # (N, N): not symmetric, so the whole product
+            del r
+        del q, lp
     for i0 in range(0, N, tb):  # mirror the strictly upper blocks from the lower ones
         i1 = min(N, i0 + tb)
         L[i0:i1, i1:] = L[i1:, i0:i1].T
     h = head_input.to(dev)[ridx, tidx].to(torch.promote_types(head_input.dtype, cdt))  # (N, d)
+    ent = None
+    if M is not None and rs is not None:
+        lpy = logits[ridx, tidx, y].to(cdt) / temperature - lse  # (N,) log p[y]
+        py = torch.exp(lpy)  # (N,)
+        ent = -(rs + py * lpy)  # (N,) H = −Σ p log p
     rb = max(1, int(memory_budget_mb * 2**20 // max(1, 4 * N * (torch.finfo(cdt).bits // 8))))
     for b0 in range(0, N, rb):
         b = slice(b0, b0 + rb)
         # p_b[y_j] (rows of the block) and p_j[y_b] (columns), gathered from the logits.
-        p_row = torch.exp(logits[ridx[b, None], tidx[b, None], y[None, :]].to(cdt) / temperature - lse[b, None])
+        lp_row = logits[ridx[b, None], tidx[b, None], y[None, :]].to(cdt) / temperature - lse[b, None]  # (rb, N)
+        p_row = torch.exp(lp_row)
         p_col = torch.exp(logits[ridx[:, None], tidx[:, None], y[None, b]].to(cdt) / temperature - lse[:, None])
         same = y[b, None] == y[None, :]  # (rb, N)
-        q_row = p_row.masked_fill_(same, 0.0)  # q_b[y_j]
-        q_col = p_col.T.masked_fill(same, 0.0)  # q_j[y_b]  (rb, N)
         blk = L[b]
+        hh = (h[b] @ h.T).to(cdt)  # (rb, N): the representation factor
+        q_col = p_col.T.masked_fill(same, 0.0)  # q_j[y_b]  (rb, N)
+        if M is not None and ent is not None:
+            _entropy_block(M[b], blk, lp_row, p_row, q_col, s, py, lpy, ent, b, hh)
+        q_row = p_row.masked_fill_(same, 0.0)  # q_b[y_j]
         blk += same * (s[b, None] * s[None, :])
         blk -= s[b, None] * q_col + s[None, :] * q_row
-        blk *= (h[b] @ h.T).to(cdt)  # (rb, N): the representation factor
+        blk *= hh
     return GroupGrams(inner=L, logit_sqnorm=s * s + qq, rep_sqnorm=(h * h).sum(-1).to(cdt), row=ridx, pos=tidx,
-                      y=y, n_pos=n_pos)
+                      y=y, n_pos=n_pos, entropy_inner=M, entropy=ent)
+
+
+def _entropy_block(Mb: Tensor, QQb: Tensor, lp_row: Tensor, p_row: Tensor, q_col: Tensor, s: Tensor, py: Tensor,
+                   lpy: Tensor, ent: Tensor, b: slice, hh: Tensor) -> None:
+    """Turn a row block of R̃ Qᵀ into the entropy Gram in place: Mb[t, j] ← ⟨∂H_t/∂z, e_{y_j} − p_j⟩ ⟨h_t, h_j⟩.
+
+    With p_t = q_t + π_t e_{y_t} (π = p[y]) and R_t = p_t ⊙ log p_t = R̃_t + π_t log π_t e_{y_t} (R̃ = q ⊙ log p,
+    whose product with Q is ``Mb``), every full-vocabulary product is a product of the q's plus gathers:
+
+        ⟨p_t, p_j⟩ = ⟨q_t, q_j⟩ + π_j q_t[y_j] + π_t q_j[y_t] + π_t π_j [y_t = y_j]
+        ⟨R_t, p_j⟩ = ⟨R̃_t, q_j⟩ + π_j q_t[y_j] log p_t[y_j] + π_t log π_t (q_j[y_t] + π_j [y_t = y_j])
+        ⟨∂H_t/∂z, e_{y_j} − p_j⟩ = −p_t[y_j] (log p_t[y_j] + H_t) + ⟨R_t, p_j⟩ + H_t ⟨p_t, p_j⟩
+
+    Collected (p_t[y_j] = q_t[y_j] + π_t [y_t = y_j], and s_j = 1 − π_j the Gram's cancellation-free sum), the
+    terms in q_t[y_j] and in [y_t = y_j] merge back into one in p_t[y_j]:
+
+        = ⟨R̃_t, q_j⟩ + H_t ⟨q_t, q_j⟩ − s_j p_t[y_j] (log p_t[y_j] + H_t) + π_t (log π_t + H_t) q_j[y_t],
+
+    built in place with one (rows, N) temporary. ``QQb`` (rb, N) is the block of Q Qᵀ (before the Gram's own
+    in-place steps); ``lp_row``/``p_row`` (rb, N) log p_t[y_j] and p_t[y_j] (``lp_row`` is consumed);
+    ``q_col`` (rb, N) q_j[y_t]; ``s`` (N,) 1 − π.
+    """
+    Ht = ent[b, None]  # (rb, 1)
+    Mb.addcmul_(QQb, Ht)
+    t = lp_row.add_(Ht).mul_(p_row).mul_(s[None, :])  # (rb, N): s_j p_t[y_j] (log p_t[y_j] + H_t)
+    Mb.sub_(t)
+    del t
+    Mb.addcmul_(q_col, py[b, None] * (lpy[b, None] + Ht))
+    Mb.mul_(hh)
 
 
 def _order_keys(x: Tensor) -> tuple[Tensor, int]:

@@ -7,7 +7,8 @@ counts the tensors the probes hold (bytes of each dtype), not allocator slack; e
 its own terms (``Probe.plan``, from :class:`PlanInputs`), and this module adds what the pass keeps:
 
 - kept per group until its probes are done: the response logits (G·T·V, model dtype), two hidden
-  states (2·G·T·d) and the shared head-gradient Gram (N², float32, N = G·T valid tokens);
+  states (2·G·T·d) and the shared head-gradient Gram (N², float32, N = G·T valid tokens), with its entropy
+  part (another N²) when a probe needs it;
 - transient, per probe: the forward's activations and log-prob chunks; row blocks of the (Tp, Tn)
   cosine and bound matrices (interference, subspace; streamed, never whole); the head step's saved
   log-softmax (N·V, float32) and the whole-model step's gradients, parameter copy and one
@@ -345,7 +346,7 @@ def plan_probes(
     # Kept per group until its probes are done: logits, two hidden states, and the shared Gram.
     per_group = (_logits(model, G, T) if "logits" in needs else 0) + (2 * G * T * d * model.dtype_bytes
                                                                      if "hidden" in needs else 0)
-    gram = N * N * 4 if "gram" in needs else 0
+    gram = N * N * 4 * ((1 if "gram" in needs else 0) + (1 if "entropy_gram" in needs else 0))
     fwd = _forward(model, G, shape.prompt_len + T, T, grad=False, checkpoint=False, cpu=cpu)
     if "logits" not in needs:  # nobody keeps them: the forward's own logits are its transient
         fwd["logits"] = _logits(model, G, T)
@@ -358,6 +359,8 @@ def plan_probes(
         if "gram" in probe.needs:
             phased.add(name)
     gram_build = PlanInputs(model, shape, None, full_model, micro_batch, cpu, fwd).gram_build
+    if "entropy_gram" in needs:  # the entropy part's row blocks hold one more (rows, N) temporary
+        gram_build += min(CHUNK_BYTES, 4 * N * N * 4) // 4
 
     def peaks_at(gb: int) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
         kept = gb * (per_group + gram)
@@ -383,7 +386,8 @@ def plan_probes(
         notes.append(f"--group-batch {group_batch} would need {format_bytes(max(peaks_at(group_batch)[0].values()))};"
                      f" using {gb}")
     if gram:
-        notes.append(f"Gram {format_bytes(gram)} per group (N = {N} tokens), vocabulary chunks of "
+        what = "Gram and its entropy part" if "entropy_gram" in needs else "Gram"
+        notes.append(f"{what} {format_bytes(gram)} per group (N = {N} tokens), vocabulary chunks of "
                      f"{format_bytes(CHUNK_BYTES)}")
     hints = {name: p.plan_hint for name, p in probes_.items()}
     return MemoryPlan(budget=budget, budget_source=budget_source, group_batch=gb, requested_group_batch=group_batch,

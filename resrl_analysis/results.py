@@ -44,6 +44,8 @@ __all__ = [
     "InterferenceResult",
     "SubspaceResult",
     "DiversityResult",
+    "EntropyDynamicsResult",
+    "FlipsResult",
     "RESULT_TYPES",
     "register_result",
     "load_result",
@@ -548,6 +550,101 @@ class DiversityResult(ProbeResult):
         return {**super().summary(), "by_step": to_jsonable(rows)}
 
 
+@dataclass(frozen=True, eq=False)
+class EntropyDynamicsResult(ProbeResult):
+    """First-order entropy change of one SGD step of the head, split by the polarity of its cause, beside real steps
+    and the covariance proxy (docs/MATH.md § Entropy dynamics).
+
+    ``groups``: one row per (step, group, algorithm): token means over the group of the entropy before
+    (``entropy_mean``), of the predicted ΔH (``predicted`` = ``predicted_from_pos`` + ``predicted_from_neg``, the
+    parts caused by the samples of positive and of negative responses), of the realised ΔH after one SGD step of the
+    head alone (``actual_head``) and of the whole model (``actual_full``; NaN where not run), and ``covariance``: Cui
+    et al.'s covariance of token log-prob and advantage over the group's tokens (one step lowers the entropy by about
+    η·covariance). ``responses``: the same token means per response. ``tokens`` (the groups that took the real steps, by
+    default): per token its entropy, the prediction and its parts, the realised ΔH, ``source_effect`` (the change of
+    the group's mean entropy caused by this token's own gradient) and ``cov_centred`` (its centred product
+    (A − Ā)(log π − mean log π), the proxy's per-token term: −cov_centred stands for raising the entropy).
+    ``correlation``: Spearman rank correlations of a predictor with a target, per step (``scope`` "step") and over
+    every step of the pass (``scope`` "run"), at the token and the group level.
+    """
+
+    KIND: ClassVar[str] = "entropy_dynamics"
+    TABLES: ClassVar[dict[str, dict[str, str]]] = {
+        "groups": {"step": _I, "group_id": _I, "prompt_uid": _S, "algorithm": _S, "status": _S, "n_pos": _I,
+                   "n_neg": _I, "n_tokens": _I, "lr": _F, "entropy_mean": _F, "predicted": _F,
+                   "predicted_from_pos": _F, "predicted_from_neg": _F, "actual_head": _F, "actual_full": _F,
+                   "covariance": _F},
+        "responses": {"step": _I, "group_id": _I, "algorithm": _S, "response_index": _I, "is_positive": _B,
+                      "n_tokens": _I, "entropy_mean": _F, "predicted": _F, "predicted_from_pos": _F,
+                      "predicted_from_neg": _F, "actual_head": _F, "actual_full": _F},
+        "tokens": {"step": _I, "group_id": _I, "algorithm": _S, "response_index": _I, "position": _I,
+                   "token_id": _I, "is_positive": _B, "logp": _F, "advantage": _F, "entropy": _F, "predicted": _F,
+                   "predicted_from_pos": _F, "predicted_from_neg": _F, "actual_head": _F, "actual_full": _F,
+                   "source_effect": _F, "cov_centred": _F},
+        "correlation": {"scope": _S, "step": _I, "algorithm": _S, "level": _S, "predictor": _S, "target": _S,
+                        "n": _I, "spearman": _F},
+    }
+    groups: pd.DataFrame = None  # type: ignore[assignment]
+    responses: pd.DataFrame = None  # type: ignore[assignment]
+    tokens: pd.DataFrame = None  # type: ignore[assignment]
+    correlation: pd.DataFrame = None  # type: ignore[assignment]
+    meta: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        rows = []
+        for (step, alg), d in self.groups.groupby(["step", "algorithm"], sort=True):
+            rows.append({"step": int(step), "algorithm": alg, "predicted": _nanmean(d.predicted),
+                         "predicted_from_pos": _nanmean(d.predicted_from_pos),
+                         "predicted_from_neg": _nanmean(d.predicted_from_neg),
+                         "actual_head": _nanmean(d.actual_head), "actual_full": _nanmean(d.actual_full),
+                         "covariance": _nanmean(d["covariance"])})
+        c = self.correlation
+        run = c[c.scope == "run"] if len(c) else c
+        return {**super().summary(), "lr": self.meta.get("lr"), "by_step": to_jsonable(rows),
+                "correlation": to_jsonable(run.drop(columns=["scope", "step"]).to_dict(orient="records"))}
+
+
+@dataclass(frozen=True, eq=False)
+class FlipsResult(ProbeResult):
+    """Token flips between checkpoints (docs/MATH.md § Token flips).
+
+    ``counts``: one row per (comparison, step pair, polarity, token class, confidence bin): how many response
+    tokens' log-probs rose, fell or stayed from ``step_from`` to ``step_to``; polarity of the response, token class
+    against the group's responses of the other polarity (shared / first_divergent / after; unmixed: a group without
+    both), ``conf_bin`` k: p(y) at ``step_from`` in [k/10, (k+1)/10). ``coupling``: per step pair and pair kind
+    (identical_low, identical_high, different_low), the positive×negative token pairs of a group and how many moved
+    in the same direction. ``comparison``: ``step_to_step`` (consecutive checkpoints) or ``vs_initial``.
+    """
+
+    KIND: ClassVar[str] = "flips"
+    TABLES: ClassVar[dict[str, dict[str, str]]] = {
+        "counts": {"comparison": _S, "step_from": _I, "step_to": _I, "polarity": _S, "token_class": _S,
+                   "conf_bin": _I, "n_tokens": _I, "n_rose": _I, "n_fell": _I, "n_same": _I},
+        "coupling": {"comparison": _S, "step_from": _I, "step_to": _I, "kind": _S, "n_pairs": _I, "n_same_dir": _I,
+                     "same_dir_frac": _F},
+    }
+    counts: pd.DataFrame = None  # type: ignore[assignment]
+    coupling: pd.DataFrame = None  # type: ignore[assignment]
+    meta: dict = field(default_factory=dict)
+
+    def rose_fraction(self, by: Sequence[str] = ("polarity",), comparison: str = "step_to_step") -> pd.DataFrame:
+        """The fraction of tokens whose log-prob rose (and fell), pooled over the step pairs, by ``by``."""
+        c = self.counts[self.counts.comparison == comparison]
+        g = c.groupby(list(by), sort=True)[["n_tokens", "n_rose", "n_fell"]].sum().reset_index()
+        return g.assign(rose_frac=g.n_rose / g.n_tokens, fell_frac=g.n_fell / g.n_tokens)
+
+    def summary(self) -> dict:
+        out = {**super().summary()}
+        if len(self.counts):
+            out["rose_frac"] = to_jsonable(self.rose_fraction().to_dict(orient="records"))
+        if len(self.coupling):
+            c = self.coupling[self.coupling.comparison == "step_to_step"].groupby("kind")[["n_pairs", "n_same_dir"]]
+            s = c.sum().reset_index()
+            out["coupling"] = to_jsonable(s.assign(same_dir_frac=s.n_same_dir / s.n_pairs.where(s.n_pairs > 0))
+                                          .to_dict(orient="records"))
+        return out
+
+
 #: Every result kind ``load_result`` reads, by ``KIND``: the built-in results, and each registered probe's
 #: (:func:`resrl_analysis.probes.registry.register_probe` calls :func:`register_result`).
 RESULT_TYPES: dict[str, type[ProbeResult]] = {}
@@ -571,7 +668,8 @@ def register_result(cls: type[ProbeResult]) -> type[ProbeResult]:
     return cls
 
 
-for _cls in (ScoresResult, LLDResult, FirstOrderResult, InterferenceResult, SubspaceResult, DiversityResult):
+for _cls in (ScoresResult, LLDResult, FirstOrderResult, InterferenceResult, SubspaceResult, DiversityResult,
+             EntropyDynamicsResult, FlipsResult):
     register_result(_cls)
 
 

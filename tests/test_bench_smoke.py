@@ -27,6 +27,8 @@ BENCH_MODULES = [
     "bench.rollout_token_cost",
     "bench.diversity_bench",
     "bench.view_bench",
+    "bench.entropy_bench",
+    "bench.live_diagnostics_cost",
 ]
 
 
@@ -118,3 +120,11 @@ def test_view_bench_run_has_the_shape_it_says(tmp_path) -> None:
     assert [e.key for e in rv.entries] == ["rollouts:0", "rollouts:1", "rollouts:2"]
     assert all(len(e.groups) == 2 and all(len(r.ids) == 6 for g in e.groups for r in g.responses) for e in rv.entries)
     assert {"logp", "entropy", "advantage", "resrl_weight"} <= set(rv.entries[0].groups[0].responses[-1].values)
+
+
+def test_entropy_bench_worker_tiny(capsys) -> None:
+    from bench.entropy_bench import plan_mb, worker
+
+    worker("interference+entropy_dynamics", 2, 4, 1)
+    out = capsys.readouterr().out
+    assert "entropy_dynamics" in out and plan_mb("interference+entropy_dynamics", 2, 4) > 0

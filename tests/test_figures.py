@@ -74,7 +74,8 @@ def _metrics_run(path, algo: str, seed: int, rng, *, config: dict | None = None)
     m = pd.DataFrame({"step": steps, "reward/mean": rng.uniform(0, 1, len(steps)), "lld/batch_frac": frac,
                       "lld/batch_delta_mean": rng.normal(0, 1, len(steps)), "lld/mixed_groups": 5.0,
                       "lld/shared_token_delta_mean": rng.normal(-1, 1, len(steps)),
-                      "lld/unique_token_delta_mean": rng.normal(1, 1, len(steps))})
+                      "lld/unique_token_delta_mean": rng.normal(1, 1, len(steps)),
+                      **{k: rng.normal(0, 1e-3, len(steps)) for k in figures.ENTROPY_KEYS}})
     cfg = {"algorithm": algo, "seed": seed, "lr": 1e-5, "output_dir": str(path), **(config or {})}
     return figures.RunData(path / f"{algo}-s{seed}", algo, cfg, m, seed=seed)
 
@@ -162,8 +163,8 @@ def test_every_axis_of_every_figure_has_a_y_label(probed_runs, tmp_path):
     extra = [_metrics_run(tmp_path, "grpo", s, rng) for s in (5, 6)]
     drawn = 0
     for name, fn in figures.FIGURES.items():
-        pool = [heat] if name == "token_heatmap" else runs + (extra if name in ("in_batch_lld", "lld_shared_unique")
-                                                              else [])
+        live = ("in_batch_lld", "lld_shared_unique", "entropy_by_polarity")
+        pool = [heat] if name == "token_heatmap" else runs + (extra if name in live else [])
         got = fn(pool)
         if isinstance(got, str):
             assert name == "residual_weight_hist", f"{name}: {got}"  # fake dumps hold no residuals
@@ -176,3 +177,22 @@ def test_every_axis_of_every_figure_has_a_y_label(probed_runs, tmp_path):
         drawn += 1
         matplotlib.pyplot.close(fig)
     assert drawn == len(figures.FIGURES) - 1
+
+
+def test_entropy_and_flip_figures_draw_the_probe_tables(probed_runs):
+    runs = [figures.load_run(p) for p in probed_runs]
+    fig = figures.fig_entropy_prediction(runs)
+    t = runs[0].probes["entropy_dynamics"].tokens
+    t = t[(t.algorithm == "grpo") & t.actual_head.notna()]
+    xy = fig.axes[0].collections[0].get_offsets()  # the grpo run's column, top: predicted vs realised
+    np.testing.assert_allclose(np.asarray(xy), t[["predicted", "actual_head"]].to_numpy(), rtol=1e-12)
+    fig = figures.fig_flip_map(runs)
+    c = runs[0].probes["flips"].counts
+    c = c[(c.comparison == "step_to_step") & (c.polarity == "positive") & (c.token_class == "shared")]
+    img = np.ma.filled(fig.axes[0].images[0].get_array(), np.nan)  # rows: pos. shared first
+    g = c.groupby("conf_bin")[["n_rose", "n_tokens"]].sum()
+    want = np.full(10, np.nan)
+    want[g.index.to_numpy()] = (g.n_rose / g.n_tokens).to_numpy()
+    np.testing.assert_allclose(img[0], want, equal_nan=True)
+    assert np.isfinite(want).any()
+    matplotlib.pyplot.close("all")

@@ -249,6 +249,11 @@ def test_trl_run_defaults_to_its_completion_log_and_takes_lists(trl_run, tmp_pat
         assert probe_main([*form, "--base-model", str(BASE), "--out", str(out), *LIVE]) == 0
         summary = json.loads((out / "summary.json").read_text())
         assert summary["mode"] == "checkpoints" and [c["step"] for c in summary["checkpoints"]] == [0, 2, 4]
+    # issue 24's probes on a TRL run's checkpoints and completion log
+    assert probe_main([str(trl_run), "--base-model", str(BASE), "--out", str(out), "--steps", "0,4", "--probes",
+                       "entropy_dynamics,flips", "--no-progress", "--groups", "0"]) == 0
+    r = load_results(out)
+    assert sorted(r["entropy_dynamics"].groups.step.unique()) == [0, 4] and len(r["flips"].counts)
     # Without --base-model a TRL run has no step 0: LLD is measured against its first checkpoint.
     assert probe_main([str(trl_run), "--out", str(out), *LIVE]) == 0
     d = load_results(out)["lld"].deltas
@@ -282,9 +287,13 @@ def test_verl_shaped_directory(tmp_path, one_thread):
     assert f"python -m verl.model_merger merge --backend fsdp --local_dir {actor} --target_dir {actor}/huggingface" \
         in proc.stderr
     shutil.rmtree(run / "global_step_3")
-    proc = _cli("probe", str(run), "--base-model", str(BASE), "--probe-set", str(dump.parent), *LIVE)
+    with_entropy = [LIVE[0], LIVE[1] + ",entropy_dynamics,flips", *LIVE[2:]]
+    proc = _cli("probe", str(run), "--base-model", str(BASE), "--probe-set", str(dump.parent), *with_entropy)
     assert proc.returncode == 0, proc.stderr
     r = load_results(run / "probes")
+    ed, fl = r["entropy_dynamics"], r["flips"]  # issue 24's probes on a verl run
+    assert sorted(ed.groups.step.unique()) == [0, 1, 2] and ed.tokens.actual_head.notna().any()
+    assert sorted(fl.counts.step_to.unique()) == [1, 2] and fl.counts.n_tokens.sum() > 0
     vs0 = r["lld"].deltas[r["lld"].deltas.comparison == "vs_initial"]
     assert sorted(vs0.step_to.unique()) == [1, 2] and vs0.delta_pos_sum.notna().all()
     assert r["scores"].meta["probe_set"]["n_mixed"] == 2  # rewards recomputed from gts: one right, one wrong

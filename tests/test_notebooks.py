@@ -1,10 +1,10 @@
 """The notebooks run top to bottom (nbclient) against a small run, and are stored without outputs.
 
-Notebooks 02-04 read their run from ``RESRL_RUN_DIR``: one short ResRL run of the tiny preset made
+Notebooks 02-05 read their run from ``RESRL_RUN_DIR``: one short ResRL run of the tiny preset made
 once for the module (a fake run from :func:`write_fake_run` when the shipped warm start is absent);
 notebook 01 trains its own. The kernel is this interpreter, registered under a private kernelspec
 in a temporary directory, so whatever ``python3`` kernel the machine may have (or lack) does not
-matter: a fresh ``.venv`` with the ``dev`` extra is enough. Notebooks 02-04 also open foreign runs
+matter: a fresh ``.venv`` with the ``dev`` extra is enough. Notebooks 02-05 also open foreign runs
 (a verl-shaped directory here) with ``RESRL_PROBE_SET``, and train only when no run is given.
 """
 
@@ -29,6 +29,7 @@ EXPECTED = (
     "02_lazy_likelihood_displacement.ipynb",
     "03_gradient_interference_and_bound.ipynb",
     "04_entropy_diversity_passk.ipynb",
+    "05_entropy_dynamics.ipynb",
 )
 QUICKSTART = EXPECTED[0]
 ANALYSIS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb") if p.name != QUICKSTART)
@@ -54,7 +55,7 @@ def kernel(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> Path:
-    """One short run for notebooks 02-04: the tiny preset (ResRL, a checkpoint every step) when the
+    """One short run for notebooks 02-05: the tiny preset (ResRL, a checkpoint every step) when the
     warm start is shipped, else a fake run with mixed groups."""
     from trainer.warmstart import TINY_WARMSTART_DIR
 
@@ -96,7 +97,7 @@ def assert_no_progress_warning(nb, name: str) -> None:
             assert "TqdmWarning" not in out.get("text", ""), f"{name}: cell {i}: {out.get('text')}"
 
 
-def test_the_four_notebooks_exist():
+def test_the_notebooks_exist():
     assert set(EXPECTED) <= {p.name for p in NOTEBOOK_DIR.glob("*.ipynb")}
 
 

@@ -97,15 +97,18 @@ _WORKER = textwrap.dedent("""
     from resrl_analysis.probes.first_order import first_order_prediction
     from resrl_analysis.probes.interference import interference_probe
     from resrl_analysis.probes.subspace import subspace_probe
+    from resrl_analysis.probes.entropy_dynamics import entropy_dynamics
 
-    G, T, P, V, d = (int(a) for a in sys.argv[1:6])
+    G, T, P, V, d, ent = (int(a) for a in sys.argv[1:7])
     model, ps = qwen3_shaped(G, T, P, V, d)
     gc.collect()
     with PeakRSS() as mem:  # VmHWM reset to the current RSS: the peak from here on is the probes' working memory
-        fwds = forward_probe_set(model, ps)
+        fwds = forward_probe_set(model, ps, entropy_gram=bool(ent))
         interference_probe(model, ps, forwards=fwds)
         subspace_probe(model, ps, forwards=fwds)
         first_order_prediction(model, ps, forwards=fwds, algorithms=["grpo", "nsr"])
+        if ent:
+            entropy_dynamics(model, ps, forwards=fwds, algorithms=["grpo", "nsr"])
     assert mem.exact, "VmHWM could not be reset"
     print(json.dumps({"peak": mem.peak_mb * 2**20}))
 """)
@@ -113,18 +116,19 @@ _WORKER = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.skipif(not reset_peak_rss(), reason="needs /proc/self/clear_refs (Linux) to measure a peak")
-@pytest.mark.parametrize("G,T", [(8, 256), (4, 512)])
-def test_plan_estimate_within_25_percent_of_measured_peak_rss(G, T, tmp_path):
+@pytest.mark.parametrize("G,T,entropy", [(8, 256, False), (4, 512, False), (4, 512, True)])
+def test_plan_estimate_within_25_percent_of_measured_peak_rss(G, T, entropy, tmp_path):
     P, V, d = 8, 32_000, 256
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     # Small allocations are returned to the system at once, so the resident peak is what was in use.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(script), *map(str, (G, T, P, V, d))], env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(script), *map(str, (G, T, P, V, d, int(entropy)))], env=env,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     measured = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
     m = ModelShape.from_config(qwen3_config(T, P, V, d), "float32")  # the worker's model
-    plan = plan_probes(m, ProbeShape(G, T, P, 1), ["interference", "subspace", "first_order"], budget=10**12,
-                       full_model=False, device="cpu", weights=False)
+    probes = ["interference", "subspace", "first_order"] + (["entropy_dynamics"] if entropy else [])
+    plan = plan_probes(m, ProbeShape(G, T, P, 1), probes, budget=10**12, full_model=False, device="cpu",
+                       weights=False)
     assert abs(plan.peak - measured) <= 0.25 * measured, (plan.peak, measured, plan.parts)

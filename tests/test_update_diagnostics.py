@@ -116,11 +116,12 @@ def test_a_registered_diagnostic_gets_the_batch_before_and_after():
 
     register_update_diagnostic(UpdateDiagnostic("toy", lambda cfg: cfg.seed == 123, "all", True, metrics))
     try:
-        assert needs_rollout_entropy(TrainConfig(seed=123)) and not needs_rollout_entropy(TrainConfig(seed=1,
-                                                                                                     lld_in_batch=False))
-        m = update_metrics(model, data, TrainConfig(seed=123, lld_in_batch=True), ctx)
+        off = {"lld_in_batch": False, "entropy_in_batch": False, "flips_in_batch": False}
+        assert needs_rollout_entropy(TrainConfig(seed=123, **off))
+        assert not needs_rollout_entropy(TrainConfig(seed=1, **off))
+        m = update_metrics(model, data, TrainConfig(seed=123, **{**off, "lld_in_batch": True}), ctx)
         assert m["toy/scored_rows"] == 6 and m["lld/mixed_groups"] == 1
         assert seen["after"].entropy is not None
-        assert update_metrics(model, data, TrainConfig(seed=1, lld_in_batch=False), ctx) == {}
+        assert update_metrics(model, data, TrainConfig(seed=1, **off), ctx) == {}
     finally:
         UPDATE_DIAGNOSTICS.pop("toy")

@@ -67,6 +67,8 @@ RESUMABLE_CHANGES = frozenset({
     "gradient_checkpointing", "logprob_memory_mb", "rollout_backend", "val_every", "preset", "cpu_threads",
     "rollout_compile", "lr", "grad_clip", "max_consecutive_skips", "report_to", "lld_in_batch",
     "resume_from", "blowup_param_ratio", "blowup_update_norm", "max_blowup_steps", "sane_weight_max",
+    "entropy_in_batch", "entropy_predict_in_batch", "flips_in_batch", "flips_low_confidence", "drift_watch",
+    "drift_jump_factor", "drift_window",
 })
 
 #: Experiment trackers of ``report_to`` (trainer/loggers.py); ``none`` = only metrics.jsonl.
@@ -226,6 +228,32 @@ class TrainConfig:
     lld_in_batch: bool = _f(True, "Measure lazy likelihood displacement live: after each rollout batch's last update, "
                                   "one no-grad forward re-scores the positives of its mixed groups (lld/* metrics; "
                                   "shared vs unique tokens). Off in the paper presets.")
+    entropy_in_batch: bool = _f(True, "Measure entropy dynamics live: the after-update forward re-scores every row of "
+                                      "each rollout batch with its token entropies (entropy/*: the realised change of "
+                                      "token entropy on positive and on negative responses, Cui et al.'s covariance of "
+                                      "token log-prob and advantage, and how well each predictor ranks the realised "
+                                      "change). Off in the paper presets.")
+    entropy_predict_in_batch: bool = _f(True, "With entropy_in_batch: also the exact first-order entropy change of a "
+                                              "head-only SGD step from each group's own samples, split into the parts "
+                                              "their positive and negative responses cause (entropy/pred_*). The "
+                                              "rollout's no-grad forward then keeps its logits and head inputs (one "
+                                              "chunk of rows at a time) and builds each group's Gram with its entropy "
+                                              "part. Off in the paper presets.")
+    flips_in_batch: bool = _f(True, "Count token flips live: after each rollout batch's update, the fraction of its "
+                                    "response tokens whose log-prob rose or fell, by polarity, confidence before and "
+                                    "shared/unique, and the coupling of identical low-confidence tokens (flips/*; the "
+                                    "after-update forward re-scores every row). Off in the paper presets.")
+    flips_low_confidence: float = _f(0.5, "flips_in_batch: p(y) below this counts as low confidence for the coupling "
+                                          "of identical tokens (flips/coupled_*).")
+    drift_watch: bool = _f(True, "Head versus body drift: per optimizer step the relative update norm of the LM head "
+                                 "and of the other parameters (drift/*), and a warning in the log when the head's "
+                                 "relative update per unit learning rate exceeds drift_jump_factor times its median "
+                                 "over the previous drift_window steps. Costs a copy of the parameters per step. Off "
+                                 "in the paper presets.")
+    drift_jump_factor: float = _f(5.0, "drift_watch: how many times its running median the head's relative update "
+                                       "(per unit learning rate) must be to be reported as a jump (> 1).")
+    drift_window: int = _f(20, "drift_watch: the previous optimizer steps whose median is the head's running level; "
+                               "no jump is reported before 5 of them.")
     max_consecutive_skips: int = _f(5, "Stop the run after this many non-finite steps in a row.")
     blowup_param_ratio: float = _f(1.5, "Report a step as a blow-up when it grows the parameter norm by more than "
                                         "this factor (||θ_after|| / ||θ_before||; 0 = off).")
@@ -363,6 +391,12 @@ class TrainConfig:
                     "directory, e.g. --model /models/Qwen3-4B-Base")
         if self.logprob_memory_mb <= 0:
             raise e("logprob_memory_mb must be > 0")
+        if not self.drift_jump_factor > 1:
+            raise e(f"drift_jump_factor={self.drift_jump_factor} must be > 1 (a multiple of the running level)")
+        if self.drift_window < 1:
+            raise e(f"drift_window={self.drift_window} must be >= 1")
+        if not 0.0 < self.flips_low_confidence <= 1.0:
+            raise e(f"flips_low_confidence={self.flips_low_confidence} must lie in (0, 1] (a probability)")
 
 
 # ---------------------------------------------------------------------------------- coercion
@@ -465,6 +499,12 @@ _PAPER_MATH: dict[str, Any] = dict(
     logprob_memory_mb=1024.0,
     cpu_threads=0,
     lld_in_batch=False,  # one more forward of the batch's positives per rollout batch: opt in
+    # The other live diagnostics likewise: a forward of the whole batch, the rollout's logits kept for the entropy
+    # prediction, a parameter copy per step for the drift watch.
+    entropy_in_batch=False,
+    entropy_predict_in_batch=False,
+    flips_in_batch=False,
+    drift_watch=False,
 )
 
 #: name -> overrides of the dataclass defaults (which are the ``tiny`` preset).

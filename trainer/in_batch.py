@@ -14,7 +14,7 @@ Re-scored by the policy that sampled them, the positives have not moved: every g
 round-off: a forward over other rows may sum in another order).
 
 >>> import torch
->>> from resrl_analysis.forward import pack_rows, response_forward
+>>> from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
 >>> from trainer.distributed import DistContext
 >>> from trainer.models import build_tiny_model
 >>> model, ctx, cfg = build_tiny_model(seed=0).eval(), DistContext.single(torch.device("cpu")), TrainConfig()
@@ -43,13 +43,14 @@ import torch
 from torch import Tensor
 
 from resrl_analysis.displacement import group_displacements, in_batch_lld_metrics
-from resrl_analysis.forward import pack_rows, response_forward
+from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext, all_gather_objects, all_reduce_max
 from trainer.rollout import ScoredBatch
 
-__all__ = ["AfterUpdate", "Rescored", "UPDATE_DIAGNOSTICS", "UpdateDiagnostic", "after_update", "in_batch_lld",
-           "needs_rollout_entropy", "register_update_diagnostic", "rescore", "update_metrics"]
+__all__ = ["AfterUpdate", "Rescored", "RolloutChunk", "UPDATE_DIAGNOSTICS", "UpdateDiagnostic", "after_update",
+           "in_batch_lld", "needs_rollout_entropy", "register_update_diagnostic", "rescore", "rollout_hooks",
+           "rollout_needs", "update_metrics"]
 
 
 @dataclass
@@ -123,6 +124,21 @@ class AfterUpdate:
 RowsNeeded = Literal["mixed_positives", "all"]
 
 
+@dataclass
+class RolloutChunk:
+    """What a diagnostic's ``rollout`` hook reads in the rollout's no-grad forward, one chunk of whole groups at a
+    time: the forward's output ``fo`` (its logits and captured head inputs when the diagnostic asks for them), the
+    chunk's packed ``rows``, its ``token_advantages`` (b, t) as the update will use them, ``rewards`` (b,),
+    ``group_ids`` (b,) and the run's config."""
+
+    fo: ForwardOut
+    rows: PackedRows
+    token_advantages: Tensor
+    rewards: Tensor
+    group_ids: Tensor
+    cfg: TrainConfig
+
+
 @dataclass(frozen=True)
 class UpdateDiagnostic:
     """A live diagnostic of each rollout batch's update.
@@ -130,6 +146,10 @@ class UpdateDiagnostic:
     ``enabled(cfg)``: its switch; ``rows``: what the after-update forward must re-score for it (the positive
     responses of mixed groups, or every row); ``entropy``: it reads token entropies before and after;
     ``metrics(after, cfg, ctx)``: its metrics (a collective: every rank passes its rows and gets the same dict).
+    ``rollout`` (optional): per-token quantities of the policy *before* the update, computed in the rollout's
+    no-grad forward (:class:`RolloutChunk` → name → (b, t) tensors, kept in ``ScoredBatch.live``); ``rollout_needs``:
+    what that forward must then keep (``"head_input"``, ``"logits"``; ``rollout_enabled(cfg)``: whether the hook
+    runs, default whenever the diagnostic does).
     """
 
     name: str
@@ -137,6 +157,9 @@ class UpdateDiagnostic:
     rows: RowsNeeded
     entropy: bool
     metrics: Callable[[AfterUpdate, TrainConfig, DistContext], dict[str, Any]]
+    rollout: Callable[[RolloutChunk], dict[str, Tensor]] | None = None
+    rollout_needs: frozenset[str] = frozenset()
+    rollout_enabled: Callable[[TrainConfig], bool] | None = None
 
 
 #: Every registered update diagnostic, in the order their metrics are computed.
@@ -159,6 +182,16 @@ def _enabled(cfg: TrainConfig) -> list[UpdateDiagnostic]:
 def needs_rollout_entropy(cfg: TrainConfig) -> bool:
     """Whether an enabled diagnostic reads token entropies (the rollout's no-grad forward then computes them)."""
     return any(d.entropy for d in _enabled(cfg))
+
+
+def rollout_hooks(cfg: TrainConfig) -> list[UpdateDiagnostic]:
+    """The enabled diagnostics whose ``rollout`` hook runs in the rollout's no-grad forward."""
+    return [d for d in _enabled(cfg) if d.rollout is not None and (d.rollout_enabled is None or d.rollout_enabled(cfg))]
+
+
+def rollout_needs(cfg: TrainConfig) -> frozenset[str]:
+    """What the rollout's no-grad forward must keep for the enabled ``rollout`` hooks (``head_input``, ``logits``)."""
+    return frozenset().union(*(d.rollout_needs for d in rollout_hooks(cfg)))
 
 
 def after_update(model: torch.nn.Module, data: ScoredBatch, cfg: TrainConfig, ctx: DistContext, *,
@@ -209,3 +242,6 @@ def in_batch_lld(model: torch.nn.Module, data: ScoredBatch, cfg: TrainConfig, ct
 
 register_update_diagnostic(UpdateDiagnostic("lld", lambda cfg: cfg.lld_in_batch, "mixed_positives", False,
                                             _lld_metrics))
+
+# The other built-in diagnostics (entropy/*, flips/*) register themselves in trainer/update_dynamics.py, which
+# imports this module; trainer.loop imports it, so the registry is complete wherever the loop runs.

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import trainer.update_dynamics  # noqa: F401  (registers the entropy/* and flips/* update diagnostics)
 from resrl_analysis.advantages import EXTRAS, AdvantageParams, AlgoInputs, AlgoOutput, get_algorithm, params_from_config
 from resrl_analysis.balancing import micro_batch_groups, micro_batch_ids
 from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
@@ -62,7 +63,7 @@ from trainer.distributed import (
     setup_distributed,
     teardown_distributed,
 )
-from trainer.in_batch import needs_rollout_entropy, update_metrics
+from trainer.in_batch import RolloutChunk, needs_rollout_entropy, rollout_hooks, rollout_needs, update_metrics
 from trainer.losses import LossNorm, policy_loss
 from trainer.metrics_log import MetricsLog, write_rollouts
 from trainer.rollout import ScoredBatch, rollout_metrics, sample_prompts
@@ -170,7 +171,7 @@ def train(config: TrainConfig, *, task: Task | None = None) -> Path:
                 step = batch_step + i + 1
                 if i:
                     _reset_peak_memory(ctx)
-                before = param_copy(model) if cfg.blowup_update_norm > 0 else None
+                before = param_copy(model) if cfg.blowup_update_norm > 0 or cfg.drift_watch else None
                 t1 = time.perf_counter()
                 upd = optimizer_step(model, optimizer, scheduler, mb, cfg, ctx)
                 update_s = time.perf_counter() - t1
@@ -286,8 +287,11 @@ def _collect(
         capture: dict[str, str | int] = {}
         if "hidden" in algo.needs:
             capture["hidden"] = cfg.resrl_layer
-        if "head_input" in algo.needs:
+        hooks, live_need = rollout_hooks(cfg), rollout_needs(cfg)  # live diagnostics' quantities before the update
+        if "head_input" in algo.needs or "head_input" in live_need:
             capture["head_input"] = "head_input"
+        keep_logits = "logits" in algo.needs or "logits" in live_need
+        live_parts: dict[str, list[Tensor]] = {}
         params = params_from_config(cfg)
         weight_sets = None  # (B,) ResRL's weight sets, resrl_grouping=micro_batch only
         if cfg.resrl_grouping == "micro_batch" and "hidden" in algo.needs:
@@ -311,7 +315,7 @@ def _collect(
                     rows = pack_rows(batch.prompt_ids[sl], batch.prompt_mask[sl], batch.response_ids[sl],
                                      batch.response_mask[sl])
                     fo = response_forward(model, rows, temperature=cfg.temperature, memory_mb=cfg.logprob_memory_mb,
-                                          capture=capture, return_logits="logits" in algo.needs, entropy=entropy)
+                                          capture=capture, return_logits=keep_logits, entropy=entropy)
                     old_logp[sl, : rows.response_len] = fo.logp
                     if token_entropy is not None:  # same chunks as the log-probs: they stay bit for bit the same
                         token_entropy[sl, : rows.response_len] = fo.entropy
@@ -322,7 +326,12 @@ def _collect(
                     inp = algo_inputs(cfg, step, params, rows, fo, rewards[sl], group_ids[sl])
                     if weight_sets is not None:  # chunks hold whole groups, hence whole (group, micro-batch) pairs
                         inp.weight_group_ids = weight_sets[sl]
-                    outs.append((sl, algo.fn(inp)))
+                    out = algo.fn(inp)
+                    outs.append((sl, out))
+                    for d in hooks:
+                        chunk = RolloutChunk(fo, rows, out.token_advantages, rewards[sl], group_ids[sl], cfg)
+                        for name, t in d.rollout(chunk).items():  # type: ignore[misc]
+                            live_parts.setdefault(name, []).append(t)
         finally:
             model.train(was_training)
 
@@ -337,6 +346,7 @@ def _collect(
         token_advantages=stitch([o.token_advantages for _, o in outs], 0.0),
         extras={name: stitch([o.extras[name] for _, o in outs], EXTRAS[name].fill) for name in algo.extras},
         prompts=row_prompts, texts=texts, entropy=token_entropy,
+        live={name: stitch(parts, 0.0) for name, parts in live_parts.items()},
     )
     metrics = rollout_metrics(data, cfg, ctx)
     metrics["timing/sample_s"] = sample_s

@@ -42,7 +42,8 @@ class ScoredBatch:
     registered per-token outputs, e.g. ResRL's ``resrl_weights``; see ``resrl_analysis.advantages.EXTRAS``)
     are computed on whole groups before any micro-batching. ``old_logp`` and ``entropy`` come from the same
     no-grad forward of the rollout policy (``entropy`` only when the batch is dumped or a live update diagnostic
-    reads entropies: :func:`trainer.in_batch.needs_rollout_entropy`).
+    reads entropies: :func:`trainer.in_batch.needs_rollout_entropy`). ``live``: per-token quantities the enabled
+    live diagnostics computed in that forward (their ``rollout`` hooks, :mod:`trainer.in_batch`).
     """
 
     prompt_ids: Tensor  # (B, Tp)
@@ -60,6 +61,7 @@ class ScoredBatch:
     prompts: list[Prompt] | None = None  # one per row
     texts: list[str] | None = None  # decoded responses, one per row
     entropy: Tensor | None = None  # (B, Tr) token entropy of the rollout policy (0 on padding)
+    live: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, Tr): live diagnostics' rollout quantities
 
     def select(self, rows: slice) -> ScoredBatch:
         """The rows ``rows`` (tensors sliced, lists and extras too)."""

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,8 @@ from trainer.distributed import DistContext, all_reduce_sum, broadcast_object
 from trainer.metrics_log import MetricsLog
 from trainer.setup import TrainingDiverged, last_sane_checkpoint, resume_command, suggest_lr
 
-__all__ = ["COLLAPSED_ENTROPY", "COLLAPSED_GRAD_NORM", "Watch", "param_copy", "param_norm", "update_norm"]
+__all__ = ["COLLAPSED_ENTROPY", "COLLAPSED_GRAD_NORM", "DRIFT_MIN_HISTORY", "DriftNorms", "HeadJumps", "Watch",
+           "drift_norms", "param_copy", "param_norm", "update_norm"]
 
 #: A policy whose mean token entropy and gradient norm are both below these has collapsed: it samples one
 #: response, every group has one reward, and nothing can move it again.
@@ -72,6 +75,92 @@ def update_norm(model: torch.nn.Module, before: list[Tensor], ctx: DistContext) 
     return _norm(model, ctx, before)
 
 
+#: Steps of history the head-drift watch needs before it reports a jump (or ``drift_window``, if fewer).
+DRIFT_MIN_HISTORY = 5
+
+
+@dataclass(frozen=True)
+class DriftNorms:
+    """Norms of one step's update, LM head apart: ``head_update`` ||ΔW_head||, ``head`` ||W_head|| before the step,
+    ``body_update`` and ``body`` the same over every other parameter (float64; FSDP2 shards summed over ranks)."""
+
+    head_update: float
+    head: float
+    body_update: float
+    body: float
+
+    @property
+    def head_rel(self) -> float:
+        """||ΔW_head|| / ||W_head||: the head's relative change (NaN for a zero head)."""
+        return self.head_update / self.head if self.head > 0 else float("nan")
+
+    @property
+    def body_rel(self) -> float:
+        """||Δθ_body|| / ||θ_body||."""
+        return self.body_update / self.body if self.body > 0 else float("nan")
+
+
+def drift_norms(model: torch.nn.Module, before: list[Tensor], ctx: DistContext) -> DriftNorms:
+    """The step's update norms of the LM head (``get_output_embeddings()``'s parameters; with tied embeddings that
+    matrix is the head) and of the rest, with ``before`` from :func:`param_copy`.
+
+    >>> from trainer.distributed import DistContext
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 3, bias=False))
+    >>> m.get_output_embeddings = lambda: m[1]
+    >>> before = param_copy(m)
+    >>> with torch.no_grad():
+    ...     _ = m[1].weight.mul_(1.1)
+    >>> d = drift_norms(m, before, DistContext.single(torch.device("cpu")))
+    >>> round(d.head_rel, 6), d.body_rel
+    (0.1, 0.0)
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    sq = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # head update, head, body update, body
+    sharded = False
+    for p, b in zip(model.parameters(), before):
+        t = p.detach()
+        if hasattr(t, "to_local"):  # a DTensor shard
+            t, sharded = t.to_local(), True
+        t, b = t.double(), b.double()
+        i = 0 if id(p) in head_ids else 2
+        sq[i] += (t - b).pow(2).sum().to(sq.device)
+        sq[i + 1] += b.pow(2).sum().to(sq.device)
+    if sharded:
+        sq = all_reduce_sum(sq, ctx)
+    return DriftNorms(*(math.sqrt(float(x)) for x in sq))
+
+
+@dataclass
+class HeadJumps:
+    """Whether the head's relative update jumped far above its running level.
+
+    Each step gives x = (head's relative update) / (learning rate), so that warm-up and schedules do not read as
+    jumps; the running level is the median of the previous ``window`` values of x. A step *jumps* when at least
+    min(:data:`DRIFT_MIN_HISTORY`, ``window``) values are in the window, the level is positive and x > ``factor`` ×
+    level. The step's x joins the window after the check.
+
+    >>> j = HeadJumps(factor=5.0, window=20)
+    >>> [j.observe(v)[1] for v in (1.0, 1.2, 0.9, 1.1, 1.0, 1.05, 6.0, 1.0)]
+    [False, False, False, False, False, False, True, False]
+    >>> round(j.observe(1.0)[0], 3)  # the median of the eight values before (the jump among them)
+    1.025
+    """
+
+    factor: float
+    window: int
+    history: deque = field(default_factory=deque)
+
+    def observe(self, x: float) -> tuple[float | None, bool]:
+        """(the running level before this step, or None while too short; whether x jumps above it)."""
+        level = statistics.median(self.history) if len(self.history) >= min(DRIFT_MIN_HISTORY, self.window) else None
+        jumped = level is not None and level > 0 and x > self.factor * level
+        self.history.append(x)
+        while len(self.history) > self.window:
+            self.history.popleft()
+        return level, jumped
+
+
 @dataclass
 class Watch:
     """Counts non-finite and blow-up steps and stops a diverged run with the command that recovers it.
@@ -94,12 +183,39 @@ class Watch:
     worst_ratio: float | None = None  # largest parameter-norm jump of a blow-up step
     first_bad: int | None = None  # the first step whose weights are suspect (checkpoints before it are not)
     reasons: list[str] = field(default_factory=list)
+    head_jumps: int = 0  # steps the head-drift watch flagged since the (re)start
+    _jumps: HeadJumps | None = None
+
+    def _drift(self, step: int, finite: bool, metrics: dict[str, Any], model: torch.nn.Module,
+               before: list[Tensor]) -> dict[str, Any]:
+        """``drift/*`` of the step just taken, and a warning when the head's relative update jumps
+        (:class:`HeadJumps`)."""
+        cfg = self.cfg
+        if self._jumps is None:
+            self._jumps = HeadJumps(cfg.drift_jump_factor, cfg.drift_window)
+        d = drift_norms(model, before, self.ctx)
+        head, body = d.head_rel, d.body_rel
+        out = {"drift/head_rel_update": head, "drift/body_rel_update": body,
+               "drift/head_body_ratio": head / body if body > 0 else None, "drift/head_rel_level": None}
+        lr = metrics.get("actor/lr") or 0.0
+        if finite and lr > 0 and math.isfinite(head):
+            level, jumped = self._jumps.observe(head / lr)
+            out["drift/head_rel_level"] = level * lr if level is not None else None
+            if jumped:
+                self.head_jumps += 1
+                self.log.info(f"step {step}: warning: LM head drift: relative update {head:.3g} is "
+                              f"{head / (level * lr):.1f}× its running median {level * lr:.3g} (per unit lr, over the "
+                              f"previous {len(self._jumps.history) - 1} steps; drift_jump_factor="
+                              f"{cfg.drift_jump_factor:g}); head/body ratio {out['drift/head_body_ratio'] or 0:.3g}")
+        out["drift/head_jumps"] = self.head_jumps
+        return {k: (v if v is None or math.isfinite(v) else None) for k, v in out.items()}
 
     def observe(self, step: int, finite: bool, metrics: dict[str, Any], model: torch.nn.Module,
                 before: list[Tensor] | None) -> dict[str, Any]:
         """Check the step just taken; returns its ``actor/param_norm*`` and ``train/*`` metrics.
 
-        ``before``: the parameters before the step (:func:`param_copy`), or None when ``blowup_update_norm`` is off.
+        ``before``: the parameters before the step (:func:`param_copy`), or None when ``blowup_update_norm`` and
+        ``drift_watch`` are off. With ``drift_watch`` also the step's ``drift/*`` metrics and the head-drift warning.
         """
         cfg, out = self.cfg, {}
         old, new = self.param_norm, param_norm(model, self.ctx)
@@ -117,7 +233,7 @@ class Watch:
                 why.append(f"parameter norm ×{ratio:.3g} in one step (bound blowup_param_ratio="
                            f"{cfg.blowup_param_ratio:g})")
                 self.worst_ratio = max(self.worst_ratio or 0.0, ratio if math.isfinite(ratio) else 1e300)
-            if before is not None:
+            if before is not None and cfg.blowup_update_norm > 0:
                 un = update_norm(model, before, self.ctx)
                 out["actor/update_norm"] = un
                 if not un <= cfg.blowup_update_norm:
@@ -135,6 +251,8 @@ class Watch:
             self.reasons = why
             limit = f" of {cfg.max_blowup_steps} allowed" if cfg.max_blowup_steps else ""
             self.log.info(f"step {step}: warning: blow-up ({self.blowups}{limit}): {'; '.join(why)}")
+        if cfg.drift_watch and before is not None:
+            out.update(self._drift(step, finite, metrics, model, before))
         out.update({"train/skipped_steps": self.skipped, "train/blowup_steps": self.blowups})
         return out
 

@@ -19,6 +19,7 @@ from .diagnostics import (
     plot_residual_weight_hist,
     plot_token_heatmap,
 )
+from .entropy import plot_entropy_prediction, plot_flip_map
 from .style import ALGORITHM_COLORS, color_for, paper_style, save_figure
 
 __all__ = [
@@ -36,8 +37,10 @@ __all__ = [
     "log_floor",
     "plot_bound_validation",
     "plot_cosine_distribution",
+    "plot_entropy_prediction",
     "plot_explained_variance",
     "plot_first_order",
+    "plot_flip_map",
     "plot_lld_bars",
     "plot_lld_shared_unique",
     "plot_proxy_vs_interference",

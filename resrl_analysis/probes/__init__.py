@@ -13,6 +13,9 @@ loop over the registry. None of the probe modules plots, prints or writes files:
   (``interference``).
 - :mod:`.subspace`: residual energy per representation, explained variance, the bound, Spearman (``subspace``).
 - :mod:`.diversity`: sampling, pass@k, Avg@n, distinct-n, self-BLEU, distinct answers (``diversity``).
+- :mod:`.entropy_dynamics`: the first-order entropy change of a head step by the polarity of its cause, beside
+  real steps and the covariance proxy (``entropy_dynamics``).
+- :mod:`.flips`: token flips between checkpoints and the coupling of identical low-confidence tokens (``flips``).
 - :mod:`.config`, :mod:`.engine`, :mod:`.output`: the typed configuration of a pass, the pass itself, and
   writing its results as one set.
 - :mod:`.synthetic`: a tiny fake run directory for tests and examples.
@@ -55,6 +58,8 @@ from .diversity import (  # isort: skip
     self_bleu,
     sentence_bleu,
 )
+from .entropy_dynamics import EntropyDynamicsProbe, entropy_dynamics  # isort: skip
+from .flips import FlipsProbe, flips_along_run  # isort: skip
 from .capture import GroupForward, capture_head_input, forward_group, forward_probe_set  # isort: skip
 from .registry import REGISTRY, Probe, get_probe, register_probe, unregister_probe  # isort: skip
 
@@ -66,8 +71,10 @@ __all__ = [
     "ALL_REPRESENTATIONS",
     "AdvantageOptions",
     "DiversityProbe",
+    "EntropyDynamicsProbe",
     "EntropyProbe",
     "FirstOrderProbe",
+    "FlipsProbe",
     "GroupForward",
     "InterferenceProbe",
     "LLDProbe",
@@ -80,7 +87,9 @@ __all__ = [
     "capture_head_input",
     "distinct_n",
     "diversity_probe",
+    "entropy_dynamics",
     "first_order_prediction",
+    "flips_along_run",
     "forward_group",
     "forward_probe_set",
     "full_model_gradient_cosine",

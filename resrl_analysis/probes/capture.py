@@ -127,17 +127,24 @@ class GroupForward:
     head_input: Tensor | None = None
     penultimate: Tensor | None = None
     logits: Tensor | None = None
+    entropy_gram: bool = False
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def grams(self, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> GroupGrams:
+    def grams(self, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, *, entropy: bool = False) -> GroupGrams:
         """The group's head-gradient Gram (:func:`resrl_analysis.interference.group_grams`), computed on
         the first call and shared by every probe that reads this forward (interference, subspace, first
-        order); :meth:`release` frees it."""
-        if "grams" not in self._cache:
+        order, entropy dynamics); :meth:`release` frees it.
+
+        With ``entropy_gram`` (set when a probe of the pass needs it) the first call also builds its entropy part
+        in the same pass over the vocabulary; ``entropy=True`` asks for that part (built again, with the Gram,
+        only if the cached one lacks it)."""
+        cached = self._cache.get("grams")
+        if cached is None or (entropy and cached.entropy_inner is None):
             if self.logits is None or self.head_input is None:
                 raise ValueError("the Gram needs logits and head inputs (forward with keep_hidden/keep_logits)")
             self._cache["grams"] = group_grams(self.head_input, self.logits, self.labels, self.mask,
-                                               self.is_positive, memory_budget_mb=memory_budget_mb)
+                                               self.is_positive, memory_budget_mb=memory_budget_mb,
+                                               entropy=entropy or self.entropy_gram)
         return self._cache["grams"]
 
     def release(self) -> None:
@@ -169,9 +176,11 @@ def forward_group(
     keep_logits: bool = True,
     pad_id: int = 0,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    entropy_gram: bool = False,
 ) -> GroupForward:
     """One teacher-forced forward pass of a group (no grad): log-probs, entropy and, optionally,
-    head inputs, penultimate states and the response logits.
+    head inputs, penultimate states and the response logits (``entropy_gram``: its Gram will be built with
+    the entropy part, :meth:`GroupForward.grams`).
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
@@ -188,6 +197,7 @@ def forward_group(
         group=group, labels=batch.labels, mask=batch.mask, logp=fo.logp, entropy=fo.entropy,  # type: ignore[arg-type]
         rewards=batch.rewards, is_positive=batch.is_positive, head_input=fo.captured.get("head_input"),
         penultimate=fo.captured.get("penultimate"), logits=fo.logits if keep_logits else None,
+        entropy_gram=entropy_gram,
     )
 
 
@@ -198,10 +208,12 @@ def forward_probe_set(
     keep_hidden: bool = True,
     keep_logits: bool = True,
     pad_id: int = 0,
+    entropy_gram: bool = False,
 ) -> list[GroupForward]:
     """:func:`forward_group` for every group of a probe set (one batch per group)."""
     groups = probe_set.groups if isinstance(probe_set, ProbeSet) else probe_set
-    return [forward_group(model, g, keep_hidden=keep_hidden, keep_logits=keep_logits, pad_id=pad_id) for g in groups]
+    return [forward_group(model, g, keep_hidden=keep_hidden, keep_logits=keep_logits, pad_id=pad_id,
+                          entropy_gram=entropy_gram) for g in groups]
 
 
 def token_probs(logits: Tensor) -> Tensor:

@@ -87,7 +87,8 @@ class ProbePass:
                 # however many groups the probe set holds.
                 one = replace(self.probe_set, groups=self.probe_set.groups[start : start + self.group_batch])
                 fwd = [self.timed("forward", forward_group, model, g, keep_hidden="hidden" in need,
-                                  keep_logits="logits" in need, pad_id=pad) for g in one.groups]
+                                  keep_logits="logits" in need, pad_id=pad, entropy_gram="entropy_gram" in need)
+                       for g in one.groups]
                 ctx = GroupsContext(model, one, fwd, step, self.config.seed, full, self.probe_set, self.config)
                 for p in on_groups:
                     r = self.timed(p.table, p.on_groups, ctx)

@@ -51,11 +51,15 @@ __all__ = [
     "REAL_STEP_GROUPS",
     "PROBE_PARAMS",
     "token_advantages",
+    "cached_token_advantages",
+    "shared_full_steps",
     "predict_delta",
     "head_step_delta",
     "head_step_deltas",
     "full_step_delta",
     "full_step_deltas",
+    "full_steps",
+    "FullSteps",
     "first_order_prediction",
     "FirstOrderOptions",
     "FirstOrderProbe",
@@ -117,6 +121,38 @@ def token_advantages(fwd: GroupForward, algorithm: str, options: AdvantageParams
     return algo.fn(inp).token_advantages.float()  # (G, T)
 
 
+def cached_token_advantages(fwd: GroupForward, algorithm: str, options: AdvantageParams | None = None, *,
+                            seed: int = 0) -> Tensor:
+    """:func:`token_advantages`, computed once per forward, algorithm, parameters and seed (the probes of a pass
+    that read the same forward share them; :meth:`GroupForward.release` drops them)."""
+    key = ("advantages", algorithm, repr(options or PROBE_PARAMS), seed)
+    if key not in fwd._cache:
+        fwd._cache[key] = token_advantages(fwd, algorithm, options, seed=seed)
+    return fwd._cache[key]
+
+
+def shared_full_steps(model: nn.Module, fwd: GroupForward, named: Sequence[tuple[str, Tensor]], lr: float, *,
+                      pad_id: int = 0, micro_batch: int | None = 4, head_pass: _HeadPass | None = None) -> FullSteps:
+    """:func:`full_steps` with entropies for (algorithm, advantages) pairs, each computed once per forward, step
+    size and micro-batch: the ``first_order`` and ``entropy_dynamics`` probes of one pass share the whole-model
+    steps (the costly part of both). ``head_pass`` (for exactly ``named``) is used when none is cached."""
+    cache = fwd._cache.setdefault("full_steps", {})
+
+    def hit(name: str, adv: Tensor) -> tuple | None:
+        got = cache.get((name, lr, micro_batch))
+        return got if got is not None and torch.equal(got[0], adv) else None
+
+    missing = [k for k, (name, adv) in enumerate(named) if hit(name, adv) is None]
+    if missing:
+        fs = full_steps(model, fwd, [named[k][1] for k in missing], lr, pad_id=pad_id, micro_batch=micro_batch,
+                        head_pass=head_pass if len(missing) == len(named) else None, entropy=True)
+        for j, k in enumerate(missing):
+            assert fs.entropy_after is not None
+            cache[(named[k][0], lr, micro_batch)] = (named[k][1], fs.logp_delta[:, j], fs.entropy_after[..., j])
+    got = [hit(name, adv) for name, adv in named]
+    return FullSteps(torch.stack([g[1] for g in got], 1), torch.stack([g[2] for g in got], -1))  # type: ignore[index]
+
+
 def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
@@ -158,7 +194,8 @@ class _HeadPass(NamedTuple):
     """What one closed-form pass over the head gives for n advantage vectors of one group (see
     :func:`_head_pass`): head-only Δ log π per response (G, n) or None, and for the whole-model step
     the head's descent directions ``S`` (n, V, d), the bias's ``s_b`` (n, V) or None, the per-token
-    ``D`` = (e_y − p)ᵀ W (N, d) and the token layout (``row`` (N,), ``Z``)."""
+    ``D`` = (e_y − p)ᵀ W (N, d) and the token layout (``row`` (N,), ``Z``); with ``entropy`` the head-only
+    step's ΔH of every token (N, n), tokens row-major (:meth:`GroupForward.tokens` order)."""
 
     head_delta: Tensor | None
     S: Tensor | None
@@ -166,6 +203,17 @@ class _HeadPass(NamedTuple):
     D: Tensor | None
     row: Tensor
     Z: int
+    entropy_delta: Tensor | None = None
+
+
+def _entropy_accumulate(lse: Tensor, acc: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """One vocabulary chunk ``z`` (..., c) into a running (log-sum-exp, E_p[z]) pair, so that after the last
+    chunk H = lse − E_p[z] (the softmax's entropy, −Σ p log p = lse − Σ p z) without a second pass."""
+    cl = torch.logsumexp(z, -1)  # (...,) the chunk's log-sum-exp
+    cw = (torch.exp(z - cl[..., None]) * z).sum(-1)  # (...,) E[z] under the chunk's own softmax
+    new = torch.logaddexp(lse, cl)
+    acc = acc * torch.exp(lse - new) + cw * torch.exp(cl - new)
+    return new, acc
 
 
 def _linear_head(head: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -177,7 +225,7 @@ def _linear_head(head: nn.Module) -> tuple[Tensor, Tensor | None]:
 @torch.no_grad()
 def _head_pass(fwd: GroupForward, advantages: Sequence[Tensor], lr: float, head: nn.Module, *,
                dtype: torch.dtype | None = None, head_step: bool = True, for_full_step: bool = False,
-               memory_budget_mb: float = 64.0) -> _HeadPass:
+               memory_budget_mb: float = 64.0, entropy: bool = False) -> _HeadPass:
     """Every head quantity of the real steps of n algorithms, in two passes over vocabulary chunks.
 
     The head-only step's gradient is exact in closed form: for L = −(1/Z) Σ_n a_n log p_n[y_n],
@@ -185,7 +233,9 @@ def _head_pass(fwd: GroupForward, advantages: Sequence[Tensor], lr: float, head:
     chunk's rows of S_k need only that chunk of P (given the log-sum-exp of a first pass), so per chunk:
     z = H W_cᵀ (+ b_c) once, all algorithms' S_k[c] by one stacked product (E − P)_cᵀ [a_1 ⊙ H | … | a_n ⊙ H],
     then their after-step logits z + H ΔW_k[c]ᵀ by one more and an online log-sum-exp: no autograd, no
-    (N, V) tensor, and the shared work (z, P) done once for every algorithm instead of once each.
+    (N, V) tensor, and the shared work (z, P) done once for every algorithm instead of once each. With
+    ``entropy`` the same passes also carry E_p[z] before and after (:func:`_entropy_accumulate`), giving each
+    token's realised ΔH of the head-only step.
     """
     G = fwd.mask.shape[0]
     tok = fwd.tokens(torch.arange(G, device=fwd.mask.device), with_logits=False)
@@ -204,7 +254,8 @@ def _head_pass(fwd: GroupForward, advantages: Sequence[Tensor], lr: float, head:
     scale = lr / N
     # Live per chunk: z, E − P and exp temporaries (N, c), after-step logits and their exp (N, n, c).
     item = torch.finfo(cdt).bits // 8
-    c = int(max(1, min(V, memory_budget_mb * 2**20 // max(1, (3 + 2 * n) * N * item))))
+    ent = entropy and head_step  # the entropies' exp and product temporaries: two more (N, n, c)
+    c = int(max(1, min(V, memory_budget_mb * 2**20 // max(1, (3 + 2 * n + 2 * n * ent) * N * item))))
 
     def logits_chunk(v0: int) -> Tensor:
         z = h @ W[v0 : v0 + c].T  # (N, c)
@@ -216,13 +267,17 @@ def _head_pass(fwd: GroupForward, advantages: Sequence[Tensor], lr: float, head:
 
     lse0 = torch.full((N,), float("-inf"), dtype=cdt, device=dev)
     zy0 = torch.zeros(N, dtype=cdt, device=dev)
+    e_lse0, e_acc0 = lse0.clone(), torch.zeros(N, dtype=cdt, device=dev)  # entropy before: lse and E_p[z]
     for v0 in range(0, V, c):
         z = logits_chunk(v0)  # (N, c)
         lse0 = torch.logaddexp(lse0, torch.logsumexp(z, -1))
+        if ent:
+            e_lse0, e_acc0 = _entropy_accumulate(e_lse0, e_acc0, z)
         inside, j = at_y(z, v0)
         zy0 = torch.where(inside, z.gather(1, j[:, None]).squeeze(1), zy0)
     lse1 = torch.full((N, n), float("-inf"), dtype=cdt, device=dev)
     zy1 = torch.zeros(N, n, dtype=cdt, device=dev)
+    e_lse1, e_acc1 = lse1.clone(), torch.zeros(N, n, dtype=cdt, device=dev)  # entropy after the step
     S = torch.empty(n, V, d, dtype=head.weight.dtype, device=dev) if for_full_step else None  # (n, V, d)
     s_b = torch.empty(n, V, dtype=cdt, device=dev) if for_full_step and b is not None else None  # (n, V)
     D = torch.zeros(N, d, dtype=cdt, device=dev) if for_full_step else None  # (N, d)
@@ -244,6 +299,8 @@ def _head_pass(fwd: GroupForward, advantages: Sequence[Tensor], lr: float, head:
             dz = (Y @ C).transpose(1, 2)  # (N, n, c): H S_k[c]ᵀ = Σ_j C_jk H S_j[c]ᵀ (linear in the advantages)
             z1 = z[:, None, :] + scale * dz  # (N, n, c) after-step logits (the bias is not stepped)
             lse1 = torch.logaddexp(lse1, torch.logsumexp(z1, -1))
+            if ent:
+                e_lse1, e_acc1 = _entropy_accumulate(e_lse1, e_acc1, z1)
             zy1 = torch.where(inside[:, None], z1.gather(2, j[:, None, None].expand(N, n, 1)).squeeze(2), zy1)
             del Y, dz, z1
         del z, r, SB
@@ -251,7 +308,8 @@ def _head_pass(fwd: GroupForward, advantages: Sequence[Tensor], lr: float, head:
     if head_step:
         lp_delta = (zy1 - lse1) - (zy0 - lse0)[:, None]  # (N, n)
         head_delta = torch.zeros(G, n, dtype=cdt, device=dev).index_add_(0, row, lp_delta)  # (G, n)
-    return _HeadPass(head_delta, S, s_b, D, row, N)
+    ent_delta = (e_lse1 - e_acc1) - (e_lse0 - e_acc0)[:, None] if ent else None  # (N, n) H after − H before
+    return _HeadPass(head_delta, S, s_b, D, row, N, ent_delta)
 
 
 def _advantage_basis(A: Tensor, row: Tensor, G: int) -> tuple[Tensor, Tensor]:
@@ -344,13 +402,43 @@ def full_step_deltas(model: nn.Module, fwd: GroupForward, advantages: Sequence[T
     >>> d.shape, bool(torch.equal(w, m.lm_head.weight))  # the model is restored
     (torch.Size([2, 2]), True)
     """
+    return full_steps(model, fwd, advantages, lr, pad_id=pad_id, micro_batch=micro_batch,
+                      use_checkpointing=use_checkpointing, head_pass=head_pass).logp_delta
+
+
+class FullSteps(NamedTuple):
+    """Real whole-model SGD steps of n advantage tensors: ``logp_delta`` Δ log π(y_i) (G, n); with ``entropy``,
+    ``entropy_after`` (G, T, n), each token's entropy after the step (0 on padding; before: the forward's)."""
+
+    logp_delta: Tensor
+    entropy_after: Tensor | None = None
+
+
+def full_steps(model: nn.Module, fwd: GroupForward, advantages: Sequence[Tensor], lr: float, *,
+               pad_id: int = 0, micro_batch: int | None = None, use_checkpointing: bool = True,
+               head_pass: _HeadPass | None = None, entropy: bool = False) -> FullSteps:
+    """:func:`full_step_deltas` (which says how), and with ``entropy`` every token's entropy after each step
+    (the after-step forward computes it too).
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probes.capture import forward_group
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
+    >>> f = forward_group(m, ProbeGroup(0, (1, 5), ((6, 2), (7,)), (1.0, 0.0)))
+    >>> r = full_steps(m, f, [token_advantages(f, "nsr")], 0.1, entropy=True)
+    >>> r.logp_delta.shape, r.entropy_after.shape, float(r.entropy_after[1, 1, 0])  # padding holds 0
+    (torch.Size([2, 1]), torch.Size([2, 2, 1]), 0.0)
+    """
     batch = group_batch(fwd.group, model_device(model), pad_id)
     mask = batch.mask
     G, T = mask.shape
     mb = max(1, micro_batch or G)
     n = len(advantages)
     if head_pass is None and not _closed_form_head_ok(model, fwd):
-        return torch.stack([_full_step_autograd(model, batch, a, lr, mb, use_checkpointing) for a in advantages], 1)
+        each = [_full_step_autograd(model, batch, a, lr, mb, use_checkpointing, entropy) for a in advantages]
+        return FullSteps(torch.stack([d for d, _ in each], 1),
+                         torch.stack([e for _, e in each], -1) if entropy else None)  # type: ignore[misc]
     head = model.get_output_embeddings()
     hp = head_pass or _head_pass(fwd, advantages, lr, head, head_step=False, for_full_step=True)
     assert hp.S is not None and hp.D is not None
@@ -361,6 +449,7 @@ def full_step_deltas(model: nn.Module, fwd: GroupForward, advantages: Sequence[T
     lp0 = (fwd.logp.to(mask.device) * mask).sum(1).float()  # (G,) the forward's log π (0 on padding)
     saved = [p.detach().clone() for p in params]
     out = torch.zeros(G, n, dtype=torch.float32, device=mask.device)
+    ent_after = torch.zeros(G, T, n, dtype=torch.float32, device=mask.device) if entropy else None  # (G, T, n)
     try:
         for k, adv in enumerate(advantages):
             a = adv.to(mask.device).to(Dg.dtype)  # (G, T)
@@ -386,20 +475,24 @@ def full_step_deltas(model: nn.Module, fwd: GroupForward, advantages: Sequence[T
                 del grads
                 for s in range(0, G, mb):
                     i = slice(s, s + mb)
-                    lp = response_forward(model, row_slice(batch.rows, i)).logp  # (mb, T)
+                    fo = response_forward(model, row_slice(batch.rows, i), entropy=entropy)
+                    lp = fo.logp  # (mb, T)
                     out[i, k] = (lp * mask[i, : lp.shape[1]]).sum(1).float() - lp0[i]
+                    if ent_after is not None and fo.entropy is not None:
+                        ent_after[i, : lp.shape[1], k] = fo.entropy.float()
                 for p, s_ in zip(params, saved):
                     p.copy_(s_)
     finally:
         with torch.no_grad():
             for p, s_ in zip(params, saved):
                 p.copy_(s_)
-    return out
+    return FullSteps(out, ent_after)
 
 
 def _full_step_autograd(model: nn.Module, batch: GroupBatch, adv: Tensor, lr: float, mb: int,
-                        use_checkpointing: bool) -> Tensor:
-    """The whole-model step by autograd through the whole model (any head): Δ log π(y_i) (G,)."""
+                        use_checkpointing: bool, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The whole-model step by autograd through the whole model (any head): Δ log π(y_i) (G,), and with
+    ``entropy`` the entropies after the step (G, T)."""
     mask = batch.mask
     adv = adv.to(mask.device)
     G = mask.shape[0]
@@ -419,6 +512,7 @@ def _full_step_autograd(model: nn.Module, batch: GroupBatch, adv: Tensor, lr: fl
             del lp, loss, part
     saved = [p.detach().clone() for p in params]
     lp1 = torch.zeros_like(lp0)
+    ent = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device) if entropy else None  # (G, T)
     try:
         with torch.no_grad():
             for p, g in zip(params, grads):
@@ -426,13 +520,16 @@ def _full_step_autograd(model: nn.Module, batch: GroupBatch, adv: Tensor, lr: fl
                     p.add_(g, alpha=-lr)
             for s in range(0, G, mb):
                 i = slice(s, s + mb)
-                lp = response_forward(model, row_slice(batch.rows, i)).logp  # (mb, T)
+                fo = response_forward(model, row_slice(batch.rows, i), entropy=entropy)
+                lp = fo.logp  # (mb, T)
                 lp1[i] = (lp * mask[i, : lp.shape[1]]).sum(1).float()
+                if ent is not None and fo.entropy is not None:
+                    ent[i, : lp.shape[1]] = fo.entropy.float()
     finally:
         with torch.no_grad():
             for p, s_ in zip(params, saved):
                 p.copy_(s_)
-    return lp1 - lp0
+    return lp1 - lp0, ent
 
 
 def head_step_delta(fwd: GroupForward, advantages: Tensor, lr: float, head: nn.Module, *,
@@ -549,7 +646,7 @@ def first_order_prediction(
     rows, grows = [], []
     for fwd in forwards:
         g = fwd.group
-        advs = [token_advantages(fwd, alg, options, seed=seed) for alg in algorithms]
+        advs = [cached_token_advantages(fwd, alg, options, seed=seed) for alg in algorithms]
         from_pos, from_neg = predict_delta(fwd, advs, lr)  # (G, n) each
         n_tok = fwd.mask.sum(1).tolist()
         is_pos = fwd.is_positive.tolist()
@@ -566,10 +663,10 @@ def first_order_prediction(
                   if head_step or closed else None)
             if head_step:
                 act_head = dict(zip(ks, hp.head_delta.T.tolist()))  # type: ignore[union-attr]
-            if full_step:
-                full = full_step_deltas(model, fwd, sub, lr, pad_id=pad_id, micro_batch=micro_batch,
-                                        head_pass=hp if closed else None)  # (G, len(ks))
-                act_full = dict(zip(ks, full.T.tolist()))
+            if full_step:  # with the entropies after each step, which the entropy_dynamics probe reads
+                full = shared_full_steps(model, fwd, [(algorithms[k], advs[k]) for k in ks], lr, pad_id=pad_id,
+                                         micro_batch=micro_batch, head_pass=hp if closed else None).logp_delta
+                act_full = dict(zip(ks, full.T.tolist()))  # (G, len(ks))
             del hp
         for k, alg in enumerate(algorithms):
             grows.append({"step": step, "group_id": g.group_id, "prompt_uid": g.prompt_uid, "algorithm": alg,

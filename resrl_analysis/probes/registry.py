@@ -75,6 +75,7 @@ NEEDS: dict[str, str] = {
     "hidden": "head inputs and penultimate states (G, T, d), kept until the batch's probes are done",
     "logits": "response logits (G, T, V) in the model's dtype, kept likewise",
     "gram": "the group's shared head-gradient Gram (N, N); implies hidden and logits",
+    "entropy_gram": "the Gram's entropy part (N, N), built in the Gram's pass over the vocabulary; implies gram",
     "tokenizer": "the checkpoint's tokenizer (decoding samples)",
 }
 
@@ -258,6 +259,8 @@ def register_probe(cls: type[Probe]) -> type[Probe]:
                                      "(same name, another type, default or help)")
     if not cls.table:
         cls.table = name
+    if "entropy_gram" in cls.needs:
+        cls.needs = frozenset(cls.needs) | {"gram"}
     cls.needs = frozenset(cls.needs) | ({"hidden", "logits"} if "gram" in cls.needs else frozenset())
     register_result(cls.result)
     REGISTRY[name] = cls
@@ -317,6 +320,7 @@ def probe_table() -> str:
              "|---|---|---|---|---|---|---|"]
     for name, cls in REGISTRY.items():
         implied = {"hidden", "logits"} if "gram" in cls.needs else set()  # the Gram is built from them
+        implied |= {"gram"} if "entropy_gram" in cls.needs else set()
         needs = ", ".join(sorted(cls.needs - {"logp"} - implied)) or "log-probs"
         if cls.uses:
             needs = f"results of {', '.join(cls.uses)}"
