@@ -6,7 +6,7 @@ A finite step that blows the weights up (parameter-norm jump, update norm) or is
 message names the last checkpoint with sane weights and the command that resumes from it.
 
 >>> import torch
->>> from trainer.distributed import DistContext
+>>> from resrl_analysis.distributed import DistContext
 >>> ctx, model = DistContext.single(torch.device("cpu")), torch.nn.Linear(2, 1, bias=False)
 >>> with torch.no_grad():
 ...     _ = model.weight.copy_(torch.tensor([[3.0, 4.0]]))
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from resrl_analysis.distributed import DistContext, all_reduce_sum, broadcast_object
 from resrl_analysis.rundir import CHECKPOINTS
 from trainer.config import TrainConfig
-from trainer.distributed import DistContext, all_reduce_sum, broadcast_object
 from trainer.metrics_log import MetricsLog
 from trainer.setup import TrainingDiverged, last_sane_checkpoint, resume_command, suggest_lr
 
