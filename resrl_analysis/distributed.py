@@ -46,6 +46,7 @@ __all__ = [
     "full_optimizer_state_dict",
     "gather_objects",
     "gathered_for_inference",
+    "init_wrapped",
     "load_full_state",
     "print0",
     "setup_distributed",
@@ -273,13 +274,15 @@ def _layer_classes(model: torch.nn.Module) -> set[str]:
     return set(names)
 
 
-def wrap_model(model: torch.nn.Module, ctx: DistContext, param_dtype: torch.dtype) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, ctx: DistContext, param_dtype: torch.dtype, *,
+               init: bool = True) -> torch.nn.Module:
     """Shard ``model`` with FSDP2 (every decoder layer, then the root) when ``ctx.use_fsdp``; else return it.
 
     The trainer passes float32 parameters (the master weights) and computes in ``param_dtype``; the probes pass
     the checkpoint as loaded (``param_dtype`` its own dtype: no cast). Gradients are reduced in float32. After
-    wrapping, one tiny no-grad forward runs on every rank, so FSDP's lazy initialisation happens at a point all
-    ranks reach together.
+    wrapping, one tiny no-grad forward runs on every rank (:func:`init_wrapped`), so FSDP's lazy initialisation
+    happens at a point all ranks reach together; ``init=False`` leaves that to the caller (sharding itself is
+    local: ranks can wrap one after the other, each freeing its full copy before the next loads its own).
     """
     if not ctx.use_fsdp:
         return model
@@ -293,6 +296,12 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, param_dtype: torch.dtyp
         if type(module).__name__ in layers:
             fully_shard(module, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    return init_wrapped(model, ctx) if init else model
+
+
+def init_wrapped(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """FSDP2's lazy initialisation of a wrapped ``model`` by one tiny no-grad forward on every rank (a collective),
+    then every unit resharded."""
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=ctx.device), use_cache=False)
     # The root keeps its parameters gathered after a forward (FSDP2's default for the root, undone by the
