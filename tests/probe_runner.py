@@ -30,7 +30,8 @@ from resrl_analysis.results import ScoresResult  # noqa: E402
 class FaultOptions:
     """Options of the test-only ``fault`` probe."""
 
-    fault: str = option("none", "test only: what the fault probe does on --fault-rank", choices=("none", "raise", "kill"))
+    fault: str = option("none", "test only: what the fault probe does on --fault-rank",
+                        choices=("none", "raise", "kill"))
     fault_rank: int = option(1, "test only: the rank that fails")
 
 

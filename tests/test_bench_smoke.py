@@ -26,6 +26,7 @@ BENCH_MODULES = [
     "bench.lld_in_batch_cost",
     "bench.rollout_token_cost",
     "bench.diversity_bench",
+    "bench.probe_dist_bench",
 ]
 
 

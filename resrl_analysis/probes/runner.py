@@ -329,14 +329,15 @@ def launch_torchrun(config: ProbeConfig, *, entry: Sequence[str] = ("-m", "resrl
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
     assert proc.stderr is not None
     said: set[int] = set()  # ranks that printed their own failure line
-    root_rank, codes = None, []
-    state, held = "pass", []  # "pass" | "traceback" (held until its exception line) | "report" (torchrun's)
+    failed: list[list[int]] = []  # [rank, exit code] of each failure torchrun reports, the root cause first
+    state, held, root = "pass", [], False  # "pass" | "traceback" (held until its exception line) | "report"
     for line in proc.stderr:
         if state == "report":
-            if (m := _ROOT_RANK.match(line)) and root_rank is None:
-                root_rank = int(m.group(1))
-            if m := _ROOT_EXIT.match(line):
-                codes.append(int(m.group(1)))
+            root = root or line.startswith("Root Cause")
+            if m := _ROOT_RANK.match(line):
+                failed.insert(0 if root else len(failed), [int(m.group(1))])
+            elif (m := _ROOT_EXIT.match(line)) and failed:
+                (failed[0] if root else failed[-1]).append(int(m.group(1)))
             continue
         if state == "traceback":
             held.append(line)
@@ -360,13 +361,15 @@ def launch_torchrun(config: ProbeConfig, *, entry: Sequence[str] = ("-m", "resrl
     rc = proc.wait()
     if rc == 0:
         return 0
+    codes = [f[1] for f in failed if len(f) == 2]
     refused = bool(codes) and all(c == 2 for c in codes)  # every rank refused the input (rank 0 said why)
-    if root_rank is not None and root_rank not in said and not refused:
-        code = codes[0] if codes else rc
-        how = (f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in {s.value for s in signal.Signals}
-               else f"ended with exit code {code}")
-        print(f"resrl probe: error: rank {root_rank} of {n} {how}; the other ranks were stopped and nothing was "
-              "written", file=sys.stderr)
+    for rank, code in (f for f in failed if len(f) == 2):
+        if rank in said or refused:
+            continue
+        signals = {s.value: s.name for s in signal.Signals}
+        how = f"was killed by {signals[-code]}" if -code in signals else f"ended with exit code {code}"
+        print(f"resrl probe: error: rank {rank} of {n} {how}; the other ranks were stopped", file=sys.stderr)
+        said.add(rank)
     return 2 if refused else 1
 
 
