@@ -201,22 +201,29 @@ def _is_collective_failure(e: BaseException) -> bool:
                             "Socket Timeout", "recvValue", "Timed out"))
 
 
-def _failure_line(rank: int, world: int, e: BaseException) -> str:
-    """The one line a failing rank ends with: its rank and the cause."""
+def _cause(e: BaseException) -> str:
+    """One line saying why a rank stopped."""
     if isinstance(e, ProbeError):
-        cause = str(e)
-    elif isinstance(e, KeyboardInterrupt):
-        cause = "interrupted"
-    elif isinstance(e, OSError) and not _is_collective_failure(e):
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        cause = f"{where}{e.strerror or e}"
-    elif _is_collective_failure(e):
+        return str(e)
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if _is_collective_failure(e):
         first = (str(e).strip().splitlines() or [""])[0][:160]
-        cause = f"stopped: another rank ended, a collective failed ({first})"
-    else:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        cause = f"{type(e).__name__}: {first}" if first else type(e).__name__
-    return f"resrl probe: error: rank {rank} of {world}: {cause}"
+        return f"stopped: another rank ended, a collective failed ({first})"
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return f"{where}{e.strerror or e}"
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _failure_line(rank: int, world: int, e: BaseException) -> str:
+    """The one line a failing rank ends with: its rank and the cause.
+
+    >>> _failure_line(1, 2, RuntimeError("boom"))
+    'resrl probe: error: rank 1 of 2: RuntimeError: boom'
+    """
+    return f"resrl probe: error: rank {rank} of {world}: {_cause(e)}"
 
 
 def _end_rank(code: int) -> None:
@@ -277,16 +284,14 @@ def _rank_pass(config: ProbeConfig, ctx: DistContext, t_start: float) -> int:
             plan = plan_pass(config, sel, probe_set, str(ctx.device), nproc=ctx.world_size)
             prepared = {"sel": sel, "probe_set": probe_set, "out": out, "group_batch": plan.group_batch,
                         "parallel": plan.parallel}
-        except (ProbeError, OSError) as e:
+        except (ProbeError, OSError) as e:  # the inputs are the same for every rank: one line, from rank 0
             if lock is not None:
                 lock.release()
-            prepared = {"error": _failure_line(0, ctx.world_size, e).replace("rank 0 of ", "", 0), "exc": e}
-    prepared = broadcast_object({k: v for k, v in (prepared or {}).items() if k != "exc"}, ctx)
+            print(f"resrl probe: error: {_cause(e)}", file=sys.stderr)
+            prepared = {"error": 2 if isinstance(e, ProbeError) else 1}
+    prepared = broadcast_object(prepared, ctx)
     if "error" in prepared:
-        if ctx.is_main:  # the inputs are the same for every rank: one line, from rank 0
-            msg = prepared["error"]
-            print(re.sub(r"^resrl probe: error: rank 0 of \d+: ", "resrl probe: error: ", msg), file=sys.stderr)
-        return 2
+        return int(prepared["error"])
     sel, probe_set, out = prepared["sel"], prepared["probe_set"], prepared["out"]
     ctx.use_fsdp = prepared["parallel"] == "shard"
     par = Parallel(ctx, prepared["parallel"])
