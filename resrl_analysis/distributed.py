@@ -41,6 +41,7 @@ __all__ = [
     "all_reduce_max",
     "all_reduce_sum",
     "broadcast_object",
+    "device_mesh",
     "full_model_state_dict",
     "fsdp_modules",
     "full_optimizer_state_dict",
@@ -274,22 +275,30 @@ def _layer_classes(model: torch.nn.Module) -> set[str]:
     return set(names)
 
 
+def device_mesh(ctx: DistContext) -> Any:
+    """The 1-D device mesh over every rank of ``ctx`` (FSDP2's); a collective on some backends (a GPU machine whose
+    default group is gloo creates a new group), so every rank calls it at the same point."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(ctx.device.type, (ctx.world_size,))
+
+
 def wrap_model(model: torch.nn.Module, ctx: DistContext, param_dtype: torch.dtype, *,
-               init: bool = True) -> torch.nn.Module:
+               init: bool = True, mesh: Any = None) -> torch.nn.Module:
     """Shard ``model`` with FSDP2 (every decoder layer, then the root) when ``ctx.use_fsdp``; else return it.
 
     The trainer passes float32 parameters (the master weights) and computes in ``param_dtype``; the probes pass
     the checkpoint as loaded (``param_dtype`` its own dtype: no cast). Gradients are reduced in float32. After
     wrapping, one tiny no-grad forward runs on every rank (:func:`init_wrapped`), so FSDP's lazy initialisation
     happens at a point all ranks reach together; ``init=False`` leaves that to the caller (sharding itself is
-    local: ranks can wrap one after the other, each freeing its full copy before the next loads its own).
+    local: given the ``mesh`` made by :func:`device_mesh` beforehand, ranks can wrap one after the other, each
+    freeing its full copy before the next loads its own).
     """
     if not ctx.use_fsdp:
         return model
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    mesh = mesh if mesh is not None else device_mesh(ctx)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layers = _layer_classes(model)
     for module in list(model.modules()):

@@ -45,6 +45,7 @@ from ..distributed import (
     DistContext,
     barrier,
     broadcast_object,
+    device_mesh,
     exit_if_launched,
     init_wrapped,
     setup_distributed,
@@ -425,11 +426,12 @@ def _load_sharded(path: Path, config: ProbeConfig, par: Parallel, tokenizer: boo
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(par.world)))
     ck = None
+    mesh = device_mesh(par.ctx)  # together (it may create a group); sharding itself is local
     for turn in range(local_world):
         if turn == local_rank:
             ck = load_checkpoint(path, dtype=config.dtype, device="cpu", tokenizer=tokenizer)
             dtype = next(ck.model.parameters()).dtype
-            wrap_model(ck.model, par.ctx, dtype, init=False)
+            wrap_model(ck.model, par.ctx, dtype, init=False, mesh=mesh)
         barrier(par.ctx)
     assert ck is not None
     init_wrapped(ck.model, par.ctx)
