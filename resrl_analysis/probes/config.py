@@ -267,9 +267,13 @@ _EXAMPLES = (
     "  resrl probe out/grpo --base-model BASE --probe-set out/grpo/completions/completions_00001.parquet\n"
     "      a TRL output directory (checkpoint-N/ is step N); BASE, the starting policy, is probed as step 0\n"
     "  resrl probe ckpts --base-model BASE --probe-set rollout_data/\n"
-    "      a verl checkpoint directory (merged global_step_N/actor/huggingface/); its oldest rollout dump\n"
+    "      a verl checkpoint directory (global_step_N/actor/: merged huggingface/ or raw FSDP shards)\n"
     "  resrl probe out/checkpoint-50 out/checkpoint-100 --base-model BASE\n"
     "      a list of checkpoints, in this order (or --checkpoints A,B,C); outputs in their parent's probes/\n"
+    "\n"
+    "several GPUs (docs/FOREIGN_RUNS.md):\n"
+    "  torchrun --nproc_per_node=8 -m resrl_analysis.probes.runner runs/tiny   (or: resrl probe runs/tiny --nproc 8)\n"
+    "      groups split across the ranks, the model copied or sharded with FSDP2 (--parallel); rank 0 writes\n"
 )
 
 
