@@ -25,7 +25,10 @@ guarded (a failure is a table row, the others still run) and all inside a time b
 6. **Diversity sampler** (issue 13): the diversity probe's batched sampling (all prompts × n through the core
    sampler) against HF ``generate`` once per prompt, alternating rounds: the CPU row's shapes, then a
    Qwen3-0.6B-wide random model (d = 1024, 28 layers, V = 151,936) in bf16, 8 prompts × 16, 128 new tokens.
-7. **Rollout** (last, with the time left): ``bench/bench_rollout_gpu.py`` (HF ``generate`` with the dynamic
+7. **Probe pass on N GPUs** (issue 22): ``bench/probe_dist_bench.py``'s pass (every probe, 8 groups) as
+   ``torchrun --nproc_per_node=N`` (one GPU per rank, replicas) against one process, alternating, N = every
+   visible GPU (not measured with fewer than 2); the CPU dry run uses 2 CPU processes and a toy model.
+8. **Rollout** (last, with the time left): ``bench/bench_rollout_gpu.py`` (HF ``generate`` with the dynamic
    and static caches, and our static/CUDA-graph path, 256 prompts × 256 new tokens, bf16); goal ours ≥ 3×
    HF dynamic.
 
@@ -533,6 +536,22 @@ def bench_rollout(timeout: float) -> list[Row]:
 # ----------------------------------------------------------------------------- driver
 
 
+def bench_probe_ranks(device: Any, quick: bool) -> list[Row]:
+    """The probe pass on every visible GPU (torchrun, one rank per GPU) against one process (issue 22)."""
+    import torch
+
+    from bench.probe_dist_bench import measure, row
+
+    n = torch.cuda.device_count() if device.type == "cuda" else 2
+    if n < 2:
+        return [Row("Probe pass on N GPUs", "-", status="not measured",
+                    note=f"needs at least 2 GPUs, {n} visible (run on a multi-GPU machine)")]
+    m = measure(n, rounds=1 if quick else 2, device="cuda" if device.type == "cuda" else "cpu", quick=quick)
+    where = f"{n} GPUs (one rank each, replicas)" if device.type == "cuda" else f"{n} CPU processes (dry run)"
+    return [row(m, f"every probe, 8 groups, {where}, {'toy' if quick else 'd=256 4-layer'} model",
+                target=None if quick else 0.85 * n)]
+
+
 def _guard(name: str, fn: Callable[[], list[Row]], deadline: Deadline, need_s: float) -> list[Row]:
     import torch
 
@@ -569,6 +588,7 @@ def run_all(device: Any, budget: float, quick: bool = False, skip_rollout: bool 
     rows += _guard("ResRL overhead (GPU)", lambda: bench_resrl_overhead(device, quick), dl, 60 if quick else 250)
     rows += _guard("Probe pass (GPU)", lambda: bench_probes(device, quick, dl), dl, 30 if quick else 120)
     rows += _guard("Diversity sampler (GPU)", lambda: bench_diversity(device, quick), dl, 20 if quick else 60)
+    rows += _guard("Probe pass on N GPUs", lambda: bench_probe_ranks(device, quick), dl, 60 if quick else 120)
     if skip_rollout or device.type != "cuda":
         rows.append(Row("Rollout tokens/s (GPU)", "-", status="not measured",
                         note="skipped (no CUDA or --skip-rollout)"))

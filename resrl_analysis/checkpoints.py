@@ -132,9 +132,25 @@ def validate_checkpoint_files(path: str | Path) -> dict:
     elif pt.exists():
         if not zipfile.is_zipfile(pt):
             raise ProbeError(f"{pt}: truncated or corrupt (not a torch zip archive)")
+    elif _raw_verl_actor(path) is not None:  # verl's per-rank shards beside: every rank's file must be there
+        from .verl_shards import verl_shard_files
+
+        for f in verl_shard_files(path.parent):
+            if not zipfile.is_zipfile(f):
+                raise ProbeError(f"{f}: truncated or corrupt (not a torch zip archive)")
     else:
         raise ProbeError(f"{path}: no model weights (model.safetensors or pytorch_model.bin)")
     return config
+
+
+def _raw_verl_actor(path: Path) -> Path | None:
+    """The verl actor directory when ``path`` is its ``huggingface/`` folder without weights beside raw model shards
+    (``model_world_size_W_rank_R.pt``, :mod:`resrl_analysis.verl_shards`); else None."""
+    from .verl_shards import is_raw_verl_actor
+
+    has_weights = any((path / w).exists() for w in ("model.safetensors", "model.safetensors.index.json",
+                                                    "pytorch_model.bin", "pytorch_model.bin.index.json"))
+    return path.parent if not has_weights and is_raw_verl_actor(path.parent) else None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -248,9 +264,15 @@ def load_checkpoint(
     kwargs: dict[str, Any] = {"dtype": _resolve_dtype(dtype, config)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    actor = _raw_verl_actor(path)
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            if actor is not None:  # verl's raw FSDP shards: the config here, the weights merged from the shards
+                model = _model_from_verl_shards(path, actor, kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except ProbeError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise ProbeError(f"{path}: cannot load model ({_one_line(e)})") from e
     model.to(device).eval()
@@ -260,6 +282,26 @@ def load_checkpoint(
     elif tokenizer not in (False, None):
         tok = load_tokenizer(Path(tokenizer))  # type: ignore[arg-type]
     return Checkpoint(model=model, tokenizer=tok, path=path, step=checkpoint_step(path))
+
+
+def _model_from_verl_shards(hf_dir: Path, actor: Path, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """The model of ``hf_dir/config.json`` with the weights of verl's raw shards in ``actor`` (read weights-only)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .verl_shards import load_verl_state_dict
+
+    state = load_verl_state_dict(actor)
+    cfg = AutoConfig.from_pretrained(str(hf_dir))
+    model = AutoModelForCausalLM.from_config(cfg, **kwargs)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if model.get_output_embeddings() is not None and k.startswith("lm_head")
+            and getattr(cfg, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise ProbeError(f"{actor}: the shards do not match {hf_dir / 'config.json'} (missing "
+                         f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    if tied:
+        model.tie_weights()
+    return model
 
 
 def _tokenizer_signature(path: Path) -> tuple[str, Any]:

@@ -14,15 +14,23 @@ its own terms (``Probe.plan``, from :class:`PlanInputs`), and this module adds w
   log-softmax (N·V, float32) and the whole-model step's gradients, parameter copy and one
   micro-batch's checkpointed activations.
 
+With several processes (``torchrun``, ``--nproc N``) the plan is per rank: each rank keeps ⌈groups / N⌉ groups and
+holds either a whole copy of the model (``replica``) or, sharded with FSDP2, 1/N of it plus the parts kept gathered
+(the root: embeddings, final norm, head) and the decoder layers being gathered (``shard``). Sharded, the whole-model
+gradients run after the group batches (their terms are named ``whole-model …``: a phase of their own, beside the
+weights only), each rank backpropagating ⌈G / N⌉ of a group's responses. ``--parallel auto`` takes the replica
+when it fits and else the shard; the plan prints both.
+
 A test checks the estimate against the measured peak RSS on CPU (within 25%).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,13 +127,22 @@ class ModelShape:
         return cls.from_config(cfg, dtype)
 
     @property
-    def n_params(self) -> int:
-        """Parameter count of a Llama/Qwen-style decoder (attention, gated MLP, RMSNorms, embeddings)."""
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (attention with q/k norms, gated MLP, two RMSNorms)."""
         d, hd = self.hidden, self.head_dim
         attn = d * self.heads * hd * 2 + d * self.kv_heads * hd * 2 + 2 * hd
-        layer = attn + 3 * d * self.intermediate + 2 * d
-        emb = self.vocab * d * (1 if self.tied else 2)
-        return self.layers * layer + emb + d
+        return attn + 3 * d * self.intermediate + 2 * d
+
+    @property
+    def root_params(self) -> int:
+        """Parameters outside the decoder layers: embeddings, the head (unless tied) and the final norm (the root
+        unit of the FSDP2 wrapping, kept gathered by the sharded probes)."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count of a Llama/Qwen-style decoder (attention, gated MLP, RMSNorms, embeddings)."""
+        return self.layers * self.layer_params + self.root_params
 
 
 @dataclass(frozen=True)
@@ -171,6 +188,9 @@ class MemoryPlan:
     shape: ProbeShape
     notes: list[str] = field(default_factory=list)
     hints: dict[str, str] = field(default_factory=dict)  # probe -> the setting that shrinks it (the refusal's)
+    nproc: int = 1
+    parallel: str = "replica"  # how the ranks hold the model: "replica" or "shard" (FSDP2)
+    alternatives: dict[str, int] = field(default_factory=dict)  # mode -> its largest peak per rank (both were planned)
 
     @property
     def peak(self) -> int:
@@ -190,11 +210,21 @@ class MemoryPlan:
         m, s = self.model, self.shape
         n = m.n_params
         ps = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
-        lines = [f"memory plan: budget {format_bytes(self.budget)} ({self.budget_source}), model {ps} parameters × "
-                 f"{m.dtype_bytes} B, groups of {s.responses} × {s.response_len} tokens (prompt {s.prompt_len}), "
-                 f"V = {m.vocab}",
-                 f"  group batch {self.group_batch}" + (f" (asked {self.requested_group_batch})"
-                                                        if self.group_batch != self.requested_group_batch else "")]
+        per = "" if self.nproc == 1 else " per rank"
+        lines = [f"memory plan{per}: budget {format_bytes(self.budget)} ({self.budget_source}), model {ps} parameters "
+                 f"× {m.dtype_bytes} B, groups of {s.responses} × {s.response_len} tokens (prompt {s.prompt_len}), "
+                 f"V = {m.vocab}"]
+        if self.nproc > 1:
+            how = {"replica": "a whole copy of the model on each rank",
+                   "shard": f"the model sharded with FSDP2 across the {self.nproc} ranks"}
+            lines.append(f"  {self.nproc} ranks, at most {s.n_groups} group(s) each: {self.parallel} "
+                         f"({how[self.parallel]})")
+            for mode, peak in self.alternatives.items():
+                verdict = "fits" if peak <= self.budget else "does not fit"
+                lines.append(f"    {mode:<8} largest peak {format_bytes(peak):>9} per rank: {verdict}"
+                             + ("  <- chosen" if mode == self.parallel else ""))
+        lines.append(f"  group batch {self.group_batch}" + (f" (asked {self.requested_group_batch})"
+                                                             if self.group_batch != self.requested_group_batch else ""))
         for name, peak in self.peaks.items():
             top = sorted(self.parts[name].items(), key=lambda kv: -kv[1])[:4]
             what = ", ".join(f"{k} {format_bytes(v)}" for k, v in top)
@@ -208,8 +238,25 @@ class MemoryPlan:
         """One line naming the probe that does not fit and the setting to change."""
         name = max(self.peaks, key=self.peaks.get)  # type: ignore[arg-type]
         hint = self.hints.get(name) or "a shorter probe set"
-        return (f"memory plan: probe {name} needs {format_bytes(self.peaks[name])} at --group-batch 1, over the "
-                f"budget {format_bytes(self.budget)}; raise --memory-budget, or use {hint}")
+        where = "" if self.nproc == 1 else f" per rank ({self.nproc} ranks, {self.parallel})"
+        more = "" if self.nproc == 1 else ", more ranks"
+        return (f"memory plan: probe {name} needs {format_bytes(self.peaks[name])}{where} at --group-batch 1, over "
+                f"the budget {format_bytes(self.budget)}; raise --memory-budget{more}, or use {hint}")
+
+
+def rank_weights(model: ModelShape, nproc: int, sharded: bool) -> int:
+    """Bytes of weights one rank holds: the whole model (a replica), or sharded with FSDP2 its 1/N share of every
+    parameter plus the root kept gathered (embeddings, head, final norm) and two decoder layers gathered at a time
+    (the one computing and the one prefetched).
+
+    >>> m = ModelShape(100, 8, 2, 2, 2, 4, 16, False)
+    >>> rank_weights(m, 1, False) == m.n_params * 4, rank_weights(m, 2, True) < m.n_params * 4
+    (True, False)
+    """
+    b = model.dtype_bytes
+    if not sharded:
+        return model.n_params * b
+    return math.ceil(model.n_params / nproc) * b + model.root_params * b + min(2, model.layers) * model.layer_params * b
 
 
 def device_memory(device: str) -> tuple[int, str]:
@@ -266,6 +313,9 @@ class PlanInputs:
     micro_batch: int
     cpu: bool
     forward: dict[str, int]
+    world: int = 1  # ranks of the pass (``shape.n_groups`` is then one rank's share)
+    sharded: bool = False  # the model sharded with FSDP2 across the ranks
+    samples: int = 0  # responses sampled per prompt (the diversity probe); 0: G
 
     @property
     def G(self) -> int:
@@ -292,10 +342,28 @@ class PlanInputs:
         return _forward(self.model, rows, self.L, self.T, grad, checkpoint, self.cpu)
 
     def full_step(self, rows: int, grads: int) -> dict[str, int]:
-        """A whole-model step over ``rows`` responses with ``grads`` gradient copies and a parameter copy."""
+        """A whole-model step over ``rows`` responses with ``grads`` gradient copies and a parameter copy.
+
+        Sharded, each rank backpropagates at most ⌈G / N⌉ of the group's responses through the whole model (logits
+        and their gradient included: autograd from the loss) and holds 1/N of each gradient and of the copy, plus a
+        gathered layer's gradient before it is reduced."""
         m = self.model
+        if not self.sharded:
+            f = self.forward_terms(rows, grad=True, checkpoint=True)
+            return {**f, "gradients": grads * m.n_params * m.dtype_bytes,
+                    "parameter copy": m.n_params * m.dtype_bytes}
+        rows = max(1, min(rows, math.ceil(self.G / self.world)))
         f = self.forward_terms(rows, grad=True, checkpoint=True)
-        return {**f, "gradients": grads * m.n_params * m.dtype_bytes, "parameter copy": m.n_params * m.dtype_bytes}
+        shard = math.ceil(m.n_params / self.world) * m.dtype_bytes
+        return {**f, "gradients": grads * shard, "parameter copy": shard,
+                "gathered layer gradient": m.layer_params * (m.dtype_bytes + 4)}
+
+    @property
+    def sampling_rows(self) -> int:
+        """Rows of one sampling call of the diversity probe: whole prompts of ``samples`` rows, at most 256 rows,
+        at most the groups of this rank."""
+        s = self.samples or self.G
+        return max(1, min(self.shape.n_groups or 1, max(1, 256 // s))) * s
 
     @property
     def tp_tn_block(self) -> int:
@@ -323,6 +391,9 @@ def plan_probes(
     micro_batch: int = 4,
     device: str = "cpu",
     weights: bool = True,
+    nproc: int = 1,
+    parallel: str = "auto",
+    samples: int = 0,
 ) -> MemoryPlan:
     """Peak memory of each probe at ``shape`` and the largest group batching ≤ ``group_batch`` that fits.
 
@@ -330,18 +401,48 @@ def plan_probes(
     per group (logits, hidden states, the shared Gram, for the probes that need them) and the weights.
     ``full_model``: whether whole-model gradients run (interference cosine, first-order step);
     ``options``: probe name → its options (default: each probe's defaults); ``weights``: count the model's
-    weights (False for the working memory alone).
+    weights (False for the working memory alone); ``nproc``: ranks (the plan is then per rank, for ⌈groups / nproc⌉
+    groups each); ``parallel``: ``replica``, ``shard`` or ``auto`` (the replica when it fits, else the shard);
+    ``samples``: responses the diversity probe samples per prompt (default: the group size).
 
     >>> m = ModelShape(151936, 2560, 36, 32, 8, 128, 9728, True, 2)  # Qwen3-4B, bfloat16
     >>> p = plan_probes(m, ProbeShape(8, 4096, 512, n_groups=8), ["lld", "first_order", "interference", "subspace"],
     ...                 budget=80 * 10**9, device="cuda")
     >>> p.fits, p.group_batch
     (True, 2)
+    >>> p8 = plan_probes(m, ProbeShape(8, 4096, 512, n_groups=8), ["lld", "first_order"], budget=80 * 10**9,
+    ...                  device="cuda", nproc=8)
+    >>> p8.parallel, p8.shape.n_groups, sorted(p8.alternatives)
+    ('replica', 1, ['replica', 'shard'])
     """
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if parallel not in ("auto", "replica", "shard"):
+        raise ValueError(f"parallel must be auto, replica or shard, got {parallel!r}")
+    rank_shape = replace(shape, n_groups=math.ceil(shape.n_groups / nproc)) if nproc > 1 else shape
+    modes = ["replica"] if nproc == 1 else (["replica", "shard"] if parallel == "auto" else [parallel])
+    kw = dict(budget=budget, budget_source=budget_source, group_batch=group_batch, full_model=full_model,
+              options=options, micro_batch=micro_batch, device=device, weights=weights, nproc=nproc, samples=samples)
+    plans = {m: _plan_mode(model, rank_shape, list(probes), sharded=m == "shard", **kw) for m in modes}  # type: ignore[arg-type]
+    fitting = [m for m in modes if plans[m].fits]
+    chosen = fitting[0] if fitting else min(modes, key=lambda m: plans[m].peak)
+    plan = plans[chosen]
+    if nproc > 1:
+        plan = replace(plan, parallel=chosen, alternatives={m: plans[m].peak for m in modes})
+        if parallel == "auto" and chosen == "shard":
+            plan.notes.insert(0, f"a whole copy needs {format_bytes(plans['replica'].peak)} per rank, over the budget: "
+                                 f"the model is sharded with FSDP2 across the {nproc} ranks")
+    return plan
+
+
+def _plan_mode(model: ModelShape, shape: ProbeShape, probes: list[str], *, budget: int, budget_source: str,
+               group_batch: int, full_model: bool, options: Mapping[str, Any] | None, micro_batch: int, device: str,
+               weights: bool, nproc: int, sharded: bool, samples: int) -> MemoryPlan:
+    """The plan of one way of holding the model (one rank's share of the groups in ``shape``)."""
     probes_ = {n: p for n, p in instantiate(list(probes), options).items() if p.scope != "pairs"}
     cpu = not str(device).startswith("cuda")
     G, T, d, N = shape.responses, shape.response_len, model.hidden, shape.tokens
-    W = model.n_params * model.dtype_bytes if weights else 0
+    W = rank_weights(model, nproc, sharded) if weights else 0
     needs = set().union(*(p.needs for p in probes_.values() if p.scope == "groups"))
     # Kept per group until its probes are done: logits, two hidden states, and the shared Gram.
     per_group = (_logits(model, G, T) if "logits" in needs else 0) + (2 * G * T * d * model.dtype_bytes
@@ -353,8 +454,10 @@ def plan_probes(
     fwd_peak = sum(fwd.values())
     transient: dict[str, dict[str, int]] = {}
     phased: set[str] = set()
+    after = {n for n, p in probes_.items() if p.scope == "checkpoint"}
     for name, probe in probes_.items():
-        inputs = PlanInputs(model, shape, probe.options, full_model, micro_batch, cpu, dict(fwd))
+        inputs = PlanInputs(model, shape, probe.options, full_model, micro_batch, cpu, dict(fwd), world=nproc,
+                            sharded=sharded, samples=samples)
         transient[name] = dict(probe.plan(inputs))
         if "gram" in probe.needs:
             phased.add(name)
@@ -366,13 +469,19 @@ def plan_probes(
         kept = gb * (per_group + gram)
         peaks, parts = {}, {}
         for name, t in transient.items():
+            # Sharded, the whole-model gradients run after the group batches, beside the weights alone.
+            later = {k: v for k, v in t.items() if sharded and k.startswith("whole-model ")}
+            now = {k: v for k, v in t.items() if k not in later}
             # Phases run one after the other: the forwards of the batch's groups (before any Gram exists), then
             # the Grams and the probe's own work beside the kept groups. The peak is the largest phase.
             if name in phased:
-                peaks[name] = W + max(gb * per_group + fwd_peak, kept + max(sum(t.values()), gram_build))
+                work = max(gb * per_group + fwd_peak, kept + max(sum(now.values()), gram_build))
+            elif name in after:  # sampling runs once the batches are done: no group is kept then
+                work = sum(now.values())
             else:
-                peaks[name] = W + kept + sum(t.values())
-            parts[name] = {"weights": W, "kept groups": kept, **t}
+                work = kept + sum(now.values())
+            peaks[name] = W + max(work, sum(later.values()))
+            parts[name] = {"weights": W, **({} if name in after else {"kept groups": kept}), **t}
         return peaks, parts
 
     notes = []
@@ -391,7 +500,8 @@ def plan_probes(
                      f"{format_bytes(CHUNK_BYTES)}")
     hints = {name: p.plan_hint for name, p in probes_.items()}
     return MemoryPlan(budget=budget, budget_source=budget_source, group_batch=gb, requested_group_batch=group_batch,
-                      peaks=peaks, parts=parts, model=model, shape=shape, notes=notes, hints=hints)
+                      peaks=peaks, parts=parts, model=model, shape=shape, notes=notes, hints=hints, nproc=nproc,
+                      parallel="shard" if sharded else "replica")
 
 
 # ----------------------------------------------------------------------------- ``resrl probe`` wiring
@@ -407,12 +517,14 @@ def _plan_device(spec: str) -> str:
 
 
 def plan_for_config(config: ProbeConfig, checkpoint: Path, probe_shape: ProbeShape | None, *,
-                    device: str | None = None, notes: Iterable[str] = ()) -> MemoryPlan:
+                    device: str | None = None, notes: Iterable[str] = (), nproc: int | None = None) -> MemoryPlan:
     """The plan of a probe pass (``config``) for the model at ``checkpoint`` (its ``config.json`` only).
 
     ``probe_shape`` None: the shapes the sampling settings ask for (``samples`` × ``max_new_tokens``, a prompt
-    of :data:`ASSUMED_PROMPT_LEN` tokens, ``groups`` groups).
+    of :data:`ASSUMED_PROMPT_LEN` tokens, ``groups`` groups). ``nproc``: the ranks (default ``config.nproc``); on
+    CPU without ``--memory-budget`` the host's available memory is shared by the ranks of this machine.
     """
+    nproc = nproc or config.nproc
     try:
         model = ModelShape.from_pretrained(checkpoint, config.dtype)
     except ValueError as e:
@@ -430,9 +542,12 @@ def plan_for_config(config: ProbeConfig, checkpoint: Path, probe_shape: ProbeSha
             raise ProbeError(f"--memory-budget: {e}") from None
     else:
         budget, source = device_memory(dev)
+        if nproc > 1 and not str(dev).startswith("cuda"):
+            budget, source = budget // nproc, f"{source} / {nproc} ranks"
     plan = plan_probes(model, probe_shape, config.probes, budget=budget, budget_source=source,
                        group_batch=config.group_batch, full_model=config.full_model_steps != "none",
-                       options=config.options, device=dev)
+                       options=config.options, device=dev, nproc=nproc,
+                       parallel=config.parallel, samples=config.samples)
     plan.notes.extend(extra)
     return plan
 

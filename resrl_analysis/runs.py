@@ -5,8 +5,9 @@
 - our run directory: ``checkpoints/step_XXXXXX/``, ``metrics.jsonl``, ``rollouts/step_XXXXXX.jsonl``;
 - a TRL output directory: ``checkpoint-N/`` (step N), metrics from the newest checkpoint's
   ``trainer_state.json`` ``log_history``, completion logs ``completions/completions_NNNNN.parquet``;
-- a verl checkpoint directory: ``global_step_N/actor/huggingface/`` once it holds merged HF weights
-  (otherwise a one-line error giving the ``verl.model_merger`` command to run);
+- a verl checkpoint directory: ``global_step_N/actor/huggingface/`` with merged HF weights, or raw FSDP shards
+  ``global_step_N/actor/model_world_size_W_rank_R.pt`` beside a config-only ``huggingface/`` (read without a merge
+  step, :mod:`resrl_analysis.verl_shards`); otherwise a one-line error giving the ``verl.model_merger`` command;
 - one Hugging Face checkpoint folder, or an explicit ordered list of them.
 
 ``base_model`` adds the starting policy as step 0 where the run did not save it (TRL and verl never
@@ -36,6 +37,7 @@ from typing import Literal
 from . import rundir
 from .errors import ProbeError
 from .rundir import checkpoint_step
+from .verl_shards import SHARD_FILE, verl_merger_command
 
 __all__ = ["RunInfo", "RunKind", "discover_run", "foreign_step", "run_checkpoints", "verl_merge_command"]
 
@@ -89,18 +91,22 @@ def foreign_step(path: str | Path) -> int | None:
 
 
 def verl_merge_command(step_dir: str | Path) -> str:
-    """The command that turns a verl FSDP actor checkpoint into HF weights under ``actor/huggingface``.
+    """The command that turns a verl FSDP actor checkpoint into HF weights under ``actor/huggingface``
+    (:func:`resrl_analysis.verl_shards.verl_merger_command` of its ``actor/``).
 
     >>> verl_merge_command("ck/global_step_5").split()[-4:]
     ['--local_dir', 'ck/global_step_5/actor', '--target_dir', 'ck/global_step_5/actor/huggingface']
     """
-    actor = Path(step_dir) / "actor"
-    return (f"python -m verl.model_merger merge --backend fsdp --local_dir {actor} "
-            f"--target_dir {actor / 'huggingface'}")
+    return verl_merger_command(Path(step_dir) / "actor")
 
 
 def _has_weights(path: Path) -> bool:
     return (path / "config.json").is_file() and any((path / w).exists() for w in _WEIGHTS)
+
+
+def _has_raw_shards(actor: Path) -> bool:
+    """verl's raw FSDP model shards in ``actor`` (``model_world_size_W_rank_R.pt``)."""
+    return actor.is_dir() and any(SHARD_FILE.match(f.name) for f in actor.iterdir())
 
 
 def _numbered(root: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
@@ -158,8 +164,11 @@ def _single(path: Path) -> RunInfo | None:
         ckpts = []
         for step, p in verl:
             hf = p / "actor" / "huggingface"
-            if not _has_weights(hf):
-                raise ProbeError(f"{hf}: no merged Hugging Face weights; run: {verl_merge_command(p)}")
+            # Raw FSDP shards (model_world_size_W_rank_R.pt) beside a config-only huggingface/ are read as they are
+            # (resrl_analysis.verl_shards); without either, the one line names verl's merger.
+            if not _has_weights(hf) and not ((hf / "config.json").is_file() and _has_raw_shards(p / "actor")):
+                raise ProbeError(f"{hf}: no merged Hugging Face weights nor raw model shards; run: "
+                                 f"{verl_merge_command(p)}")
             ckpts.append((step, hf))
         return RunInfo("verl", root, tuple(ckpts), probes_dir=root / rundir.PROBES)
     if (root / "config.json").is_file():

@@ -372,8 +372,8 @@ def test_probe_nthr_uses_the_temperature(tiny):
 
 
 def test_rollout_metrics_read_the_extras_generically():
+    from resrl_analysis.distributed import DistContext
     from trainer.config import TrainConfig
-    from trainer.distributed import DistContext
     from trainer.rollout import ScoredBatch, rollout_metrics
 
     g = torch.Generator().manual_seed(0)

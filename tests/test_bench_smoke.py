@@ -29,6 +29,7 @@ BENCH_MODULES = [
     "bench.view_bench",
     "bench.entropy_bench",
     "bench.live_diagnostics_cost",
+    "bench.probe_dist_bench",
 ]
 
 

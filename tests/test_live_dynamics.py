@@ -10,11 +10,11 @@ from scipy import stats
 from trainer_runner import FAST, EasyTask
 
 import trainer.loop as loop
+from resrl_analysis.distributed import DistContext
 from resrl_analysis.entropy_dynamics import predict_entropy_change
 from resrl_analysis.forward import pack_rows, response_forward
 from resrl_analysis.interference import group_grams
 from trainer.config import ConfigError, TrainConfig
-from trainer.distributed import DistContext
 from trainer.in_batch import AfterUpdate, RolloutChunk
 from trainer.metrics_log import read_metrics
 from trainer.models import build_tiny_model

@@ -4,6 +4,7 @@ config-only folder, refusal), and the estimate against the measured peak RSS on 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -85,6 +86,63 @@ def test_plan_only_on_a_config_only_folder(tmp_path):
     assert "memory plan: probe" in last and "--memory-budget" in last
     r = _cli(str(ck), "--plan-only", "--memory-budget", "lots", cwd=tmp_path)
     assert r.returncode == 2 and "--memory-budget" in r.stderr and "Traceback" not in r.stderr
+
+
+#: The published config.json values of the Qwen3 models shipped as config-only plans (bench/configs/).
+QWEN3 = {  # hidden, layers, heads, kv heads, head dim, intermediate, billions of parameters
+    "qwen3-8b": (4096, 36, 32, 8, 128, 12288, 8.19),
+    "qwen3-14b": (5120, 40, 40, 8, 128, 17408, 14.77),
+    "qwen3-32b": (5120, 64, 64, 8, 128, 25600, 32.76),
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", sorted(QWEN3))
+def test_qwen3_8b_to_32b_fit_eight_80gb_devices_with_the_defaults(name, capsys):
+    """``resrl probe CONFIG --plan-only --nproc 8`` at G = 8, T = 4096 with every probe and the defaults: per-rank
+    peaks within 80 GB, the choice (a whole copy does not fit one 80 GB device for any of them: sharded) printed."""
+    from resrl_analysis.probes.runner import main
+
+    d = ROOT / "bench" / "configs" / name
+    m = ModelShape.from_pretrained(d)
+    hidden, layers, heads, kv, hd, inter, billions = QWEN3[name]
+    assert (m.vocab, m.hidden, m.layers, m.heads, m.kv_heads, m.head_dim, m.intermediate, m.tied, m.dtype_bytes) == (
+        151936, hidden, layers, heads, kv, hd, inter, False, 2)
+    assert abs(m.n_params / 1e9 - billions) < 0.01
+    args = ["--plan-only", "--nproc", "8", "--memory-budget", "80GB", "--device", "cuda", "--samples", "8",
+            "--max-new-tokens", "4096"]
+    assert main([str(d), *args]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan per rank: budget 80.0 GB") and "groups of 8 × 4096 tokens" in out
+    assert "8 ranks, at most 1 group(s) each: shard" in out and "fits: yes" in out
+    assert "replica  largest peak" in out and "does not fit" in out and "<- chosen" in out
+    plan = plan_probes(m, ProbeShape(8, 4096, 512, 8), ["lld", "first_order", "interference", "subspace",
+                                                          "diversity"], budget=80 * 10**9, device="cuda", nproc=8,
+                       samples=8)
+    assert plan.parallel == "shard" and plan.fits and plan.peak <= 80e9 < plan.alternatives["replica"]
+
+
+def test_per_rank_plan_shares_groups_and_weights():
+    m = ModelShape.from_pretrained(QWEN3_4B)
+    probes = ["first_order", "interference"]
+    one = plan_probes(m, ProbeShape(8, 1024, 256, 8), probes, budget=10**12, device="cuda")
+    rep = plan_probes(m, ProbeShape(8, 1024, 256, 8), probes, budget=10**12, device="cuda", nproc=4,
+                      parallel="replica")
+    shard = plan_probes(m, ProbeShape(8, 1024, 256, 8), probes, budget=10**12, device="cuda", nproc=4,
+                        parallel="shard")
+    assert (one.shape.n_groups, rep.shape.n_groups, rep.group_batch) == (8, 2, 2) and rep.parallel == "replica"
+    assert rep.parts["interference"]["weights"] == one.parts["interference"]["weights"] == m.n_params * 2
+    # Sharded: a quarter of every parameter plus the root (embeddings, head) and two layers gathered.
+    assert shard.parts["interference"]["weights"] == (math.ceil(m.n_params / 4) + m.root_params
+                                                      + 2 * m.layer_params) * 2
+    assert shard.parts["interference"]["whole-model gradients"] == 2 * math.ceil(m.n_params / 4) * 2
+    # The whole-model gradients run after the batches: beside the weights only, not the kept groups.
+    p = shard.parts["first_order"]
+    later = sum(v for k, v in p.items() if k.startswith("whole-model "))
+    assert shard.peaks["first_order"] >= p["weights"] + later
+    assert "shard" in shard.describe().splitlines()[1] and shard.alternatives == {"shard": shard.peak}
+    # One rank's share of a probe set of 5 groups on 2 ranks is 3 groups.
+    assert plan_probes(m, ProbeShape(8, 64, 8, 5), probes, budget=10**12, nproc=2).shape.n_groups == 3
 
 
 _WORKER = textwrap.dedent("""

@@ -263,7 +263,7 @@ def test_setting_checked_after_the_model_loads_still_writes_nothing(tmp_path, ca
 @pytest.mark.unit
 def test_batch_not_divisible_by_the_ranks_is_rejected():
     # Only known once the world size is: checked by train() before the model is loaded.
-    from trainer.distributed import DistContext
+    from resrl_analysis.distributed import DistContext
 
     ctx = DistContext(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"), use_fsdp=True)
     with pytest.raises(ConfigError, match=r"prompts_per_step=4 and mini_batch_size=4 must be divisible by the 3 "

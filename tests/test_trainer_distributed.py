@@ -17,7 +17,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from trainer_runner import fast_args
 
-from trainer.distributed import GLOO_SERIAL, setup_distributed, teardown_distributed
+from resrl_analysis.distributed import GLOO_SERIAL, setup_distributed, teardown_distributed
 
 pytestmark = [
     pytest.mark.multiprocess,

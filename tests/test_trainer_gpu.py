@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from trainer_runner import FAST, EasyTask
 
 import trainer.loop as loop
+from resrl_analysis.distributed import DistContext
 from trainer.config import TrainConfig
-from trainer.distributed import DistContext
 from trainer.models import build_tiny_model
 from trainer.rollout import ScoredBatch
 

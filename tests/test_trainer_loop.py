@@ -18,10 +18,10 @@ from trainer_runner import FAST, train_easy
 
 import trainer.checkpointing as checkpointing
 import trainer.loop as loop
+from resrl_analysis.distributed import DistContext
 from resrl_analysis.forward import pack_rows, response_forward
 from trainer.checkpointing import CheckpointError, latest_checkpoint
 from trainer.config import TrainConfig
-from trainer.distributed import DistContext
 from trainer.loop import SetupError, TrainingDiverged, train
 from trainer.metrics_log import METRIC_KEYS, ROLLOUT_FIELDS, read_metrics
 from trainer.models import build_tiny_model

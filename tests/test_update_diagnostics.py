@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from resrl_analysis.displacement import AFTER, FIRST_DIVERGENT, SHARED, token_classes
+from resrl_analysis.distributed import DistContext
 from resrl_analysis.forward import pack_rows, response_forward
 from trainer.config import TrainConfig
-from trainer.distributed import DistContext
 from trainer.in_batch import (
     UPDATE_DIAGNOSTICS,
     UpdateDiagnostic,

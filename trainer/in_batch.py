@@ -15,7 +15,7 @@ round-off: a forward over other rows may sum in another order).
 
 >>> import torch
 >>> from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
->>> from trainer.distributed import DistContext
+>>> from resrl_analysis.distributed import DistContext
 >>> from trainer.models import build_tiny_model
 >>> model, ctx, cfg = build_tiny_model(seed=0).eval(), DistContext.single(torch.device("cpu")), TrainConfig()
 >>> prompt, response = torch.tensor([[12, 13], [12, 13]]), torch.tensor([[20, 21], [20, 22]])
@@ -43,9 +43,9 @@ import torch
 from torch import Tensor
 
 from resrl_analysis.displacement import group_displacements, in_batch_lld_metrics
+from resrl_analysis.distributed import DistContext, all_gather_objects, all_reduce_max
 from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
 from trainer.config import TrainConfig
-from trainer.distributed import DistContext, all_gather_objects, all_reduce_max
 from trainer.rollout import ScoredBatch
 
 __all__ = ["AfterUpdate", "Rescored", "RolloutChunk", "UPDATE_DIAGNOSTICS", "UpdateDiagnostic", "after_update",

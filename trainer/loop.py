@@ -18,7 +18,7 @@ What it adds to plain GRPO bookkeeping:
   the parameters of an uninterrupted one.
 - **A watch on the numbers** (:class:`trainer.watch.Watch`): a non-finite step is skipped; blow-ups and a
   collapsed policy are reported; too many of either stop the run with the command that resumes it.
-- **One path for one or many processes** (:mod:`trainer.distributed`): each rank samples its share of
+- **One path for one or many processes** (:mod:`resrl_analysis.distributed`): each rank samples its share of
   the prompts (a group never spans ranks), loss normalisers and metrics are reduced across ranks, only
   rank 0 writes, and it alone holds the run directory's lock.
 
@@ -51,10 +51,7 @@ from torch import Tensor
 import trainer.update_dynamics  # noqa: F401  (registers the entropy/* and flips/* update diagnostics)
 from resrl_analysis.advantages import EXTRAS, AdvantageParams, AlgoInputs, AlgoOutput, get_algorithm, params_from_config
 from resrl_analysis.balancing import micro_batch_groups, micro_batch_ids
-from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
-from resrl_analysis.rundir import METRIC_KEYS, METRICS, rollout_path
-from trainer.config import TrainConfig
-from trainer.distributed import (
+from resrl_analysis.distributed import (
     DistContext,
     all_gather_objects,
     all_reduce_max,
@@ -63,6 +60,9 @@ from trainer.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
+from resrl_analysis.rundir import METRIC_KEYS, METRICS, rollout_path
+from trainer.config import TrainConfig
 from trainer.in_batch import RolloutChunk, needs_rollout_entropy, rollout_hooks, rollout_needs, update_metrics
 from trainer.losses import LossNorm, policy_loss
 from trainer.metrics_log import MetricsLog, write_rollouts

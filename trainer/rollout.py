@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from resrl_analysis.advantages import get_algorithm
+from resrl_analysis.distributed import DistContext, all_gather_objects
 from resrl_analysis.sampling import SampledBatch, SamplingParams, encode_prompts, eos_token_ids, sample
 from trainer.config import TrainConfig
-from trainer.distributed import DistContext, all_gather_objects
 from trainer.tasks import Prompt
 
 __all__ = ["ScoredBatch", "rollout_metrics", "sample_prompts"]
@@ -96,7 +96,7 @@ def sample_prompts(
     """``n`` responses per prompt with the run's sampler settings; returns the batch and the decoded texts.
 
     ``temperature`` 0 is greedy (top-p and top-k off). The caller gathers FSDP2 weights around it
-    (:func:`trainer.distributed.gathered_for_inference`).
+    (:func:`resrl_analysis.distributed.gathered_for_inference`).
     """
     if cfg.rollout_compile == "auto":
         compile = ctx.device.type == "cuda" and not ctx.use_fsdp

@@ -7,7 +7,7 @@ policy's log-prob and entropy from the no-grad forward the trainer runs before t
 digits, which keeps the files small.
 
 >>> import json, tempfile, torch
->>> from trainer.distributed import DistContext
+>>> from resrl_analysis.distributed import DistContext
 >>> from trainer.tasks import Prompt
 >>> data = ScoredBatch(
 ...     prompt_ids=torch.tensor([[0, 5], [0, 5]]), prompt_mask=torch.tensor([[False, True], [False, True]]),
@@ -36,8 +36,8 @@ from typing import Any
 from torch import Tensor
 
 from resrl_analysis.advantages import EXTRAS
+from resrl_analysis.distributed import DistContext, all_gather_objects
 from resrl_analysis.rundir import rollout_path
-from trainer.distributed import DistContext, all_gather_objects
 from trainer.metrics_log import write_rollouts
 from trainer.rollout import ScoredBatch
 from trainer.setup import on_all_ranks

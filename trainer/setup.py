@@ -27,6 +27,16 @@ import torch
 from torch import Tensor
 
 from resrl_analysis import rundir
+from resrl_analysis.distributed import (
+    DistContext,
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    full_model_state_dict,
+    full_optimizer_state_dict,
+    load_full_state,
+    wrap_model,
+)
 from resrl_analysis.rundir import RunLock, RunLocked
 from trainer.checkpointing import (
     CheckpointError,
@@ -44,16 +54,6 @@ from trainer.config import (
     config_from_sources,
     replace,
     save_config_yaml,
-)
-from trainer.distributed import (
-    DistContext,
-    all_gather_objects,
-    barrier,
-    broadcast_object,
-    full_model_state_dict,
-    full_optimizer_state_dict,
-    load_full_state,
-    wrap_model,
 )
 from trainer.metrics_log import RunWriteError, read_metrics, truncate_metrics
 from trainer.tasks import Prompt, Task

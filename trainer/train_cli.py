@@ -230,7 +230,7 @@ def run_train(args: argparse.Namespace, *, task: Task | None = None) -> int:
     except ConfigError as exc:
         print(f"resrl train: error: {exc}", file=sys.stderr)
         return 2
-    from trainer.distributed import exit_if_launched
+    from resrl_analysis.distributed import exit_if_launched
     from trainer.loop import SetupError, TrainingDiverged, train
 
     try:

@@ -28,13 +28,13 @@ import torch
 from torch import Tensor
 
 from resrl_analysis.displacement import token_classes
+from resrl_analysis.distributed import DistContext, all_gather_objects
 from resrl_analysis.entropy_dynamics import covariance_proxy, predict_entropy_change
 from resrl_analysis.flips import coupling_counts, flip_counts
 from resrl_analysis.interference import group_grams
 from resrl_analysis.ops import group_index
 from resrl_analysis.rundir import METRIC_KEYS
 from trainer.config import TrainConfig
-from trainer.distributed import DistContext, all_gather_objects
 from trainer.in_batch import AfterUpdate, RolloutChunk, UpdateDiagnostic, register_update_diagnostic
 
 __all__ = ["METRIC_KEYS_ENTROPY", "METRIC_KEYS_FLIPS", "entropy_prediction", "entropy_metrics", "flips_metrics"]

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from resrl_analysis.distributed import DistContext, all_gather_objects, gathered_for_inference
 from trainer.config import TrainConfig
-from trainer.distributed import DistContext, all_gather_objects, gathered_for_inference
 from trainer.rollout import sample_prompts
 from trainer.setup import generator
 from trainer.tasks import Task

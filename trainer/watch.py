@@ -6,7 +6,7 @@ A finite step that blows the weights up (parameter-norm jump, update norm) or is
 message names the last checkpoint with sane weights and the command that resumes from it.
 
 >>> import torch
->>> from trainer.distributed import DistContext
+>>> from resrl_analysis.distributed import DistContext
 >>> ctx, model = DistContext.single(torch.device("cpu")), torch.nn.Linear(2, 1, bias=False)
 >>> with torch.no_grad():
 ...     _ = model.weight.copy_(torch.tensor([[3.0, 4.0]]))
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from resrl_analysis.distributed import DistContext, all_reduce_sum, broadcast_object
 from resrl_analysis.rundir import CHECKPOINTS
 from trainer.config import TrainConfig
-from trainer.distributed import DistContext, all_reduce_sum, broadcast_object
 from trainer.metrics_log import MetricsLog
 from trainer.setup import TrainingDiverged, last_sane_checkpoint, resume_command, suggest_lr
 
@@ -104,7 +104,7 @@ def drift_norms(model: torch.nn.Module, before: list[Tensor], ctx: DistContext) 
     """The step's update norms of the LM head (``get_output_embeddings()``'s parameters; with tied embeddings that
     matrix is the head) and of the rest, with ``before`` from :func:`param_copy`.
 
-    >>> from trainer.distributed import DistContext
+    >>> from resrl_analysis.distributed import DistContext
     >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 3, bias=False))
     >>> m.get_output_embeddings = lambda: m[1]
     >>> before = param_copy(m)

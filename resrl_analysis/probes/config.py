@@ -27,7 +27,8 @@ from ..errors import ProbeError
 from ..probe_sets import PROBE_SET_KEYWORDS
 from .registry import REGISTRY, get_probe, option_fields, probe_options_from, resolve_probes
 
-__all__ = ["ProbeConfig", "add_probe_arguments", "config_from_args", "probe_set_keyword", "steps_spec"]
+__all__ = ["ProbeConfig", "add_probe_arguments", "config_from_args", "config_to_argv", "probe_set_keyword",
+           "steps_spec"]
 
 
 def _f(default: Any, help: str, **metadata: Any) -> Any:
@@ -86,12 +87,21 @@ class ProbeConfig:
     threads: int = _f(0, "CPU threads for torch; 0 = auto (default): 1 for a model under 50M parameters on CPU, "
                       "where threading overhead and contention on a shared machine cost more than they give, else "
                       "torch's default", metavar="N")
-    memory_budget: str | None = _f(None, "memory the probes may use, e.g. 80GB or 512MiB (default: the device's "
-                                   "total, or the host's available memory on CPU); the plan picks the group batching "
-                                   "to fit it and refuses when nothing fits", metavar="SIZE")
+    memory_budget: str | None = _f(None, "memory the probes may use on each device (each rank's under torchrun), e.g. "
+                                   "80GB or 512MiB (default: the device's total, or the host's available memory on "
+                                   "CPU); the plan picks the group batching (and replica or shard) to fit it and "
+                                   "refuses when nothing fits", metavar="SIZE")
     plan_only: bool = _f(False, "print the memory plan for the probe set's shapes and exit; needs only config.json "
                          "(and a tokenizer for a text probe set), so a model can be planned for before downloading "
-                         "its weights")
+                         "its weights; with --nproc N, per rank for N ranks")
+    nproc: int = _f(1, "processes on this machine: N > 1 runs this command under `python -m torch.distributed.run "
+                    "--standalone --nproc_per_node=N` (one rank per GPU; on CPU, give each --threads); the groups are "
+                    "split across the ranks and rank 0 writes. Under torchrun itself (several machines: its own "
+                    "flags) the ranks are torchrun's", metavar="N")
+    parallel: str = _f("auto", "how several ranks hold the model: 'replica' (a whole copy each, the groups split "
+                       "across the ranks), 'shard' (FSDP2 across the ranks, for a model whose copy does not fit one "
+                       "device), or 'auto' (default: replica when the memory plan says it fits, else shard)",
+                       choices=("auto", "replica", "shard"))
     format: str = _f("parquet", "table format (default parquet)", choices=("parquet", "csv"))
     no_progress: bool = _f(False, "no progress bar (none either when stderr is not a terminal)")
     quiet: bool = _f(False, "print nothing but errors (no memory plan, no closing line)")
@@ -110,6 +120,10 @@ class ProbeConfig:
             raise ProbeError(f"--every must be >= 1, got {self.every}")
         if self.steps is not None and self.every is not None:
             raise ProbeError("--steps and --every exclude each other")
+        if self.nproc < 1:
+            raise ProbeError(f"--nproc must be >= 1, got {self.nproc}")
+        if self.parallel not in ("auto", "replica", "shard"):
+            raise ProbeError(f"--parallel must be auto, replica or shard, got {self.parallel!r}")
         if self.format not in ("parquet", "csv"):
             raise ProbeError(f"--format must be parquet or csv, got {self.format!r}")
         # Every probe of the pass gets its options (the given ones, else the defaults), validated by their class.
@@ -253,9 +267,13 @@ _EXAMPLES = (
     "  resrl probe out/grpo --base-model BASE --probe-set out/grpo/completions/completions_00001.parquet\n"
     "      a TRL output directory (checkpoint-N/ is step N); BASE, the starting policy, is probed as step 0\n"
     "  resrl probe ckpts --base-model BASE --probe-set rollout_data/\n"
-    "      a verl checkpoint directory (merged global_step_N/actor/huggingface/); its oldest rollout dump\n"
+    "      a verl checkpoint directory (global_step_N/actor/: merged huggingface/ or raw FSDP shards)\n"
     "  resrl probe out/checkpoint-50 out/checkpoint-100 --base-model BASE\n"
     "      a list of checkpoints, in this order (or --checkpoints A,B,C); outputs in their parent's probes/\n"
+    "\n"
+    "several GPUs (docs/FOREIGN_RUNS.md):\n"
+    "  torchrun --nproc_per_node=8 -m resrl_analysis.probes.runner runs/tiny   (or: resrl probe runs/tiny --nproc 8)\n"
+    "      groups split across the ranks, the model copied or sharded with FSDP2 (--parallel); rank 0 writes\n"
 )
 
 
@@ -276,6 +294,51 @@ def config_from_args(args: argparse.Namespace | Mapping[str, Any]) -> ProbeConfi
     kw["probes"] = probes
     return ProbeConfig(**kw, options=options)
 
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _flag_value(v: Any) -> str:
+    return ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+
+
+def config_to_argv(config: ProbeConfig) -> list[str]:
+    """The ``resrl probe`` arguments that give ``config`` back (what ``--nproc`` hands to each rank): the paths, then
+    every setting and probe option that differs from its default.
+
+    >>> cfg = ProbeConfig(paths=[Path("runs/a")], probes=["lld"], steps=[0, 2], quiet=True,
+    ...                   options={"lld": get_probe("lld").Options(eps=0.5)})
+    >>> argv = config_to_argv(cfg)
+    >>> argv
+    ['runs/a', '--probes', 'lld', '--steps', '0,2', '--quiet', '--eps', '0.5']
+    >>> p = add_probe_arguments(argparse.ArgumentParser(prog="resrl probe"))
+    >>> config_from_args(p.parse_args(argv)) == cfg
+    True
+    """
+    argv = [str(p) for p in config.paths]
+    for f in dataclasses.fields(ProbeConfig):
+        if not f.metadata.get("flag", True) or f.metadata.get("positional"):
+            continue
+        v = getattr(config, f.name)
+        if f.name != "probes" and v == _default(f):
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(v, bool):
+            argv += [flag] if v else []
+        elif v is not None:
+            argv += [flag, _flag_value(v)]
+    seen: set[str] = set()
+    for opts in config.options.values():
+        for f in option_fields(type(opts)):
+            v = getattr(opts, f.name)
+            if f.name in seen or v == _default(f):
+                continue
+            seen.add(f.name)
+            flag = f"--{f.name.replace('_', '-')}"
+            argv += ([flag] if v else []) if isinstance(v, bool) else [flag, _flag_value(v)]
+    return argv
 
 
 def probe_set_keyword(config: ProbeConfig) -> str | None:

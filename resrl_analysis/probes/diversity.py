@@ -18,20 +18,23 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
+from ..distributed import DistContext, all_reduce_max
 from ..ops import avg_at_n, pass_at_k_curve
 from ..probe_sets import ProbeSet
 from ..results import DiversityResult
 from ..rewards import RewardFn, default_reward_fn, exact_match_reward, math_verify_reward
-from ..sampling import eos_token_ids, sample_prompts
+from ..sampling import SamplingParams, eos_token_ids, sample, sample_prompts
 from .config import steps_spec
+from .parallel import in_group_order
 from .registry import CheckpointContext, Probe, option, register_probe
 
 if TYPE_CHECKING:
@@ -43,6 +46,7 @@ __all__ = [
     "sentence_bleu",
     "self_bleu",
     "diversity_probe",
+    "merge_diversity_results",
     "DiversityOptions",
     "DiversityProbe",
 ]
@@ -131,6 +135,34 @@ def _eos_list(eos: int | Sequence[int] | None) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
+def _sample_lockstep(model: nn.Module, prompt_ids: Sequence[Sequence[int]], n: int, seeds: Sequence[int], *,
+                     max_new_tokens: int, temperature: float, eos_token_id: int | Sequence[int] | None,
+                     pad_token_id: int, max_batch_rows: int, ctx: DistContext, dummy_prompt: Sequence[int]
+                     ) -> list[list[list[int]]]:
+    """:func:`sample_prompts` on a model sharded with FSDP2 across the ranks of ``ctx``: every forward is a collective,
+    so every rank runs as many sampling calls as the busiest rank (the extra ones on ``dummy_prompt``, dropped) and
+    every call runs all ``max_new_tokens`` steps (no early stop once all rows have ended: finished rows emit padding,
+    so the samples are those of :func:`sample_prompts`). Same per-prompt generators, same samples up to the
+    floating-point effect of batching on the logits."""
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=n)
+    per_call = max(1, max_batch_rows // n)
+    calls = math.ceil(len(prompt_ids) / per_call)
+    calls = int(all_reduce_max(torch.tensor([calls]), ctx)[0])
+    out: list[list[list[int]]] = []
+    for c in range(calls):
+        chunk = [list(p) for p in prompt_ids[c * per_call : (c + 1) * per_call]]
+        real = bool(chunk)
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[c * per_call : (c + 1) * per_call]]
+        if not real:
+            chunk, gens = [list(dummy_prompt)], [torch.Generator().manual_seed(0)]
+        batch = sample(model, chunk, params, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=gens,
+                       return_logprobs=False, backend="dynamic", check_every=max_new_tokens + 1)
+        if real:
+            rows = batch.response_token_lists()
+            out += [rows[i * n : (i + 1) * n] for i in range(len(chunk))]
+    return out
+
+
 def diversity_probe(
     model: nn.Module,
     tokenizer,
@@ -144,6 +176,7 @@ def diversity_probe(
     answer_fn: Callable[[str], str] = final_answer,
     step: int = 0,
     max_batch_rows: int = 256,
+    lockstep: DistContext | None = None,
 ) -> DiversityResult:
     """Sample ``n_samples`` responses per probe prompt and measure accuracy and diversity.
 
@@ -158,6 +191,8 @@ def diversity_probe(
             ``meta["skipped"]``).
         answer_fn: extracts the final answer for the distinct-answer fraction.
         max_batch_rows: rows (prompts x ``n_samples``) per sampling call; changes speed, not samples.
+        lockstep: the ranks of a model sharded with FSDP2 (each rank samples its own prompts, every forward a
+            collective: :func:`_sample_lockstep`); pass ``max_new_tokens``, the same on every rank.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from resrl_analysis.probe_sets import ProbeGroup
@@ -182,10 +217,16 @@ def diversity_probe(
     rfs = {g.data_source: reward_fn or default_reward_fn(g.data_source) for g in probe_set.groups}
     prows, srows, skipped = [], [], []
     counts, correct_matrix = [], []
-    sampled = sample_prompts(model, [g.prompt_ids for g in probe_set.groups], n_samples,
-                             [seed * 1_000_003 + g.group_id for g in probe_set.groups], max_new_tokens=max_new,
-                             temperature=temperature, eos_token_id=eos, pad_token_id=pad,
-                             max_batch_rows=max_batch_rows)
+    prompts, seeds = [g.prompt_ids for g in probe_set.groups], [seed * 1_000_003 + g.group_id for g in probe_set.groups]
+    if lockstep is not None:
+        if max_new_tokens is None:
+            raise ValueError("lockstep sampling needs max_new_tokens (the same on every rank)")
+        sampled = _sample_lockstep(model, prompts, n_samples, seeds, max_new_tokens=max_new, temperature=temperature,
+                                   eos_token_id=eos, pad_token_id=pad, max_batch_rows=max_batch_rows, ctx=lockstep,
+                                   dummy_prompt=prompts[0] if prompts else [pad])
+    else:
+        sampled = sample_prompts(model, prompts, n_samples, seeds, max_new_tokens=max_new, temperature=temperature,
+                                 eos_token_id=eos, pad_token_id=pad, max_batch_rows=max_batch_rows)
     for g, ids in zip(probe_set.groups, sampled):
         texts = [tokenizer.decode([t for t in r if t not in stop], skip_special_tokens=True) for r in ids]
         answers = [answer_fn(t) for t in texts]
@@ -206,18 +247,53 @@ def diversity_probe(
                       "mean_length": float(np.mean([len(r) for r in ids]))})
         srows += [{"step": step, "group_id": g.group_id, "sample_index": i, "response": t, "answer": a, "reward": r,
                    "n_tokens": len(x)} for i, (t, a, r, x) in enumerate(zip(texts, answers, rewards, ids))]
-    krows = []
-    if counts:
-        curve = pass_at_k_curve(n_samples, counts)
-        avg = avg_at_n(np.asarray(correct_matrix, dtype=np.float64))
-        krows = [{"step": step, "k": k + 1, "pass_at_k": float(v), "avg_at_n": avg, "n_prompts": len(counts)}
-                 for k, v in enumerate(curve)]
+    krows = _pass_at_k_rows(step, n_samples, counts, correct_matrix)
     meta = {"n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new, "seed": seed,
             "reward_fn": ",".join(sorted({getattr(f, "__name__", repr(f)) for f in rfs.values()})),
             "units": "model tokens",
             "probe_set": probe_set.describe(), "skipped": skipped}
     return DiversityResult(prompts=pd.DataFrame(prows), pass_at_k=pd.DataFrame(krows), samples=pd.DataFrame(srows),
                            meta=meta)
+
+
+def _pass_at_k_rows(step: int, n_samples: int, counts: list[int], correct_matrix: list[list[bool]]) -> list[dict]:
+    """The ``pass_at_k`` rows of one step from the correct counts (and 0/1 matrix) of its scored prompts, in order."""
+    if not counts:
+        return []
+    curve = pass_at_k_curve(n_samples, counts)
+    avg = avg_at_n(np.asarray(correct_matrix, dtype=np.float64))
+    return [{"step": step, "k": k + 1, "pass_at_k": float(v), "avg_at_n": avg, "n_prompts": len(counts)}
+            for k, v in enumerate(curve)]
+
+
+def merge_diversity_results(parts: Sequence[DiversityResult], order: dict[int, int] | None = None) -> DiversityResult:
+    """Results of disjoint prompts (the ranks' shares of one checkpoint) as one: prompts and samples stacked in group
+    order (``order``: group id → position; default as given), pass@k and Avg@n pooled over all the scored prompts
+    again (means over prompts do not average across shares of different sizes).
+
+    >>> import pandas as pd
+    >>> def part(gid, correct):
+    ...     s = pd.DataFrame([dict(step=0, group_id=gid, sample_index=i, response="x", answer="x", reward=float(c),
+    ...                            n_tokens=1) for i, c in enumerate(correct)])
+    ...     p = pd.DataFrame([dict(step=0, group_id=gid, prompt_uid=str(gid), n_samples=2,
+    ...                            n_correct=float(sum(correct)), accuracy=sum(correct) / 2)])
+    ...     return DiversityResult(prompts=p, samples=s, pass_at_k=None)
+    >>> merge_diversity_results([part(0, [1, 0]), part(1, [0, 0])]).pass_at_k.pass_at_k.tolist()
+    [0.25, 0.5]
+    """
+    r = DiversityResult.concat(parts)
+    if order is not None:
+        r = in_group_order(r, order)
+    rows = []
+    samples = r.samples
+    for step, d in r.prompts.groupby("step", sort=False):
+        scored = d[d.n_correct.notna()]
+        n = int(d.n_samples.iloc[0])
+        counts = [int(c) for c in scored.n_correct]
+        s = samples[samples.step == step]
+        matrix = [(s[s.group_id == g].reward.to_numpy() > 0).tolist() for g in scored.group_id]
+        rows += _pass_at_k_rows(int(step), n, counts, matrix)
+    return replace(r, pass_at_k=pd.DataFrame(rows, columns=list(DiversityResult.TABLES["pass_at_k"])))
 
 
 # ----------------------------------------------------------------------------- registration
@@ -250,10 +326,10 @@ class DiversityProbe(Probe):
     plan_hint = "--samples or --max-new-tokens"
 
     def plan(self, p: PlanInputs) -> dict[str, int]:
-        # Sampling: a KV cache of samples × (P + T) tokens and one step's logits.
-        m = p.model
-        kv = p.G * p.L * m.layers * 2 * m.kv_heads * m.head_dim * m.dtype_bytes
-        return {"kv cache": kv, "logits": p.G * m.vocab * 4 * 2}
+        # Sampling: a KV cache of one call's rows (whole prompts × --samples) × (P + T) tokens and one step's logits.
+        m, rows = p.model, p.sampling_rows
+        kv = rows * p.L * m.layers * 2 * m.kv_heads * m.head_dim * m.dtype_bytes
+        return {"kv cache": kv, "logits": rows * m.vocab * 4 * 2}
 
     def active_at(self, step: int, steps: Sequence[int]) -> bool:
         return step in steps_spec(self.options.diversity_steps, list(steps))
@@ -267,8 +343,17 @@ class DiversityProbe(Probe):
             return math_verify_reward
         return None
 
-    def on_checkpoint(self, ctx: CheckpointContext, parts: Sequence[DiversityResult]) -> DiversityResult:
+    def on_checkpoint(self, ctx: CheckpointContext, parts: Sequence[DiversityResult]) -> DiversityResult | None:
         c = ctx.config
+        # The sampling length is the pass's (the longest response of the whole probe set), whatever this rank's share.
+        max_new = c.max_new_tokens or max(len(r) for g in ctx.groups.groups for r in g.response_ids)
+        sharded = ctx.parallel is not None and ctx.parallel.sharded
+        if not ctx.probe_set.groups and not sharded:
+            return None  # a rank without prompts (more ranks than groups)
         return diversity_probe(ctx.model, ctx.tokenizer, ctx.probe_set, n_samples=c.samples,
-                               temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=ctx.seed,
-                               reward_fn=self.reward_fn(ctx), step=ctx.step)
+                               temperature=c.temperature, max_new_tokens=max_new, seed=ctx.seed,
+                               reward_fn=self.reward_fn(ctx), step=ctx.step,
+                               lockstep=ctx.parallel.ctx if sharded else None)  # type: ignore[union-attr]
+
+    def merge_ranks(self, parts: Sequence[DiversityResult], order: Mapping[int, int]) -> DiversityResult:
+        return merge_diversity_results(parts, dict(order))

@@ -40,6 +40,7 @@ from .capture import (
     pad_id_of,
     row_slice,
 )
+from .parallel import WholeModelJob, WholeModelJobs, whole_model_fill
 from .registry import FinishContext, GroupsContext, Probe, check_positive, option, register_probe
 
 if TYPE_CHECKING:
@@ -421,7 +422,7 @@ def full_steps(model: nn.Module, fwd: GroupForward, advantages: Sequence[Tensor]
     (the after-step forward computes it too).
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from resrl_analysis.checkpoints import ProbeGroup
+    >>> from resrl_analysis.probe_sets import ProbeGroup
     >>> from resrl_analysis.probes.capture import forward_group
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
@@ -604,6 +605,7 @@ def first_order_prediction(
     step_algorithms: Sequence[str] | None = None,
     step_groups: int | Sequence[int] | None = REAL_STEP_GROUPS,
     micro_batch: int | None = 4,
+    whole_model: WholeModelJobs | None = None,
 ) -> FirstOrderResult:
     """Predicted (head-only, first-order) Δ log π(y) of one SGD step for every probe response and
     algorithm, split into the contributions of positive and negative responses; with ``head_step``
@@ -616,7 +618,9 @@ def first_order_prediction(
     group; a sequence: those group ids, which keeps the choice the same however the groups are
     batched), the whole-model step accumulated over ``micro_batch`` responses at a time with
     gradient checkpointing. The subsample is stated in ``meta`` (``real_step_algorithms``,
-    ``real_step_group_ids``); rows outside it have NaN ``actual_*``.
+    ``real_step_group_ids``); rows outside it have NaN ``actual_*``. With ``whole_model`` (a model sharded across
+    ranks) the whole-model steps are deferred to it: every rank runs them together after the group batches (by
+    autograd through the whole model) and the ``actual_full`` column is filled then.
 
     Every group is probed (a group without negatives has no negative contribution; GRPO gives a
     group without a mixed reward zero advantages); ``groups`` records each group's status.
@@ -658,12 +662,17 @@ def first_order_prediction(
         act_full: dict[int, list[float]] = {}
         if ks and (head_step or full_step):
             sub = [advs[k] for k in ks]
-            closed = full_step and _closed_form_head_ok(model, fwd)
+            if full_step and whole_model is not None:  # sharded: with every rank, later
+                lp0 = (fwd.logp * fwd.mask).sum(1).float()  # (G,) the forward's log π, as full_step_deltas uses
+                whole_model.defer(WholeModelJob("step_deltas", g, sub, lr=lr, micro_batch=micro_batch or 4,
+                                                logp0=lp0, pad_id=pad_id),
+                                  _fill_steps(step, g.group_id, [algorithms[k] for k in ks]))
+            closed = full_step and whole_model is None and _closed_form_head_ok(model, fwd)
             hp = (_head_pass(fwd, sub, lr, head, dtype=head_step_dtype, head_step=head_step, for_full_step=closed)
                   if head_step or closed else None)
             if head_step:
                 act_head = dict(zip(ks, hp.head_delta.T.tolist()))  # type: ignore[union-attr]
-            if full_step:  # with the entropies after each step, which the entropy_dynamics probe reads
+            if full_step and whole_model is None:  # with the entropies after each step (entropy_dynamics reads them)
                 full = shared_full_steps(model, fwd, [(algorithms[k], advs[k]) for k in ks], lr, pad_id=pad_id,
                                          micro_batch=micro_batch, head_pass=hp if closed else None).logp_delta
                 act_full = dict(zip(ks, full.T.tolist()))  # (G, len(ks))
@@ -689,6 +698,20 @@ def first_order_prediction(
             "real_step_group_ids": sorted(stepped) if (head_step or full_step) else [],
             "real_step_micro_batch": micro_batch}
     return FirstOrderResult(predictions=pd.DataFrame(rows), groups=pd.DataFrame(grows), meta=meta)
+
+
+def _fill_steps(step: int, group_id: int, algorithms: list[str]):
+    """The ``fill`` of a deferred whole-model step job: column k of its (G, n) answer is ``actual_full`` of the
+    group's rows for ``algorithms[k]`` (in response order)."""
+    fills = [whole_model_fill("predictions", {"step": step, "group_id": group_id, "algorithm": alg},
+                              lambda ans, k=k: {"actual_full": ans[:, k].tolist()}) for k, alg in enumerate(algorithms)]
+
+    def fill(part: FirstOrderResult, answer: Tensor) -> FirstOrderResult:
+        for f in fills:
+            part = f(part, answer)
+        return part
+
+    return fill
 
 
 # ----------------------------------------------------------------------------- registration
@@ -747,7 +770,11 @@ class FirstOrderProbe(Probe):
         # head inputs themselves, float32.
         n_alg = max(1, len(self.options.algorithms))
         t = {"head pass": min(64 * 2**20, (3 + 2 * n_alg) * N * V * 4) + N * (n_alg + 1) * d * 4}
-        if p.full_model:
+        if p.full_model and p.sharded:
+            # Sharded: autograd through the whole model from the loss (logits and their gradient included) over this
+            # rank's block of the group's responses, one gradient shard and one parameter-shard copy.
+            t.update({f"whole-model {k}": v for k, v in p.full_step(min(p.micro_batch, p.G), 1).items()})
+        elif p.full_model:
             # The whole-model steps keep every algorithm's head direction S_k (n, V, d) in the model's dtype and
             # (e_y − p)ᵀW per token; the body's backward starts at the head inputs, so no logits (or their
             # gradient) are part of the graph; the after-step forward holds one micro-batch's.
@@ -765,7 +792,8 @@ class FirstOrderProbe(Probe):
         step_ids = [g.group_id for g in ctx.all_groups.groups[:REAL_STEP_GROUPS]]
         return first_order_prediction(ctx.model, ctx.probe_set, algorithms=o.algorithms, lr=o.lr, head_step=True,
                                       full_step=ctx.full_model, step=ctx.step, forwards=ctx.forwards,
-                                      options=o.params(), seed=ctx.seed, step_groups=step_ids)
+                                      options=o.params(), seed=ctx.seed, step_groups=step_ids,
+                                      whole_model=ctx.whole_model)
 
     def finish(self, ctx: FinishContext, parts: Sequence[FirstOrderResult]) -> FirstOrderResult:
         return super().finish(ctx, parts).with_meta(full_model_steps=list(ctx.full_model_steps))

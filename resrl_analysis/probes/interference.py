@@ -39,6 +39,7 @@ from .capture import (
     pad_id_of,
     row_slice,
 )
+from .parallel import WholeModelJob, WholeModelJobs, whole_model_fill
 from .registry import FinishContext, GroupsContext, Probe, check_positive, option, register_probe
 
 if TYPE_CHECKING:
@@ -188,6 +189,7 @@ def interference_probe(
     max_cosine_samples: int = 256,
     nthr_beta: float = 1.0,
     seed: int = 0,
+    whole_model: WholeModelJobs | None = None,
 ) -> InterferenceResult:
     """Token-level and group-level head-gradient interference, NTHR scores and (optionally) the
     whole-model gradient cosine, for every mixed group of the probe set.
@@ -200,6 +202,8 @@ def interference_probe(
             gradients in the group-level and whole-model cosines.
         full_model: also run the autograd whole-model cosine (two backward passes per group).
         max_cosine_samples: raw cosines kept per group (uniform sample, seeded) for histograms.
+        whole_model: a model sharded across ranks: the whole-model cosine is deferred to it (it runs with every
+            rank after the group batches and fills the ``full_*`` columns).
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from resrl_analysis.probe_sets import ProbeGroup
@@ -247,8 +251,12 @@ def interference_probe(
         full = {"full_update_cosine": np.nan, "full_head_cosine": np.nan}
         if full_model:
             adv_tok = adv[:, None].expand_as(fwd.mask).float()  # (G, T)
-            f = full_model_gradient_cosine(model, fwd, adv_tok, pad_id=pad_id)
-            full = {"full_update_cosine": f["full_update_cosine"], "full_head_cosine": f["full_head_cosine"]}
+            if whole_model is not None:  # sharded: computed later by every rank together, then filled in
+                whole_model.defer(WholeModelJob("gradient_cosine", g, [adv_tok], pad_id=pad_id),
+                                  whole_model_fill("groups", {"step": step, "group_id": g.group_id}, _cosine_columns))
+            else:
+                f = full_model_gradient_cosine(model, fwd, adv_tok, pad_id=pad_id)
+                full = {"full_update_cosine": f["full_update_cosine"], "full_head_cosine": f["full_head_cosine"]}
         grows.append({**base, "status": "ok", "n_pos_tokens": Tp, "n_neg_tokens": Tn,
                       **summary, "head_update_inner": inner, "head_update_cosine": al_cos,
                       "nthr_tau": nt["tau"], "nthr_eta": nt["eta"],
@@ -264,6 +272,10 @@ def interference_probe(
             "tied_embeddings": _tied(model), "probe_set": probe_set.describe(), "skipped": skipped}
     return InterferenceResult(groups=pd.DataFrame(grows), tokens=_concat(tframes),
                               cosine_samples=_concat(sframes), meta=meta)
+
+
+def _cosine_columns(answer: dict) -> dict:
+    return {"full_update_cosine": answer["full_update_cosine"], "full_head_cosine": answer["full_head_cosine"]}
 
 
 def _tied(model: nn.Module) -> bool:
@@ -311,7 +323,7 @@ class InterferenceProbe(Probe):
     def on_groups(self, ctx: GroupsContext) -> InterferenceResult:
         return interference_probe(ctx.model, ctx.probe_set, step=ctx.step, forwards=ctx.forwards,
                                   full_model=ctx.full_model, max_cosine_samples=self.options.max_cosine_samples,
-                                  seed=ctx.seed)
+                                  seed=ctx.seed, whole_model=ctx.whole_model)
 
     def finish(self, ctx: FinishContext, parts: Sequence[InterferenceResult]) -> InterferenceResult:
         return super().finish(ctx, parts).with_meta(full_model_steps=list(ctx.full_model_steps))

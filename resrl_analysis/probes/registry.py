@@ -15,9 +15,11 @@ A probe is a subclass of :class:`Probe` that declares, once:
 - ``plan``: its memory-plan terms (bytes) from shapes alone (:class:`resrl_analysis.plan.PlanInputs`).
 
 It implements the hooks of its scope: :meth:`Probe.on_groups`, :meth:`Probe.on_checkpoint`,
-:meth:`Probe.finish`. Registering is one decorator; the runner (``resrl probe``), the memory plan, the TRL
-callback, :func:`~resrl_analysis.results.load_results`, the CLI help and docs/PROBES.md loop over
-:data:`REGISTRY`.
+:meth:`Probe.finish`; under ``torchrun`` each rank runs them on its share of the groups and rank 0 combines the
+shares with :meth:`Probe.merge_ranks` (default: the tables stacked in the probe set's group order) before
+``on_checkpoint`` (``groups`` scope) or as the checkpoint's result (``checkpoint`` scope). Registering is one
+decorator; the runner (``resrl probe``), the memory plan, the TRL callback,
+:func:`~resrl_analysis.results.load_results`, the CLI help and docs/PROBES.md loop over :data:`REGISTRY`.
 
     >>> from resrl_analysis.probes import REGISTRY
     >>> list(REGISTRY)[:3], REGISTRY["interference"].needs >= {"gram"}
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # annotations only: the plan and the probes do not import eac
     from ..probe_sets import ProbeSet
     from .capture import GroupForward
     from .config import ProbeConfig
+    from .parallel import Parallel, WholeModelJobs
 
 __all__ = [
     "NEEDS",
@@ -110,7 +113,9 @@ class GroupsContext:
     ``forwards`` are the batch's shared teacher-forced forwards (one per group, kept with what the pass's
     probes ``need``); ``probe_set`` the batch's groups; ``all_groups`` the pass's whole probe set (a choice
     such as "the first 4 groups" is made on it, so it does not depend on the batching); ``full_model`` whether
-    the costly whole-model parts run at this step (``--full-model-steps``).
+    the costly whole-model parts run at this step (``--full-model-steps``). ``whole_model``: None, or (a model
+    sharded with FSDP2 across ranks) where a probe defers what needs the whole model's gradient of one group
+    (:class:`~resrl_analysis.probes.parallel.WholeModelJobs`): it runs after the batches, with every rank.
     """
 
     model: nn.Module
@@ -121,13 +126,17 @@ class GroupsContext:
     full_model: bool
     all_groups: ProbeSet
     config: ProbeConfig
+    whole_model: WholeModelJobs | None = None
 
 
 @dataclass
 class CheckpointContext:
     """What :meth:`Probe.on_checkpoint` gets: one checkpoint, after all its group batches.
 
-    ``tokenizer`` is None unless some probe of the pass needs one; ``steps`` are every step of the pass.
+    ``tokenizer`` is None unless some probe of the pass needs one; ``steps`` are every step of the pass. Under
+    ``torchrun`` a ``checkpoint``-scope probe runs on every rank with ``probe_set`` this rank's share of the groups
+    and ``all_groups`` the pass's whole probe set (a setting read from the groups, such as the longest response,
+    is taken from it); ``parallel`` says how the ranks hold the model (a sharded model's forwards are collectives).
     """
 
     model: nn.Module
@@ -137,6 +146,13 @@ class CheckpointContext:
     steps: Sequence[int]
     seed: int
     config: ProbeConfig
+    all_groups: ProbeSet | None = None
+    parallel: Parallel | None = None
+
+    @property
+    def groups(self) -> ProbeSet:
+        """The pass's whole probe set (``all_groups``, else ``probe_set``)."""
+        return self.all_groups if self.all_groups is not None else self.probe_set
 
 
 @dataclass
@@ -192,6 +208,15 @@ class Probe:
         """The checkpoint's result: from its group batches' ``parts`` (default: stacked), or, for
         ``scope="checkpoint"``, computed here with the model."""
         return self.result.concat(parts) if parts else None
+
+    def merge_ranks(self, parts: Sequence[ProbeResult], order: Mapping[int, int]) -> ProbeResult:
+        """One checkpoint's results of disjoint shares of the groups (gathered from the ranks under ``torchrun``) as
+        the one result one process would have made: by default stacked, rows in the probe set's group order
+        (``order``: group id → position, :func:`~resrl_analysis.probes.parallel.in_group_order`). A probe whose
+        result pools across groups in a way ``on_checkpoint`` does not redo overrides it (``diversity``: pass@k)."""
+        from .parallel import in_group_order
+
+        return in_group_order(self.result.concat(parts), order)
 
     def finish(self, ctx: FinishContext, parts: Sequence[ProbeResult]) -> ProbeResult:
         """The pass's result from the checkpoints' ``parts`` (default: stacked; empty with a reason when no

@@ -23,7 +23,7 @@ centred on the positive mean or not — this probe fits the positive subspace S
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -48,6 +48,7 @@ from ..weighting import (
 from .capture import GroupForward, forward_probe_set, pad_id_of
 from .first_order import SubspaceSettings
 from .interference import _concat, _frame
+from .parallel import in_group_order
 from .registry import CheckpointContext, GroupsContext, Probe, register_probe
 
 if TYPE_CHECKING:
@@ -372,3 +373,9 @@ class SubspaceProbe(Probe):
         if len(parts) <= 1:
             return parts[0] if parts else None
         return merge_subspace_results(parts)  # pool the correlations over all the groups of this step again
+
+    def merge_ranks(self, parts: Sequence[SubspaceResult], order: Mapping[int, int]) -> SubspaceResult:
+        # The ranks' groups in the probe set's order, then the correlations pooled over all of them (as one
+        # process pools its batches).
+        r = in_group_order(SubspaceResult.concat(parts), order)
+        return replace(r, correlation=correlation_table(r.groups, r.tokens))  # type: ignore[attr-defined]

@@ -1,7 +1,8 @@
 """One code path for one process and ``torchrun --nproc_per_node=N`` (multi-node through torchrun's flags).
 
-The loop never branches on rank: it calls the helpers here, which are collectives when a process group
-exists and the identity otherwise, and it writes through a logger that is a no-op off rank 0.
+The one distributed layer of the project, used by the trainer (``resrl train``) and by the probes (``resrl probe``
+under torchrun). The callers never branch on rank: they call the helpers here, which are collectives when a process
+group exists and the identity otherwise, and they write through rank 0 only.
 
 Parallelism is FSDP2 (``torch.distributed.fsdp.fully_shard``) on GPU *and* on CPU: FSDP2 works over gloo
 (with one worker thread per group, see :func:`_serial_gloo_backend`) with CPU tensors (torch >= 2.6 checked
@@ -40,9 +41,13 @@ __all__ = [
     "all_reduce_max",
     "all_reduce_sum",
     "broadcast_object",
+    "device_mesh",
     "full_model_state_dict",
+    "fsdp_modules",
     "full_optimizer_state_dict",
+    "gather_objects",
     "gathered_for_inference",
+    "init_wrapped",
     "load_full_state",
     "print0",
     "setup_distributed",
@@ -231,6 +236,22 @@ def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     return out
 
 
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any] | None:
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0, None on the other ranks (picklable objects).
+
+    Unlike :func:`all_gather_objects` only rank 0 holds every rank's object (the probes' results, which only
+    rank 0 writes).
+
+    >>> gather_objects({"a": 1}, DistContext.single(torch.device("cpu")))
+    [{'a': 1}]
+    """
+    if not ctx.has_group or ctx.world_size == 1:
+        return [obj]
+    out: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def broadcast_object(obj: Any, ctx: DistContext) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not ctx.has_group or ctx.world_size == 1:
@@ -254,34 +275,53 @@ def _layer_classes(model: torch.nn.Module) -> set[str]:
     return set(names)
 
 
-def wrap_model(model: torch.nn.Module, ctx: DistContext, param_dtype: torch.dtype) -> torch.nn.Module:
+def device_mesh(ctx: DistContext) -> Any:
+    """The 1-D device mesh over every rank of ``ctx`` (FSDP2's); a collective on some backends (a GPU machine whose
+    default group is gloo creates a new group), so every rank calls it at the same point."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(ctx.device.type, (ctx.world_size,))
+
+
+def wrap_model(model: torch.nn.Module, ctx: DistContext, param_dtype: torch.dtype, *,
+               init: bool = True, mesh: Any = None) -> torch.nn.Module:
     """Shard ``model`` with FSDP2 (every decoder layer, then the root) when ``ctx.use_fsdp``; else return it.
 
-    The model must hold float32 parameters (the master weights). After wrapping, one tiny no-grad forward
-    runs on every rank, so FSDP's lazy initialisation happens at a point all ranks reach together.
+    The trainer passes float32 parameters (the master weights) and computes in ``param_dtype``; the probes pass
+    the checkpoint as loaded (``param_dtype`` its own dtype: no cast). Gradients are reduced in float32. After
+    wrapping, one tiny no-grad forward runs on every rank (:func:`init_wrapped`), so FSDP's lazy initialisation
+    happens at a point all ranks reach together; ``init=False`` leaves that to the caller (sharding itself is
+    local: given the ``mesh`` made by :func:`device_mesh` beforehand, ranks can wrap one after the other, each
+    freeing its full copy before the next loads its own).
     """
     if not ctx.use_fsdp:
         return model
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    mesh = mesh if mesh is not None else device_mesh(ctx)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layers = _layer_classes(model)
     for module in list(model.modules()):
         if type(module).__name__ in layers:
             fully_shard(module, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    return init_wrapped(model, ctx) if init else model
+
+
+def init_wrapped(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """FSDP2's lazy initialisation of a wrapped ``model`` by one tiny no-grad forward on every rank (a collective),
+    then every unit resharded."""
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=ctx.device), use_cache=False)
     # The root keeps its parameters gathered after a forward (FSDP2's default for the root, undone by the
     # next backward). Reshard now, so that model.parameters() (the optimizer's) are the sharded ones.
-    for m in _fsdp_modules(model):
+    for m in fsdp_modules(model):
         m.reshard()
     return model
 
 
-def _fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2-wrapped modules of ``model``, the root first (``[]`` for a plain module)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
@@ -298,7 +338,7 @@ def gathered_for_inference(model: torch.nn.Module) -> Iterator[None]:
     collectives, so ranks cannot deadlock and decoding does not re-gather the model for every token.
     A no-op for a plain module.
     """
-    mods = _fsdp_modules(model)
+    mods = fsdp_modules(model)
     if not mods:
         yield
         return
