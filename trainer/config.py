@@ -66,6 +66,7 @@ RESUMABLE_CHANGES = frozenset({
     "logprob_micro_batch_size", "progress_bar", "log_every", "tensorboard", "dump_rollouts", "device",
     "gradient_checkpointing", "logprob_memory_mb", "rollout_backend", "val_every", "preset", "cpu_threads",
     "rollout_compile", "lr", "grad_clip", "max_consecutive_skips", "report_to", "lld_in_batch",
+    "collateral_in_batch",
     "resume_from", "blowup_param_ratio", "blowup_update_norm", "max_blowup_steps", "sane_weight_max",
 })
 
@@ -226,6 +227,11 @@ class TrainConfig:
     lld_in_batch: bool = _f(True, "Measure lazy likelihood displacement live: after each rollout batch's last update, "
                                   "one no-grad forward re-scores the positives of its mixed groups (lld/* metrics; "
                                   "shared vs unique tokens). Off in the paper presets.")
+    collateral_in_batch: bool = _f(False, "Measure each update's collateral per unit of push-down live: after each "
+                                          "rollout batch's last update, re-score every row (update/*: the KL of the "
+                                          "update (k3), Δ log π of positives and negatives per unit of it, the "
+                                          "selectivity ratio; resrl/weight_* for ResRL-family runs). The demo and "
+                                          "the study turn it on.")
     max_consecutive_skips: int = _f(5, "Stop the run after this many non-finite steps in a row.")
     blowup_param_ratio: float = _f(1.5, "Report a step as a blow-up when it grows the parameter norm by more than "
                                         "this factor (||θ_after|| / ||θ_before||; 0 = off).")
