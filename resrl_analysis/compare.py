@@ -38,12 +38,14 @@ from typing import Any
 
 __all__ = ["DEMO_SPEC", "DEMO_SPREAD_NOTE", "METRICS", "NAMES", "QUESTIONS", "Metric", "Question", "SummarySpec",
            "add_compare_arguments", "aggregate", "compare", "live_mean", "name_of", "register_metric",
+           "register_stratum_metrics",
            "register_question", "run_compare", "summarize_run", "summary_from_payload", "summary_markdown", "verdict",
            "verdicts"]
 
 #: How the summaries name algorithms (anything else is printed as it is).
 NAMES: dict[str, str] = {"grpo": "GRPO", "psr": "PSR", "nsr": "NSR", "w-reinforce": "W-REINFORCE", "resrl": "ResRL",
-                         "nthr": "NTHR"}
+                         "nthr": "NTHR", "resrl-shuffled": "ResRL-shuffled", "resrl-uniform": "ResRL-uniform",
+                         "resrl-own-state": "ResRL-own-state", "shared-mask": "shared-mask"}
 
 
 def name_of(algo: str) -> str:
@@ -198,6 +200,48 @@ for _m in (
     Metric("cos_mean_end", "mean pos×neg head cos (last)", _cos_end),
 ):
     register_metric(_m)
+
+def _pass_stratum(k: int, tag: str, stratum: str) -> Callable[[Any], float | None]:
+    def read(r: Any) -> float | None:
+        from .ops import pass_at_k_by_stratum
+
+        div = r.probes.get("diversity")
+        if div is None or div.prompts is None or not len(div.prompts):
+            return None
+        p = div.prompts.dropna(subset=["n_correct"])
+        if not len(p):
+            return None
+        s = int(p.step.min()) if tag == "start" else int(p.step.max())
+        d = p[p.step == s]
+        n = int(d.n_samples.min())
+        if k > n or (d.n_samples != n).any():
+            return None
+        curves = pass_at_k_by_stratum(n, d.prompt_uid.tolist(), d.n_correct.astype(int).tolist())
+        return _finite(curves[stratum][k - 1]) if stratum in curves else None
+
+    read.__doc__ = f"pass@{k} over the {stratum} stratum's held-out prompts ({tag})"
+    return read
+
+
+def register_stratum_metrics(strata: Sequence[str], ks: Sequence[int] = (1, 8, 64),
+                             tags: Sequence[str] = ("start", "end")) -> list[str]:
+    """Register ``pass@<k>_<tag>/<stratum>`` for each held-out stratum (a prompt uid's part before ``/``), k and
+    tag; returns their keys. ``start`` (step 0) metrics are not compared between algorithms.
+
+    >>> register_stratum_metrics(["hard"], ks=(1,), tags=("end",))
+    ['pass@1_end/hard']
+    """
+    keys = []
+    for stratum in strata:
+        for tag in tags:
+            for k in ks:
+                key = f"pass@{k}_{tag}/{stratum}"
+                when = "step 0" if tag == "start" else "last"
+                register_metric(Metric(key, f"held-out pass@{k} ({when}), {stratum}", _pass_stratum(k, tag, stratum),
+                                       compare=tag != "start"))
+                keys.append(key)
+    return keys
+
 
 for _a, _b, _sign, _claim in (
         ("nsr", "psr", +1, "The negative gradient displaces positives (NSR above the control PSR)"),

@@ -1,4 +1,4 @@
-"""The ``resrl`` command line: train, probe, figures, compare, demo (also ``python -m trainer``).
+"""The ``resrl`` command line: train, probe, figures, compare, study, demo (also ``python -m trainer``).
 
 A leaf: it may import both halves (``resrl_analysis`` never imports ``trainer``). Each subcommand's
 implementation is imported only when that subcommand runs, so ``resrl --help`` starts fast and
@@ -35,6 +35,8 @@ _SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "draw the paper-style figures"),
     "compare": ("resrl_analysis.compare", "add_compare_arguments", "run_compare",
                 "summarise runs by algorithm and seed: means with 95% intervals, differences, verdicts"),
+    "study": ("trainer.study", "add_study_arguments", "run_study",
+              "is it the projection? ResRL, its 4 controls, W-REINFORCE, NSR, PSR over 5 seeds (about 60-90 min)"),
     "demo": ("trainer.demo", "add_demo_arguments", "run_demo",
              "the main job: train 5 algorithms (PSR the control) over 3 seeds, probe, summarise with intervals, draw"),
 }
@@ -50,13 +52,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's implementation is imported.
 
     >>> sorted(build_parser()._subparsers._group_actions[0].choices)
-    ['compare', 'demo', 'figures', 'probe', 'train']
+    ['compare', 'demo', 'figures', 'probe', 'study', 'train']
     """
     parser = argparse.ArgumentParser(
         prog="resrl",
         description="Gradient-interference diagnostics for LLM RL, and a GRPO-family trainer with ResRL.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,probe,figures,compare,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,probe,figures,compare,study,demo}")
     for name, (_, _, _, help_) in _SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)

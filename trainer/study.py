@@ -1,0 +1,222 @@
+"""`resrl study`: is it the projection? ResRL against its controls, over 5 seeds, with a step-size-free measure.
+
+From the ``tiny-addition`` warm start, train ResRL, its four controls (``resrl-shuffled``, ``resrl-uniform``,
+``resrl-own-state``, ``shared-mask``: docs/MATH.md § Controls of ResRL), W-REINFORCE (ResRL's positive weight,
+ω = 1), NSR and PSR, each with every seed of ``--seeds`` (default 0-4), with the live in-batch LLD and the
+step-size-free metrics of each update (``collateral_in_batch``: the update's KL, collateral per unit of push-down,
+where ResRL's weight falls); probe every run on the stratified held-out set (pass@k up to k = 64 per stratum at
+step 0 and the end; held-out LLD); then summarise through :func:`resrl_analysis.compare.compare` with the
+questions of :data:`STUDY_QUESTIONS` and draw the figures:
+
+    OUT/runs/<algorithm>-s<seed>/   the run directories
+    OUT/figures/                    the figures (PNG + PDF)
+    OUT/summary.json, OUT/summary.md   means with 95% intervals, Welch differences, generated verdicts
+
+About 60-90 minutes on 2 CPU cores (``--jobs 2``). ``--steps``/``--seeds``/``--algorithms`` shorten it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from resrl_analysis.compare import Metric, Question, SummarySpec, live_mean, name_of, register_metric
+from resrl_analysis.compare import register_stratum_metrics as _register_strata
+
+from .demo import _int_list, run_all
+
+__all__ = ["STUDY_ALGORITHMS", "STUDY_QUESTIONS", "STUDY_SEEDS", "STUDY_SPEC", "add_study_arguments", "run_study",
+           "study"]
+
+STUDY_ALGORITHMS = ("resrl", "resrl-shuffled", "resrl-uniform", "resrl-own-state", "shared-mask", "w-reinforce",
+                    "nsr", "psr")
+STUDY_SEEDS = (0, 1, 2, 3, 4)
+#: The held-out strata of the tiny-addition task (trainer/tasks/addition.py), easiest first.
+STRATA = ("nocarry", "carry", "chain", "short")
+
+_LIVE = {
+    "update/kl_k3": "update size: KL(π_before‖π_after), k3 (live)",
+    "update/pos_delta_per_kl": "Δ log π(y⁺) per unit KL (live)",
+    "update/neg_delta_per_kl": "Δ log π(y⁻) per unit KL (live)",
+    "update/selectivity_ratio": "collateral per unit push-down (live)",
+    "update/collateral_mean": "collateral on shared positive tokens (live)",
+    "update/push_down_mean": "push-down of the negatives (live)",
+    "update/push_down_first_divergent": "push-down on the first divergent token (live)",
+    "resrl/weight_shared": "mean ω, shared tokens (live)",
+    "resrl/weight_first_divergent": "mean ω, first divergent token (live)",
+    "resrl/weight_after": "mean ω, tokens after it (live)",
+}
+for _k, _label in _LIVE.items():
+    register_metric(Metric(_k, _label, live_mean(_k)))
+_STRATUM_KEYS = _register_strata(STRATA, ks=(1, 8, 64))
+
+_CTRL = ("resrl-shuffled", "resrl-uniform")
+#: The four questions of issue 25, as claims with an expected sign of a − b.
+STUDY_QUESTIONS: tuple[Question, ...] = (
+    # 1. Is it the projection or the step size? Same weights, selectivity destroyed.
+    *(Question("resrl", c, "update/selectivity_ratio", -1,
+               f"Q1 ResRL's selectivity lowers collateral per unit push-down (below {name_of(c)})") for c in _CTRL),
+    *(Question("resrl", c, "update/pos_delta_per_kl", +1,
+               f"Q1 ResRL's selectivity raises Δ log π(y⁺) per unit KL (above {name_of(c)})") for c in _CTRL),
+    *(Question("resrl", c, "lld/batch_frac", -1, f"Q1 ResRL displaces positives less than {name_of(c)}")
+      for c in _CTRL),
+    # 2. Collateral per unit of intended effect, against the projection-free twin and NSR.
+    *(Question("resrl", c, "update/selectivity_ratio", -1,
+               f"Q2 ResRL has less collateral per unit push-down than {name_of(c)}") for c in ("w-reinforce", "nsr")),
+    *(Question("resrl", c, "update/pos_delta_per_kl", +1,
+               f"Q2 ResRL raises the positives more per unit KL than {name_of(c)}") for c in ("w-reinforce", "nsr")),
+    # 3. Does the projection spare the right tokens?
+    Question("resrl", "resrl-own-state", "resrl/weight_first_divergent", -1,
+             "Q3 ResRL's projection spares the first divergent token (lower ω there than own-state)"),
+    Question("resrl", "resrl-own-state", "pass@1_end", -1,
+             "Q3 Sparing the first divergent token costs ResRL held-out pass@1 (below own-state)"),
+    Question("resrl", "shared-mask", "update/selectivity_ratio", +1,
+             "Q3 The exact shared-token mask is more selective than ResRL's projection"),
+    # 4. Diversity: pass@k per stratum against NSR.
+    *(Question("resrl", "nsr", f"pass@{k}_end/{s}", +1, f"Q4 ResRL's pass@{k} on the {s} stratum is above NSR's")
+      for s in STRATA for k in (1, 8, 64)),
+)
+
+_STUDY_METRICS = ("lld/batch_frac", "lld/batch_delta_mean", *_LIVE, "heldout_lld_frac_end", "heldout_delta_end",
+                  "pass@1_start", "pass@1_end", "pass@n_start", "pass@n_end", *_STRATUM_KEYS, "reward_last")
+
+_SCALE_NOTE = (
+    "What the toy scale cannot show. These runs train a 2-layer, ~0.2M-parameter model on 3-digit addition "
+    "(responses of 23-31 tokens that diverge late) for {steps} optimizer steps. The paper's results are at "
+    "Qwen3-4B on competition math, with responses of thousands of tokens that can diverge early, where a wrong "
+    "first step is followed by a long wrong continuation: the share of first divergent tokens, the size of the "
+    "positive subspace against d, and pass@k at k = 128 are all of another kind there. To test the same "
+    "questions at scale (GPU, the paper's preset; every algorithm and metric here is the trainer's own): "
+    "`resrl train --preset qwen3-4b-math --model /models/Qwen3-4B --config my_math.yaml --set "
+    "algorithm=resrl-shuffled --set collateral_in_batch=true --output-dir runs/q4b-shuffled-s0` for each "
+    "algorithm and seed, `resrl probe RUN --probe-set heldout`, then `resrl compare runs/q4b-*`.")
+
+_DEFINITIONS = (
+    "Definitions (docs/MATH.md § Controls of ResRL, § Collateral per unit of push-down). Live metrics are each "
+    "run's mean over its rollout batches. KL: the k3 estimate of KL(π_before ‖ π_after) per sampled token of "
+    "the batch (an estimate on the batch's own tokens, not an exact KL). Collateral: minus the positives' "
+    "Δ log π on tokens a negative of the group shares; push-down: minus the negatives' Δ log π; their ratio is "
+    "the ratio of the means over a batch's mixed groups (smaller: more selective). ω by class: the negatives' "
+    "tokens shared with a positive, the first divergent token, the tokens after it (ResRL-family runs; "
+    "shared-mask's ω is its mask). Held-out set: 64 prompts in 4 strata of 16 (nocarry, carry: 1-2 carries, "
+    "chain: every column carries, short: a 2-digit second operand the training pool never shows), each with "
+    "pass@k from {samples} samples at step 0 and at the end (unbiased estimator). Q1-Q4 are the four questions "
+    "of the study; every difference is Welch's 95% interval across seeds.")
+
+#: The study's summary: its metrics, ResRL against each control and twin (and NSR against PSR), its questions.
+STUDY_SPEC = SummarySpec(
+    title="resrl study: is it the projection?",
+    metrics=_STUDY_METRICS,
+    pairs=(*(("resrl", c) for c in STUDY_ALGORITHMS if c not in ("resrl", "psr")), ("nsr", "psr")),
+    questions=STUDY_QUESTIONS,
+    definitions=_DEFINITIONS)
+
+
+def _say(msg: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def study_spec(steps: int) -> SummarySpec:
+    """:data:`STUDY_SPEC` with its note on what the toy scale cannot show (``steps`` filled in)."""
+    return replace(STUDY_SPEC, notes=(_SCALE_NOTE.format(steps=steps),))
+
+
+def study(out: str | Path = "study_out", *, algorithms: tuple[str, ...] = STUDY_ALGORITHMS,
+          seeds: tuple[int, ...] = STUDY_SEEDS, jobs: int = 2, steps: int = 40, save_every: int = 8,
+          preset: str = "tiny-addition", samples: int = 64, figures_dir: str | Path | None = None,
+          model: str | None = None) -> Path:
+    """Run the study; returns the path of ``summary.md``.
+
+    >>> study("/tmp/x", seeds=())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    trainer.config.ConfigError: --seeds: give at least one seed
+    """
+    from resrl_analysis.compare import compare
+    from resrl_analysis.figures import draw_all
+
+    from .config import ConfigError, preset_config
+
+    t0 = time.time()
+    out = Path(out)
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if samples < 2:
+        raise ConfigError(f"--samples must be >= 2, got {samples}")
+    runs = [(a, s, {"algorithm": a, "seed": s, "steps": steps, "save_every": save_every,
+                    "output_dir": str(out / "runs" / f"{a}-s{s}"), "progress_bar": "off", "log_every": 10,
+                    "lld_in_batch": True, "collateral_in_batch": True, "cpu_threads": 1,
+                    **({"model": model} if model else {})})
+            for a in algorithms for s in seeds]
+    cfgs = [preset_config(preset, **o) for _, _, o in runs]  # all validated before anything runs
+    # Held-out LLD at every checkpoint, pass@k from `samples` samples at the first and last; the other probes feed
+    # only the demo's figures.
+    argv = ["--probe-set", "heldout", "--groups", "0", "--samples", str(samples), "--diversity-steps", "ends",
+            "--full-model-steps", "none", "--threads", "1", "--no-progress", "--quiet", "--probes", "lld,diversity"]
+    _say(f"{len(runs)} runs ({len(algorithms)} algorithms × {len(seeds)} seeds), {jobs} at a time; "
+         "about 1.5-2 minutes of a core per run")
+    done = run_all(out, runs, preset, lambda _s: argv, jobs, "study")
+    run_dirs = [done[(a, s)] for a, s, _ in runs]
+    _say("figures (all seeds)")
+    report = draw_all(run_dirs, out / "figures", formats=("png", "pdf"))
+    for name, what in report.items():
+        _say(f"  {name}: {what}")
+    if figures_dir is not None:
+        fd = Path(figures_dir)
+        fd.mkdir(parents=True, exist_ok=True)
+        for f in sorted((out / "figures").glob("*.png")):
+            shutil.copy2(f, fd / f.name)
+    seconds = time.time() - t0
+    settings = {"preset": preset, "task": cfgs[0].task, "steps": steps, "save_every": save_every,
+                "seeds": list(seeds), "jobs": jobs, "samples": samples, "algorithms": list(algorithms),
+                "interval": "95% t across seeds; differences: Welch"}
+    compare(run_dirs, spec=study_spec(steps), out=out, settings=settings, seconds=seconds)
+    _say(f"done in {seconds / 60:.1f} min: {out / 'summary.md'}")
+    return out / "summary.md"
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of `resrl study`."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    from .config import ALGORITHM_NAMES
+
+    parser.add_argument("--out", default="study_out",
+                        help="output directory: runs/, figures/, summary.md, summary.json (default: %(default)s)")
+    parser.add_argument("--algorithms", default=",".join(STUDY_ALGORITHMS),
+                        help=f"comma-separated algorithms, of {','.join(ALGORITHM_NAMES)} (default: %(default)s)")
+    parser.add_argument("--seeds", type=_int_list, default=STUDY_SEEDS,
+                        help="comma-separated seeds, one run per algorithm and seed (default: 0,1,2,3,4)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained and probed in parallel (default: 2)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default: %(default)s)")
+    parser.add_argument("--save-every", type=int, default=8,
+                        help="checkpoint (and held-out LLD probe) every K steps (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=64,
+                        help="samples per held-out prompt for pass@k at the first and last checkpoint "
+                             "(default: %(default)s)")
+    parser.add_argument("--preset", default="tiny-addition",
+                        help="the preset every run starts from (default: %(default)s)")
+    parser.add_argument("--model", default=None, help="policy to start from (default: the preset's warm start)")
+    parser.add_argument("--figures-dir", default=None, help="also copy the PNG figures here (default: no copy)")
+    return parser
+
+
+def run_study(args: argparse.Namespace) -> int:
+    """Run `resrl study` from parsed arguments; one-line error and exit status 1 on failure."""
+    from .config import ConfigError
+
+    try:
+        summary = study(args.out, algorithms=tuple(a for a in args.algorithms.split(",") if a),
+                        seeds=tuple(args.seeds), jobs=args.jobs, steps=args.steps, save_every=args.save_every,
+                        preset=args.preset, samples=args.samples, figures_dir=args.figures_dir, model=args.model)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"resrl study: {e}", file=sys.stderr)
+        return 1
+    print(summary.read_text(encoding="utf-8"))
+    return 0
+
