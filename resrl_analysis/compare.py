@@ -454,7 +454,8 @@ def _preamble(settings: dict[str, Any], seconds: float, algos: Sequence[str]) ->
         return [f"Preset `{settings['preset']}` (task {settings['task']}), {settings['steps']} optimizer steps per "
                 f"run, seeds {', '.join(map(str, settings['seeds']))} for each of "
                 f"{', '.join(name_of(a) for a in algos)}; checkpoints every {settings['save_every']} steps; wall time "
-                f"{seconds / 60:.1f} min with {settings['jobs']} parallel job(s).", ""]
+                f"{seconds / 60:.1f} min with {settings['jobs']} parallel job(s)"
+                + (f" ({settings['machine']})" if settings.get("machine") else "") + ".", ""]
     return [f"{settings.get('n_runs', '?')} run directories, grouped by algorithm: "
             f"{', '.join(name_of(a) for a in algos)}; seeds {', '.join(map(str, settings['seeds']))}.", ""]
 

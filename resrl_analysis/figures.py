@@ -177,6 +177,11 @@ def _band(frame: pd.DataFrame, what: str = "band") -> str:
     return f"({what}: 95% t interval)" if many else f"(one seed each: no {what})"
 
 
+def _mean_bar(frame: pd.DataFrame) -> str:
+    many = "seed" in frame and len(frame) and int(frame.groupby("label").seed.nunique().max()) > 1
+    return "the mean with its 95% t interval" if many else "the mean (one seed each: no interval)"
+
+
 def _suptitle(fig, text: str, **kw) -> None:
     """A figure title, with the panels laid out again beneath it (tight_layout makes room for it)."""
     fig.suptitle(text, **kw)
@@ -297,7 +302,7 @@ def fig_cosines(runs: Sequence[RunData]):
     axes[0].axhline(0.0, color="k", lw=0.7)
     axes[1].set_ylim(0.0, max(float(per.high.max()) * 1.2, 1e-3))  # from 0: a difference is seen at its size
     _suptitle(fig, f"token-level head-gradient cosines at the last checkpoint, per run ({_phrase(d)}; dots: seeds, "
-                   f"bar: mean {_band(d, 'interval').strip('()')})")
+                   f"black: {_mean_bar(d)})")
     return fig
 
 
@@ -676,7 +681,7 @@ def fig_weight_by_class(runs: Sequence[RunData]):
                                annotate=False)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"where the weight falls: ω by the negative token's class, each run's mean over steps, {_phrase(d)}"
-                 f"\n(dots: seeds; bar: mean {_band(d, 'interval').strip('()')})", fontsize="small")
+                 f"\n(dots: seeds; black: {_mean_bar(d)})", fontsize="small")
     return ax.figure
 
 
@@ -707,7 +712,7 @@ def fig_pass_at_k_strata(runs: Sequence[RunData]):
         if not len(p) or not any(stratum_of(u) for u in p.prompt_uid):
             continue
         for when, step in (("step 0", int(p.step.min())), ("last", int(p.step.max()))):
-            e = p[p.step == step]
+            e = p[p.step == step].sort_values("group_id")  # the probe set's order: the task's strata in turn
             n = int(e.n_samples.min())
             for s, curve in pass_at_k_by_stratum(n, e.prompt_uid.tolist(), e.n_correct.astype(int).tolist()).items():
                 rows += [{"label": r.label, "seed": _seed_id(r), "stratum": s, "when": when, "k": k + 1,
@@ -717,9 +722,9 @@ def fig_pass_at_k_strata(runs: Sequence[RunData]):
     d = pd.DataFrame(rows)
     t = pd.concat([plots.seed_bands(g, "k", "v").assign(stratum=s, when=w)
                    for (s, w), g in d.groupby(["stratum", "when"])], ignore_index=True)
-    order = [s for s in dict.fromkeys(d.stratum) if s != "all"] + ["all"]
+    order = [s for s in dict.fromkeys(d.stratum) if s != "all"] + ["all"]  # as the task lists them
     fig = plots.plot_pass_at_k_strata(t, strata=order)
-    _suptitle(fig, f"pass@k on the held-out strata (easiest first) and all prompts, {_phrase(d)} "
+    _suptitle(fig, f"pass@k on the held-out strata and all prompts, {_phrase(d)} "
                    f"{_band(d)}")
     return fig
 

@@ -29,8 +29,8 @@ from resrl_analysis.compare import register_stratum_metrics as _register_strata
 
 from .demo import _int_list, run_all
 
-__all__ = ["STUDY_ALGORITHMS", "STUDY_QUESTIONS", "STUDY_SEEDS", "STUDY_SPEC", "add_study_arguments", "run_study",
-           "study"]
+__all__ = ["STUDY_ALGORITHMS", "STUDY_QUESTIONS", "STUDY_SEEDS", "STUDY_SPEC", "add_study_arguments", "resummarize",
+           "run_study", "study", "study_spec"]
 
 STUDY_ALGORITHMS = ("resrl", "resrl-shuffled", "resrl-uniform", "resrl-own-state", "shared-mask", "w-reinforce",
                     "nsr", "psr")
@@ -175,9 +175,42 @@ def study(out: str | Path = "study_out", *, algorithms: tuple[str, ...] = STUDY_
     seconds = time.time() - t0
     settings = {"preset": preset, "task": cfgs[0].task, "steps": steps, "save_every": save_every,
                 "seeds": list(seeds), "jobs": jobs, "samples": samples, "algorithms": list(algorithms),
-                "interval": "95% t across seeds; differences: Welch"}
+                "interval": "95% t across seeds; differences: Welch", "machine": _machine()}
     compare(run_dirs, spec=study_spec(steps), out=out, settings=settings, seconds=seconds)
     _say(f"done in {seconds / 60:.1f} min: {out / 'summary.md'}")
+    return out / "summary.md"
+
+
+def _machine() -> str:
+    import os
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{os.cpu_count()} CPU cores, load average {load:.1f} at the end: other jobs shared them"
+
+
+def resummarize(out: str | Path, figures_dir: str | Path | None = None) -> Path:
+    """Re-draw the figures and rewrite the summary of a finished study from ``OUT/runs`` (its settings and wall
+    time from ``OUT/summary.json``): what a change of the summary or the figures needs, without training again."""
+    import json
+
+    from resrl_analysis.compare import compare
+    from resrl_analysis.figures import draw_all
+
+    out = Path(out)
+    old = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    settings = old["settings"]
+    run_dirs = [out / "runs" / f"{a}-s{s}" for a in settings["algorithms"] for s in settings["seeds"]]
+    missing = [str(d) for d in run_dirs if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{out}: missing run directories {missing[:3]}")
+    draw_all(run_dirs, out / "figures", formats=("png", "pdf"))
+    if figures_dir is not None:
+        fd = Path(figures_dir)
+        fd.mkdir(parents=True, exist_ok=True)
+        for f in sorted((out / "figures").glob("*.png")):
+            shutil.copy2(f, fd / f.name)
+    keep = {k: v for k, v in settings.items() if k not in ("n_runs", "pairs", "pass_k")}
+    compare(run_dirs, spec=study_spec(int(settings["steps"])), out=out, settings=keep, seconds=old["seconds"])
     return out / "summary.md"
 
 
@@ -203,6 +236,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="the preset every run starts from (default: %(default)s)")
     parser.add_argument("--model", default=None, help="policy to start from (default: the preset's warm start)")
     parser.add_argument("--figures-dir", default=None, help="also copy the PNG figures here (default: no copy)")
+    parser.add_argument("--resummarize", action="store_true",
+                        help="train nothing: re-draw the figures and rewrite the summary of the study in --out")
     return parser
 
 
@@ -211,10 +246,14 @@ def run_study(args: argparse.Namespace) -> int:
     from .config import ConfigError
 
     try:
+        if args.resummarize:
+            summary = resummarize(args.out, args.figures_dir)
+            print(summary.read_text(encoding="utf-8"))
+            return 0
         summary = study(args.out, algorithms=tuple(a for a in args.algorithms.split(",") if a),
                         seeds=tuple(args.seeds), jobs=args.jobs, steps=args.steps, save_every=args.save_every,
                         preset=args.preset, samples=args.samples, figures_dir=args.figures_dir, model=args.model)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ConfigError, ValueError, OSError, KeyError) as e:
         print(f"resrl study: {e}", file=sys.stderr)
         return 1
     print(summary.read_text(encoding="utf-8"))
