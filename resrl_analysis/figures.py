@@ -396,6 +396,7 @@ def fig_proxy(runs: Sequence[RunData]):
     axes[1].boxplot([p.to_numpy() for p in parts], showfliers=False, widths=0.6)
     axes[1].set_xticks([1, 2], [f"e ≤ 1e-7\n{int(inside.sum())} tokens", f"e > 1e-7\n{int((~inside).sum())}"])
     axes[1].set_yscale("log")
+    axes[1].set_ylabel("(the same)")
     # ResRL down-weights low-residual tokens as the interfering ones: the proxy works when ρ < 0.
     if rho < 0 and p_max < 0.05:
         verdict = "ρ < 0 in every run (p < 0.05): low residual, more interference, as ResRL assumes"
@@ -628,7 +629,7 @@ def fig_first_order(runs: Sequence[RunData]):
         a.ticklabel_format(style="sci", scilimits=(-2, 2))
     for a in axes[-1]:
         a.set_xlabel("predicted Δ log π (first order)")
-    for a in axes[:, 0]:
+    for a in axes.flat:
         a.set_ylabel("measured Δ log π (head step)")
     axes.flat[0].legend(frameon=False, fontsize="x-small", loc="upper left")
     _suptitle(fig, "one SGD step of the head from each probed checkpoint: Δ log π of each response, predicted vs "

@@ -99,7 +99,7 @@ def plot_collateral_vs_pushdown(frame: pd.DataFrame, *, label: str = "label", se
         a.axvline(0.0, color="0.6", lw=0.7)
     for a in axes[-1]:
         a.set_xlabel("push-down of the negatives (nats)")
-    for a in axes[:, 0]:
+    for a in axes.flat:
         a.set_ylabel("collateral on shared\npositive tokens (nats)")
     fig.tight_layout()
     return fig
@@ -140,7 +140,8 @@ def plot_pass_at_k_strata(frame: pd.DataFrame, *, label: str = "label", stratum:
         a.set_title(str(s), fontsize="small")
         a.set_xlabel("k")
         a.set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("pass@k (held-out)")
+    for a in axes[0]:
+        a.set_ylabel("pass@k (held-out)")
     axes[0][-1].legend(frameon=False, fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5),
                        title="solid: last; dashed: step 0", title_fontsize="x-small")
     fig.tight_layout()
