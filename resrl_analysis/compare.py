@@ -38,7 +38,7 @@ from typing import Any
 
 __all__ = ["DEMO_SPEC", "DEMO_SPREAD_NOTE", "METRICS", "NAMES", "QUESTIONS", "Metric", "Question", "SummarySpec",
            "add_compare_arguments", "aggregate", "compare", "live_mean", "name_of", "register_metric",
-           "register_stratum_metrics",
+           "register_stratum_metrics", "UPDATE_METRICS",
            "register_question", "run_compare", "summarize_run", "summary_from_payload", "summary_markdown", "verdict",
            "verdicts"]
 
@@ -201,6 +201,25 @@ for _m in (
 ):
     register_metric(_m)
 
+#: The live step-size-free metrics of each update (``collateral_in_batch``; docs/MATH.md § Collateral per unit of
+#: push-down), each run's mean over its rollout batches.
+UPDATE_METRICS = {
+    "update/kl_k3": "update size: KL(π_before‖π_after), k3 (live)",
+    "update/pos_delta_per_kl": "Δ log π(y⁺) per unit KL (live)",
+    "update/neg_delta_per_kl": "Δ log π(y⁻) per unit KL (live)",
+    "update/selectivity_ratio": "collateral per unit push-down (live)",
+    "update/collateral_mean": "collateral on shared positive tokens (live)",
+    "update/push_down_mean": "push-down of the negatives (live)",
+    "update/push_down_first_divergent": "push-down on the first divergent token (live)",
+    "resrl/weight_shared": "mean ω, shared tokens (live)",
+    "resrl/weight_first_divergent": "mean ω, first divergent token (live)",
+    "resrl/weight_after": "mean ω, tokens after it (live)",
+}
+for _k, _label in UPDATE_METRICS.items():
+    register_metric(Metric(_k, _label, live_mean(_k)))
+_DEMO_METRICS = (*(k for k in METRICS if k not in UPDATE_METRICS), "update/pos_delta_per_kl",
+                 "update/selectivity_ratio")
+
 def _pass_stratum(k: int, tag: str, stratum: str) -> Callable[[Any], float | None]:
     def read(r: Any) -> float | None:
         from .ops import pass_at_k_by_stratum
@@ -258,7 +277,7 @@ class SummarySpec:
     ``definitions`` (the closing paragraph; ``{samples}`` and ``{first_seed}`` are filled in)."""
 
     title: str = "resrl compare"
-    metrics: tuple[str, ...] = tuple(METRICS)
+    metrics: tuple[str, ...] = ()
     pairs: tuple[tuple[str, str], ...] = ()
     questions: tuple[Question, ...] = tuple(QUESTIONS)
     notes: tuple[str, ...] = ()
@@ -290,7 +309,7 @@ DEMO_SPREAD_NOTE = (
 
 #: The demo's summary (the metrics and questions registered above, at import).
 DEMO_SPEC = SummarySpec(
-    title="resrl demo", metrics=tuple(METRICS),
+    title="resrl demo", metrics=_DEMO_METRICS,
     pairs=(("resrl", "nsr"), ("resrl", "grpo"), ("nsr", "psr")), questions=tuple(QUESTIONS),
     notes=(DEMO_SPREAD_NOTE,), definitions=_DEMO_DEFINITIONS)
 

@@ -93,3 +93,22 @@ def test_compare_groups_runs_by_algorithm_and_seed(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "trainer.cli", "compare", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "nope" in bad.stderr and "not a run directory" in bad.stderr
+
+
+def test_worker_lines_are_labelled_with_their_run_and_the_eta_counts_down():
+    import io
+
+    from trainer.demo import _eta, _Labelled
+
+    buf = io.StringIO()
+    out = _Labelled(buf, "run 3/40 nsr-s1")
+    out.write("step 10  reward 0.5\nstep 20")
+    out.write("  reward 0.6\n")
+    print("probing", file=out)
+    assert buf.getvalue().splitlines() == ["[run 3/40 nsr-s1] step 10  reward 0.5",
+                                           "[run 3/40 nsr-s1] step 20  reward 0.6", "[run 3/40 nsr-s1] probing"]
+    import time
+
+    started = time.time() - 600.0  # 10 minutes for 2 runs: 8 left take about 40 minutes
+    assert "about 40 min left" in _eta(started, 2, 10, 2)
+    assert _eta(started, 0, 10, 2) == "ETA unknown"

@@ -168,7 +168,8 @@ def _one_run(preset: str, overrides: dict[str, Any], probe_argv: list[str], labe
 def run_all(out: Path, runs: list[tuple[str, int, dict[str, Any]]], preset: str, argv_of: Any, jobs: int,
             who: str) -> dict[tuple[str, int], Path]:
     """Train and probe every (algorithm, seed, overrides) of ``runs``, ``jobs`` at a time (spawned workers), the
-    first seed first; prints run k of N with an ETA as runs finish. Returns the run directories."""
+    first seed first, each probed with ``argv_of(algorithm, seed)``; prints run k of N with an ETA as runs finish.
+    Returns the run directories."""
     import multiprocessing as mp
 
     global _WHO
@@ -179,14 +180,14 @@ def run_all(out: Path, runs: list[tuple[str, int, dict[str, Any]]], preset: str,
     started = time.time()
     if jobs == 1:
         for a, s, o in runs:
-            done[(a, s)] = Path(_one_run(preset, o, argv_of(s), labels[(a, s)], who))
+            done[(a, s)] = Path(_one_run(preset, o, argv_of(a, s), labels[(a, s)], who))
             _say(f"{len(done)} of {total} runs done ({a}-s{s}); {_eta(started, len(done), total, jobs)}")
         return done
     # spawn: a fresh interpreter per worker (torch and fork do not mix). First seeds first: they take longest.
     first = min(s for _, s, _ in runs)
     order = sorted(runs, key=lambda r: r[1] != first)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futs = {pool.submit(_one_run, preset, o, argv_of(s), labels[(a, s)], who): (a, s) for a, s, o in order}
+        futs = {pool.submit(_one_run, preset, o, argv_of(a, s), labels[(a, s)], who): (a, s) for a, s, o in order}
         for f in as_completed(futs):
             a, s = futs[f]
             done[(a, s)] = Path(f.result())
@@ -237,7 +238,7 @@ def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALG
         return probe_argv if seed == seeds[0] else rest_argv
 
     _say(f"{len(runs)} runs ({len(algorithms)} algorithms × {len(seeds)} seeds), {jobs} at a time")
-    done = run_all(out, runs, preset, argv_of, jobs, "demo")
+    done = run_all(out, runs, preset, lambda _a, s: argv_of(s), jobs, "demo")
     run_dirs = [done[(a, s)] for a, s, _ in runs]
     _say("figures (all seeds)")
     report = draw_all(run_dirs, out / "figures", formats=("png", "pdf"))

@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from resrl_analysis.compare import Metric, Question, SummarySpec, live_mean, name_of, register_metric
+from resrl_analysis.compare import UPDATE_METRICS, Question, SummarySpec, name_of
 from resrl_analysis.compare import register_stratum_metrics as _register_strata
 
 from .demo import _int_list, run_all
@@ -38,20 +38,7 @@ STUDY_SEEDS = (0, 1, 2, 3, 4)
 #: The held-out strata of the tiny-addition task (trainer/tasks/addition.py), easiest first.
 STRATA = ("nocarry", "carry", "chain", "short")
 
-_LIVE = {
-    "update/kl_k3": "update size: KL(π_before‖π_after), k3 (live)",
-    "update/pos_delta_per_kl": "Δ log π(y⁺) per unit KL (live)",
-    "update/neg_delta_per_kl": "Δ log π(y⁻) per unit KL (live)",
-    "update/selectivity_ratio": "collateral per unit push-down (live)",
-    "update/collateral_mean": "collateral on shared positive tokens (live)",
-    "update/push_down_mean": "push-down of the negatives (live)",
-    "update/push_down_first_divergent": "push-down on the first divergent token (live)",
-    "resrl/weight_shared": "mean ω, shared tokens (live)",
-    "resrl/weight_first_divergent": "mean ω, first divergent token (live)",
-    "resrl/weight_after": "mean ω, tokens after it (live)",
-}
-for _k, _label in _LIVE.items():
-    register_metric(Metric(_k, _label, live_mean(_k)))
+_LIVE = UPDATE_METRICS
 _STRATUM_KEYS = _register_strata(STRATA, ks=(1, 8, 64))
 
 _CTRL = ("resrl-shuffled", "resrl-uniform")
@@ -102,9 +89,11 @@ _DEFINITIONS = (
     "Δ log π on tokens a negative of the group shares; push-down: minus the negatives' Δ log π; their ratio is "
     "the ratio of the means over a batch's mixed groups (smaller: more selective). ω by class: the negatives' "
     "tokens shared with a positive, the first divergent token, the tokens after it (ResRL-family runs; "
-    "shared-mask's ω is its mask). Held-out set: 64 prompts in 4 strata of 16 (nocarry, carry: 1-2 carries, "
-    "chain: every column carries, short: a 2-digit second operand the training pool never shows), each with "
-    "pass@k from {samples} samples at step 0 and at the end (unbiased estimator). Q1-Q4 are the four questions "
+    "shared-mask's ω is its mask). Held-out set: the first {heldout} held-out prompts, the 4 strata in turn "
+    "(nocarry, carry: 1-2 carries, chain: every column carries, short: a 2-digit second operand the training pool "
+    "never shows), each with pass@k from {samples} samples at the end (unbiased estimator); at step 0 every "
+    "run starts from the same policy, sampled once (in the first run: the other runs' step-0 cells are "
+    "empty). Q1-Q4 are the four questions "
     "of the study; every difference is Welch's 95% interval across seeds.")
 
 #: The study's summary: its metrics, ResRL against each control and twin (and NSR against PSR), its questions.
@@ -120,16 +109,23 @@ def _say(msg: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def study_spec(steps: int) -> SummarySpec:
-    """:data:`STUDY_SPEC` with its note on what the toy scale cannot show (``steps`` filled in)."""
-    return replace(STUDY_SPEC, notes=(_SCALE_NOTE.format(steps=steps),))
+def study_spec(steps: int, heldout: int = 64) -> SummarySpec:
+    """:data:`STUDY_SPEC` with its note on what the toy scale cannot show (``steps`` and the number of held-out
+    prompts filled in)."""
+    return replace(STUDY_SPEC, notes=(_SCALE_NOTE.format(steps=steps),),
+                   definitions=_DEFINITIONS.replace("{heldout}", str(heldout)))
 
 
 def study(out: str | Path = "study_out", *, algorithms: tuple[str, ...] = STUDY_ALGORITHMS,
           seeds: tuple[int, ...] = STUDY_SEEDS, jobs: int = 2, steps: int = 40, save_every: int = 8,
           preset: str = "tiny-addition", samples: int = 64, figures_dir: str | Path | None = None,
-          model: str | None = None) -> Path:
+          model: str | None = None, prompts_per_step: int | None = None, heldout_prompts: int = 64) -> Path:
     """Run the study; returns the path of ``summary.md``.
+
+    ``prompts_per_step`` (default: the preset's) sets the rollout batch and the update's size alike (one optimizer
+    step per rollout batch); ``heldout_prompts`` probes the first N held-out prompts (the strata in turn). pass@k
+    at step 0 is the shared starting policy's: sampled once, in the first run (the others sample their last
+    checkpoint only).
 
     >>> study("/tmp/x", seeds=())  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -152,16 +148,23 @@ def study(out: str | Path = "study_out", *, algorithms: tuple[str, ...] = STUDY_
     runs = [(a, s, {"algorithm": a, "seed": s, "steps": steps, "save_every": save_every,
                     "output_dir": str(out / "runs" / f"{a}-s{s}"), "progress_bar": "off", "log_every": 10,
                     "lld_in_batch": True, "collateral_in_batch": True, "cpu_threads": 1,
-                    **({"model": model} if model else {})})
+                    **({"model": model} if model else {}),
+                    **({"prompts_per_step": prompts_per_step, "mini_batch_size": prompts_per_step}
+                       if prompts_per_step else {})})
             for a in algorithms for s in seeds]
     cfgs = [preset_config(preset, **o) for _, _, o in runs]  # all validated before anything runs
     # Held-out LLD at every checkpoint, pass@k from `samples` samples at the first and last; the other probes feed
     # only the demo's figures.
-    argv = ["--probe-set", "heldout", "--groups", "0", "--samples", str(samples), "--diversity-steps", "ends",
+    argv = ["--probe-set", "heldout", "--groups", str(heldout_prompts), "--samples", str(samples),
             "--full-model-steps", "none", "--threads", "1", "--no-progress", "--quiet", "--probes", "lld,diversity"]
+    first = (algorithms[0], seeds[0])
+
+    def argv_of(a: str, s: int) -> list[str]:  # step 0 is every run's starting policy: sampled once
+        return [*argv, "--diversity-steps", "ends" if (a, s) == first else str(steps)]
+
     _say(f"{len(runs)} runs ({len(algorithms)} algorithms × {len(seeds)} seeds), {jobs} at a time; "
          "about 1.5-2 minutes of a core per run")
-    done = run_all(out, runs, preset, lambda _s: argv, jobs, "study")
+    done = run_all(out, runs, preset, argv_of, jobs, "study")
     run_dirs = [done[(a, s)] for a, s, _ in runs]
     _say("figures (all seeds)")
     report = draw_all(run_dirs, out / "figures", formats=("png", "pdf"))
@@ -175,8 +178,9 @@ def study(out: str | Path = "study_out", *, algorithms: tuple[str, ...] = STUDY_
     seconds = time.time() - t0
     settings = {"preset": preset, "task": cfgs[0].task, "steps": steps, "save_every": save_every,
                 "seeds": list(seeds), "jobs": jobs, "samples": samples, "algorithms": list(algorithms),
-                "interval": "95% t across seeds; differences: Welch", "machine": _machine()}
-    compare(run_dirs, spec=study_spec(steps), out=out, settings=settings, seconds=seconds)
+                "interval": "95% t across seeds; differences: Welch", "machine": _machine(),
+                "prompts_per_step": cfgs[0].prompts_per_step, "heldout_prompts": heldout_prompts}
+    compare(run_dirs, spec=study_spec(steps, heldout_prompts), out=out, settings=settings, seconds=seconds)
     _say(f"done in {seconds / 60:.1f} min: {out / 'summary.md'}")
     return out / "summary.md"
 
@@ -210,7 +214,8 @@ def resummarize(out: str | Path, figures_dir: str | Path | None = None) -> Path:
         for f in sorted((out / "figures").glob("*.png")):
             shutil.copy2(f, fd / f.name)
     keep = {k: v for k, v in settings.items() if k not in ("n_runs", "pairs", "pass_k")}
-    compare(run_dirs, spec=study_spec(int(settings["steps"])), out=out, settings=keep, seconds=old["seconds"])
+    compare(run_dirs, spec=study_spec(int(settings["steps"]), int(settings.get("heldout_prompts", 64))), out=out,
+            settings=keep, seconds=old["seconds"])
     return out / "summary.md"
 
 
@@ -232,6 +237,10 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--samples", type=int, default=64,
                         help="samples per held-out prompt for pass@k at the first and last checkpoint "
                              "(default: %(default)s)")
+    parser.add_argument("--prompts-per-step", type=int, default=None,
+                        help="prompts per rollout batch and per update (default: the preset's, 32)")
+    parser.add_argument("--heldout-prompts", type=int, default=64,
+                        help="held-out prompts probed (the first N, the strata in turn; default: %(default)s)")
     parser.add_argument("--preset", default="tiny-addition",
                         help="the preset every run starts from (default: %(default)s)")
     parser.add_argument("--model", default=None, help="policy to start from (default: the preset's warm start)")
@@ -252,7 +261,8 @@ def run_study(args: argparse.Namespace) -> int:
             return 0
         summary = study(args.out, algorithms=tuple(a for a in args.algorithms.split(",") if a),
                         seeds=tuple(args.seeds), jobs=args.jobs, steps=args.steps, save_every=args.save_every,
-                        preset=args.preset, samples=args.samples, figures_dir=args.figures_dir, model=args.model)
+                        preset=args.preset, samples=args.samples, figures_dir=args.figures_dir, model=args.model,
+                        prompts_per_step=args.prompts_per_step, heldout_prompts=args.heldout_prompts)
     except (ConfigError, ValueError, OSError, KeyError) as e:
         print(f"resrl study: {e}", file=sys.stderr)
         return 1
