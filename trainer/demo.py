@@ -165,8 +165,15 @@ def _one_run(preset: str, overrides: dict[str, Any], probe_argv: list[str], labe
     return str(run_dir)
 
 
+def _finished(o: dict[str, Any]) -> bool:
+    """Whether a run of an interrupted demo or study is complete: its last checkpoint and its probes' summary."""
+    run = Path(o["output_dir"])
+    last = run / "checkpoints" / f"step_{int(o['steps']):06d}"
+    return last.is_dir() and (run / "probes" / "summary.json").is_file()
+
+
 def run_all(out: Path, runs: list[tuple[str, int, dict[str, Any]]], preset: str, argv_of: Any, jobs: int,
-            who: str) -> dict[tuple[str, int], Path]:
+            who: str, reuse: bool = False) -> dict[tuple[str, int], Path]:
     """Train and probe every (algorithm, seed, overrides) of ``runs``, ``jobs`` at a time (spawned workers), the
     first seed first, each probed with ``argv_of(algorithm, seed)``; prints run k of N with an ETA as runs finish.
     Returns the run directories."""
@@ -177,13 +184,22 @@ def run_all(out: Path, runs: list[tuple[str, int, dict[str, Any]]], preset: str,
     total = len(runs)
     labels = {(a, s): f"run {k}/{total} {a}-s{s}" for k, (a, s, _) in enumerate(runs, 1)}
     done: dict[tuple[str, int], Path] = {}
+    if reuse:  # an interrupted study goes on: its complete runs are kept, the others run again from scratch
+        done = {(a, s): Path(o["output_dir"]) for a, s, o in runs if _finished(o)}
+        if done:
+            _say(f"reusing {len(done)} complete run(s) of {out}: {', '.join(p.name for p in done.values())}")
+        runs = [r for r in runs if (r[0], r[1]) not in done]
+        total = len(runs)
     started = time.time()
     if jobs == 1:
         for a, s, o in runs:
             done[(a, s)] = Path(_one_run(preset, o, argv_of(a, s), labels[(a, s)], who))
-            _say(f"{len(done)} of {total} runs done ({a}-s{s}); {_eta(started, len(done), total, jobs)}")
+            k = total - sum((r[0], r[1]) not in done for r in runs)
+            _say(f"{k} of {total} runs done ({a}-s{s}); {_eta(started, k, total, jobs)}")
         return done
     # spawn: a fresh interpreter per worker (torch and fork do not mix). First seeds first: they take longest.
+    if not runs:
+        return done
     first = min(s for _, s, _ in runs)
     order = sorted(runs, key=lambda r: r[1] != first)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
@@ -191,7 +207,8 @@ def run_all(out: Path, runs: list[tuple[str, int, dict[str, Any]]], preset: str,
         for f in as_completed(futs):
             a, s = futs[f]
             done[(a, s)] = Path(f.result())
-            _say(f"{len(done)} of {total} runs done ({a}-s{s}); {_eta(started, len(done), total, jobs)}")
+            k = total - sum((r[0], r[1]) not in done for r in runs)
+            _say(f"{k} of {total} runs done ({a}-s{s}); {_eta(started, k, total, jobs)}")
     return done
 
 

@@ -119,13 +119,15 @@ def study_spec(steps: int, heldout: int = 64) -> SummarySpec:
 def study(out: str | Path = "study_out", *, algorithms: tuple[str, ...] = STUDY_ALGORITHMS,
           seeds: tuple[int, ...] = STUDY_SEEDS, jobs: int = 2, steps: int = 40, save_every: int = 8,
           preset: str = "tiny-addition", samples: int = 64, figures_dir: str | Path | None = None,
-          model: str | None = None, prompts_per_step: int | None = None, heldout_prompts: int = 64) -> Path:
+          model: str | None = None, prompts_per_step: int | None = None, heldout_prompts: int = 64,
+          reuse: bool = False) -> Path:
     """Run the study; returns the path of ``summary.md``.
 
     ``prompts_per_step`` (default: the preset's) sets the rollout batch and the update's size alike (one optimizer
     step per rollout batch); ``heldout_prompts`` probes the first N held-out prompts (the strata in turn). pass@k
     at step 0 is the shared starting policy's: sampled once, in the first run (the others sample their last
-    checkpoint only).
+    checkpoint only). ``reuse``: keep the complete runs of an interrupted study in ``out`` (the wall time then
+    counts from its first run's start).
 
     >>> study("/tmp/x", seeds=())  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -164,7 +166,11 @@ def study(out: str | Path = "study_out", *, algorithms: tuple[str, ...] = STUDY_
 
     _say(f"{len(runs)} runs ({len(algorithms)} algorithms × {len(seeds)} seeds), {jobs} at a time; "
          "about 1.5-2 minutes of a core per run")
-    done = run_all(out, runs, preset, argv_of, jobs, "study")
+    if reuse:  # the wall time of an interrupted study counts from its first run's start
+        starts = [(Path(o["output_dir"]) / "config.yaml").stat().st_mtime for _, _, o in runs
+                  if (Path(o["output_dir"]) / "config.yaml").is_file()]
+        t0 = min([t0, *starts])
+    done = run_all(out, runs, preset, argv_of, jobs, "study", reuse=reuse)
     run_dirs = [done[(a, s)] for a, s, _ in runs]
     _say("figures (all seeds)")
     report = draw_all(run_dirs, out / "figures", formats=("png", "pdf"))
@@ -245,6 +251,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="the preset every run starts from (default: %(default)s)")
     parser.add_argument("--model", default=None, help="policy to start from (default: the preset's warm start)")
     parser.add_argument("--figures-dir", default=None, help="also copy the PNG figures here (default: no copy)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="go on with an interrupted study in --out: keep its complete runs, redo the others")
     parser.add_argument("--resummarize", action="store_true",
                         help="train nothing: re-draw the figures and rewrite the summary of the study in --out")
     return parser
@@ -262,7 +270,8 @@ def run_study(args: argparse.Namespace) -> int:
         summary = study(args.out, algorithms=tuple(a for a in args.algorithms.split(",") if a),
                         seeds=tuple(args.seeds), jobs=args.jobs, steps=args.steps, save_every=args.save_every,
                         preset=args.preset, samples=args.samples, figures_dir=args.figures_dir, model=args.model,
-                        prompts_per_step=args.prompts_per_step, heldout_prompts=args.heldout_prompts)
+                        prompts_per_step=args.prompts_per_step, heldout_prompts=args.heldout_prompts,
+                        reuse=args.reuse)
     except (ConfigError, ValueError, OSError, KeyError) as e:
         print(f"resrl study: {e}", file=sys.stderr)
         return 1
