@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .displacement import shared_prefix_mask
 from .interference import GroupGrams, nthr_token_weights
 from .ops import group_advantages
 from .settings import SettingError
@@ -45,6 +46,7 @@ __all__ = [
     "ALGORITHMS",
     "ALGORITHM_NAMES",
     "CONFIG_FIELDS",
+    "MAIN_ALGORITHMS",
     "EXTRAS",
     "AdvantageParams",
     "AlgoInputs",
@@ -192,7 +194,8 @@ class AlgoInputs:
     entering the LM head and ``logits`` the head's raw output (before the temperature), both at the positions
     that predict each response token. ``generator`` seeds ResRL's sub-sampling and randomized SVD. ``grams``: the
     head-gradient Gram of a one-group batch at temperature 1 when the caller has it already (the probes): NTHR
-    reads it instead of computing it again.
+    reads it instead of computing it again. ``hidden_own`` is the same layer at each response token's *own*
+    position (the state after the token is read; ``resrl-own-state`` reads it).
     ``weight_group_ids``, if given, are the row sets ResRL computes its subspaces and residual quantiles in
     instead of the prompt groups (the advantages stay per prompt group): the trainer's
     ``resrl_grouping: micro_batch`` passes (prompt group, reference micro-batch) pairs
@@ -210,6 +213,7 @@ class AlgoInputs:
     generator: torch.Generator | None = None
     weight_group_ids: Tensor | None = None  # (B,) ResRL's weight sets; None = group_ids
     grams: GroupGrams | None = None  # (N, N) Gram of a one-group batch's tokens (interference.group_grams)
+    hidden_own: Tensor | None = None  # (B, T, d) the layer at each response token's own position
 
 
 @dataclass
@@ -263,7 +267,8 @@ class MetricsHook:
 class Algorithm:
     """A registered estimator: ``fn``; what it ``needs`` from the forward (a subset of {"hidden",
     "head_input", "logits"}); the ``extras`` it returns; whether it compares responses within a group
-    (``group``: needs >= 2 responses per prompt); an optional :class:`MetricsHook`."""
+    (``group``: needs >= 2 responses per prompt); an optional :class:`MetricsHook`; ``control_of``: the algorithm
+    it is a control variant of (the first-order probe's default list leaves controls out)."""
 
     name: str
     fn: Callable[[AlgoInputs], AlgoOutput]
@@ -271,6 +276,7 @@ class Algorithm:
     extras: tuple[str, ...] = ()
     group: bool = False
     metrics: MetricsHook | None = None
+    control_of: str | None = None
 
     @property
     def summary(self) -> str:
@@ -282,7 +288,7 @@ ALGORITHMS: dict[str, Algorithm] = {}
 
 def register(
     name: str, *, needs: tuple[str, ...] = (), extras: tuple[str, ...] = (), group: bool = False,
-    metrics: MetricsHook | None = None,
+    metrics: MetricsHook | None = None, control_of: str | None = None,
 ) -> Callable[[Callable[[AlgoInputs], AlgoOutput]], Callable[[AlgoInputs], AlgoOutput]]:
     """Decorator adding an estimator to :data:`ALGORITHMS` (its extras must be declared in :data:`EXTRAS`)."""
     unknown = [e for e in extras if e not in EXTRAS]
@@ -290,7 +296,7 @@ def register(
         raise ValueError(f"algorithm {name!r}: undeclared extras {unknown}; declare them in EXTRAS first")
 
     def deco(fn: Callable[[AlgoInputs], AlgoOutput]) -> Callable[[AlgoInputs], AlgoOutput]:
-        ALGORITHMS[name] = Algorithm(name, fn, frozenset(needs), tuple(extras), group, metrics)
+        ALGORITHMS[name] = Algorithm(name, fn, frozenset(needs), tuple(extras), group, metrics, control_of)
         return fn
 
     return deco
@@ -418,5 +424,98 @@ def resrl(b: AlgoInputs) -> AlgoOutput:
                       extras={RESRL_WEIGHTS: w, RESRL_RESIDUALS: det.residuals.to(adv.device)})
 
 
+# ------------------------------------------------- controls of ResRL (docs/MATH.md § Controls of ResRL)
+
+
+def _negative_tokens(b: AlgoInputs, out: AlgoOutput) -> Tensor:
+    """(B, T) bool: the negative tokens ResRL weighed (a finite residual: groups with a positive subspace)."""
+    return torch.isfinite(out.extras[RESRL_RESIDUALS]) & b.response_mask.bool()
+
+
+def _reweighted(b: AlgoInputs, out: AlgoOutput, w: Tensor) -> AlgoOutput:
+    return AlgoOutput(advantages=out.advantages, token_advantages=_per_token(out.advantages, b.response_mask, w),
+                      extras={RESRL_WEIGHTS: w, RESRL_RESIDUALS: out.extras[RESRL_RESIDUALS]})
+
+
+@register("resrl-shuffled", needs=("hidden",), extras=(RESRL_WEIGHTS, RESRL_RESIDUALS), group=True,
+          metrics=MetricsHook(_resrl_local, _resrl_reduce), control_of="resrl")
+def resrl_shuffled(b: AlgoInputs) -> AlgoOutput:
+    """ResRL (GRPO advantages, positives × pos_weight) with its ω permuted at random among the negative tokens of
+    each group: the same step size and the same weights, the selectivity destroyed (residuals stay the tokens')."""
+    out = resrl(b)
+    w = out.extras[RESRL_WEIGHTS].clone()  # (B, T)
+    neg = _negative_tokens(b, out)
+    # One draw of the step's generator after ResRL's own: seeded like every other draw (seed, step), so a resumed
+    # run draws the same; then one generator per group, so a group's permutation depends on (that draw, its id).
+    seed = int(torch.randint(0, 2**62, (1,), generator=b.generator).item())
+    for g in torch.unique(b.group_ids).tolist():
+        sel = neg & (b.group_ids == g)[:, None]  # (B, T)
+        n = int(sel.sum())
+        if n > 1:
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + int(g) * 7919 + 29) % (2**63 - 1))
+            perm = torch.randperm(n, generator=gen).to(w.device)  # (n,)
+            w[sel] = w[sel][perm]
+    return _reweighted(b, out, w)
+
+
+@register("resrl-uniform", needs=("hidden",), extras=(RESRL_WEIGHTS, RESRL_RESIDUALS), group=True,
+          metrics=MetricsHook(_resrl_local, _resrl_reduce), control_of="resrl")
+def resrl_uniform(b: AlgoInputs) -> AlgoOutput:
+    """ResRL (GRPO advantages, positives × pos_weight) with every negative token of a group weighted by the
+    group's mean ω: the same total push-down, no token chosen over another."""
+    out = resrl(b)
+    w = out.extras[RESRL_WEIGHTS].clone()  # (B, T)
+    neg = _negative_tokens(b, out)
+    for g in torch.unique(b.group_ids).tolist():
+        sel = neg & (b.group_ids == g)[:, None]  # (B, T)
+        if sel.any():
+            w[sel] = w[sel].double().mean().to(w.dtype)
+    return _reweighted(b, out, w)
+
+
+@register("resrl-own-state", needs=("hidden_own",), extras=(RESRL_WEIGHTS, RESRL_RESIDUALS), group=True,
+          metrics=MetricsHook(_resrl_local, _resrl_reduce), control_of="resrl")
+def resrl_own_state(b: AlgoInputs) -> AlgoOutput:
+    """ResRL (GRPO advantages, positives × pos_weight) with ω from the state at each token's own position (after
+    the token is read) instead of the state that predicts it: a shared token still sits in the positive subspace,
+    the first divergent token no longer does."""
+    if b.hidden_own is None:
+        raise ValueError("resrl-own-state needs the representation at the tokens' own positions "
+                         "(AlgoInputs.hidden_own)")
+    return resrl(dataclasses.replace(b, hidden=b.hidden_own))
+
+
+def _shared_local(extras: dict[str, Tensor], neg_tok: Tensor, mixed_neg_tok: Tensor) -> tuple[list[float], int, int]:
+    w = extras[RESRL_WEIGHTS][mixed_neg_tok].float().cpu()
+    if w.numel() > _QUANTILE_SAMPLE:
+        w = w[torch.linspace(0, w.numel() - 1, _QUANTILE_SAMPLE).long()]
+    return w.tolist(), int(mixed_neg_tok.sum()), int(mixed_neg_tok.sum())
+
+
+@register("shared-mask", extras=(RESRL_WEIGHTS,), group=True, metrics=MetricsHook(_shared_local, _resrl_reduce),
+          control_of="resrl")
+def shared_mask(b: AlgoInputs) -> AlgoOutput:
+    """GRPO advantages with ResRL's positive weight, and on negatives the exact version of what the projection
+    approximates: ω at the
+    floor (``resrl_min_weight``) on tokens that share their prefix and token with a positive of the group, 1
+    elsewhere (the prefix mask of ``lld/*``)."""
+    p = b.params
+    is_pos = b.rewards > 0
+    adv = group_advantages(b.rewards, b.group_ids, "grpo", eps=p.adv_eps)
+    adv = torch.where(is_pos, adv * p.pos_weight, adv)  # (B,)
+    w = torch.ones(b.response_mask.shape, dtype=torch.float32, device=adv.device)  # (B, T)
+    mask = b.response_mask.bool()
+    for g in torch.unique(b.group_ids).tolist():
+        rows = b.group_ids == g
+        pos, neg = rows & is_pos, rows & ~is_pos
+        if not pos.any() or not neg.any():
+            continue
+        shared = shared_prefix_mask(b.response_ids[neg], mask[neg], b.response_ids[pos], mask[pos])  # (N, T)
+        w[neg] = torch.where(shared, torch.full_like(w[neg], p.resrl.min_weight), w[neg])
+    return AlgoOutput(advantages=adv, token_advantages=_per_token(adv, b.response_mask, w), extras={RESRL_WEIGHTS: w})
+
+
 #: The registered algorithms' names, in registration order (the config's, CLI's and probes' choices).
 ALGORITHM_NAMES: tuple[str, ...] = tuple(ALGORITHMS)
+#: The algorithms that are not controls of another (the first-order probe's default list).
+MAIN_ALGORITHMS: tuple[str, ...] = tuple(n for n, a in ALGORITHMS.items() if a.control_of is None)

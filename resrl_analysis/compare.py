@@ -38,12 +38,14 @@ from typing import Any
 
 __all__ = ["DEMO_SPEC", "DEMO_SPREAD_NOTE", "METRICS", "NAMES", "QUESTIONS", "Metric", "Question", "SummarySpec",
            "add_compare_arguments", "aggregate", "compare", "live_mean", "name_of", "register_metric",
+           "register_stratum_metrics", "UPDATE_METRICS",
            "register_question", "run_compare", "summarize_run", "summary_from_payload", "summary_markdown", "verdict",
            "verdicts"]
 
 #: How the summaries name algorithms (anything else is printed as it is).
 NAMES: dict[str, str] = {"grpo": "GRPO", "psr": "PSR", "nsr": "NSR", "w-reinforce": "W-REINFORCE", "resrl": "ResRL",
-                         "nthr": "NTHR"}
+                         "nthr": "NTHR", "resrl-shuffled": "ResRL-shuffled", "resrl-uniform": "ResRL-uniform",
+                         "resrl-own-state": "ResRL-own-state", "shared-mask": "shared-mask"}
 
 
 def name_of(algo: str) -> str:
@@ -200,6 +202,67 @@ for _m in (
 ):
     register_metric(_m)
 
+#: The live step-size-free metrics of each update (``collateral_in_batch``; docs/MATH.md § Collateral per unit of
+#: push-down), each run's mean over its rollout batches.
+UPDATE_METRICS = {
+    "update/kl_k3": "update size: KL(π_before‖π_after), k3 (live)",
+    "update/pos_delta_per_kl": "Δ log π(y⁺) per unit KL (live)",
+    "update/neg_delta_per_kl": "Δ log π(y⁻) per unit KL (live)",
+    "update/selectivity_ratio": "collateral per unit push-down (live)",
+    "update/collateral_mean": "collateral on shared positive tokens (live)",
+    "update/push_down_mean": "push-down of the negatives (live)",
+    "update/push_down_first_divergent": "push-down on the first divergent token (live)",
+    "resrl/weight_shared": "mean ω, shared tokens (live)",
+    "resrl/weight_first_divergent": "mean ω, first divergent token (live)",
+    "resrl/weight_after": "mean ω, tokens after it (live)",
+}
+for _k, _label in UPDATE_METRICS.items():
+    register_metric(Metric(_k, _label, live_mean(_k)))
+_DEMO_METRICS = (*(k for k in METRICS if k not in UPDATE_METRICS), "update/pos_delta_per_kl",
+                 "update/selectivity_ratio")
+
+def _pass_stratum(k: int, tag: str, stratum: str) -> Callable[[Any], float | None]:
+    def read(r: Any) -> float | None:
+        from .ops import pass_at_k_by_stratum
+
+        div = r.probes.get("diversity")
+        if div is None or div.prompts is None or not len(div.prompts):
+            return None
+        p = div.prompts.dropna(subset=["n_correct"])
+        if not len(p):
+            return None
+        s = int(p.step.min()) if tag == "start" else int(p.step.max())
+        d = p[p.step == s]
+        n = int(d.n_samples.min())
+        if k > n or (d.n_samples != n).any():
+            return None
+        curves = pass_at_k_by_stratum(n, d.prompt_uid.tolist(), d.n_correct.astype(int).tolist())
+        return _finite(curves[stratum][k - 1]) if stratum in curves else None
+
+    read.__doc__ = f"pass@{k} over the {stratum} stratum's held-out prompts ({tag})"
+    return read
+
+
+def register_stratum_metrics(strata: Sequence[str], ks: Sequence[int] = (1, 8, 64),
+                             tags: Sequence[str] = ("start", "end")) -> list[str]:
+    """Register ``pass@<k>_<tag>/<stratum>`` for each held-out stratum (a prompt uid's part before ``/``), k and
+    tag; returns their keys. ``start`` (step 0) metrics are not compared between algorithms.
+
+    >>> register_stratum_metrics(["hard"], ks=(1,), tags=("end",))
+    ['pass@1_end/hard']
+    """
+    keys = []
+    for stratum in strata:
+        for tag in tags:
+            for k in ks:
+                key = f"pass@{k}_{tag}/{stratum}"
+                when = "step 0" if tag == "start" else "last"
+                register_metric(Metric(key, f"held-out pass@{k} ({when}), {stratum}", _pass_stratum(k, tag, stratum),
+                                       compare=tag != "start"))
+                keys.append(key)
+    return keys
+
+
 for _a, _b, _sign, _claim in (
         ("nsr", "psr", +1, "The negative gradient displaces positives (NSR above the control PSR)"),
         ("resrl", "nsr", -1, "ResRL displaces positives less than NSR"),
@@ -260,7 +323,7 @@ class SummarySpec:
     ``definitions`` (the closing paragraph; ``{samples}`` and ``{first_seed}`` are filled in)."""
 
     title: str = "resrl compare"
-    metrics: tuple[str, ...] = tuple(METRICS)
+    metrics: tuple[str, ...] = ()
     pairs: tuple[tuple[str, str], ...] = ()
     questions: tuple[Question, ...] = tuple(QUESTIONS)
     notes: tuple[str, ...] = ()
@@ -292,7 +355,7 @@ DEMO_SPREAD_NOTE = (
 
 #: The demo's summary (the metrics and questions registered above, at import).
 DEMO_SPEC = SummarySpec(
-    title="resrl demo", metrics=tuple(METRICS),
+    title="resrl demo", metrics=_DEMO_METRICS,
     pairs=(("resrl", "nsr"), ("resrl", "grpo"), ("nsr", "psr")), questions=tuple(QUESTIONS),
     notes=(DEMO_SPREAD_NOTE,), definitions=_DEMO_DEFINITIONS)
 
@@ -470,7 +533,8 @@ def _preamble(settings: dict[str, Any], seconds: float, algos: Sequence[str]) ->
         return [f"Preset `{settings['preset']}` (task {settings['task']}), {settings['steps']} optimizer steps per "
                 f"run, seeds {', '.join(map(str, settings['seeds']))} for each of "
                 f"{', '.join(name_of(a) for a in algos)}; checkpoints every {settings['save_every']} steps; wall time "
-                f"{seconds / 60:.1f} min with {settings['jobs']} parallel job(s).", ""]
+                f"{seconds / 60:.1f} min with {settings['jobs']} parallel job(s)"
+                + (f" ({settings['machine']})" if settings.get("machine") else "") + ".", ""]
     return [f"{settings.get('n_runs', '?')} run directories, grouped by algorithm: "
             f"{', '.join(name_of(a) for a in algos)}; seeds {', '.join(map(str, settings['seeds']))}.", ""]
 

@@ -167,6 +167,21 @@ def _which_runs(rs: Sequence[RunData]) -> str:
     return "runs " + ", ".join(r.path.name for r in rs)
 
 
+def _band(frame: pd.DataFrame, what: str = "band") -> str:
+    """``(band: 95% t)`` when some label has two or more seeds, else ``(one seed each: no band)``.
+
+    >>> _band(pd.DataFrame({"label": ["a", "a"], "seed": [0, 1]})), _band(pd.DataFrame({"label": ["a"], "seed": [0]}))
+    ('(band: 95% t interval)', '(one seed each: no band)')
+    """
+    many = "seed" in frame and len(frame) and int(frame.groupby("label").seed.nunique().max()) > 1
+    return f"({what}: 95% t interval)" if many else f"(one seed each: no {what})"
+
+
+def _mean_bar(frame: pd.DataFrame) -> str:
+    many = "seed" in frame and len(frame) and int(frame.groupby("label").seed.nunique().max()) > 1
+    return "the mean with its 95% t interval" if many else "the mean (one seed each: no interval)"
+
+
 def _suptitle(fig, text: str, **kw) -> None:
     """A figure title, with the panels laid out again beneath it (tight_layout makes room for it)."""
     fig.suptitle(text, **kw)
@@ -265,7 +280,7 @@ def fig_lld_over_steps(runs: Sequence[RunData]):
     t = plots.seed_bands(d, "step_to", "delta_pos_sum").rename(columns={"step_to": "step"})
     ax = plots.plot_seed_bands(t, "step", ylabel="mean Δ log π(y⁺|x) vs step 0 (nats)", zero_line=True, marker="o")
     note = plots.overlap_note(t)
-    ax.set_title(f"held-out positives against step 0: mean over prompts, {_phrase(d)} (band: 95% t)"
+    ax.set_title(f"held-out positives against step 0: mean over prompts, {_phrase(d)} {_band(d)}"
                  + (f"\n{note}" if note else ""), fontsize="small")
     return ax.figure
 
@@ -275,9 +290,20 @@ def fig_cosines(runs: Sequence[RunData]):
     if d.empty:
         return "no interference results with mixed groups"
     d = d[d.step == d.groupby("label").step.transform("max")]
-    ax = plots.plot_cosine_distribution(d)
-    ax.set_title(f"token-level head-gradient cosines, last checkpoint, pooled over {_phrase(d)}", fontsize="small")
-    return ax.figure
+    # Per run: the mean token-pair cosine and the share of pairs with cos > 0.5 (the pairs that interfere); the
+    # whole distributions look alike across algorithms (a spike at 0, tails to ±1), their means need not.
+    per = d.groupby(["label", "seed"]).cosine.agg(mean="mean", high=lambda c: float((c > 0.5).mean())).reset_index()
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    plots.plot_seed_means(per.rename(columns={"mean": "value"}), ax=axes[0],
+                          ylabel="mean cos(∇ log p⁺, ∇ log p⁻) (head)")
+    plots.plot_seed_means(per.rename(columns={"high": "value"}), ax=axes[1], ylabel="share of pairs with cos > 0.5")
+    axes[0].axhline(0.0, color="k", lw=0.7)
+    axes[1].set_ylim(0.0, max(float(per.high.max()) * 1.2, 1e-3))  # from 0: a difference is seen at its size
+    _suptitle(fig, f"token-level head-gradient cosines at the last checkpoint, per run ({_phrase(d)}; dots: seeds, "
+                   f"black: {_mean_bar(d)})")
+    return fig
 
 
 def fig_group_cosine(runs: Sequence[RunData]):
@@ -288,7 +314,7 @@ def fig_group_cosine(runs: Sequence[RunData]):
     t = plots.seed_bands(d, "step", "head_update_cosine")
     ax = plots.plot_seed_bands(t, "step", ylabel="cos(Σ g⁺, Σ A⁻ g⁻)  (head)", zero_line=True, marker="o")
     note = plots.overlap_note(t)
-    ax.set_title(f"group-level interference, mean over held-out groups, {_phrase(d)} (band: 95% t)"
+    ax.set_title(f"group-level interference, mean over held-out groups, {_phrase(d)} {_band(d)}"
                  + (f"\n{note}" if note else ""), fontsize="small")
     return ax.figure
 
@@ -311,14 +337,30 @@ def fig_bound(runs: Sequence[RunData]):
     d = d[d.representation == PAPER_REPRESENTATION]
     if d.empty:
         return f"the subspace probe did not measure {PAPER_REPRESENTATION}"
-    named = {r.label: r for r in chosen}
-    labs = plots.style.order_labels(list(d.label.unique()))
-    fig, axes = _panels(len(labs))  # a panel per algorithm: pooled points would hide one another
-    for a, lab in zip(axes, labs):
-        plots.plot_bound_validation(d[d.label == lab].rename(columns={"true_abs": "true", "tight_bound": "bound"}),
-                                    hue="label", ax=a)
-        a.set_title(f"{_run_name(named[lab])}\n{a.get_title()}", fontsize="small")
-    _suptitle(fig, f"tight alignment bound, {PAPER_REPRESENTATION}, every probed checkpoint")
+    import matplotlib.pyplot as plt
+
+    # One panel, every algorithm's pairs pooled: the bound is a theorem, the same for every policy; what a reader
+    # needs is whether any pair violates it (counted per algorithm) and how tight it is (true / bound).
+    viol = (d.true_abs > d.tight_bound * (1 + 1e-5) + 1e-12).groupby(d.label).sum()
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    hb = axes[0].hexbin(d.tight_bound, d.true_abs, gridsize=45, bins="log", mincnt=1, cmap="viridis")
+    hi = float(max(d.tight_bound.max(), d.true_abs.max()))
+    axes[0].plot([0, hi], [0, hi], color="k", ls="--", lw=0.9, label="y = x (the bound)")
+    axes[0].set_xlabel("tight bound")
+    axes[0].set_ylabel("|<x⁻, x⁺>|")
+    axes[0].legend(frameon=False, fontsize="small", loc="upper left")
+    fig.colorbar(hb, ax=axes[0], label="pairs (log)")
+    ratio = (d.true_abs / d.tight_bound.where(d.tight_bound > 0)).dropna()
+    axes[1].hist(ratio, bins=60, range=(0, 1.0001), color="0.4")
+    axes[1].set_xlabel("|<x⁻, x⁺>| / bound (1 = tight)")
+    axes[1].set_ylabel("pairs")
+    axes[1].set_title(f"median {ratio.median():.2f}; {float((ratio > 0.9).mean()):.1%} of pairs above 0.9",
+                      fontsize="small")
+    counts = ", ".join(f"{lab} {int(viol[lab])}/{int((d.label == lab).sum())}"
+                       for lab in plots.style.order_labels(list(viol.index)))
+    axes[0].set_title(f"violations: {counts}", fontsize="x-small")
+    _suptitle(fig, f"tight alignment bound, {PAPER_REPRESENTATION}, every probed checkpoint, pooled over "
+                   f"{_which_runs(chosen)}")
     return fig
 
 
@@ -329,12 +371,44 @@ def fig_proxy(runs: Sequence[RunData]):
     if d.empty or c.empty:
         return "no subspace results with mixed groups"
     last = int(d.step.max())
-    d, c = d[d.step == last], c[c.step == last]
-    rho = c.groupby("representation").spearman_sum.mean().to_dict()
-    fig = plots.plot_proxy_vs_interference(
-        d.rename(columns={"residual_energy": "residual", "interference_sum_abs": "interference"}), rho=rho, log=True)
-    _suptitle(fig, f"proxy (residual energy) vs true head interference of each negative token, step {last}, pooled "
-              f"over {_which_runs(chosen)} (ρ: Spearman, mean over runs)")
+    d = d[(d.step == last) & (d.representation == PAPER_REPRESENTATION)]
+    c = c[(c.step == last) & (c.representation == PAPER_REPRESENTATION)]
+    if d.empty:
+        return f"the subspace probe did not measure {PAPER_REPRESENTATION}"
+    import matplotlib.pyplot as plt
+
+    # Tokens whose residual is ~0 lie inside the positives' span (ResRL gives them the floor weight): drawn apart,
+    # as a distribution, instead of as a wall of points at the axis' floor.
+    floor = 1e-7
+    inside = d.residual_energy <= floor
+    rho = float(c.spearman_sum.mean()) if len(c) else float("nan")
+    p_max = float(c.spearman_sum_p.max()) if len(c) else float("nan")
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.6), gridspec_kw={"width_ratios": [3, 1.2]}, sharey=True)
+    out = d[~inside]
+    y_floor = plots.log_floor(d.interference_sum_abs)
+    axes[0].scatter(out.residual_energy, out.interference_sum_abs.clip(lower=y_floor), s=4, alpha=0.3, lw=0,
+                    rasterized=True)
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("residual energy e(x⁻) (tokens above 1e-7)")
+    axes[0].set_ylabel("Σ over positive tokens |<g⁺, g⁻>|")
+    parts = [d[inside].interference_sum_abs.clip(lower=y_floor), out.interference_sum_abs.clip(lower=y_floor)]
+    axes[1].boxplot([p.to_numpy() for p in parts], showfliers=False, widths=0.6)
+    axes[1].set_xticks([1, 2], [f"e ≤ 1e-7\n{int(inside.sum())} tokens", f"e > 1e-7\n{int((~inside).sum())}"])
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("(the same)")
+    # ResRL down-weights low-residual tokens as the interfering ones: the proxy works when ρ < 0.
+    if rho < 0 and p_max < 0.05:
+        verdict = "ρ < 0 in every run (p < 0.05): low residual, more interference, as ResRL assumes"
+    elif rho > 0 and p_max < 0.05:
+        verdict = "ρ > 0 in every run (p < 0.05): the opposite of what ResRL assumes (it needs ρ < 0)"
+    else:
+        verdict = "not shown to be below 0: the proxy does not rank tokens as ResRL assumes (it needs ρ < 0)"
+    axes[0].set_title(f"Spearman ρ(residual, interference) = {rho:.2f} (mean over runs)\n{verdict}",
+                      fontsize="small")
+    axes[1].set_title("interference by residual", fontsize="small")
+    _suptitle(fig, f"the single-forward proxy vs the true head interference of each negative token, "
+                   f"{PAPER_REPRESENTATION}, step {last}, {_which_runs(chosen)}")
     return fig
 
 
@@ -346,27 +420,33 @@ def fig_explained_variance(runs: Sequence[RunData]):
     d = d[d.representation == PAPER_REPRESENTATION]
     if d.empty:
         return f"the subspace probe did not measure {PAPER_REPRESENTATION}"
+    # The algorithms' curves lie within a few thousandths of one another: one curve per checkpoint (the mean over
+    # runs, the spread across them stated), and the rank that reaches 90% and 99% marked.
     first = d[d.step == d.groupby("label").step.transform("min")]
     last = d[d.step == d.groupby("label").step.transform("max")]
     s0, s1 = int(first.step.min()), int(last.step.max())
-    parts = [last.assign(linestyle="-")]
-    curves = [g.groupby("rank").explained_variance.mean() for _, g in first.groupby("label")]
-    if len(curves) > 1 and _same_curves(curves):  # one start policy: one start curve
-        parts.append(first[first.label == first.label.iloc[0]].assign(label=f"step {s0}: all (one start policy)",
-                                                                      linestyle="--"))
-    else:
-        parts.append(first.assign(label=first.label + f" step {s0}", linestyle="--"))
-    ax = plots.plot_explained_variance(pd.concat(parts, ignore_index=True).rename(
-        columns={"explained_variance": "explained"}), upto=0.99, max_rank=20)
-    ends = [g.groupby("rank").explained_variance.mean() for _, g in last.groupby("label")]
-    top = max(float(np.max(np.asarray(line.get_xdata(), dtype=float))) for line in ax.lines)
-    wide = pd.concat(ends, axis=1).dropna()  # (ranks every curve has, curves)
-    wide = wide[wide.index <= top]
-    spread = float((wide.max(axis=1) - wide.min(axis=1)).max()) if len(ends) > 1 and len(wide) else 0.0
-    note = f"; the step-{s1} curves differ by ≤ {spread:.3f} and overlap" if len(ends) > 1 and spread < 0.01 else ""
-    ax.set_title(f"positive subspace ({PAPER_REPRESENTATION}), mean over groups, {_which_runs(chosen)}:\n"
-                 f"step {s1} solid, step {s0} dashed{note}", fontsize="small")
+    ax = None
+    notes = []
+    for frame, name, ls in ((last, f"step {s1}", "-"), (first, f"step {s0}", "--")):
+        per = frame.groupby(["label", "rank"]).explained_variance.mean().unstack(0)  # (rank, run)
+        mean = per.mean(axis=1)
+        spread = float((per.max(axis=1) - per.min(axis=1)).max()) if per.shape[1] > 1 else 0.0
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6.4, 4.0))
+        ax.plot(mean.index, mean.to_numpy(), ls=ls, color="k", lw=1.4, label=f"{name} (runs within {spread:.3f})")
+        ranks = [str(int(mean[mean >= q].index[0])) if (mean >= q).any() else "–" for q in (0.9, 0.99)]
+        notes.append(f"{name}: 90% at rank {ranks[0]}, 99% at rank {ranks[1]}")
+    assert ax is not None
+    ax.axhline(0.9, color="0.7", lw=0.7)
+    ax.axhline(0.99, color="0.7", lw=0.7)
+    ax.set_xscale("log")
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("explained variance")
     ax.legend(frameon=False, fontsize="x-small", loc="lower right")
+    ax.set_title(f"positive subspace ({PAPER_REPRESENTATION}), mean over groups and {_which_runs(chosen)}\n"
+                 + "; ".join(notes), fontsize="x-small")
     return ax.figure
 
 
@@ -468,7 +548,7 @@ def fig_dynamics(runs: Sequence[RunData]):
     for ax in fig.axes:
         if ax.get_title() == "val/reward_mean":
             ax.set_title("val pass@1")
-    _suptitle(fig, f"training: mean over {_phrase(m)} per algorithm (band: 95% t interval)")
+    _suptitle(fig, f"training: mean over {_phrase(m)} per algorithm {_band(m)}")
     return fig
 
 
@@ -490,7 +570,7 @@ def fig_in_batch_lld(runs: Sequence[RunData]):
             ax.axhline(0.0, color="k", lw=0.8)
     _suptitle(fig, "in-batch LLD: each mixed group's positives across that step's update (steps without a mixed group "
               f"skipped)\nrolling mean over {IN_BATCH_SMOOTH} steps per run, then mean over {_phrase(m)} "
-              "(band: 95% t interval)")
+              f"{_band(m)}")
     return fig
 
 
@@ -508,7 +588,7 @@ def fig_lld_shared_unique(runs: Sequence[RunData]):
     d = pd.DataFrame(rows)
     ax = plots.plot_lld_shared_unique(d, ylabel="in-batch Δ log π(y⁺) per positive (nats)")
     ax.set_title(f"positive tokens a negative shares vs the rest: each run's mean over steps, {_phrase(d)}\n"
-                 "(error bars: 95% t across seeds; shared + unique = the in-batch Δ)", fontsize="small")
+                 f"{_band(d, 'error bars')}; shared + unique = the in-batch Δ", fontsize="small")
     return ax.figure
 
 
@@ -518,18 +598,135 @@ def fig_first_order(runs: Sequence[RunData]):
     if d.empty:
         return "no first-order results with mixed groups"
     algo = {r.label: str(r.config.get("algorithm")) for r in runs}
-    d = d[(d.algorithm == d.label.map(algo)) & d.is_positive & d.actual_head.notna()]
+    d = d[(d.algorithm == d.label.map(algo)) & d.actual_head.notna()]
     if d.empty:
         return "no first-order prediction for the runs' own algorithms"
+    import matplotlib.pyplot as plt
+
     named = {r.label: r for r in chosen}
     labs = plots.style.order_labels(list(d.label.unique()))
-    fig, axes = _panels(len(labs))  # a panel per algorithm: their points lie on one diagonal
-    for a, lab in zip(axes, labs):
-        plots.plot_first_order(d[d.label == lab].rename(columns={"actual_head": "measured"}), ax=a)
-        a.get_legend().remove()
-        a.set_title(_run_name(named[lab]), fontsize="small")
-    _suptitle(fig, "one SGD step of the head from each probed checkpoint: the positives' Δ log π, predicted vs "
-                   "measured")
+    # One scale for every panel (the algorithms' steps differ in size: that is part of what is shown), and the
+    # positives (green) apart from the negatives (red): the docs' split of the prediction by polarity.
+    lim = float(np.nanmax(np.abs(d[["predicted", "actual_head"]].to_numpy()))) * 1.05
+    ncols = min(len(labs), 5)
+    fig, axes = plt.subplots(-(-len(labs) // ncols), ncols, figsize=(3.3 * ncols, 3.3 * -(-len(labs) // ncols)),
+                             squeeze=False, sharex=True, sharey=True)
+    for a in axes.flat[len(labs):]:
+        a.set_visible(False)
+    for a, lab in zip(axes.flat, labs):
+        e = d[d.label == lab]
+        for pos, color, name in ((True, "#1b9e77", "positive responses"), (False, "#d95f02", "negative responses")):
+            f = e[e.is_positive == pos]
+            a.scatter(f.predicted, f.actual_head, s=10, alpha=0.7, color=color, label=name, lw=0)
+        a.plot([-lim, lim], [-lim, lim], color="k", ls="--", lw=0.8)
+        err = float((e.actual_head - e.predicted).abs().max())
+        a.set_title(f"{_run_name(named[lab])}\nmax |measured − predicted| {err:.1e}", fontsize="small")
+        a.set_xlim(-lim, lim)
+        a.set_ylim(-lim, lim)
+        from matplotlib.ticker import MaxNLocator
+
+        a.xaxis.set_major_locator(MaxNLocator(3))
+        a.ticklabel_format(style="sci", scilimits=(-2, 2))
+    for a in axes[-1]:
+        a.set_xlabel("predicted Δ log π (first order)")
+    for a in axes.flat:
+        a.set_ylabel("measured Δ log π (head step)")
+    axes.flat[0].legend(frameon=False, fontsize="x-small", loc="upper left")
+    _suptitle(fig, "one SGD step of the head from each probed checkpoint: Δ log π of each response, predicted vs "
+                   "measured (on y = x: the first-order prediction holds)")
+    return fig
+
+
+# ------------------------------------------------------------------------------ the study's figures
+
+
+def _live_frame(runs: Sequence[RunData], keys: Sequence[str]) -> pd.DataFrame:
+    parts = [r.metrics.assign(label=r.label, seed=_seed_id(r)) for r in runs
+             if any(k in r.metrics and r.metrics[k].notna().any() for k in keys)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def fig_collateral(runs: Sequence[RunData]):
+    rows = []
+    for r in runs:
+        if "update/groups" not in r.metrics:
+            continue
+        for groups in r.metrics["update/groups"].dropna():
+            for g in groups:  # [group_id, collateral, push_down, kl]
+                rows.append({"label": r.label, "seed": _seed_id(r), "collateral": g[1], "push_down": g[2]})
+    if not rows:
+        return "no per-group collateral (train with collateral_in_batch: true)"
+    d = pd.DataFrame(rows)
+    fig = plots.plot_collateral_vs_pushdown(d)
+    _suptitle(fig, f"each mixed group's update: collateral on the positives' shared tokens vs push-down of the "
+                   f"negatives, {_phrase(d)} pooled\nline: least squares; slope interval: 95% t over the per-seed "
+                   "slopes (smaller slope: less collateral per unit push-down)")
+    return fig
+
+
+_CLASSES = {"resrl/weight_shared": "shared", "resrl/weight_first_divergent": "first divergent",
+            "resrl/weight_after": "after"}
+
+
+def fig_weight_by_class(runs: Sequence[RunData]):
+    rows = []
+    for r in runs:
+        for key, cls in _CLASSES.items():
+            if key in r.metrics and r.metrics[key].notna().any():
+                rows.append({"label": r.label, "seed": _seed_id(r), "class": cls,
+                             "value": float(pd.to_numeric(r.metrics[key], errors="coerce").mean())})
+    if not rows:
+        return "no ω by token class (a ResRL-family run with collateral_in_batch: true)"
+    d = pd.DataFrame(rows)
+    ax = plots.plot_seed_means(d, group="class", groups=list(_CLASSES.values()), ylabel="mean ω of negative tokens",
+                               annotate=False)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"where the weight falls: ω by the negative token's class, each run's mean over steps, {_phrase(d)}"
+                 f"\n(dots: seeds; black: {_mean_bar(d)})", fontsize="small")
+    return ax.figure
+
+
+def fig_lld_per_kl(runs: Sequence[RunData]):
+    keys = ("update/pos_delta_per_kl", "update/selectivity_ratio", "update/kl_k3")
+    m = _live_frame(runs, keys)
+    if m.empty:
+        return "no step-size-free metrics (train with collateral_in_batch: true)"
+    m = m[m["update/kl_k3"].notna()]
+    fig = plots.plot_training_dynamics(m, keys=keys, smooth=IN_BATCH_SMOOTH)
+    for ax in fig.axes:
+        ax.axhline(0.0, color="k", lw=0.7)
+    _suptitle(fig, f"per unit of the update's size: Δ log π(y⁺) per unit KL (k3), collateral per unit push-down, "
+                   f"and the KL itself\nrolling mean over {IN_BATCH_SMOOTH} steps per run, then mean over "
+                   f"{_phrase(m)} {_band(m)}")
+    return fig
+
+
+def fig_pass_at_k_strata(runs: Sequence[RunData]):
+    from .ops import pass_at_k_by_stratum, stratum_of
+
+    rows = []
+    for r in runs:
+        div = r.probes.get("diversity")
+        if div is None or div.prompts is None or not len(div.prompts):
+            continue
+        p = div.prompts.dropna(subset=["n_correct"])
+        if not len(p) or not any(stratum_of(u) for u in p.prompt_uid):
+            continue
+        for when, step in (("step 0", int(p.step.min())), ("last", int(p.step.max()))):
+            e = p[p.step == step].sort_values("group_id")  # the probe set's order: the task's strata in turn
+            n = int(e.n_samples.min())
+            for s, curve in pass_at_k_by_stratum(n, e.prompt_uid.tolist(), e.n_correct.astype(int).tolist()).items():
+                rows += [{"label": r.label, "seed": _seed_id(r), "stratum": s, "when": when, "k": k + 1,
+                          "v": float(v)} for k, v in enumerate(curve)]
+    if not rows:
+        return "no held-out prompts with strata (the diversity probe on a stratified held-out set)"
+    d = pd.DataFrame(rows)
+    t = pd.concat([plots.seed_bands(g, "k", "v").assign(stratum=s, when=w)
+                   for (s, w), g in d.groupby(["stratum", "when"])], ignore_index=True)
+    order = [s for s in dict.fromkeys(d.stratum) if s != "all"] + ["all"]  # as the task lists them
+    fig = plots.plot_pass_at_k_strata(t, strata=order)
+    _suptitle(fig, f"pass@k on the held-out strata and all prompts, {_phrase(d)} "
+                   f"{_band(d)}")
     return fig
 
 
@@ -642,6 +839,10 @@ FIGURES: dict[str, Callable[[Sequence[RunData]], object]] = {
     "entropy_by_polarity": fig_entropy_by_polarity,
     "entropy_prediction": fig_entropy_prediction,
     "flip_map": fig_flip_map,
+    "collateral_vs_pushdown": fig_collateral,
+    "weight_by_class": fig_weight_by_class,
+    "lld_per_kl": fig_lld_per_kl,
+    "pass_at_k_strata": fig_pass_at_k_strata,
 }
 
 

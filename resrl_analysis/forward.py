@@ -299,12 +299,15 @@ def response_forward(
     memory_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     entropy: bool = False,
     capture: Mapping[str, Representation] | None = None,
+    capture_own: Mapping[str, Representation] | None = None,
     return_logits: bool = False,
 ) -> ForwardOut:
     """One forward over ``rows``; log π(y_t | x, y_<t) of every response token at ``temperature``.
 
     Args:
-        capture: key -> representation name (``"head_input"``, ``"penultimate"`` or a hidden_states index).
+        capture: key -> representation name (``"head_input"``, ``"penultimate"`` or a hidden_states index), at the
+            positions that predict each response token.
+        capture_own: the same, at each response token's own position (the state after the token is read).
         return_logits: also return the (B, Tr, V) response logits (NTHR and the probes need them).
 
     Grad mode is the caller's: wrap in ``torch.no_grad()`` for a pass that is not differentiated.
@@ -312,9 +315,11 @@ def response_forward(
     tr = rows.response_len
     kw = {"logits_to_keep": tr + 1} if _accepts(model, "logits_to_keep") else {}  # head only where needed
     # Count from the end: the head's input may already be cut to the last tr + 1 positions.
-    with _capture_cm(model, capture or {}, slice(-(tr + 1), -1)) as store:
+    with _capture_cm(model, capture or {}, slice(-(tr + 1), -1)) as store, \
+            _capture_cm(model, capture_own or {}, slice(-tr, None)) as own:
         out = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids,
                     use_cache=False, **kw)
+    store.update(own)
     logits = out.logits[:, -(tr + 1) : -1]  # (B, Tr, V): position L - Tr - 1 + t predicts response token t
     logp, ent = token_logprobs_and_entropy(
         logits, rows.response_ids, temperature=temperature, memory_budget_mb=memory_mb, entropy=entropy

@@ -18,6 +18,8 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_MB",
+    "pass_at_k_by_stratum",
+    "stratum_of",
     "chunk_tokens_for_budget",
     "token_logprobs",
     "token_logprobs_and_entropy",
@@ -375,6 +377,30 @@ def pass_at_k_curve(n: int, correct_counts: Sequence[int] | np.ndarray) -> np.nd
         raise ValueError("pass_at_k_curve: correct_counts must be a non-empty 1-D sequence")
     ks = np.arange(1, n + 1)
     return pass_at_k(n, c[None, :], ks[:, None]).mean(axis=1)
+
+
+def stratum_of(prompt_uid: str) -> str | None:
+    """A held-out prompt's difficulty stratum: its uid's part before ``/`` (None when there is none).
+
+    >>> stratum_of("chain/add-109+997"), stratum_of("add-101+384")
+    ('chain', None)
+    """
+    head, sep, _ = str(prompt_uid).partition("/")
+    return head if sep and head else None
+
+
+def pass_at_k_by_stratum(n: int, prompt_uids: Sequence[str], correct_counts: Sequence[int]) -> dict[str, np.ndarray]:
+    """:func:`pass_at_k_curve` of each stratum's prompts (:func:`stratum_of`), and ``"all"`` of every prompt.
+
+    >>> {k: v.round(3).tolist() for k, v in pass_at_k_by_stratum(2, ["a/x", "a/y", "b/z"], [0, 2, 1]).items()}
+    {'all': [0.5, 0.667], 'a': [0.5, 0.5], 'b': [0.5, 1.0]}
+    """
+    counts = np.asarray(correct_counts, dtype=np.int64)
+    out = {"all": pass_at_k_curve(n, counts)}
+    strata = [stratum_of(u) for u in prompt_uids]
+    for s in dict.fromkeys(x for x in strata if x is not None):
+        out[s] = pass_at_k_curve(n, counts[[x == s for x in strata]])
+    return out
 
 
 def avg_at_n(correct: np.ndarray | Sequence[Sequence[float]]) -> float:

@@ -115,6 +115,11 @@ METRIC_KEYS = (
     "flips/coupled_low_pairs",
     "drift/head_rel_update", "drift/body_rel_update", "drift/head_body_ratio", "drift/head_rel_level",
     "drift/head_jumps",
+    "update/kl_k3", "update/pos_delta_mean", "update/pos_delta_per_kl", "update/neg_delta_mean",
+    "update/neg_delta_per_kl", "update/collateral_mean", "update/push_down_mean", "update/selectivity_ratio",
+    "update/selectivity_ratio_median", "update/collateral_per_kl", "update/push_down_shared",
+    "update/push_down_first_divergent", "update/push_down_after", "update/mixed_groups", "update/groups",
+    "resrl/weight_shared", "resrl/weight_first_divergent", "resrl/weight_after", "resrl/first_divergent_tokens",
     "timing/sample_s", "timing/rollout_s", "timing/update_s", "timing/step_s",
     "perf/tokens_per_s", "train/skipped_steps", "train/blowup_steps",
 )

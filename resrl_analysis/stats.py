@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["Interval", "t_cdf", "t_ppf", "mean_interval", "welch_difference", "describe_interval", "interval_digits",
-           "describe_difference", "fmt_number"]
+           "describe_difference", "fmt_number", "ols_slope"]
 
 
 @dataclass(frozen=True)
@@ -236,6 +236,25 @@ def welch_difference(a: Sequence[float | None], b: Sequence[float | None], *, le
     df = se2**2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
     half = t_ppf(0.5 + level / 2.0, df) * math.sqrt(se2)
     return Interval(diff, diff - half, diff + half, level, "welch", min(na, nb), df)
+
+
+def ols_slope(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Least-squares line y = a + b·x: returns (b, a); NaN slope for fewer than 2 distinct x.
+
+    >>> ols_slope([0.0, 1.0, 2.0], [1.0, 3.0, 5.0])
+    (2.0, 1.0)
+    """
+    n = len(x)
+    if n != len(y):
+        raise ValueError(f"ols_slope: x has {n} values, y {len(y)}")
+    if n < 2:
+        return math.nan, math.nan
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    if sxx == 0.0:
+        return math.nan, math.nan
+    b = sum((a - mx) * (c - my) for a, c in zip(x, y)) / sxx
+    return b, my - b * mx
 
 
 # ----------------------------------------------------------------------------- sentences

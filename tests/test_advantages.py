@@ -193,14 +193,17 @@ def test_algorithm_names_are_the_registry_everywhere():
     from trainer.train_cli import add_train_arguments
 
     assert ALGORITHM_NAMES == CORE_NAMES == PROBE_ALGORITHMS == tuple(ALGORITHMS)
-    assert set(ALGORITHM_NAMES) == {"grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl"}
+    assert set(ALGORITHM_NAMES) == {"grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl", "resrl-shuffled",
+                                    "resrl-uniform", "resrl-own-state", "shared-mask"}
     p = argparse.ArgumentParser()
     add_train_arguments(p)
     (algo_flag,) = [a for a in p._actions if a.dest == "algorithm"]
     assert tuple(algo_flag.choices) == ALGORITHM_NAMES
     probe_args = add_probe_arguments(argparse.ArgumentParser()).parse_args(["run"])
-    assert tuple(probe_args.algorithms) == ALGORITHM_NAMES
-    assert set(GROUP_ALGORITHMS) == {"grpo", "nthr", "resrl"}  # they normalise within a group: n >= 2
+    # The probe's default list leaves the controls of ResRL out (accepted on request).
+    assert tuple(probe_args.algorithms) == tuple(a for a in ALGORITHM_NAMES if ALGORITHMS[a].control_of is None)
+    assert set(GROUP_ALGORITHMS) == {"grpo", "nthr", "resrl", "resrl-shuffled", "resrl-uniform", "resrl-own-state",
+                                     "shared-mask"}  # they normalise within a group: n >= 2
 
 
 def test_every_default_is_declared_once():
@@ -274,7 +277,8 @@ def test_extras_are_registered_with_fill_values_and_dumped():
     g = torch.Generator().manual_seed(0)
     B, T, d, V = 4, 5, 6, 9
     inp = _inputs([1, 1, 0, 0], [0, 0, 0, 0], [5, 4, 5, 3], T=T, hidden=torch.randn(B, T, d, generator=g),
-                  head_input=torch.randn(B, T, d, generator=g), logits=torch.randn(B, T, V, generator=g))
+                  head_input=torch.randn(B, T, d, generator=g), logits=torch.randn(B, T, V, generator=g),
+                  hidden_own=torch.randn(B, T, d, generator=g), generator=torch.Generator().manual_seed(1))
     for name, algo in ALGORITHMS.items():
         out = algo.fn(inp)
         assert tuple(out.extras) == algo.extras, name  # an algorithm returns exactly the extras it registered
@@ -307,7 +311,8 @@ def tiny():
 
 @pytest.mark.integration
 @pytest.mark.parametrize("layer", ["penultimate", "head_input"])
-@pytest.mark.parametrize("algorithm", ["grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl"])
+@pytest.mark.parametrize("algorithm", ["grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl", "resrl-shuffled",
+                                       "resrl-uniform", "resrl-own-state", "shared-mask"])
 def test_trainer_and_probe_advantages_are_identical(tiny, algorithm, layer):
     """The trainer's path (pack_rows → no-grad response_forward → algo_inputs → registry) and the first-order
     probe's (forward_group → token_advantages) give the same per-token advantages for the same group."""
@@ -317,7 +322,7 @@ def test_trainer_and_probe_advantages_are_identical(tiny, algorithm, layer):
     from resrl_analysis.probes.first_order import token_advantages
     from trainer.config import TrainConfig
 
-    assert set(ALGORITHM_NAMES) == {"grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl"}  # the parametrisation
+    assert len(ALGORITHM_NAMES) == 10  # the parametrisation
     cfg = TrainConfig(algorithm=algorithm, temperature=0.7, resrl_rank=4, resrl_layer=layer, seed=3)
     algo = get_algorithm(algorithm)
     group, step = _probe_group(), 2
@@ -332,18 +337,23 @@ def test_trainer_and_probe_advantages_are_identical(tiny, algorithm, layer):
         capture["hidden"] = cfg.resrl_layer
     if "head_input" in algo.needs:
         capture["head_input"] = "head_input"
+    own = {"hidden_own": cfg.resrl_layer} if "hidden_own" in algo.needs else {}
     with torch.no_grad():
         rows = pack_rows(prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool), response_ids, response_mask)
-        fo = response_forward(tiny, rows, temperature=cfg.temperature, capture=capture,
+        fo = response_forward(tiny, rows, temperature=cfg.temperature, capture=capture, capture_own=own,
                               return_logits="logits" in algo.needs)
         inp = loop.algo_inputs(cfg, step, params_from_config(cfg), rows, fo, torch.tensor(group.rewards),
                                 torch.full((G,), group.group_id))
     trainer_out = algo.fn(inp)
     fwd = forward_group(tiny, group)
+    if algorithm == "resrl-own-state" and layer == "head_input":  # the probes keep the penultimate one only
+        with pytest.raises(ValueError, match="own positions"):
+            token_advantages(fwd, algorithm, params_from_config(cfg), seed=seed_of(cfg.seed, "resrl", step))
+        return
     probe = token_advantages(fwd, algorithm, params_from_config(cfg), seed=seed_of(cfg.seed, "resrl", step))
     assert torch.equal(probe, trainer_out.token_advantages)
     assert (probe[~fwd.mask] == 0).all() and (probe[fwd.mask] != 0).any()
-    if algorithm == "resrl":  # the group is weighted, not left at weight 1
+    if algorithm.startswith("resrl"):  # the group is weighted, not left at weight 1
         assert (trainer_out.extras["resrl_weights"][response_mask] < 1).any()
 
 

@@ -126,3 +126,22 @@ def test_entropy_questions_per_algorithm_and_against_w_reinforce(tmp_path):
     expected = describe_interval(Interval.from_dict(w.to_dict(), n=3))
     assert line == [f"- ResRL's negative samples move entropy less than W-REINFORCE's, |first-order ΔH from negative "
                     f"samples|: shown, ResRL − W-REINFORCE = {expected}."]
+
+
+def test_worker_lines_are_labelled_with_their_run_and_the_eta_counts_down():
+    import io
+
+    from trainer.demo import _eta, _Labelled
+
+    buf = io.StringIO()
+    out = _Labelled(buf, "run 3/40 nsr-s1")
+    out.write("step 10  reward 0.5\nstep 20")
+    out.write("  reward 0.6\n")
+    print("probing", file=out)
+    assert buf.getvalue().splitlines() == ["[run 3/40 nsr-s1] step 10  reward 0.5",
+                                           "[run 3/40 nsr-s1] step 20  reward 0.6", "[run 3/40 nsr-s1] probing"]
+    import time
+
+    started = time.time() - 600.0  # 10 minutes for 2 runs: 8 left take about 40 minutes
+    assert "about 40 min left" in _eta(started, 2, 10, 2)
+    assert _eta(started, 0, 10, 2) == "ETA unknown"

@@ -75,7 +75,15 @@ def _metrics_run(path, algo: str, seed: int, rng, *, config: dict | None = None)
                       "lld/batch_delta_mean": rng.normal(0, 1, len(steps)), "lld/mixed_groups": 5.0,
                       "lld/shared_token_delta_mean": rng.normal(-1, 1, len(steps)),
                       "lld/unique_token_delta_mean": rng.normal(1, 1, len(steps)),
-                      **{k: rng.normal(0, 1e-3, len(steps)) for k in figures.ENTROPY_KEYS}})
+                      **{k: rng.normal(0, 1e-3, len(steps)) for k in figures.ENTROPY_KEYS},
+                      "update/kl_k3": rng.uniform(1e-4, 1e-3, len(steps)),
+                      "update/pos_delta_per_kl": rng.normal(50, 10, len(steps)),
+                      "update/selectivity_ratio": rng.normal(0.1, 0.05, len(steps)),
+                      "resrl/weight_shared": rng.uniform(0.1, 0.2, len(steps)),
+                      "resrl/weight_first_divergent": rng.uniform(0.1, 0.2, len(steps)),
+                      "resrl/weight_after": rng.uniform(0.5, 0.7, len(steps))})
+    m["update/groups"] = [[[g, float(c), float(p), 1e-3] for g, (c, p) in
+                           enumerate(zip(rng.normal(0.02, 0.01, 4), rng.uniform(0.1, 1.0, 4)))] for _ in steps]
     cfg = {"algorithm": algo, "seed": seed, "lr": 1e-5, "output_dir": str(path), **(config or {})}
     return figures.RunData(path / f"{algo}-s{seed}", algo, cfg, m, seed=seed)
 
@@ -162,8 +170,13 @@ def test_every_axis_of_every_figure_has_a_y_label(probed_runs, tmp_path):
     heat, _ = _resrl_rollout_run(probed_runs)
     extra = [_metrics_run(tmp_path, "grpo", s, rng) for s in (5, 6)]
     drawn = 0
+    live = ("in_batch_lld", "lld_shared_unique", "collateral_vs_pushdown", "weight_by_class", "lld_per_kl",
+            "entropy_by_polarity")
+    for r in runs:  # a stratified held-out set: the prompts' uids name their stratum
+        div = r.probes["diversity"]
+        uids = [f"s{g % 2}/{u}" for g, u in zip(div.prompts.group_id, div.prompts.prompt_uid)]
+        object.__setattr__(div, "prompts", div.prompts.assign(prompt_uid=uids))
     for name, fn in figures.FIGURES.items():
-        live = ("in_batch_lld", "lld_shared_unique", "entropy_by_polarity")
         pool = [heat] if name == "token_heatmap" else runs + (extra if name in live else [])
         got = fn(pool)
         if isinstance(got, str):

@@ -10,6 +10,7 @@ from resrl_analysis.ops import group_advantages
 from resrl_analysis.probes.capture import forward_group
 from resrl_analysis.probes.first_order import (
     ALGORITHMS,
+    DEFAULT_ALGORITHMS,
     AdvantageOptions,
     first_order_prediction,
     full_step_delta,
@@ -125,7 +126,7 @@ def test_first_order_result(setup):
     model, ps, fwd = setup
     r = first_order_prediction(model, ps, lr=1e-3, full_step=True)
     df = r.to_frame()
-    assert sorted(df.algorithm.unique()) == sorted(ALGORITHMS) and len(df) == len(ALGORITHMS) * 6
+    assert sorted(df.algorithm.unique()) == sorted(DEFAULT_ALGORITHMS) and len(df) == len(DEFAULT_ALGORITHMS) * 6
     np.testing.assert_allclose(df.predicted, df.predicted_from_pos + df.predicted_from_neg, atol=1e-12)
     np.testing.assert_allclose(df.actual_head, df.predicted, rtol=0.05, atol=1e-6)
     assert np.isfinite(df.actual_full).all()

@@ -249,6 +249,7 @@ def test_math_doc_names_an_existing_function_for_each_formula():
 @pytest.mark.parametrize("module, add", [("resrl_analysis.figures", "add_figures_arguments"),
                                          ("trainer.demo", "add_demo_arguments"),
                                          ("resrl_analysis.compare", "add_compare_arguments"),
+                                         ("trainer.study", "add_study_arguments"),
                                          ("resrl_analysis.probes.runner", "add_probe_arguments"),
                                          ("resrl_analysis.view.cli", "add_view_arguments")])
 def test_help_shows_each_default_once_and_never_an_empty_one(module, add):

@@ -1,4 +1,4 @@
-"""The ``resrl`` command line: train, probe, figures, compare, view, demo (also ``python -m trainer``).
+"""The ``resrl`` command line: train, probe, figures, compare, view, study, demo (also ``python -m trainer``).
 
 A leaf: it may import both halves (``resrl_analysis`` never imports ``trainer``). Each subcommand's
 implementation is imported only when that subcommand runs, so ``resrl --help`` starts fast and
@@ -37,6 +37,8 @@ _SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "summarise runs by algorithm and seed: means with 95% intervals, differences, verdicts"),
     "view": ("resrl_analysis.view.cli", "add_view_arguments", "run_view",
              "one self-contained HTML page of the runs' tokens, coloured, with the numbers on hover"),
+    "study": ("trainer.study", "add_study_arguments", "run_study",
+              "is it the projection? ResRL, its 4 controls, W-REINFORCE, NSR, PSR over 5 seeds (about 60-90 min)"),
     "demo": ("trainer.demo", "add_demo_arguments", "run_demo",
              "the main job: train 5 algorithms (PSR the control) over 3 seeds, probe, summarise with intervals, draw"),
 }
@@ -52,7 +54,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's implementation is imported.
 
     >>> sorted(build_parser()._subparsers._group_actions[0].choices)
-    ['compare', 'demo', 'figures', 'probe', 'train', 'view']
+    ['compare', 'demo', 'figures', 'probe', 'study', 'train', 'view']
     """
     parser = argparse.ArgumentParser(
         prog="resrl",

@@ -66,6 +66,7 @@ RESUMABLE_CHANGES = frozenset({
     "logprob_micro_batch_size", "progress_bar", "log_every", "tensorboard", "dump_rollouts", "device",
     "gradient_checkpointing", "logprob_memory_mb", "rollout_backend", "val_every", "preset", "cpu_threads",
     "rollout_compile", "lr", "grad_clip", "max_consecutive_skips", "report_to", "lld_in_batch",
+    "collateral_in_batch",
     "resume_from", "blowup_param_ratio", "blowup_update_norm", "max_blowup_steps", "sane_weight_max",
     "entropy_in_batch", "entropy_predict_in_batch", "flips_in_batch", "flips_low_confidence", "drift_watch",
     "drift_jump_factor", "drift_window",
@@ -254,6 +255,11 @@ class TrainConfig:
                                        "(per unit learning rate) must be to be reported as a jump (> 1).")
     drift_window: int = _f(20, "drift_watch: the previous optimizer steps whose median is the head's running level; "
                                "no jump is reported before 5 of them.")
+    collateral_in_batch: bool = _f(False, "Measure each update's collateral per unit of push-down live: after each "
+                                          "rollout batch's last update, re-score every row (update/*: the KL of the "
+                                          "update (k3), Δ log π of positives and negatives per unit of it, the "
+                                          "selectivity ratio; resrl/weight_* for ResRL-family runs). The demo and "
+                                          "the study turn it on.")
     max_consecutive_skips: int = _f(5, "Stop the run after this many non-finite steps in a row.")
     blowup_param_ratio: float = _f(1.5, "Report a step as a blow-up when it grows the parameter norm by more than "
                                         "this factor (||θ_after|| / ||θ_before||; 0 = off).")

@@ -46,8 +46,46 @@ HEADLINE_METRICS = {k: METRICS[k].label for k in DEMO_SPEC.metrics}
 _NAMES = NAMES
 
 
+_WHO = "demo"
+
+
 def _say(msg: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    print(f"[{_WHO} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class _Labelled:
+    """A text stream that starts every line with a label: a worker's lines stay readable when two runs interleave."""
+
+    def __init__(self, stream: Any, label: str) -> None:
+        self._stream, self._label, self._at_start = stream, label, True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            if self._at_start:
+                out.append(f"[{self._label}] ")
+            out.append(piece)
+            self._at_start = piece.endswith("\n")
+        self._stream.write("".join(out))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _eta(started: float, done: int, total: int, jobs: int) -> str:
+    """``ETA hh:mm`` from the runs done so far (each slot finishes about one run per mean duration × jobs).
+
+    >>> _eta(0.0, 0, 4, 2)
+    'ETA unknown'
+    """
+    if done == 0:
+        return "ETA unknown"
+    left = (time.time() - started) / done * (total - done)
+    return f"ETA {time.strftime('%H:%M', time.localtime(time.time() + left))} (about {left / 60:.0f} min left)"
 
 
 def summarize_run(run_dir: Path) -> dict[str, Any]:
@@ -87,14 +125,22 @@ def _headline(agg: dict[str, Any], n_seeds: int) -> list[str]:
     return ["", "## What the numbers show", "", *out] if out else []
 
 
-def _one_run(preset: str, overrides: dict[str, Any], probe_argv: list[str]) -> str:
-    """Train one run and probe it (in a worker process); returns the run directory."""
+def _one_run(preset: str, overrides: dict[str, Any], probe_argv: list[str], label: str = "", who: str = "demo"
+             ) -> str:
+    """Train one run and probe it (in a worker process); returns the run directory. Every line it prints starts
+    with ``[label]`` (``run k/N algorithm-sSEED``)."""
     import argparse as _ap
 
     from resrl_analysis.checkpoints import quiet_progress_bars_unless_tty
     from resrl_analysis.probes.runner import add_probe_arguments, run_probe
 
+    global _WHO
+    _WHO = who
     quiet_progress_bars_unless_tty()  # a fresh (spawned) interpreter: the dispatcher's setting is not inherited
+    if label:  # a worker runs several runs in turn: label the original streams, not the last run's wrappers
+        out, err = (getattr(x, "_stream", x) for x in (sys.stdout, sys.stderr))
+        sys.stdout = _Labelled(out, label)  # type: ignore[assignment]
+        sys.stderr = _Labelled(err, label)  # type: ignore[assignment]
 
     from .config import preset_config
     from .loop import train
@@ -104,14 +150,67 @@ def _one_run(preset: str, overrides: dict[str, Any], probe_argv: list[str]) -> s
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the demo is a fresh experiment each time
     t0 = time.time()
+    _say(f"training {cfg.algorithm}, seed {cfg.seed}: {cfg.steps} steps")
     train(cfg)
     _say(f"trained {run_dir.name} in {time.time() - t0:.0f} s")
     args = add_probe_arguments(_ap.ArgumentParser(prog="resrl probe")).parse_args([str(run_dir), *probe_argv])
+    n_ckpt = len(list((run_dir / "checkpoints").glob("step_*")))
+    which = args.probes if isinstance(args.probes, str) else ",".join(args.probes or ["every probe"])
+    _say(f"probing {run_dir.name}: {which} on "
+         f"{args.probe_set} prompts at {n_ckpt} checkpoints, pass@k from {args.samples} samples per prompt at the "
+         "first and last (a few minutes, silent)")
     t1 = time.time()
     if run_probe(args) != 0:
         raise RuntimeError(f"resrl probe failed on {run_dir}")
     _say(f"probed {run_dir.name} in {time.time() - t1:.0f} s")
     return str(run_dir)
+
+
+def _finished(o: dict[str, Any]) -> bool:
+    """Whether a run of an interrupted demo or study is complete: its last checkpoint and its probes' summary."""
+    run = Path(o["output_dir"])
+    last = run / "checkpoints" / f"step_{int(o['steps']):06d}"
+    return last.is_dir() and (run / "probes" / "summary.json").is_file()
+
+
+def run_all(out: Path, runs: list[tuple[str, int, dict[str, Any]]], preset: str, argv_of: Any, jobs: int,
+            who: str, reuse: bool = False) -> dict[tuple[str, int], Path]:
+    """Train and probe every (algorithm, seed, overrides) of ``runs``, ``jobs`` at a time (spawned workers), the
+    first seed first, each probed with ``argv_of(algorithm, seed)``; prints run k of N with an ETA as runs finish.
+    Returns the run directories."""
+    import multiprocessing as mp
+
+    global _WHO
+    _WHO = who
+    total = len(runs)
+    labels = {(a, s): f"run {k}/{total} {a}-s{s}" for k, (a, s, _) in enumerate(runs, 1)}
+    done: dict[tuple[str, int], Path] = {}
+    if reuse:  # an interrupted study goes on: its complete runs are kept, the others run again from scratch
+        done = {(a, s): Path(o["output_dir"]) for a, s, o in runs if _finished(o)}
+        if done:
+            _say(f"reusing {len(done)} complete run(s) of {out}: {', '.join(p.name for p in done.values())}")
+        runs = [r for r in runs if (r[0], r[1]) not in done]
+        total = len(runs)
+    started = time.time()
+    if jobs == 1:
+        for a, s, o in runs:
+            done[(a, s)] = Path(_one_run(preset, o, argv_of(a, s), labels[(a, s)], who))
+            k = total - sum((r[0], r[1]) not in done for r in runs)
+            _say(f"{k} of {total} runs done ({a}-s{s}); {_eta(started, k, total, jobs)}")
+        return done
+    # spawn: a fresh interpreter per worker (torch and fork do not mix). First seeds first: they take longest.
+    if not runs:
+        return done
+    first = min(s for _, s, _ in runs)
+    order = sorted(runs, key=lambda r: r[1] != first)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futs = {pool.submit(_one_run, preset, o, argv_of(a, s), labels[(a, s)], who): (a, s) for a, s, o in order}
+        for f in as_completed(futs):
+            a, s = futs[f]
+            done[(a, s)] = Path(f.result())
+            k = total - sum((r[0], r[1]) not in done for r in runs)
+            _say(f"{k} of {total} runs done ({a}-s{s}); {_eta(started, k, total, jobs)}")
+    return done
 
 
 def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALGORITHMS,
@@ -128,8 +227,6 @@ def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALG
     ...
     trainer.config.ConfigError: ...
     """
-    import multiprocessing as mp
-
     from resrl_analysis.figures import draw_all
 
     from .config import ConfigError, preset_config
@@ -144,7 +241,8 @@ def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALG
         raise ConfigError(f"--samples must be >= 2, got {samples}")
     runs = [(a, s, {"algorithm": a, "seed": s, "steps": steps, "save_every": save_every,
                     "output_dir": str(out / "runs" / f"{a}-s{s}"), "progress_bar": "off", "log_every": 10,
-                    "lld_in_batch": True, "cpu_threads": 1, **({"model": model} if model else {})})
+                    "lld_in_batch": True, "collateral_in_batch": True, "cpu_threads": 1,
+                    **({"model": model} if model else {})})
             for a in algorithms for s in seeds]
     cfgs = [preset_config(preset, **o) for _, _, o in runs]  # all validated before anything runs
     # Held-out probe set at every checkpoint (LLD), pass@k from `samples` samples at the first and last one.
@@ -159,17 +257,7 @@ def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALG
         return probe_argv if seed == seeds[0] else rest_argv
 
     _say(f"{len(runs)} runs ({len(algorithms)} algorithms × {len(seeds)} seeds), {jobs} at a time")
-    done: dict[tuple[str, int], Path] = {}
-    if jobs == 1:
-        for a, s, o in runs:
-            done[(a, s)] = Path(_one_run(preset, o, argv_of(s)))
-    else:
-        # spawn: a fresh interpreter per worker (torch and fork do not mix). First seeds first: they take longest.
-        order = sorted(runs, key=lambda r: r[1] != seeds[0])
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futs = {pool.submit(_one_run, preset, o, argv_of(s)): (a, s) for a, s, o in order}
-            for f in as_completed(futs):
-                done[futs[f]] = Path(f.result())
+    done = run_all(out, runs, preset, lambda _a, s: argv_of(s), jobs, "demo")
     run_dirs = [done[(a, s)] for a, s, _ in runs]
     _say("figures (all seeds)")
     report = draw_all(run_dirs, out / "figures", formats=("png", "pdf"))

@@ -42,7 +42,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from resrl_analysis.displacement import group_displacements, in_batch_lld_metrics
+from resrl_analysis.displacement import (
+    group_displacements,
+    group_updates,
+    in_batch_lld_metrics,
+    k3_kl,
+    update_selectivity_metrics,
+)
 from resrl_analysis.distributed import DistContext, all_gather_objects, all_reduce_max
 from resrl_analysis.forward import ForwardOut, PackedRows, pack_rows, response_forward
 from trainer.config import TrainConfig
@@ -242,6 +248,26 @@ def in_batch_lld(model: torch.nn.Module, data: ScoredBatch, cfg: TrainConfig, ct
 
 register_update_diagnostic(UpdateDiagnostic("lld", lambda cfg: cfg.lld_in_batch, "mixed_positives", False,
                                             _lld_metrics))
+
+
+def _selectivity_metrics(after: AfterUpdate, cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+    """``update/*`` (and ``resrl/weight_*`` for a ResRL-family run), every row re-scored; the KL over every
+    response token of the batch, the rest over mixed groups.
+
+    docs/MATH.md § Collateral per unit of push-down
+    """
+    data = after.data
+    weights = data.extras.get("resrl_weights")
+    mine = group_updates(data.old_logp, after.logp, data.response_ids, data.response_mask, data.rewards,
+                         data.group_ids, weights)
+    kl = k3_kl(data.old_logp, after.logp, data.response_mask)  # (B, Tr)
+    every = all_gather_objects((mine, float(kl.sum()), int(data.response_mask.sum())), ctx)
+    return update_selectivity_metrics([g for part in every for g in part[0]], sum(p[1] for p in every),
+                                      sum(p[2] for p in every), weighted=weights is not None)
+
+
+register_update_diagnostic(UpdateDiagnostic("selectivity", lambda cfg: cfg.collateral_in_batch, "all", False,
+                                            _selectivity_metrics))
 
 # The other built-in diagnostics (entropy/*, flips/*) register themselves in trainer/update_dynamics.py, which
 # imports this module; trainer.loop imports it, so the registry is complete wherever the loop runs.

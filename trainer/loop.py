@@ -235,6 +235,7 @@ def algo_inputs(cfg: TrainConfig, step: int, params: AdvantageParams, rows: Pack
     return AlgoInputs(
         rewards=rewards, group_ids=group_ids, response_ids=rows.response_ids, response_mask=rows.response_mask,
         params=params, hidden=fo.captured.get("hidden"), head_input=fo.captured.get("head_input"), logits=fo.logits,
+        hidden_own=fo.captured.get("hidden_own"),
         # Same seed for every chunk: a group's draws depend on (seed, step, group id) only.
         generator=generator(cfg.seed, "resrl", step),
     )
@@ -292,9 +293,10 @@ def _collect(
             capture["head_input"] = "head_input"
         keep_logits = "logits" in algo.needs or "logits" in live_need
         live_parts: dict[str, list[Tensor]] = {}
+        capture_own = {"hidden_own": cfg.resrl_layer} if "hidden_own" in algo.needs else {}
         params = params_from_config(cfg)
         weight_sets = None  # (B,) ResRL's weight sets, resrl_grouping=micro_batch only
-        if cfg.resrl_grouping == "micro_batch" and "hidden" in algo.needs:
+        if cfg.resrl_grouping == "micro_batch" and {"hidden", "hidden_own"} & algo.needs:
             # The reference's weight sets (docs/MATH.md § Departures from the reference implementation): its
             # update micro-batches after verl's length balancing of the whole batch over the W ranks. A group
             # never spans our ranks, so each rank weighs its own (group, micro-batch) pairs once it knows every
@@ -315,7 +317,8 @@ def _collect(
                     rows = pack_rows(batch.prompt_ids[sl], batch.prompt_mask[sl], batch.response_ids[sl],
                                      batch.response_mask[sl])
                     fo = response_forward(model, rows, temperature=cfg.temperature, memory_mb=cfg.logprob_memory_mb,
-                                          capture=capture, return_logits=keep_logits, entropy=entropy)
+                                          capture=capture, capture_own=capture_own, return_logits=keep_logits,
+                                          entropy=entropy)
                     old_logp[sl, : rows.response_len] = fo.logp
                     if token_entropy is not None:  # same chunks as the log-probs: they stay bit for bit the same
                         token_entropy[sl, : rows.response_len] = fo.entropy

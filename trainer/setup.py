@@ -323,7 +323,8 @@ def write_prompt_files(cfg: TrainConfig, run_dir: Path, ctx: DistContext, *, tas
     """Write ``prompts/heldout.jsonl`` and ``prompts/train.jsonl`` (docs/RUN_DIRECTORY.md), rank 0 only.
 
     The core builds the ``heldout`` and ``train`` probe sets from them (it never imports the trainer): the first
-    ``cfg.probe_prompts`` validation prompts, and at most that many training prompts spread evenly over the pool,
+    ``cfg.probe_prompts`` held-out prompts (``Task.heldout_prompts``: stratified by difficulty where the task
+    does so), and at most that many training prompts spread evenly over the pool,
     each with the task's correct response (``Task.sft_target`` when the task has it, else the ground truth).
     Without ``task``/``tokenizer`` both are rebuilt from ``cfg`` (the tiny policies load in well under a second).
     """
@@ -339,7 +340,7 @@ def write_prompt_files(cfg: TrainConfig, run_dir: Path, ctx: DistContext, *, tas
     if task is None:
         task = limit_prompts(build_task(cfg, tokenizer), cfg.train_prompts)
     n = cfg.probe_prompts
-    heldout = task.validation_prompts()[:n]
+    heldout = task.heldout_prompts(n)
     m = min(n, task.num_train)
     train = [task.train_item(i * task.num_train // m) for i in range(m)] if m else []
     (run_dir / rundir.PROMPTS).mkdir(parents=True, exist_ok=True)

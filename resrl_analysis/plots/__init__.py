@@ -20,6 +20,7 @@ from .diagnostics import (
     plot_token_heatmap,
 )
 from .entropy import plot_entropy_prediction, plot_flip_map
+from .selectivity import plot_collateral_vs_pushdown, plot_pass_at_k_strata, plot_seed_means
 from .style import ALGORITHM_COLORS, color_for, paper_style, save_figure
 
 __all__ = [
@@ -46,4 +47,7 @@ __all__ = [
     "plot_proxy_vs_interference",
     "plot_residual_weight_hist",
     "plot_token_heatmap",
+    "plot_collateral_vs_pushdown",
+    "plot_pass_at_k_strata",
+    "plot_seed_means",
 ]

@@ -115,6 +115,10 @@ def plot_seed_bands(table: pd.DataFrame, x: str = "step", *, label: str = "label
             ax.fill_between(d[x].to_numpy(), lo, hi, where=ok, color=c, alpha=0.18, lw=0)
     if zero_line:
         ax.axhline(0.0, color="k", lw=0.8)
+    if x == "step":  # optimizer steps are whole numbers: no 2.5 on the axis
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel)
     if legend:
@@ -168,6 +172,9 @@ def plot_training_dynamics(
                 d = metrics[(metrics[label] == lab) & metrics[key].notna()].sort_values("step")
                 y = d[key].rolling(smooth, min_periods=1).mean() if smooth > 1 else d[key]
                 a.plot(d["step"], np.asarray(y, dtype=float), color=color_for(lab), label=str(lab), lw=1.6)
+        from matplotlib.ticker import MaxNLocator
+
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.set_xlabel("step")
         a.set_ylabel(METRIC_LABELS.get(key, key))
         a.set_title(key + (f"\n{note}" if note else ""))

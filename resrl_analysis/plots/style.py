@@ -20,7 +20,8 @@ import seaborn as sns  # noqa: E402
 __all__ = ["ALGORITHM_COLORS", "ALGORITHM_ORDER", "color_for", "line_styles", "paper_style", "save_figure", "new_axes"]
 
 _palette = sns.color_palette("colorblind", 10)
-ALGORITHM_ORDER = ["grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl", "base"]
+ALGORITHM_ORDER = ["grpo", "psr", "nsr", "w-reinforce", "nthr", "resrl", "resrl-shuffled", "resrl-uniform",
+                   "resrl-own-state", "shared-mask", "base"]
 ALGORITHM_COLORS: dict[str, tuple[float, float, float]] = {
     "grpo": _palette[0],
     "psr": _palette[2],
@@ -28,6 +29,11 @@ ALGORITHM_COLORS: dict[str, tuple[float, float, float]] = {
     "w-reinforce": _palette[4],
     "nthr": _palette[8],
     "resrl": _palette[1],
+    # ResRL's controls (docs/MATH.md § Controls of ResRL): colours of their own, apart from ResRL's
+    "resrl-shuffled": (0.10, 0.55, 0.55),
+    "resrl-uniform": (0.50, 0.30, 0.10),
+    "resrl-own-state": _palette[9],
+    "shared-mask": (0.25, 0.25, 0.25),
     "base": (0.45, 0.45, 0.45),
 }
 _extra = sns.color_palette("dark", 10)
@@ -46,7 +52,7 @@ def color_for(label: str) -> tuple[float, float, float]:
         return ALGORITHM_COLORS[key]
     if key.startswith("step "):  # a checkpoint of no one algorithm ("step 0: all"): the neutral grey
         return ALGORITHM_COLORS["base"]
-    for name in ALGORITHM_ORDER:  # "resrl-seed1" keeps ResRL's colour
+    for name in sorted(ALGORITHM_ORDER, key=len, reverse=True):  # "resrl-seed1" keeps ResRL's colour
         if key.startswith(name):
             return ALGORITHM_COLORS[name]
     return _extra[sum(map(ord, key)) % len(_extra)]

@@ -126,6 +126,7 @@ class GroupForward:
     is_positive: Tensor
     head_input: Tensor | None = None
     penultimate: Tensor | None = None
+    penultimate_own: Tensor | None = None  # (G, T, d) the penultimate state at each token's own position
     logits: Tensor | None = None
     entropy_gram: bool = False
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
@@ -191,13 +192,15 @@ def forward_group(
     """
     batch = group_batch(group, model_device(model), pad_id)
     names = {"head_input": "head_input", "penultimate": "penultimate"} if keep_hidden else {}
+    own = {"penultimate_own": "penultimate"} if keep_hidden else {}  # resrl-own-state's states
     fo = response_forward(model, batch.rows, memory_mb=memory_budget_mb, entropy=True, capture=names,
-                          return_logits=True)
+                          capture_own=own, return_logits=True)
     return GroupForward(
         group=group, labels=batch.labels, mask=batch.mask, logp=fo.logp, entropy=fo.entropy,  # type: ignore[arg-type]
         rewards=batch.rewards, is_positive=batch.is_positive, head_input=fo.captured.get("head_input"),
         penultimate=fo.captured.get("penultimate"), logits=fo.logits if keep_logits else None,
         entropy_gram=entropy_gram,
+        penultimate_own=fo.captured.get("penultimate_own"),
     )
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ..advantages import ALGORITHM_NAMES, AdvantageParams, AlgoInputs, get_algorithm
+from ..advantages import ALGORITHM_NAMES, MAIN_ALGORITHMS, AdvantageParams, AlgoInputs, get_algorithm
 from ..forward import PackedRows, response_forward, stop_at_head
 from ..probe_sets import ProbeSet
 from ..results import FirstOrderResult
@@ -67,8 +67,12 @@ __all__ = [
     "SubspaceSettings",
 ]
 
-#: The algorithms of the registry (:data:`resrl_analysis.advantages.ALGORITHM_NAMES`).
+#: The algorithms of the registry (:data:`resrl_analysis.advantages.ALGORITHM_NAMES`), all accepted.
 ALGORITHMS: tuple[str, ...] = ALGORITHM_NAMES
+#: The default list: the registry's algorithms less the controls of another (``resrl-shuffled``, ...), which
+#: ``--algorithms`` adds on request.
+DEFAULT_ALGORITHMS: tuple[str, ...] = MAIN_ALGORITHMS
+_CONTROLS = tuple(a for a in ALGORITHMS if a not in DEFAULT_ALGORITHMS)
 
 #: Groups that take the real (head and whole-model) steps by default: the first this many.
 REAL_STEP_GROUPS = 4
@@ -108,6 +112,12 @@ def token_advantages(fwd: GroupForward, algorithm: str, options: AdvantageParams
             raise ValueError(f"{algorithm} advantages need hidden states (forward with keep_hidden=True)")
     else:
         hidden = None
+    hidden_own = None
+    if "hidden_own" in algo.needs:
+        if o.resrl_layer != "penultimate" or fwd.penultimate_own is None:
+            raise ValueError(f"{algorithm} needs the penultimate state at the tokens' own positions (the probes keep "
+                             "it for resrl_layer='penultimate', with keep_hidden=True)")
+        hidden_own = fwd.penultimate_own
     if {"head_input", "logits"} & algo.needs and (fwd.logits is None or fwd.head_input is None):
         raise ValueError(f"{algorithm} advantages need logits and head inputs (keep_hidden=True, keep_logits=True)")
     G = fwd.mask.shape[0]
@@ -115,7 +125,7 @@ def token_advantages(fwd: GroupForward, algorithm: str, options: AdvantageParams
         # The group's own id: ResRL's per-group draws then match the trainer's for the same group and seed.
         rewards=fwd.rewards.float(), group_ids=torch.full((G,), fwd.group.group_id, device=fwd.mask.device),
         response_ids=fwd.labels, response_mask=fwd.mask, params=o, hidden=hidden, head_input=fwd.head_input,
-        logits=fwd.logits, generator=torch.Generator().manual_seed(seed),
+        logits=fwd.logits, generator=torch.Generator().manual_seed(seed), hidden_own=hidden_own,
         # NTHR's Gram is the probes' shared one: computed once per group, not again inside the registry.
         grams=fwd.grams() if "logits" in algo.needs and o.temperature == 1.0 else None,
     )
@@ -593,7 +603,7 @@ def first_order_prediction(
     model: nn.Module,
     probe_set: ProbeSet,
     *,
-    algorithms: Sequence[str] = ALGORITHMS,
+    algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
     lr: float = 1e-3,
     head_step: bool = True,
     full_step: bool = False,
@@ -740,8 +750,8 @@ class SubspaceSettings:
 class FirstOrderOptions(SubspaceSettings):
     """Options of the ``first_order`` probe."""
 
-    algorithms: list[str] = option(list(ALGORITHMS), f"advantages for the first-order prediction (default: "
-                                   f"{','.join(ALGORITHMS)})", csv=str)
+    algorithms: list[str] = option(list(DEFAULT_ALGORITHMS), f"advantages for the first-order prediction (default: "
+                                   f"{','.join(DEFAULT_ALGORITHMS)}; also: {','.join(_CONTROLS)})", csv=str)
     lr: float = option(1e-3, "SGD step size η of the first-order prediction (default 1e-3)")
 
     def __post_init__(self) -> None:

@@ -67,6 +67,14 @@ class Task(ABC):
     def reward(self, response_text: str, ground_truth: str) -> float:
         """1.0 if the response is correct, else 0.0."""
 
+    def heldout_prompts(self, n: int) -> list[Prompt]:
+        """The held-out prompts the probes use (``prompts/heldout.jsonl``): the first ``n`` validation prompts.
+
+        A task may stratify them by difficulty instead: a prompt's stratum is its uid's part before ``/``
+        (:func:`resrl_analysis.ops.stratum_of`), and pass@k is then reported per stratum too.
+        """
+        return self.validation_prompts()[:n]
+
     def sft_target(self, prompt: Prompt) -> str:
         """The response a supervised warm start is trained to write: the ground truth by default.
 
