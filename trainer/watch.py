@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from resrl_analysis.distributed import DistContext, all_reduce_sum, broadcast_object
+from resrl_analysis.distributed import DistContext, all_reduce_sum, broadcast_object, fsdp_modules
 from resrl_analysis.rundir import CHECKPOINTS
 from trainer.config import TrainConfig
 from trainer.metrics_log import MetricsLog
@@ -47,6 +47,8 @@ COLLAPSED_GRAD_NORM = 1e-8
 
 def _norm(model: torch.nn.Module, ctx: DistContext, before: list[Tensor] | None = None) -> float:
     """||θ||₂, or ||θ − before||₂, over all parameters in float64; FSDP2 shards summed over ranks."""
+    for m in fsdp_modules(model):  # see drift_norms
+        m.reshard()
     sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
     sharded = False
     for p, b in zip(model.parameters(), itertools.repeat(None) if before is None else before):
@@ -67,6 +69,8 @@ def param_norm(model: torch.nn.Module, ctx: DistContext) -> float:
 
 def param_copy(model: torch.nn.Module) -> list[Tensor]:
     """A copy of this rank's parameter values (local shards under FSDP2), for :func:`update_norm`."""
+    for m in fsdp_modules(model):  # the shards, even when a no-grad forward left the root's parameters gathered
+        m.reshard()
     return [(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).clone() for p in model.parameters()]
 
 
@@ -114,6 +118,10 @@ def drift_norms(model: torch.nn.Module, before: list[Tensor], ctx: DistContext) 
     >>> round(d.head_rel, 6), d.body_rel
     (0.1, 0.0)
     """
+    # A no-grad forward since the step (the after-update diagnostics') leaves an FSDP2 root's parameters gathered,
+    # whole tensors in place of the shards param_copy copied: back to the shards (no collective).
+    for m in fsdp_modules(model):
+        m.reshard()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     sq = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # head update, head, body update, body

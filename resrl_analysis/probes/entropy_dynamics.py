@@ -268,9 +268,16 @@ class EntropyDynamicsProbe(Probe):
     def on_groups(self, ctx: GroupsContext) -> EntropyDynamicsResult:
         o = self.options
         step_ids = [g.group_id for g in ctx.all_groups.groups[:REAL_STEP_GROUPS]]
-        return entropy_dynamics(ctx.model, ctx.probe_set, algorithms=o.algorithms, lr=o.lr, head_step=True,
-                                full_step=ctx.full_model, step=ctx.step, forwards=ctx.forwards, options=o.params(),
-                                seed=ctx.seed, step_groups=step_ids, token_rows=o.entropy_tokens)
+        # On an FSDP2-sharded model a whole-model step is a collective job of every rank (first_order's deferred
+        # jobs); the entropies after it are not among what those jobs return, so only the head-only step runs here.
+        sharded = ctx.whole_model is not None
+        r = entropy_dynamics(ctx.model, ctx.probe_set, algorithms=o.algorithms, lr=o.lr, head_step=True,
+                             full_step=ctx.full_model and not sharded, step=ctx.step, forwards=ctx.forwards,
+                             options=o.params(), seed=ctx.seed, step_groups=step_ids, token_rows=o.entropy_tokens)
+        if sharded and ctx.full_model:
+            r.meta["full_step_not_run"] = ("the model is sharded (--parallel shard): the whole-model step's entropy "
+                                           "change (actual_full) is not computed; the head-only step's is")
+        return r
 
     def finish(self, ctx: FinishContext, parts: Sequence[ProbeResult]) -> ProbeResult:
         r = super().finish(ctx, parts)

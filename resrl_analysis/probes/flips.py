@@ -9,7 +9,7 @@ finish compares each pair of steps (consecutive ones, ``step_to_step``, and each
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -154,6 +154,11 @@ class FlipsProbe(Probe):
 
     def on_checkpoint(self, ctx: CheckpointContext, parts: Sequence[ProbeResult]) -> ProbeResult | None:
         return _Tokens.concat(parts) if parts else None
+
+    def merge_ranks(self, parts: Sequence[ProbeResult], order: Mapping[int, int]) -> ProbeResult:
+        from .parallel import in_group_order
+
+        return in_group_order(_Tokens.concat(parts), order)  # token tables, not yet the flips
 
     def finish(self, ctx: FinishContext, parts: Sequence[ProbeResult]) -> FlipsResult:
         tables = [p.tokens for p in parts if isinstance(p, _Tokens) and len(p.tokens)]
