@@ -11,8 +11,6 @@ from resrl_analysis.advantages import ALGORITHMS, AlgoInputs, get_algorithm, par
 from trainer.config import ALGORITHM_NAMES
 from trainer.setup import seed_of
 
-pytestmark = pytest.mark.unit
-
 
 def _inputs(rewards, groups, lengths, T=4, params=None, **kw) -> AlgoInputs:
     kw["params"] = params_from_config(params or {})
@@ -22,6 +20,7 @@ def _inputs(rewards, groups, lengths, T=4, params=None, **kw) -> AlgoInputs:
                       response_ids=torch.zeros(len(rewards), T, dtype=torch.long), response_mask=mask, **kw)
 
 
+@pytest.mark.unit
 def test_registry_holds_every_algorithm_with_a_docstring_saying_how_it_differs():
     assert set(ALGORITHMS) == set(ALGORITHM_NAMES)
     for name, algo in ALGORITHMS.items():
@@ -32,6 +31,7 @@ def test_registry_holds_every_algorithm_with_a_docstring_saying_how_it_differs()
         get_algorithm("ppo")
 
 
+@pytest.mark.unit
 def test_grpo_hand_case():
     out = ALGORITHMS["grpo"].fn(_inputs([1, 0, 0, 0, 1, 1], [0, 0, 0, 0, 7, 7], [2, 1, 3, 4, 1, 2]))
     # group 0: mean 0.25, unbiased std 0.5 → (1 − .25)/.5 = 1.5, (0 − .25)/.5 = −0.5; group 7: std 0 → 0
@@ -41,6 +41,7 @@ def test_grpo_hand_case():
     assert out.extras == {}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("name", "expected"), [
     ("psr", [1.0, 0.0, 0.5]),
     ("nsr", [0.0, -1.0, 0.0]),
@@ -84,6 +85,7 @@ def _resrl_reference(h, mask, rewards, groups, rank, q_low, q_high, min_w):
     return w
 
 
+@pytest.mark.unit
 def test_resrl_against_an_independent_reference():
     g = torch.Generator().manual_seed(0)
     B, T, d = 8, 6, 16
@@ -108,6 +110,7 @@ def test_resrl_against_an_independent_reference():
     assert np.isfinite(out.extras["resrl_residuals"].numpy()[2][: lengths[2]]).all()
 
 
+@pytest.mark.unit
 def test_resrl_weights_do_not_depend_on_how_groups_are_chunked():
     # The trainer calls the estimator on chunks of whole groups, with one seed per step.
     g = torch.Generator().manual_seed(1)
@@ -157,6 +160,7 @@ def _nthr_reference(h, W, y, mask, rewards, groups, beta):
     return flags, etas
 
 
+@pytest.mark.unit
 def test_nthr_against_brute_force_head_gradients():
     g = torch.Generator().manual_seed(3)
     B, T, d, V = 6, 4, 5, 7
@@ -183,6 +187,7 @@ def test_nthr_against_brute_force_head_gradients():
 # ------------------------------------------------------------------------------------ one registry, one declaration
 
 
+@pytest.mark.unit
 def test_algorithm_names_are_the_registry_everywhere():
     import argparse
 
@@ -206,6 +211,7 @@ def test_algorithm_names_are_the_registry_everywhere():
                                      "shared-mask"}  # they normalise within a group: n >= 2
 
 
+@pytest.mark.unit
 def test_every_default_is_declared_once():
     import dataclasses
     import inspect
@@ -235,6 +241,7 @@ def test_every_default_is_declared_once():
     assert probe.rank == ResRLWeightConfig().rank
 
 
+@pytest.mark.unit
 def test_params_map_every_flat_field():
     from resrl_analysis.advantages import config_defaults
     from trainer.config import TrainConfig
@@ -258,6 +265,7 @@ def test_params_map_every_flat_field():
     (dict(pos_weight=1.5), r"pos_weight must lie in \[0, 1\]"),
     (dict(resrl_layer="middle"), "resrl_layer must be"),
 ])
+@pytest.mark.unit
 def test_params_reject_impossible_values(bad, match):
     from resrl_analysis.advantages import AdvantageParams
 
@@ -266,6 +274,7 @@ def test_params_reject_impossible_values(bad, match):
     AdvantageParams(resrl_layer="3")  # an integer index is a valid layer
 
 
+@pytest.mark.unit
 def test_extras_are_registered_with_fill_values_and_dumped():
     from resrl_analysis.advantages import EXTRAS
     from trainer.metrics_log import ROLLOUT_FIELDS
@@ -357,6 +366,7 @@ def test_trainer_and_probe_advantages_are_identical(tiny, algorithm, layer):
         assert (trainer_out.extras["resrl_weights"][response_mask] < 1).any()
 
 
+@pytest.mark.unit
 def test_probe_nthr_uses_the_temperature(tiny):
     from resrl_analysis.advantages import AdvantageParams
     from resrl_analysis.interference import nthr_token_weights
@@ -381,6 +391,7 @@ def test_probe_nthr_uses_the_temperature(tiny):
 # ------------------------------------------------------------------------------------ the trainer's generic metrics
 
 
+@pytest.mark.unit
 def test_rollout_metrics_read_the_extras_generically():
     from resrl_analysis.distributed import DistContext
     from trainer.config import TrainConfig

@@ -69,6 +69,7 @@ def brute_force_spread(lengths: list[int], k: int) -> int:
 # ------------------------------------------------------------------------------------ the partition
 
 
+@pytest.mark.unit
 def test_karmarkar_karp_on_hand_made_lengths():
     # Sorted runs of 2: (1,2) (3,4) (5,6) (7,8), each spread 1. Ties pop the heavier first: (7,8) with (5,6)
     # → {8+5, 7+6} = {13, 13}; (3,4) with (1,2) → {4+1, 3+2}; then {8+5+3+2, 7+6+4+1}: a perfect split.
@@ -83,6 +84,7 @@ def test_karmarkar_karp_on_hand_made_lengths():
     assert karmarkar_karp([5, 1, 1, 1], 2, equal_size=False) == [[0], [1, 2, 3]]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("k", [2, 3, 8])
 def test_partitions_have_equal_sizes_and_balanced_sums(k):
     rng = random.Random(k)
@@ -99,6 +101,7 @@ def test_partitions_have_equal_sizes_and_balanced_sums(k):
         assert spread(lengths, parts) <= worst_run
 
 
+@pytest.mark.unit
 def test_partition_against_brute_force_optimum():
     assert brute_force_spread([1, 2, 3, 4, 5, 6, 7, 8], 2) == 0
     for lengths, k in [([1, 2, 3, 4, 5, 6, 7, 8], 2), ([4, 4, 4, 1, 1, 1], 3), ([9, 1, 1, 1], 2)]:
@@ -114,6 +117,7 @@ def test_partition_against_brute_force_optimum():
     assert optimal >= 80  # a heuristic: optimal on most tiny inputs (86 of these 100)
 
 
+@pytest.mark.unit
 def test_partition_rejects_impossible_splits():
     with pytest.raises(ValueError, match="not divisible into k=2 parts"):
         karmarkar_karp([1, 2, 3], 2)
@@ -126,6 +130,7 @@ def test_partition_rejects_impossible_splits():
 # ------------------------------------------------------------------------------------ micro-batches
 
 
+@pytest.mark.unit
 def test_reference_micro_batches_by_hand():
     lengths = [10, 3, 7, 5, 9, 2, 4, 8]  # 4 groups of 2 rows: (0, 1), (2, 3), (4, 5), (6, 7)
     mbs = reference_micro_batches(lengths, world_size=2, mini_batch_rows=4, micro_batch_rows=2)
@@ -139,6 +144,7 @@ def test_reference_micro_batches_by_hand():
         reference_micro_batches([1, 2], world_size=1, mini_batch_rows=0, micro_batch_rows=1)
 
 
+@pytest.mark.unit
 def test_micro_batch_groups_pairs_groups_with_micro_batches():
     sets = micro_batch_groups(torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 0]), 2)
     assert sets.tolist() == [0, 1, 3, 3, 4]
@@ -157,6 +163,7 @@ def _resrl_inputs(weight_sets: torch.Tensor | None) -> AlgoInputs:
                       hidden=torch.randn(B, T, d, generator=g), weight_group_ids=weight_sets)
 
 
+@pytest.mark.unit
 def test_resrl_weights_within_sets_equal_each_set_alone():
     # Group 0 (rows 0-3: + - - +) split into {0, 1} and {2, 3}; group 1 (rows 4-7: - - + -) into {4, 5} and
     # {6, 7}: rows 4 and 5 meet no positive of their prompt and keep weight 1.
@@ -179,6 +186,7 @@ def test_resrl_weights_within_sets_equal_each_set_alone():
     assert torch.allclose(out.advantages, expect) and torch.allclose(whole.advantages, expect)
 
 
+@pytest.mark.unit
 def test_coverage_counts_the_negative_tokens_a_set_can_weigh():
     # Group 0 (+ - - -) split {0, 1} | {2, 3}: only row 1's 6 tokens; group 1 (- +) whole: row 4's 3 tokens;
     # group 2 has no positive (not mixed); group 3 (+ -) whole but its positive has 3 < 4 tokens.
@@ -191,6 +199,7 @@ def test_coverage_counts_the_negative_tokens_a_set_can_weigh():
     assert cov.whole_group_frac == pytest.approx(2 / 3)
 
 
+@pytest.mark.unit
 def test_reference_configuration_leaves_most_negative_tokens_unweighted():
     # 256 prompts × 4, 8 ranks, 64 prompts per update, 4-row micro-batches: the ~14% of
     # docs/MATH.md § Departures from the reference implementation. Seeded; the range covers the spread
@@ -206,6 +215,7 @@ def test_reference_configuration_leaves_most_negative_tokens_unweighted():
 # ------------------------------------------------------------------------------------ config
 
 
+@pytest.mark.unit
 def test_config_field():
     assert TrainConfig().resrl_grouping == "group"
     assert TrainConfig(resrl_grouping="micro_batch").resrl_grouping == "micro_batch"
@@ -269,6 +279,7 @@ def test_micro_batch_grouping_on_one_process_against_a_hand_computed_split(tmp_p
         assert a["resrl_weights"] == pytest.approx(b["resrl_weights"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.e2e
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo")

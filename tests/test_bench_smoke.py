@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.integration  # each benchmark once, at its smallest size
+
 BENCH_MODULES = [
     "bench.common",
     "bench.interference_bench",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from resrl_analysis.stats import welch_difference
 from trainer.demo import _ceiling_notes, _headline, aggregate, summary_markdown
 
@@ -10,6 +12,7 @@ def _rows(values: dict[str, list[float]], key: str = "lld/batch_frac") -> list[d
     return [{"algorithm": a, "seed": s, key: v} for a, vs in values.items() for s, v in enumerate(vs)]
 
 
+@pytest.mark.unit
 def test_verdicts_follow_the_intervals():
     rows = _rows({"psr": [0.20, 0.21, 0.22], "nsr": [0.30, 0.31, 0.32], "resrl": [0.36, 0.37, 0.35],
                   "grpo": [0.30, 0.40, 0.20]})
@@ -22,6 +25,7 @@ def test_verdicts_follow_the_intervals():
     assert not iv.excludes_zero and "not shown" in lines["- ResRL displaces positives less than GRPO"]
 
 
+@pytest.mark.unit
 def test_one_seed_cannot_be_judged_and_the_summary_says_so():
     agg = aggregate(_rows({"psr": [0.2], "nsr": [0.3]}), ("psr", "nsr"))
     assert "cannot be judged (no interval)" in _headline(agg, 1)[3]
@@ -30,6 +34,7 @@ def test_one_seed_cannot_be_judged_and_the_summary_says_so():
     assert "## What the numbers show" in md and "one seed: no interval" in md
 
 
+@pytest.mark.unit
 def test_ceiling_note_only_when_every_algorithm_is_at_the_ceiling():
     full = {"a": {"pass@n_end": {"mean": 1.0}}, "b": {"pass@n_end": {"mean": 0.999}}}
     assert "pass@16 (last) is at least 0.99" in _ceiling_notes({"algorithms": full}, 16)[1]
@@ -37,6 +42,7 @@ def test_ceiling_note_only_when_every_algorithm_is_at_the_ceiling():
     assert _ceiling_notes({"algorithms": part}, 16) == []
 
 
+@pytest.mark.unit
 def test_committed_demo_summary_regenerates_from_its_numbers():
     """figures/SUMMARY.md is what its figures/summary.json's per-run numbers give, through `resrl compare`."""
     import json
@@ -60,6 +66,7 @@ def _fake_run(path, algo, seed, values):
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+@pytest.mark.unit
 def test_compare_groups_runs_by_algorithm_and_seed(tmp_path):
     """`resrl compare` on run directories: per-algorithm means over seeds, each run's value its live mean over
     steps, the difference recomputed here, and the CLI prints the same summary and writes it."""
@@ -95,6 +102,7 @@ def test_compare_groups_runs_by_algorithm_and_seed(tmp_path):
     assert bad.returncode == 1 and "nope" in bad.stderr and "not a run directory" in bad.stderr
 
 
+@pytest.mark.unit
 def test_entropy_questions_per_algorithm_and_against_w_reinforce(tmp_path):
     """The entropy questions (issue 24): a sign question judged by one algorithm's own interval over seeds, and a
     pair the summary does not list (ResRL vs W-REINFORCE) judged by its own Welch interval, recomputed here."""
@@ -128,6 +136,7 @@ def test_entropy_questions_per_algorithm_and_against_w_reinforce(tmp_path):
                     f"samples|: shown, ResRL − W-REINFORCE = {expected}."]
 
 
+@pytest.mark.unit
 def test_worker_lines_are_labelled_with_their_run_and_the_eta_counts_down():
     import io
 

@@ -27,8 +27,6 @@ from resrl_analysis.probes.runner import main as probe_main
 from resrl_analysis.results import load_results
 from resrl_analysis.runs import discover_run, run_checkpoints
 
-pytestmark = pytest.mark.integration
-
 BASE = Path(__file__).resolve().parents[1] / "trainer" / "assets" / "tiny_warmstart"
 PAIRS = [(12, 34), (23, 47), (56, 78), (31, 42)]
 LIVE = ["--probes", "lld,entropy,interference", "--no-progress", "--groups", "0"]
@@ -82,6 +80,7 @@ def reference_logp(ckpt: Path, prompt_ids, response_ids) -> float:
 # ----------------------------------------------------------------------------- discovery
 
 
+@pytest.mark.integration
 def test_discover_trl_run(trl_run):
     info = discover_run(trl_run, base_model=BASE)
     assert info.kind == "trl" and info.steps == (0, 1, 2, 3, 4) and info.checkpoints[0][1] == BASE
@@ -93,6 +92,7 @@ def test_discover_trl_run(trl_run):
         discover_run(trl_run, base_model=trl_run / "completions")
 
 
+@pytest.mark.integration
 def test_checkpoint_lists_keep_their_order(trl_run, tmp_path):
     a, c = trl_run / "checkpoint-1", trl_run / "checkpoint-3"
     info = discover_run([a, c], base_model=BASE)
@@ -112,6 +112,7 @@ def test_checkpoint_lists_keep_their_order(trl_run, tmp_path):
 # ----------------------------------------------------------------------------- probe sets
 
 
+@pytest.mark.integration
 def test_trl_completions_probe_set(trl_run):
     tok = AutoTokenizer.from_pretrained(BASE)
     f = trl_run / "completions" / "completions_00001.parquet"
@@ -130,6 +131,7 @@ def test_trl_completions_probe_set(trl_run):
     assert load_probe_set(trl_run / "completions", tok, step=3).step == 3
 
 
+@pytest.mark.integration
 def test_chat_templated_prompts_get_one_bos(tmp_path):
     tok = AutoTokenizer.from_pretrained(BASE)
     tok.chat_template = CHAT
@@ -154,6 +156,7 @@ def test_chat_templated_prompts_get_one_bos(tmp_path):
         assert g.rewards == (1.0, 0.0) and tok.decode(g.response_ids[0][:-1]) == "36"
 
 
+@pytest.mark.integration
 def test_verl_rollout_dump_rewards(tmp_path):
     tok = AutoTokenizer.from_pretrained(BASE)
     rows = [{"input": "12*3=", "output": "36", "score": 0.0, "gts": "36", "step": 7, "data_source": "multiplication"},
@@ -180,6 +183,7 @@ def test_verl_rollout_dump_rewards(tmp_path):
         load_probe_set(tmp_path / "8.jsonl", tok)
 
 
+@pytest.mark.integration
 def test_dataset_layouts_are_sampled_and_scored(tmp_path, one_thread):
     from resrl_analysis.rewards import exact_match_reward
 
@@ -238,6 +242,7 @@ def test_resrl_probe_and_figures_on_a_trl_run(trl_run, tmp_path):
     assert (figs / "lld_over_steps.png").stat().st_size > 1000 and (figs / "training_dynamics.png").is_file()
 
 
+@pytest.mark.integration
 def test_trl_run_defaults_to_its_completion_log_and_takes_lists(trl_run, tmp_path, capsys):
     out = tmp_path / "out"
     assert probe_main([str(trl_run), "--base-model", str(BASE), "--out", str(out), "--steps", "0,4", *LIVE]) == 0
@@ -304,6 +309,7 @@ def test_verl_shaped_directory(tmp_path, one_thread):
     assert (tmp_path / "figs" / "lld_over_steps.png").is_file()
 
 
+@pytest.mark.integration
 def test_cli_samples_a_dataset_probe_set_with_the_first_checkpoint(trl_run, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}*{b}=", "solution": str(a * b), "data_source": "multiplication"})
@@ -317,6 +323,7 @@ def test_cli_samples_a_dataset_probe_set_with_the_first_checkpoint(trl_run, tmp_
     assert "rewards: recomputed with exact_match_reward" in summary["probe_set"]["notes"]
 
 
+@pytest.mark.integration
 def test_our_run_directory_with_damaged_metrics_is_still_probed(tmp_path):
     for s in (0, 5):
         (tmp_path / "checkpoints" / f"step_{s:06d}").mkdir(parents=True)

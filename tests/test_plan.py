@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QWEN3_4B = ROOT / "bench" / "configs" / "qwen3-4b"
 
 
+@pytest.mark.unit
 def test_parse_memory_units_and_errors():
     assert parse_memory("80GB") == 80 * 10**9
     assert parse_memory("512MiB") == 512 * 2**20
@@ -31,6 +32,7 @@ def test_parse_memory_units_and_errors():
             parse_memory(bad)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("tied", [False, True])
 def test_parameter_count_matches_a_real_qwen3(tied):
     from transformers import AutoModelForCausalLM, Qwen3Config
@@ -41,6 +43,7 @@ def test_parameter_count_matches_a_real_qwen3(tied):
     assert ModelShape.from_config(cfg.to_dict()).n_params == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.unit
 def test_qwen3_4b_config_and_group_batching():
     m = ModelShape.from_pretrained(QWEN3_4B)
     assert (m.vocab, m.hidden, m.layers, m.heads, m.kv_heads, m.intermediate, m.tied, m.dtype_bytes) == (
@@ -56,6 +59,7 @@ def test_qwen3_4b_config_and_group_batching():
     assert "probe " in small.refusal() and "--memory-budget" in small.refusal() and "\n" not in small.refusal()
 
 
+@pytest.mark.unit
 def test_plan_constants_are_the_probes_chunk_sizes():
     """plan.py stays torch-free, so it mirrors the probes' chunk sizes: they must agree."""
     from resrl_analysis import interference, ops, plan
@@ -122,6 +126,7 @@ def test_qwen3_8b_to_32b_fit_eight_80gb_devices_with_the_defaults(name, capsys):
     assert plan.parallel == "shard" and plan.fits and plan.peak <= 80e9 < plan.alternatives["replica"]
 
 
+@pytest.mark.unit
 def test_per_rank_plan_shares_groups_and_weights():
     m = ModelShape.from_pretrained(QWEN3_4B)
     probes = ["first_order", "interference"]
@@ -172,6 +177,7 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.skipif(not reset_peak_rss(), reason="needs /proc/self/clear_refs (Linux) to measure a peak")
 @pytest.mark.parametrize("G,T,entropy", [(8, 256, False), (4, 512, False), (4, 512, True)])

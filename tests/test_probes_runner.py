@@ -58,6 +58,7 @@ def test_cli_subprocess_end_to_end(run, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary debris
 
 
+@pytest.mark.integration
 def test_help_documents_the_options():
     from trainer.cli import build_parser
 
@@ -70,6 +71,7 @@ def test_help_documents_the_options():
         assert p in text
 
 
+@pytest.mark.integration
 def test_step_selection_and_probe_choice(run, tmp_path):
     out = tmp_path / "a"
     assert main([str(run), "--out", str(out), "--steps", "0,2", "--probes", "lld,entropy", *FAST]) == 0
@@ -81,6 +83,7 @@ def test_step_selection_and_probe_choice(run, tmp_path):
     assert sorted(load_results(out)) == ["scores"]
 
 
+@pytest.mark.integration
 def test_quiet_prints_nothing_but_writes_the_same(run, tmp_path, capsys):
     assert main([str(run), "--out", str(tmp_path / "loud"), "--probes", "entropy", *FAST]) == 0
     loud = capsys.readouterr().out
@@ -90,6 +93,7 @@ def test_quiet_prints_nothing_but_writes_the_same(run, tmp_path, capsys):
     assert sorted(load_results(tmp_path / "q")) == ["scores"]
 
 
+@pytest.mark.integration
 def test_csv_format(run, tmp_path):
     out = tmp_path / "csv"
     assert main([str(run), "--out", str(out), "--probes", "subspace", "--steps", "1", "--format", "csv", *FAST]) == 0
@@ -97,6 +101,7 @@ def test_csv_format(run, tmp_path):
     assert len(load_results(out)["subspace"].groups) == 4 * 8
 
 
+@pytest.mark.integration
 def test_plain_checkpoint_with_user_probe_set(tmp_path, capsys):
     ck = tmp_path / "hf-model"
     tiny_model(seed=7).save_pretrained(ck)
@@ -124,6 +129,7 @@ def _error(capsys) -> str:
     return err
 
 
+@pytest.mark.integration
 def test_truncated_checkpoint_fails_before_any_work(run, tmp_path, capsys):
     r = _copy(run, tmp_path)
     f = r / "checkpoints" / "step_000002" / "model.safetensors"
@@ -133,6 +139,7 @@ def test_truncated_checkpoint_fails_before_any_work(run, tmp_path, capsys):
     assert not (r / "probes").exists()
 
 
+@pytest.mark.integration
 def test_missing_checkpoint_file(run, tmp_path, capsys):
     r = _copy(run, tmp_path)
     (r / "checkpoints" / "step_000001" / "config.json").unlink()
@@ -140,6 +147,7 @@ def test_missing_checkpoint_file(run, tmp_path, capsys):
     assert "step_000001/config.json" in _error(capsys)
 
 
+@pytest.mark.integration
 def test_mismatched_tokenizers(run, tmp_path, capsys):
     r = _copy(run, tmp_path)
     char_tokenizer("9876543210*=+-. ").save_pretrained(r / "checkpoints" / "step_000001")
@@ -147,6 +155,7 @@ def test_mismatched_tokenizers(run, tmp_path, capsys):
     assert "tokenizer" in _error(capsys) and not (r / "probes").exists()
 
 
+@pytest.mark.integration
 def test_bad_options(run, tmp_path, capsys):
     assert main([str(run), "--out", str(tmp_path / "o"), "--probes", "lld,nope"]) == 2
     assert "nope" in _error(capsys)
@@ -159,6 +168,7 @@ def test_bad_options(run, tmp_path, capsys):
     _error(capsys)
 
 
+@pytest.mark.integration
 def test_no_mixed_groups(run, tmp_path):
     r = _copy(run, tmp_path)
     f = r / "rollouts" / "step_000000.jsonl"
@@ -175,6 +185,7 @@ def test_no_mixed_groups(run, tmp_path):
     assert res["lld"].deltas.lld_sum.isna().sum() == 2  # NA for the group without positives
 
 
+@pytest.mark.integration
 def test_failure_mid_pass_leaves_no_partial_results(run, tmp_path, monkeypatch):
     import resrl_analysis.probes.subspace as sub
 
@@ -192,6 +203,7 @@ def test_failure_mid_pass_leaves_no_partial_results(run, tmp_path, monkeypatch):
     assert not out.exists() or list(out.iterdir()) == []
 
 
+@pytest.mark.integration
 def test_group_batches_give_the_same_tables(run, tmp_path):
     """Probing one group at a time (bounded memory) changes nothing, pooled correlations included."""
     outs = []
@@ -208,6 +220,7 @@ def test_group_batches_give_the_same_tables(run, tmp_path):
     assert len(a["subspace"].correlation) == 2 * 8 and (a["subspace"].correlation.n_groups == 2).all()
 
 
+@pytest.mark.integration
 def test_first_order_real_steps_on_the_probe_sets_first_groups_whatever_the_batching(tmp_path):
     """The default real-step subsample is the probe set's first 4 groups, not the first 4 of every group batch."""
     run = write_fake_run(tmp_path / "run6", steps=(0, 1), n_groups=6, unmixed_groups=False)

@@ -54,6 +54,7 @@ def loop_commands(section: str) -> list[str]:
     return [ln for ln in m.group(1).splitlines() if ln.strip()]
 
 
+@pytest.mark.unit
 def test_setup_commands_are_make_demo_and_make_test():
     setup = readme_section("## Set up on a fresh machine")
     blocks = [ln.strip() for ln in setup.splitlines() if ln.startswith("    ")]
@@ -176,6 +177,7 @@ def _citing_files() -> list[Path]:
     return [ROOT / f for f in _tracked() if f.endswith((".md", ".py", ".ipynb"))]
 
 
+@pytest.mark.unit
 def test_every_cited_file_exists():
     missing = []
     for src in _citing_files():
@@ -191,6 +193,7 @@ def test_every_cited_file_exists():
     assert not missing, "cited paths that do not exist:\n" + "\n".join(missing)
 
 
+@pytest.mark.unit
 def test_every_cited_section_exists():
     missing, seen = [], 0
     for src in _citing_files():
@@ -218,6 +221,7 @@ def test_every_cited_section_exists():
     assert not missing, "cited sections that do not exist:\n" + "\n".join(missing)
 
 
+@pytest.mark.unit
 def test_no_citation_of_the_private_design_notes():
     # Every tracked text file but this test (which has to name what it looks for).
     files = [src for src in _citing_files() if src.resolve() != Path(__file__).resolve()]
@@ -226,6 +230,7 @@ def test_no_citation_of_the_private_design_notes():
     assert not bad, "cite docs/MATH.md (§ section) or docs/RUN_DIRECTORY.md instead of DESIGN §:\n" + "\n".join(bad)
 
 
+@pytest.mark.unit
 def test_math_doc_names_an_existing_function_for_each_formula():
     """docs/MATH.md says where each formula is implemented: every `module.py` — `name` pair exists."""
     text = (ROOT / "docs" / "MATH.md").read_text(encoding="utf-8")
@@ -246,6 +251,7 @@ def test_math_doc_names_an_existing_function_for_each_formula():
 # ----------------------------------------------------------------------------- help texts
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("module, add", [("resrl_analysis.figures", "add_figures_arguments"),
                                          ("trainer.demo", "add_demo_arguments"),
                                          ("resrl_analysis.compare", "add_compare_arguments"),

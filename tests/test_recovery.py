@@ -50,12 +50,14 @@ def _params(ckpt: Path) -> dict[str, torch.Tensor]:
 # ================================================================================== units
 
 
+@pytest.mark.integration
 def test_suggest_lr_scales_with_the_worst_jump():
     assert suggest_lr(3e-4, None, 1.5) == 3e-5
     assert suggest_lr(10.0, 101.0, 1.5) == 0.005  # 10 * 0.1 * 0.5 / 100
     assert suggest_lr(10.0, 1.2, 1.5) == 1.0  # below the bound: just ten times lower
 
 
+@pytest.mark.integration
 def test_last_sane_checkpoint_skips_non_finite_and_huge_weights(tmp_path):
     for step, w in ((0, 1.0), (2, 5e4), (4, float("nan")), (6, 2.0)):
         d = tmp_path / "checkpoints" / f"step_{step:06d}"
@@ -114,6 +116,7 @@ def test_blown_up_run_names_step_0_and_its_printed_command_recovers(tmp_path):
 # ================================================================================== --resume-from
 
 
+@pytest.mark.integration
 def test_resume_from_moves_later_files_aside_and_equals_the_original(tmp_path):
     run = tmp_path / "run"
     train_easy(_cfg(run, algorithm="resrl", steps=6, save_every=2))
@@ -141,6 +144,7 @@ def test_resume_from_moves_later_files_aside_and_equals_the_original(tmp_path):
     assert "resume_from: -1" in (run / "config.yaml").read_text()
 
 
+@pytest.mark.integration
 def test_non_finite_streak_starts_again_on_resume(tmp_path, monkeypatch):
     real = loop.policy_loss
     bad = {"steps": set(range(1, 100)), "n": 0}
@@ -169,6 +173,7 @@ def test_non_finite_streak_starts_again_on_resume(tmp_path, monkeypatch):
 # ================================================================================== collapse (lr=10)
 
 
+@pytest.mark.integration
 def test_collapse_is_reported_counted_and_stops_the_run(tmp_path, capsys):
     run = tmp_path / "report"
     train_easy(_cfg(run, algorithm="grpo", lr=10.0, steps=6, save_every=2, max_blowup_steps=0))  # report only
@@ -185,6 +190,7 @@ def test_collapse_is_reported_counted_and_stops_the_run(tmp_path, capsys):
     assert [r["train/blowup_steps"] for r in read_metrics(run / "metrics.jsonl")][-1] == 3
 
 
+@pytest.mark.integration
 def test_update_norm_bound(tmp_path, capsys):
     run = tmp_path / "run"
     train_easy(_cfg(run, algorithm="grpo", steps=2, save_every=2, blowup_update_norm=1e-12, max_blowup_steps=0))

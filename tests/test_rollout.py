@@ -119,6 +119,7 @@ def sample_next(
         ({"n": 0}, "n"),
     ],
 )
+@pytest.mark.unit
 def test_sampling_params_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
@@ -493,6 +494,7 @@ def test_compile_failure_falls_back_once(qwen, monkeypatch):
 # ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_static_compiled_equals_dynamic_greedy_on_cuda():

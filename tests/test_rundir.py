@@ -54,16 +54,19 @@ def _table_keys(text: str) -> set[str]:
 # ================================================================================== the page and the module
 
 
+@pytest.mark.unit
 def test_doc_lists_every_metric_key_and_no_other():
     metrics = _sections()["Metrics"]
     assert _table_keys(metrics) == set(METRIC_KEYS) | set(OPTIONAL_METRIC_KEYS)
 
 
+@pytest.mark.unit
 def test_doc_lists_every_rollout_field_in_order():
     rows = re.findall(r"^\| `([^`]+)` \|", _sections()["Rollouts"], flags=re.M)
     assert tuple(rows) == ROLLOUT_FIELDS
 
 
+@pytest.mark.unit
 def test_doc_tree_names_every_entry_and_no_other():
     tree = [line for line in DOC.read_text(encoding="utf-8").splitlines() if re.match(r"^ {6}\S", line)]
     top = {line.split()[0].split("/")[0] for line in tree}
@@ -72,6 +75,7 @@ def test_doc_tree_names_every_entry_and_no_other():
     assert f"`{rundir.TMP_PREFIX}`" in DOC.read_text(encoding="utf-8")
 
 
+@pytest.mark.unit
 def test_a_real_run_writes_what_the_page_says(tmp_path):
     cfg = TrainConfig(**{**FAST, "output_dir": str(tmp_path / "run"), "steps": 2, "save_every": 2,
                          "val_every": 1, "val_prompts": 2, "val_n": 2, "kl_coef": 0.01, "blowup_update_norm": 1e9})
@@ -93,12 +97,14 @@ def test_a_real_run_writes_what_the_page_says(tmp_path):
 # ================================================================================== paths and listing
 
 
+@pytest.mark.unit
 def test_step_names_round_trip():
     assert parse_step(step_dir("r", 123456)) == 123456
     assert parse_step(rundir.rollout_path("r", 7)) == 7
     assert parse_step("step_12") is None and parse_step(".tmp-step_000001-x") is None
 
 
+@pytest.mark.unit
 def test_list_checkpoints_one_meaning(tmp_path):
     assert list_checkpoints(tmp_path) == []  # not a run: nothing, not an error (runs.run_checkpoints raises for probes)
     for name in ("step_000004", "step_000000", ".tmp-step_000008-x", "step_9", "notes"):
@@ -112,6 +118,7 @@ def test_list_checkpoints_one_meaning(tmp_path):
 # ================================================================================== JSONL
 
 
+@pytest.mark.unit
 def test_read_jsonl_names_file_and_line(tmp_path):
     f = tmp_path / "m.jsonl"
     f.write_bytes(b'{"step": 1}\n\n[1, 2]\n{"step": 3}\n\xff\xfe\n{"step"')
@@ -129,6 +136,7 @@ def test_read_jsonl_names_file_and_line(tmp_path):
 # ================================================================================== atomic writes
 
 
+@pytest.mark.unit
 def test_atomic_write_text_bytes_json_and_mode(tmp_path):
     old = os.umask(0o022)
     try:
@@ -146,6 +154,7 @@ def test_atomic_write_text_bytes_json_and_mode(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.bin", "c.json"]
 
 
+@pytest.mark.unit
 def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
     p = atomic_write(tmp_path / "s.json", "old")
 
@@ -158,6 +167,7 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
     assert p.read_text() == "old" and [q.name for q in tmp_path.iterdir()] == ["s.json"]
 
 
+@pytest.mark.unit
 def test_move_aside_keeps_relative_paths_and_never_overwrites(tmp_path):
     (tmp_path / "checkpoints" / "step_000004").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_000004" / "w").write_text("4")
@@ -173,6 +183,7 @@ def test_move_aside_keeps_relative_paths_and_never_overwrites(tmp_path):
 # ================================================================================== figures read the run's quantiles
 
 
+@pytest.mark.unit
 def test_residual_histogram_marks_the_runs_own_quantiles(tmp_path):
     rows = [{"is_positive": False, "resrl_residuals": [0.1 * i, None, 0.05 * i], "resrl_weights": [0.5, 1.0, 0.3]}
             for i in range(1, 20)]

@@ -38,6 +38,7 @@ def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.e2e
 def test_two_process_run_resume_and_run_directory(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     # Validation on 1 prompt (rank 1 has none, yet takes part in the collectives) and a KL reference model.
@@ -73,6 +74,7 @@ def _gloo_worker_threads() -> int:
     return names.count("pt_gloo_runloop")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc (Linux)")
 def test_cpu_group_has_one_worker_thread_and_teardown_drains_it(monkeypatch):
     """The SIGABRT at exit (docs/RELIABILITY.md): a gloo worker thread releasing a finished collective's tensors

@@ -22,6 +22,7 @@ from trainer.rollout import ScoredBatch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+@pytest.mark.integration
 def test_tiny_resrl_on_cuda(tmp_path):
     cfg = TrainConfig(**{**FAST, "cpu_threads": 0}, device="cuda", algorithm="resrl", steps=3, save_every=3,
                       output_dir=str(tmp_path / "run"))
@@ -36,6 +37,7 @@ def test_tiny_resrl_on_cuda(tmp_path):
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.integration
 def test_update_does_not_depend_on_micro_batch_size_on_cuda():
     from test_trainer_loop import _synthetic_minibatch
 

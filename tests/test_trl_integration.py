@@ -16,8 +16,6 @@ from transformers import TrainerCallback
 from resrl_analysis.integrations.trl import ProbeCallback
 from resrl_analysis.results import load_results
 
-pytestmark = [pytest.mark.integration, pytest.mark.e2e]
-
 
 class Recorder(TrainerCallback):
     """Stands for a report_to backend: placed before ProbeCallback, it sees what every logger sees."""
@@ -41,6 +39,7 @@ def runs(tmp_path_factory, one_thread):
     return {"root": root, "live": live, "plain": plain, "cb": cb, "rec": rec}
 
 
+@pytest.mark.integration
 def test_training_is_not_disturbed(runs):
     live, plain = runs["live"].model, runs["plain"].model
     for (name, a), (_, b) in zip(live.named_parameters(), plain.named_parameters()):
@@ -55,6 +54,7 @@ def test_training_is_not_disturbed(runs):
     assert len(list((runs["root"] / "live" / "completions").glob("*.parquet"))) == 4  # every log still happened
 
 
+@pytest.mark.integration
 def test_headline_numbers_reach_every_logger(runs):
     probed = [e for e in runs["live"].state.log_history if "probe/entropy" in e]
     assert [e["step"] for e in probed] == [0, 1, 2, 3, 4]  # step 0, every 2 steps, and each save (every step)
@@ -66,6 +66,7 @@ def test_headline_numbers_reach_every_logger(runs):
     assert any("probe/lld_delta_mean" in e for e in saved)
 
 
+@pytest.mark.integration
 def test_tables_match_the_saved_checkpoints(runs):
     out = runs["root"] / "live" / "probes"
     r = load_results(out)
@@ -86,6 +87,7 @@ def test_tables_match_the_saved_checkpoints(runs):
     assert set(ok[ok.status == "ok"].step) == {0, 1, 2, 3, 4}
 
 
+@pytest.mark.e2e
 def test_resrl_figures_reads_the_output_dir(runs, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "trainer.cli", "figures", str(runs["root"] / "live"),
                            "--out", str(tmp_path), "--only", "lld_over_steps,interference_cosines", "--formats", "png"],
@@ -94,6 +96,7 @@ def test_resrl_figures_reads_the_output_dir(runs, tmp_path):
     assert (tmp_path / "lld_over_steps.png").stat().st_size > 1000 and (tmp_path / "interference_cosines.png").is_file()
 
 
+@pytest.mark.integration
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown probes"):
         ProbeCallback("x.jsonl", probes=("lld", "subspace"))
@@ -101,6 +104,7 @@ def test_bad_arguments():
         ProbeCallback("x.jsonl", every=0)
 
 
+@pytest.mark.integration
 def test_resrl_view_opens_the_live_run(runs, tmp_path):
     # What the callback wrote is enough for the token page: the probe set at every probed step, per-token
     # log-probs from the live scores, Δ between steps, LLD flags as the callback's lld table has them.

@@ -18,7 +18,7 @@ from resrl_analysis.results import load_results
 from resrl_analysis.view import write_view
 from resrl_analysis.view.data import num
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+pytestmark = pytest.mark.e2e  # a real browser
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or \
     "/usr/bin/chromedriver"

@@ -150,9 +150,10 @@ def study(out: str | Path = "study_out", *, algorithms: tuple[str, ...] = STUDY_
     runs = [(a, s, {"algorithm": a, "seed": s, "steps": steps, "save_every": save_every,
                     "output_dir": str(out / "runs" / f"{a}-s{s}"), "progress_bar": "off", "log_every": 10,
                     "lld_in_batch": True, "collateral_in_batch": True, "cpu_threads": 1,
-                    # The first-order entropy split builds each group's Gram in the rollout: the demo has it; here it
-                    # would cost 40 runs' time for a question the study does not ask.
-                    "entropy_predict_in_batch": False,
+                    # The entropy and flips diagnostics and the drift watch answer issue 24's questions, which the
+                    # demo asks; here they would cost 40 runs' time for questions the study does not ask.
+                    "entropy_in_batch": False, "entropy_predict_in_batch": False, "flips_in_batch": False,
+                    "drift_watch": False,
                     **({"model": model} if model else {}),
                     **({"prompts_per_step": prompts_per_step, "mini_batch_size": prompts_per_step}
                        if prompts_per_step else {})})
