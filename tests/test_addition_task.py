@@ -52,7 +52,7 @@ def test_every_sampled_target_is_a_correct_scratchpad_of_15_to_40_tokens(task):
     assert len(lengths) >= 4  # carries make the responses' lengths vary
 
 
-@pytest.mark.unit
+@pytest.mark.integration  # walks all 810,000 pairs
 def test_split_is_fixed_on_unordered_pairs_and_large(task):
     val = task.validation_prompts()
     pairs = [tuple(map(int, p.text[:-1].split("+"))) for p in val]

@@ -66,7 +66,7 @@ def _fake_run(path, algo, seed, values):
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-@pytest.mark.unit
+@pytest.mark.e2e
 def test_compare_groups_runs_by_algorithm_and_seed(tmp_path):
     """`resrl compare` on run directories: per-algorithm means over seeds, each run's value its live mean over
     steps, the difference recomputed here, and the CLI prints the same summary and writes it."""

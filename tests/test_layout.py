@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
-
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "resrl_analysis"
 
@@ -40,6 +38,7 @@ def trainer_imports(source: str, filename: str = "<string>") -> list[str]:
     return found
 
 
+@pytest.mark.unit
 def test_the_scanner_finds_every_form():
     src = ("import trainer\nimport os, trainer.loop as l\nfrom trainer.config import X\n"
            "import importlib\nimportlib.import_module('trainer.cli')\n__import__('trainer')\n"
@@ -50,6 +49,7 @@ def test_the_scanner_finds_every_form():
         "__import__('trainer')", "from trainer import ..."]
 
 
+@pytest.mark.unit
 def test_core_source_never_imports_the_trainer():
     files = sorted(CORE.rglob("*.py"))
     assert len(files) > 10
@@ -57,6 +57,7 @@ def test_core_source_never_imports_the_trainer():
     assert found == []
 
 
+@pytest.mark.integration
 def test_importing_every_core_module_loads_no_trainer_module():
     code = (
         "import importlib, pkgutil, sys\n"
@@ -75,6 +76,7 @@ def test_importing_every_core_module_loads_no_trainer_module():
     assert int(count) > 10 and bad == "[]"
 
 
+@pytest.mark.unit
 def test_the_dispatcher_lives_in_the_trainer():
     assert not (CORE / "cli.py").exists()
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
