@@ -62,10 +62,11 @@ def _load_foreign_run(p: Path, label: str | None) -> RunData | None:
     except ProbeError:
         if not (p / PROBES / "summary.json").is_file():  # live probes of a run that saved no checkpoint
             return None
-        kind, rows, probes_dir = "run", (), p / PROBES
+        kind, rows, probes_dir = "run", (), p / PROBES  # a ProbeCallback's tables: a transformers/TRL run
     metrics = pd.DataFrame(list(rows)).rename(columns=_TRL_METRICS) if rows else pd.DataFrame()
     probes = load_results(probes_dir) if (probes_dir / "summary.json").is_file() else {}
-    return RunData(p, label or kind, {"algorithm": kind}, metrics, probes, {})
+    return RunData(p, label or kind, {"algorithm": kind, "writer": "TRL" if kind in ("trl", "run") else kind},
+                   metrics, probes, {})
 
 
 def load_run(path: str | Path, label: str | None = None) -> RunData:
@@ -77,14 +78,18 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
     >>> load_run("/nonexistent")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    FileNotFoundError: /nonexistent: not a run directory (no config.yaml)
+    FileNotFoundError: /nonexistent: no such directory
     """
     p = Path(path)
     cfg_path = p / CONFIG
-    if not cfg_path.is_file() and p.is_dir() and (foreign := _load_foreign_run(p, label)) is not None:
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such directory")
+    if not cfg_path.is_file() and (foreign := _load_foreign_run(p, label)) is not None:
         return foreign
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{p}: not a run directory (no config.yaml)")
+        raise FileNotFoundError(f"{p}: holds no run: not one of ours (config.yaml), a TRL output directory "
+                                "(checkpoint-N/), a verl one (global_step_N/), a checkpoint (config.json) nor "
+                                "probe results (probes/summary.json)")
     try:
         config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -201,6 +206,10 @@ def _same_curves(curves: Sequence[pd.Series], tol: float = 1e-9) -> bool:
 def fig_pass_at_k(runs: Sequence[RunData]):
     d = _cat(runs, "diversity", "pass_at_k")
     if d.empty:
+        ran = [r for r in runs if "diversity" in r.probes]
+        if ran:  # it ran, but scored no correctness: say why, in the probe's words (e.g. no ground truth)
+            why = next((s["reason"] for r in ran for s in r.probes["diversity"].skipped), "no correct/incorrect scores")
+            return f"the diversity probe ran but pass@k has nothing to count: {why}"
         return "no diversity probe results (run `resrl probe` with the diversity probe)"
     tasks = {r.label: str(r.config.get("task", "task")) for r in runs}
     d = d.assign(task=[tasks.get(lab, next(iter(tasks.values()))) for lab in d.label])
@@ -556,11 +565,20 @@ IN_BATCH_KEYS = ("lld/batch_frac", "lld/batch_delta_mean", "lld/mixed_groups")
 IN_BATCH_SMOOTH = 5
 
 
+def _no_in_batch(runs: Sequence[RunData], what: str) -> str:
+    """Why there are no in-batch metrics, in words that fit who wrote the runs: in-batch LLD is a metric of our
+    trainer, which a TRL or verl run does not log (``resrl probe --probe-set batch`` needs our rollout dumps too)."""
+    foreign = sorted({str(r.config.get("writer")) for r in runs if r.config.get("writer")})
+    if all(r.config.get("writer") for r in runs):
+        return f"{what}: a metric our trainer logs (resrl train, lld_in_batch: true); {'/'.join(foreign)} runs log none"
+    return f"{what} (train with lld_in_batch: true)"
+
+
 def fig_in_batch_lld(runs: Sequence[RunData]):
     parts = [r.metrics.assign(label=r.label, seed=_seed_id(r)) for r in runs
              if "lld/batch_frac" in r.metrics and r.metrics["lld/batch_frac"].notna().any()]
     if not parts:
-        return "no in-batch LLD metrics (train with lld_in_batch: true)"
+        return _no_in_batch(runs, "no in-batch LLD metrics")
     m = pd.concat(parts, ignore_index=True)
     m = m[m["lld/batch_frac"].notna()]  # steps without a mixed group have no in-batch LLD
     # One step's value comes from ~20 groups: a rolling mean over 5 steps per run makes the trend readable.
@@ -584,7 +602,7 @@ def fig_lld_shared_unique(runs: Sequence[RunData]):
                 if pd.notna(v):
                     rows.append({"label": r.label, "seed": _seed_id(r), "part": part, "value": float(v)})
     if not rows:
-        return "no in-batch LLD metrics split into shared and unique tokens (train with lld_in_batch: true)"
+        return _no_in_batch(runs, "no in-batch LLD metrics split into shared and unique tokens")
     d = pd.DataFrame(rows)
     ax = plots.plot_lld_shared_unique(d, ylabel="in-batch Δ log π(y⁺) per positive (nats)")
     ax.set_title(f"positive tokens a negative shares vs the rest: each run's mean over steps, {_phrase(d)}\n"
@@ -914,8 +932,11 @@ def run_figures(args: argparse.Namespace) -> int:
     try:
         out = Path(args.out) if args.out else default_out(args.run_dirs)
         report = draw_all(args.run_dirs, out, formats=[s for s in args.formats.split(",") if s], only=only)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"resrl figures: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as e:  # bad input, as every command: exit 2
+        print(f"resrl figures: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the output could not be written
+        print(f"resrl figures: error: {e}", file=sys.stderr)
         return 1
     for name, what in report.items():
         print(f"{name:>24}: {what}")
