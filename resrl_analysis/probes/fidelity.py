@@ -154,7 +154,8 @@ class FidelityProbe(Probe):
 
     name = "fidelity"
     summary = ("training–inference mismatch where the source logged the sampler's token log-probs: per-token KL "
-               "estimate, max |Δ log p|, fraction of tokens off, with the likely cause of a large one")
+               "estimate, largest and mean absolute Δ log p, fraction of tokens off, with the likely cause of a "
+               "large one")
     result = FidelityResult
     scope = "groups"
     needs = frozenset({"logp"})
