@@ -192,3 +192,118 @@ def test_probe_states_token_provenance_and_strict_tokens_refuses(bpe_run, text_r
     assert proc.returncode == 0, proc.stderr
     tokens = json.loads((tmp_path / "c" / "summary.json").read_text())["probe_set"]["tokens"]
     assert tokens["exact"] == len(pd.read_parquet(g)) and tokens["unverified"] == tokens["round_trip"] == 0
+
+
+# ============================================================== 2. logged log-probs as a fidelity check (prime-rl)
+
+PAIRS = [(12, 34, 408), (23, 47, 1081)]
+
+
+def reference_logps(model, prompt, response, temperature: float) -> list[float]:
+    """log π(y_t | x, y_<t) at ``temperature`` by a plain full forward in float64 (the slow reference)."""
+    ids = torch.tensor([list(prompt) + list(response)])  # (1, P + R)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.double()[0] / temperature, -1)  # (P + R, V)
+    return [float(logp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(response)]
+
+
+def _samples(model, tok, prompt, temperature: float, n: int = 4) -> list[list[int]]:
+    """``n`` responses sampled from ``model`` at ``temperature`` (seeded, the global RNG left as it was)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out = model.generate(torch.tensor([prompt] * n), do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    rows = [r[len(prompt):].tolist() for r in out]  # (n, ≤ 6)
+    return [r[: r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r for r in rows]
+
+
+def write_prime_rl_export(root: Path, *, sampled_at: float, logged_temperature: float, step: int = 0,
+                          sample: bool = False) -> Path:
+    """``token_exports/step_N/rank_R.jsonl`` with prime-rl's field names (token_export.py, schema 2): per token
+    ``token_ids``, ``loss_mask``, ``inference_logprobs`` (the sampler's, here the reference's at ``sampled_at``),
+    ``trainer_logprobs``, ``advantages``, ``rewards``, ``temperatures``; two ranks, a multi-turn sequence.
+    ``sample``: the responses are the model's samples at ``sampled_at`` (else the right answer and two wrong ones)."""
+    tok = AutoTokenizer.from_pretrained(BASE)
+    model = AutoModelForCausalLM.from_pretrained(BASE).eval()
+    d = root / "token_exports" / f"step_{step}"
+    d.mkdir(parents=True)
+    recs = []
+    for a, b, c in PAIRS:
+        prompt = tok(f"{a}*{b}=")["input_ids"]
+        responses = _samples(model, tok, prompt, sampled_at) if sample else \
+            [tok(str(ans), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for ans in (c, c + 1, c + 2)]
+        for resp in responses:
+            ans = tok.decode(resp, skip_special_tokens=True)
+            lp = reference_logps(model, prompt, resp, sampled_at)
+            n, r = len(prompt) + len(resp), float(ans == str(c))
+            recs.append({"schema_version": 2, "step": step, "export_step": step, "sample_id": f"{a}x{b}-{len(recs)}",
+                         "token_ids": prompt + resp, "position_ids": list(range(n)),
+                         "loss_mask": [False] * len(prompt) + [True] * len(resp),
+                         "temperatures": [logged_temperature] * n, "advantages": [r - 1 / 3] * n,
+                         "rewards": [r] * n, "inference_logprobs": [0.0] * len(prompt) + lp,
+                         "trainer_logprobs": [0.0] * len(prompt) + lp, "env_names": ["mult"] * n})
+    multi = dict(recs[0], loss_mask=[False] * 3 + [True, False, True] + [False] * (len(recs[0]["token_ids"]) - 6))
+    for rank, part in enumerate((recs[:3] + [multi], recs[3:])):
+        (d / f"rank_{rank}.jsonl").write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in part))
+    (d / "STABLE").touch()
+    return root / "token_exports"
+
+
+def test_prime_rl_token_exports_are_exact_by_construction(tmp_path):
+    exports = write_prime_rl_export(tmp_path, sampled_at=1.0, logged_temperature=1.0)
+    ps = load_probe_set(exports, None)  # no tokenizer needed: ids, rewards and log-probs are all logged
+    assert ps.kind == "prime_rl_tokens" and ps.n_groups == 2 and ps.n_responses == 6 and ps.n_mixed == 2
+    assert ps.token_counts() == {"exact": 6, "round_trip": 0, "unverified": 0} and ps.n_logged_logprobs == 6
+    assert "dropped 1 multi-turn sequences (untrained tokens inside the response)" in ps.notes
+    tok = AutoTokenizer.from_pretrained(BASE)
+    g = ps.groups[0]
+    assert g.prompt_ids == tuple(tok("12*34=")["input_ids"]) and g.rewards == (1.0, 0.0, 0.0)
+    assert tok.decode(g.response_ids[0], skip_special_tokens=True) == "408" and g.response_ids[0][-1] == tok.eos_token_id
+    assert ps.sampler_step == 0 and ps.logprob_temperature == 1.0
+    assert from_prime_rl_tokens(exports / "step_0" / "rank_1.jsonl").n_responses == 3
+    with pytest.raises(ProbeError, match=r"no token export for step 5 \(have \[0\]\)"):
+        from_prime_rl_tokens(exports, step=5)
+
+
+def _fidelity(exports: Path, out: Path, capsys) -> tuple:
+    assert probe_main([str(BASE), "--probe-set", str(exports), "--probes", "fidelity", "--out", str(out),
+                       *QUIET]) == 0
+    return load_results(out)["fidelity"], capsys.readouterr().out
+
+
+def test_fidelity_agrees_with_the_sampler_and_names_a_temperature_mismatch(tmp_path, capsys, one_thread):
+    r, said = _fidelity(write_prime_rl_export(tmp_path / "same", sampled_at=1.0, logged_temperature=1.0),
+                        tmp_path / "o1", capsys)
+    v = r.meta["verdict"]
+    assert v["ok"] and v["n_tokens"] > 0 and v["max_abs_delta"] < 1e-4 and abs(v["kl_k3"]) < 1e-8
+    assert v["judged_at"] == "the checkpoint that sampled them" and "mismatch" not in said
+    assert len(r.responses) == 6 and set(r.responses.origin) == {"exact"}
+    # Sampled at temperature 0.7, logged as such: the probe compares at 0.7 and agrees.
+    r, _ = _fidelity(write_prime_rl_export(tmp_path / "cold", sampled_at=0.7, logged_temperature=0.7, sample=True),
+                     tmp_path / "o2", capsys)
+    assert r.meta["verdict"]["ok"] and r.meta["temperature"] == 0.7 and r.meta["verdict"]["max_abs_delta"] < 1e-4
+    assert len(r.responses) >= 6
+    # Sampled at 0.3 but logged as 1.0: a mismatch, its size checked against the float64 reference, its cause named.
+    exports = write_prime_rl_export(tmp_path / "wrong", sampled_at=0.3, logged_temperature=1.0, sample=True)
+    r, said = _fidelity(exports, tmp_path / "o3", capsys)
+    model = AutoModelForCausalLM.from_pretrained(BASE).eval()
+    ps = load_probe_set(exports, None)
+    for row in r.responses.itertuples():
+        g = next(g for g in ps.groups if g.group_id == row.group_id)
+        ours = torch.tensor(reference_logps(model, g.prompt_ids, g.response_ids[row.response_index], 1.0))
+        d = torch.tensor(g.logged_logprobs[row.response_index], dtype=torch.float64) - ours  # (T,)
+        assert row.kl_k3 == pytest.approx(float((torch.expm1(-d) + d).mean()), rel=1e-4, abs=1e-5)
+        assert row.kl_k1 == pytest.approx(float(d.mean()), abs=1e-5)
+        assert row.max_abs_delta == pytest.approx(float(d.abs().max()), abs=1e-5)
+    assert not r.meta["verdict"]["ok"]
+    assert "warning: fidelity: training–inference mismatch at step 0" in said and "sampler settings" in said
+    summary = json.loads((tmp_path / "o3" / "summary.json").read_text())
+    assert summary["probe_set"]["n_logged_logprobs"] == ps.n_responses
+
+
+def test_fidelity_says_what_it_did_not_measure(tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "12*34=", "responses": ["408", "407"], "rewards": [1, 0]}) + "\n")
+    assert probe_main([str(BASE), "--probe-set", str(f), "--probes", "fidelity", "--out", str(tmp_path / "o"),
+                       *QUIET]) == 0
+    assert "fidelity: not computed: the probe set (jsonl) logs no sampler log-probs" in capsys.readouterr().out

@@ -49,6 +49,8 @@ from .registry import FinishContext, GroupsContext, Probe, option, register_prob
 __all__ = ["FidelityResult", "FidelityOptions", "FidelityProbe", "mismatch_rows", "likely_cause"]
 
 _S, _I, _F = "str", "int", "float"
+#: |Δ log p| below this (nats) is rounding, not a difference (``frac_sampler_higher`` ignores such tokens).
+_DIFFER = 1e-3
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,8 +60,8 @@ class FidelityResult(ProbeResult):
     ``responses``: ``n_tokens`` compared, ``origin`` of the token ids (exact / round_trip / unverified),
     ``kl_k1`` and ``kl_k3`` (per-token KL(sampler ‖ checkpoint) estimates, nats), ``max_abs_delta`` and
     ``mean_abs_delta`` (|log p_sampler − log p_ckpt|), ``frac_off`` (tokens with |Δ| above the threshold),
-    ``first_abs_delta`` (|Δ| at the first response token), ``frac_sampler_higher`` (tokens the sampler found
-    more likely). ``meta["verdict"]``: the step judged and its numbers; ``meta["warnings"]``: a large mismatch,
+    ``first_abs_delta`` (|Δ| at the first response token), ``frac_sampler_higher`` (of the tokens whose |Δ| exceeds
+    1e-3 nats, the fraction the sampler found more likely; 0.5 when none does). ``meta["verdict"]``: the step judged and its numbers; ``meta["warnings"]``: a large mismatch,
     with its likely cause.
     """
 
@@ -116,10 +118,12 @@ def mismatch_rows(logged: Sequence[float], ours: torch.Tensor, threshold: float)
     d = torch.tensor(list(logged), dtype=torch.float64) - ours.double()  # (T,) log p_sampler − log p_ckpt
     k3 = torch.expm1(-d) + d  # (T,) r − 1 − log r with r = p_ckpt / p_sampler
     a = d.abs()
+    # The sign of a token that agrees to rounding (p ≈ 1 on both sides) is noise: only tokens that differ count.
+    differ = a > _DIFFER
     return {"n_tokens": int(d.numel()), "kl_k1": float(d.mean()), "kl_k3": float(k3.mean()),
             "max_abs_delta": float(a.max()), "mean_abs_delta": float(a.mean()),
             "frac_off": float((a > threshold).double().mean()), "first_abs_delta": float(a[0]),
-            "frac_sampler_higher": float((d > 0).double().mean())}
+            "frac_sampler_higher": float((d[differ] > 0).double().mean()) if bool(differ.any()) else 0.5}
 
 
 def likely_cause(d: pd.DataFrame) -> str:
