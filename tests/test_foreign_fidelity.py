@@ -61,8 +61,9 @@ def ab_reward(completions, **kwargs):
 
 
 def bpe_grpo_run(out: Path, callbacks=()) -> Path:
-    """Two real GRPO steps. Sampling is restricted to "a", "b", "ab", "x", "y", the lone byte 0xC3 and EOS, so completions end
-    by EOS or by length, some hold invalid UTF-8 and some split "ab" the way the tokenizer never does."""
+    """Two real GRPO steps. Sampling is restricted to "a", "b", "ab", "x", "y", the lone byte 0xC3 and EOS, so
+    completions end by EOS or by length, some hold invalid UTF-8 and some split "ab" the way the tokenizer never
+    does."""
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import GRPOConfig, GRPOTrainer
@@ -258,7 +259,8 @@ def test_prime_rl_token_exports_are_exact_by_construction(tmp_path):
     tok = AutoTokenizer.from_pretrained(BASE)
     g = ps.groups[0]
     assert g.prompt_ids == tuple(tok("12*34=")["input_ids"]) and g.rewards == (1.0, 0.0, 0.0)
-    assert tok.decode(g.response_ids[0], skip_special_tokens=True) == "408" and g.response_ids[0][-1] == tok.eos_token_id
+    assert tok.decode(g.response_ids[0], skip_special_tokens=True) == "408"
+    assert g.response_ids[0][-1] == tok.eos_token_id
     assert ps.sampler_step == 0 and ps.logprob_temperature == 1.0
     assert from_prime_rl_tokens(exports / "step_0" / "rank_1.jsonl").n_responses == 3
     with pytest.raises(ProbeError, match=r"no token export for step 5 \(have \[0\]\)"):
@@ -307,3 +309,61 @@ def test_fidelity_says_what_it_did_not_measure(tmp_path, capsys):
     assert probe_main([str(BASE), "--probe-set", str(f), "--probes", "fidelity", "--out", str(tmp_path / "o"),
                        *QUIET]) == 0
     assert "fidelity: not computed: the probe set (jsonl) logs no sampler log-probs" in capsys.readouterr().out
+
+
+# ============================================================== 3. readers
+
+CHAT = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+
+def test_verl_v1_keys_group_by_their_uid_and_the_logged_score_is_kept(tmp_path):
+    tok = AutoTokenizer.from_pretrained(BASE)
+    # verl's dump fields (input, output, gts, score, step) with a v1 trainer's {uid}_{session}_{index} row keys.
+    rows = [("9f1c_0_0", "12*3=", "36", 1.0), ("9f1c_0_1", "12*3=", "35", 0.0), ("9f1c_1_0", "12*3=", "36", 0.0),
+            ("77ab_0_0", "11*2=", "22", 1.0), ("77ab_0_1", "11*2=", "21", 0.0)]
+    gts = {"12*3=": "36", "11*2=": "22"}
+    (tmp_path / "3.jsonl").write_text("".join(json.dumps({"input": p, "output": o, "gts": gts[p], "score": s,
+                                                          "step": 3, "uid": u}) + "\n" for u, p, o, s in rows))
+    ps = load_probe_set(tmp_path / "3.jsonl", tok)
+    assert [g.prompt_uid for g in ps.groups] == ["9f1c", "77ab"] and ps.n_mixed == 2  # main: 5 groups, 0 mixed
+    assert ps.groups[0].rewards == (1.0, 0.0, 0.0)  # the logged score, though gts would say 1.0 for the third
+    assert any("verl v1 keys" in n for n in ps.notes) and ps.sampler_step == 2
+
+
+def test_merged_verl_layout_and_trl_directories_that_lack_something(tmp_path, capsys):
+    merged = tmp_path / "merged"
+    for step in (1, 2):  # what verl's merger writes to a target directory: a plain HF folder per step
+        shutil.copytree(BASE, merged / f"global_step_{step}")
+    info = discover_run(merged)
+    assert info.kind == "verl" and info.checkpoints == ((1, merged / "global_step_1"), (2, merged / "global_step_2"))
+    logs = tmp_path / "trl" / "completions"
+    logs.mkdir(parents=True)
+    pd.DataFrame({"step": [3, 3], "prompt": ["12*3="] * 2, "completion": ["36", "35"], "acc": [1.0, 0.0],
+                  "advantage": [0.7, -0.7]}).to_parquet(logs / "completions_00003.parquet")
+    with pytest.raises(ProbeError, match=r"completion logs but no model .*save_steps.*--base-model"):
+        discover_run(tmp_path / "trl")
+    assert probe_main([str(tmp_path / "trl"), *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "save_steps" in err
+    for f in BASE.iterdir():  # trainer.save_model() at the end: the final model at the root
+        shutil.copy(f, tmp_path / "trl" / f.name)
+    info = discover_run(tmp_path / "trl")
+    assert info.kind == "trl" and info.checkpoints == ((3, tmp_path / "trl"),)
+    assert "only the final model (step 3) is probed" in info.notes[0] and "--base-model" in info.notes[0]
+
+
+def test_user_jsonl_message_list_prompts_use_the_chat_template(tmp_path):
+    tok = AutoTokenizer.from_pretrained(BASE)
+    tok.chat_template = CHAT
+    msgs = [{"role": "system", "content": "multiply"}, {"role": "user", "content": "12*3="}]
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": msgs, "responses": ["36", "35"], "rewards": [1, 0], "finished": [True, False]})
+                 + "\n")
+    g = load_probe_set(f, tok).groups[0]
+    # As TRL renders a conversational prompt: the template's text with the generation prompt, one BOS.
+    want = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    assert g.prompt_ids == tuple(want["input_ids"]) and g.prompt_ids.count(tok.bos_token_id) == 1
+    assert g.response_ids[0][-1] == tok.eos_token_id and g.response_ids[1][-1] != tok.eos_token_id  # `finished`
+    tok.chat_template = None
+    with pytest.raises(ProbeError, match=r"p\.jsonl:1: .*no chat template"):
+        load_probe_set(f, tok)

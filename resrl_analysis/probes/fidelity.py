@@ -60,9 +60,9 @@ class FidelityResult(ProbeResult):
     ``responses``: ``n_tokens`` compared, ``origin`` of the token ids (exact / round_trip / unverified),
     ``kl_k1`` and ``kl_k3`` (per-token KL(sampler ‖ checkpoint) estimates, nats), ``max_abs_delta`` and
     ``mean_abs_delta`` (|log p_sampler − log p_ckpt|), ``frac_off`` (tokens with |Δ| above the threshold),
-    ``first_abs_delta`` (|Δ| at the first response token), ``frac_sampler_higher`` (of the tokens whose |Δ| exceeds
-    1e-3 nats, the fraction the sampler found more likely; 0.5 when none does). ``meta["verdict"]``: the step judged and its numbers; ``meta["warnings"]``: a large mismatch,
-    with its likely cause.
+    ``first_abs_delta`` (|Δ| at the first response token), ``frac_sampler_higher`` (of the tokens whose |Δ|
+    exceeds 1e-3 nats, the fraction the sampler found more likely; 0.5 when none does). ``meta["verdict"]``: the
+    step judged and its numbers; ``meta["warnings"]``: a large mismatch, with its likely cause.
     """
 
     KIND: ClassVar[str] = "fidelity"
