@@ -137,7 +137,7 @@ def test_resume_refuses_a_target_below_the_last_step_and_a_directory_without_a_r
     with pytest.raises(SetupError, match=r"empty holds no run \(no config.yaml, checkpoint or metrics\)"):
         train_easy(_cfg(tmp_path / "empty", steps=2, resume=True))
     assert not any((tmp_path / "empty").iterdir())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # ours
     proc = subprocess.run([*_resrl(), "train", "--preset", "tiny", "--resume", "--output-dir", str(nope)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr, proc.stderr
