@@ -367,3 +367,28 @@ def test_user_jsonl_message_list_prompts_use_the_chat_template(tmp_path):
     tok.chat_template = None
     with pytest.raises(ProbeError, match=r"p\.jsonl:1: .*no chat template"):
         load_probe_set(f, tok)
+
+
+# ============================================================== 5. say what was not computed, and why
+
+
+@pytest.mark.e2e
+def test_a_trl_run_is_told_what_was_not_computed_in_its_own_words(text_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(text_run, run)
+    proc = _cli("probe", str(run), "--probes", "diversity,entropy", "--samples", "2", *QUIET)
+    assert proc.returncode == 0, proc.stderr
+    # No ground truth in a TRL completion log: said on the terminal, with where one can come from.
+    assert "resrl probe: diversity: not computed" in proc.stdout and "a TRL completion log holds none" in proc.stdout
+    proc = _cli("figures", str(run), "--out", str(tmp_path / "figs"), "--only", "pass_at_k,in_batch_lld",
+                "--formats", "png")
+    assert proc.returncode == 0, proc.stderr
+    said = proc.stdout
+    assert "the diversity probe ran but pass@k has nothing to count: no ground truth" in said
+    assert "no diversity probe results" not in said  # it ran
+    assert "TRL runs log none" in said and "(train with lld_in_batch: true)" not in said  # not our trainer's advice
+    for bad in ([str(tmp_path / "nope")], [str(tmp_path / "figs")]):  # missing; a directory holding no run
+        proc = _cli("figures", *bad, "--out", str(tmp_path / "f2"))
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("resrl figures: error:")
+    proc = _cli("compare", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
