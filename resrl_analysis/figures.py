@@ -550,7 +550,7 @@ def fig_token_heatmap(runs: Sequence[RunData]):
 def fig_dynamics(runs: Sequence[RunData]):
     parts = [r.metrics.assign(label=r.label, seed=_seed_id(r)) for r in runs if not r.metrics.empty]
     if not parts:
-        return "no metrics.jsonl"
+        return _no_metrics(runs)
     m = pd.concat(parts, ignore_index=True)
     keys = ("reward/mean", "actor/entropy", "response/length_mean", "val/reward_mean")
     fig = plots.plot_training_dynamics(m, keys=keys)
@@ -565,13 +565,25 @@ IN_BATCH_KEYS = ("lld/batch_frac", "lld/batch_delta_mean", "lld/mixed_groups")
 IN_BATCH_SMOOTH = 5
 
 
-def _no_in_batch(runs: Sequence[RunData], what: str) -> str:
-    """Why there are no in-batch metrics, in words that fit who wrote the runs: in-batch LLD is a metric of our
-    trainer, which a TRL or verl run does not log (``resrl probe --probe-set batch`` needs our rollout dumps too)."""
+def _no_in_batch(runs: Sequence[RunData], what: str, setting: str = "lld_in_batch") -> str:
+    """Why there are no in-batch metrics, in words that fit who wrote the runs: they are metrics of our trainer,
+    which a TRL or verl run does not log, so only our runs are told which setting to turn on.
+
+    >>> _no_in_batch([], "no in-batch LLD metrics")
+    'no in-batch LLD metrics (train with lld_in_batch: true)'
+    """
     foreign = sorted({str(r.config.get("writer")) for r in runs if r.config.get("writer")})
-    if all(r.config.get("writer") for r in runs):
-        return f"{what}: a metric our trainer logs (resrl train, lld_in_batch: true); {'/'.join(foreign)} runs log none"
-    return f"{what} (train with lld_in_batch: true)"
+    if runs and all(r.config.get("writer") for r in runs):
+        return f"{what}: a metric our trainer logs (resrl train, {setting}: true); {'/'.join(foreign)} runs log none"
+    return f"{what} (train with {setting}: true)"
+
+
+def _no_metrics(runs: Sequence[RunData]) -> str:
+    """No training metrics, said for the runs at hand (a TRL run keeps them in trainer_state.json)."""
+    if runs and all(r.config.get("writer") for r in runs):
+        return ("no training metrics (a TRL run's are in checkpoint-N/trainer_state.json, log_history; verl and plain "
+                "checkpoints keep none beside the weights)")
+    return "no metrics.jsonl"
 
 
 def fig_in_batch_lld(runs: Sequence[RunData]):
@@ -673,7 +685,7 @@ def fig_collateral(runs: Sequence[RunData]):
             for g in groups:  # [group_id, collateral, push_down, kl]
                 rows.append({"label": r.label, "seed": _seed_id(r), "collateral": g[1], "push_down": g[2]})
     if not rows:
-        return "no per-group collateral (train with collateral_in_batch: true)"
+        return _no_in_batch(runs, "no per-group collateral", "collateral_in_batch")
     d = pd.DataFrame(rows)
     fig = plots.plot_collateral_vs_pushdown(d)
     _suptitle(fig, f"each mixed group's update: collateral on the positives' shared tokens vs push-down of the "
@@ -708,7 +720,7 @@ def fig_lld_per_kl(runs: Sequence[RunData]):
     keys = ("update/pos_delta_per_kl", "update/selectivity_ratio", "update/kl_k3")
     m = _live_frame(runs, keys)
     if m.empty:
-        return "no step-size-free metrics (train with collateral_in_batch: true)"
+        return _no_in_batch(runs, "no step-size-free metrics", "collateral_in_batch")
     m = m[m["update/kl_k3"].notna()]
     fig = plots.plot_training_dynamics(m, keys=keys, smooth=IN_BATCH_SMOOTH)
     for ax in fig.axes:
@@ -758,7 +770,7 @@ def fig_entropy_by_polarity(runs: Sequence[RunData]):
     parts = [r.metrics.assign(label=r.label, seed=_seed_id(r)) for r in runs
              if any(k in r.metrics and r.metrics[k].notna().any() for k in ENTROPY_KEYS)]
     if not parts:
-        return "no live entropy metrics (train with entropy_in_batch: true)"
+        return _no_in_batch(runs, "no live entropy metrics", "entropy_in_batch")
     m = pd.concat(parts, ignore_index=True)
     fig = plots.plot_training_dynamics(m, keys=tuple(ENTROPY_KEYS), smooth=IN_BATCH_SMOOTH)
     for ax in fig.axes:

@@ -380,13 +380,13 @@ def test_a_trl_run_is_told_what_was_not_computed_in_its_own_words(text_run, tmp_
     assert proc.returncode == 0, proc.stderr
     # No ground truth in a TRL completion log: said on the terminal, with where one can come from.
     assert "resrl probe: diversity: not computed" in proc.stdout and "a TRL completion log holds none" in proc.stdout
-    proc = _cli("figures", str(run), "--out", str(tmp_path / "figs"), "--only", "pass_at_k,in_batch_lld",
-                "--formats", "png")
+    proc = _cli("figures", str(run), "--out", str(tmp_path / "figs"), "--only",
+                "pass_at_k,in_batch_lld,entropy_by_polarity,collateral_vs_pushdown", "--formats", "png")
     assert proc.returncode == 0, proc.stderr
     said = proc.stdout
     assert "the diversity probe ran but pass@k has nothing to count: no ground truth" in said
     assert "no diversity probe results" not in said  # it ran
-    assert "TRL runs log none" in said and "(train with lld_in_batch: true)" not in said  # not our trainer's advice
+    assert said.count("TRL runs log none") == 3 and "(train with" not in said  # not our trainer's advice
     for bad in ([str(tmp_path / "nope")], [str(tmp_path / "figs")]):  # missing; a directory holding no run
         proc = _cli("figures", *bad, "--out", str(tmp_path / "f2"))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("resrl figures: error:")
