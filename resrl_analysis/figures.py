@@ -950,6 +950,10 @@ def run_figures(args: argparse.Namespace) -> int:
     except OSError as e:  # the output could not be written
         print(f"resrl figures: error: {e}", file=sys.stderr)
         return 1
+    if not any((Path(d) / PROBES / "summary.json").is_file() for d in args.run_dirs):
+        # Said once, rather than one puzzling "no ... results" per probe figure.
+        print(f"resrl figures: note: no probe results yet in {', '.join(map(str, args.run_dirs))}: the probe figures "
+              "are skipped; run `resrl probe RUN_DIR` first (TRL and verl runs: docs/FOREIGN_RUNS.md)")
     for name, what in report.items():
         print(f"{name:>24}: {what}")
     return 0

@@ -268,8 +268,11 @@ def test_prime_rl_token_exports_are_exact_by_construction(tmp_path):
 
 
 def _fidelity(exports: Path, out: Path, capsys) -> tuple:
-    assert probe_main([str(BASE), "--probe-set", str(exports), "--probes", "fidelity", "--out", str(out),
-                       *QUIET]) == 0
+    return _fidelity_run(BASE, out, capsys, "--probe-set", str(exports))
+
+
+def _fidelity_run(run: Path, out: Path, capsys, *args: str) -> tuple:
+    assert probe_main([str(run), *args, "--probes", "fidelity", "--out", str(out), *QUIET]) == 0
     return load_results(out)["fidelity"], capsys.readouterr().out
 
 
@@ -301,6 +304,36 @@ def test_fidelity_agrees_with_the_sampler_and_names_a_temperature_mismatch(tmp_p
     assert "warning: fidelity: training–inference mismatch at step 0" in said and "sampler settings" in said
     summary = json.loads((tmp_path / "o3" / "summary.json").read_text())
     assert summary["probe_set"]["n_logged_logprobs"] == ps.n_responses
+
+
+def test_fidelity_on_our_own_rollout_dump_judges_the_checkpoint_that_sampled(tmp_path, capsys, one_thread):
+    """Our trainer dumps the rollout policy's token log-probs: checkpoint 0 agrees with the dump of step 0 to float
+    precision, the later checkpoints (one and two updates on) do not."""
+    from trainer_runner import FAST, train_easy
+
+    from trainer.config import TrainConfig
+
+    run = tmp_path / "run"
+    train_easy(TrainConfig(**{**FAST, "output_dir": str(run), "steps": 2, "save_every": 1}))
+    r, said = _fidelity_run(run, tmp_path / "out", capsys)
+    v, by_step = r.meta["verdict"], r.by_step().set_index("step")
+    assert v["step"] == 0 and v["judged_at"] == "the checkpoint that sampled them" and v["ok"]
+    assert by_step.loc[0, "max_abs_delta"] < 1e-4 and (by_step.loc[[1, 2], "max_abs_delta"] > 1e-2).all()
+    assert "mismatch" not in said
+
+
+def test_verl_rows_with_ids_and_rollout_log_probs_are_exact(tmp_path):
+    tok = AutoTokenizer.from_pretrained(BASE)
+    p, r = tok("12*3=")["input_ids"], tok("36", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    row = {"input": "12*3=", "output": "36", "score": 1.0, "step": 2, "uid": "a", "prompt_ids": p, "response_ids": r,
+           "rollout_log_probs": [-0.5] * len(r)}
+    (tmp_path / "2.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "rollout_log_probs": [0.1]}) + "\n")
+    with pytest.raises(ProbeError, match=r"2\.jsonl:2: field 'rollout_log_probs': expected a list of 3 log-probs"):
+        load_probe_set(tmp_path / "2.jsonl", tok)
+    (tmp_path / "2.jsonl").write_text(json.dumps(row) + "\n")
+    ps = load_probe_set(tmp_path / "2.jsonl", tok)
+    assert ps.token_counts()["exact"] == 1 and ps.groups[0].response_ids == (tuple(r),)
+    assert ps.groups[0].logged_logprobs == ((-0.5,) * len(r),) and ps.sampler_step == 1
 
 
 def test_fidelity_says_what_it_did_not_measure(tmp_path, capsys):
@@ -376,6 +409,8 @@ def test_user_jsonl_message_list_prompts_use_the_chat_template(tmp_path):
 def test_a_trl_run_is_told_what_was_not_computed_in_its_own_words(text_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(text_run, run)
+    proc = _cli("figures", str(run), "--out", str(tmp_path / "figs0"), "--only", "pass_at_k", "--formats", "png")
+    assert proc.returncode == 0 and "note: no probe results yet" in proc.stdout, proc.stderr
     proc = _cli("probe", str(run), "--probes", "diversity,entropy", "--samples", "2", *QUIET)
     assert proc.returncode == 0, proc.stderr
     # No ground truth in a TRL completion log: said on the terminal, with where one can come from.
@@ -384,6 +419,7 @@ def test_a_trl_run_is_told_what_was_not_computed_in_its_own_words(text_run, tmp_
                 "pass_at_k,in_batch_lld,entropy_by_polarity,collateral_vs_pushdown", "--formats", "png")
     assert proc.returncode == 0, proc.stderr
     said = proc.stdout
+    assert "no probe results yet" not in said
     assert "the diversity probe ran but pass@k has nothing to count: no ground truth" in said
     assert "no diversity probe results" not in said  # it ran
     assert said.count("TRL runs log none") == 3 and "(train with" not in said  # not our trainer's advice
