@@ -35,60 +35,21 @@ cause the numbers point to (tokenisation, template, dtype, sampler settings).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
 from ..probe_sets import ProbeSet
-from ..results import ProbeResult, to_jsonable
+from ..results import FidelityResult
 from .capture import forward_group, pad_id_of
 from .registry import FinishContext, GroupsContext, Probe, option, register_probe
 
+# FidelityResult lives in results.py with every built-in result (load_results knows it without this module).
 __all__ = ["FidelityResult", "FidelityOptions", "FidelityProbe", "mismatch_rows", "likely_cause"]
 
-_S, _I, _F = "str", "int", "float"
 #: |Δ log p| below this (nats) is rounding, not a difference (``frac_sampler_higher`` ignores such tokens).
 _DIFFER = 1e-3
-
-
-@dataclass(frozen=True, eq=False)
-class FidelityResult(ProbeResult):
-    """Per (step, response) mismatch between the logged sampler log-probs and the checkpoint's.
-
-    ``responses``: ``n_tokens`` compared, ``origin`` of the token ids (exact / round_trip / unverified),
-    ``kl_k1`` and ``kl_k3`` (per-token KL(sampler ‖ checkpoint) estimates, nats), ``max_abs_delta`` and
-    ``mean_abs_delta`` (|log p_sampler − log p_ckpt|), ``frac_off`` (tokens with |Δ| above the threshold),
-    ``first_abs_delta`` (|Δ| at the first response token), ``frac_sampler_higher`` (of the tokens whose |Δ|
-    exceeds 1e-3 nats, the fraction the sampler found more likely; 0.5 when none does). ``meta["verdict"]``: the
-    step judged and its numbers; ``meta["warnings"]``: a large mismatch, with its likely cause.
-    """
-
-    KIND: ClassVar[str] = "fidelity"
-    TABLES: ClassVar[dict[str, dict[str, str]]] = {
-        "responses": {"step": _I, "group_id": _I, "response_index": _I, "origin": _S, "n_tokens": _I,
-                      "kl_k1": _F, "kl_k3": _F, "max_abs_delta": _F, "mean_abs_delta": _F, "frac_off": _F,
-                      "first_abs_delta": _F, "frac_sampler_higher": _F},
-    }
-    responses: pd.DataFrame = None  # type: ignore[assignment]
-    meta: dict = field(default_factory=dict)
-
-    def by_step(self) -> pd.DataFrame:
-        """Token-weighted numbers per step: ``kl_k1``, ``kl_k3``, ``mean_abs_delta``, ``frac_off`` (means over
-        tokens), ``max_abs_delta`` (max), ``n_responses``, ``n_tokens``."""
-        rows = []
-        for step, d in self.responses.groupby("step", sort=True):
-            w = d.n_tokens.astype(float)
-            rows.append({"step": int(step), "n_responses": len(d), "n_tokens": int(w.sum()),
-                         **{c: float((d[c] * w).sum() / w.sum()) for c in ("kl_k1", "kl_k3", "mean_abs_delta",
-                                                                           "frac_off")},
-                         "max_abs_delta": float(d.max_abs_delta.max())})
-        return pd.DataFrame(rows)
-
-    def summary(self) -> dict:
-        return {**super().summary(), "by_step": to_jsonable(self.by_step().to_dict(orient="records")),
-                "verdict": to_jsonable(self.meta.get("verdict")), "warnings": list(self.meta.get("warnings", []))}
 
 
 @dataclass(frozen=True)
