@@ -33,8 +33,6 @@ from resrl_analysis.probes.runner import main as probe_main
 from resrl_analysis.results import load_results
 from resrl_analysis.runs import discover_run
 
-pytestmark = pytest.mark.integration
-
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "trainer" / "assets" / "tiny_warmstart"
 MAX_LEN = 5
@@ -109,6 +107,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 # ============================================================== 1. exact tokens, or a stated error bound
 
 
+@pytest.mark.integration
 def test_recorded_ids_are_what_trl_generated_and_training_is_unchanged(bpe_run, tmp_path):
     tok = AutoTokenizer.from_pretrained(bpe_run / "checkpoint-1")
     eos = tok.eos_token_id
@@ -135,6 +134,7 @@ def test_recorded_ids_are_what_trl_generated_and_training_is_unchanged(bpe_run, 
     assert "prompt_ids" not in pd.read_parquet(plain / "completions" / "completions_00001.parquet")
 
 
+@pytest.mark.integration
 def test_text_logs_get_no_eos_after_a_cut_and_count_what_cannot_be_verified(bpe_run, text_run):
     tok = AutoTokenizer.from_pretrained(text_run / "checkpoint-1")
     eos = tok.eos_token_id
@@ -250,6 +250,7 @@ def write_prime_rl_export(root: Path, *, sampled_at: float, logged_temperature: 
     return root / "token_exports"
 
 
+@pytest.mark.integration
 def test_prime_rl_token_exports_are_exact_by_construction(tmp_path):
     exports = write_prime_rl_export(tmp_path, sampled_at=1.0, logged_temperature=1.0)
     ps = load_probe_set(exports, None)  # no tokenizer needed: ids, rewards and log-probs are all logged
@@ -276,6 +277,7 @@ def _fidelity_run(run: Path, out: Path, capsys, *args: str) -> tuple:
     return load_results(out)["fidelity"], capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_fidelity_agrees_with_the_sampler_and_names_a_temperature_mismatch(tmp_path, capsys, one_thread):
     r, said = _fidelity(write_prime_rl_export(tmp_path / "same", sampled_at=1.0, logged_temperature=1.0),
                         tmp_path / "o1", capsys)
@@ -306,6 +308,7 @@ def test_fidelity_agrees_with_the_sampler_and_names_a_temperature_mismatch(tmp_p
     assert summary["probe_set"]["n_logged_logprobs"] == ps.n_responses
 
 
+@pytest.mark.integration
 def test_fidelity_on_our_own_rollout_dump_judges_the_checkpoint_that_sampled(tmp_path, capsys, one_thread):
     """Our trainer dumps the rollout policy's token log-probs: checkpoint 0 agrees with the dump of step 0 to float
     precision, the later checkpoints (one and two updates on) do not."""
@@ -322,6 +325,7 @@ def test_fidelity_on_our_own_rollout_dump_judges_the_checkpoint_that_sampled(tmp
     assert "mismatch" not in said
 
 
+@pytest.mark.integration
 def test_verl_rows_with_ids_and_rollout_log_probs_are_exact(tmp_path):
     tok = AutoTokenizer.from_pretrained(BASE)
     p, r = tok("12*3=")["input_ids"], tok("36", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -336,6 +340,7 @@ def test_verl_rows_with_ids_and_rollout_log_probs_are_exact(tmp_path):
     assert ps.groups[0].logged_logprobs == ((-0.5,) * len(r),) and ps.sampler_step == 1
 
 
+@pytest.mark.integration
 def test_fidelity_says_what_it_did_not_measure(tmp_path, capsys):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"prompt": "12*34=", "responses": ["408", "407"], "rewards": [1, 0]}) + "\n")
@@ -349,6 +354,7 @@ def test_fidelity_says_what_it_did_not_measure(tmp_path, capsys):
 CHAT = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
 
+@pytest.mark.integration
 def test_verl_v1_keys_group_by_their_uid_and_the_logged_score_is_kept(tmp_path):
     tok = AutoTokenizer.from_pretrained(BASE)
     # verl's dump fields (input, output, gts, score, step) with a v1 trainer's {uid}_{session}_{index} row keys.
@@ -363,6 +369,7 @@ def test_verl_v1_keys_group_by_their_uid_and_the_logged_score_is_kept(tmp_path):
     assert any("verl v1 keys" in n for n in ps.notes) and ps.sampler_step == 2
 
 
+@pytest.mark.integration
 def test_merged_verl_layout_and_trl_directories_that_lack_something(tmp_path, capsys):
     merged = tmp_path / "merged"
     for step in (1, 2):  # what verl's merger writes to a target directory: a plain HF folder per step
@@ -385,6 +392,7 @@ def test_merged_verl_layout_and_trl_directories_that_lack_something(tmp_path, ca
     assert "only the final model (step 3) is probed" in info.notes[0] and "--base-model" in info.notes[0]
 
 
+@pytest.mark.integration
 def test_user_jsonl_message_list_prompts_use_the_chat_template(tmp_path):
     tok = AutoTokenizer.from_pretrained(BASE)
     tok.chat_template = CHAT

@@ -74,8 +74,8 @@ def record_token_ids(trainer: Any) -> Any:
     if getattr(gen, "_resrl_records_ids", False):
         return trainer
 
-    def _generate(prompts: list) -> Any:
-        out = gen(prompts)
+    def _generate(*args: Any, **kwargs: Any) -> Any:  # whatever this TRL version passes (prompts, images, ...)
+        out = gen(*args, **kwargs)
         prompt_ids, completion_ids = out[0], out[1]  # one list of ids per row, as TRL generated them
         log("prompt_ids", [[int(t) for t in p] for p in prompt_ids])
         log("completion_ids", [[int(t) for t in c] for c in completion_ids])
