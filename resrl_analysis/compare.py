@@ -658,18 +658,22 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    """Run `resrl compare`; prints the summary; one-line error and exit status 1 on bad input."""
+    """Run `resrl compare`; prints the summary; a one-line error and exit status 2 on bad input (as every command),
+    1 when the output cannot be written."""
     labels = None
     if args.labels is not None:
         labels = [x.strip() or None for x in args.labels.split(",")]
         if len(labels) != len(args.run_dirs):
-            print(f"resrl compare: --labels has {len(labels)} entries for {len(args.run_dirs)} run directories",
+            print(f"resrl compare: error: --labels has {len(labels)} entries for {len(args.run_dirs)} run directories",
                   file=sys.stderr)
-            return 1
+            return 2
     try:
         md, _ = compare(args.run_dirs, out=args.out, labels=labels, pairs=args.pairs)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"resrl compare: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"resrl compare: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"resrl compare: error: {e}", file=sys.stderr)
         return 1
     print(md)
     return 0

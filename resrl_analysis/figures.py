@@ -62,10 +62,11 @@ def _load_foreign_run(p: Path, label: str | None) -> RunData | None:
     except ProbeError:
         if not (p / PROBES / "summary.json").is_file():  # live probes of a run that saved no checkpoint
             return None
-        kind, rows, probes_dir = "run", (), p / PROBES
+        kind, rows, probes_dir = "run", (), p / PROBES  # a ProbeCallback's tables: a transformers/TRL run
     metrics = pd.DataFrame(list(rows)).rename(columns=_TRL_METRICS) if rows else pd.DataFrame()
     probes = load_results(probes_dir) if (probes_dir / "summary.json").is_file() else {}
-    return RunData(p, label or kind, {"algorithm": kind}, metrics, probes, {})
+    return RunData(p, label or kind, {"algorithm": kind, "writer": "TRL" if kind in ("trl", "run") else kind},
+                   metrics, probes, {})
 
 
 def load_run(path: str | Path, label: str | None = None) -> RunData:
@@ -77,14 +78,18 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
     >>> load_run("/nonexistent")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    FileNotFoundError: /nonexistent: not a run directory (no config.yaml)
+    FileNotFoundError: /nonexistent: no such directory
     """
     p = Path(path)
     cfg_path = p / CONFIG
-    if not cfg_path.is_file() and p.is_dir() and (foreign := _load_foreign_run(p, label)) is not None:
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such directory")
+    if not cfg_path.is_file() and (foreign := _load_foreign_run(p, label)) is not None:
         return foreign
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{p}: not a run directory (no config.yaml)")
+        raise FileNotFoundError(f"{p}: holds no run: not one of ours (config.yaml), a TRL output directory "
+                                "(checkpoint-N/), a verl one (global_step_N/), a checkpoint (config.json) nor "
+                                "probe results (probes/summary.json)")
     try:
         config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -201,6 +206,10 @@ def _same_curves(curves: Sequence[pd.Series], tol: float = 1e-9) -> bool:
 def fig_pass_at_k(runs: Sequence[RunData]):
     d = _cat(runs, "diversity", "pass_at_k")
     if d.empty:
+        ran = [r for r in runs if "diversity" in r.probes]
+        if ran:  # it ran, but scored no correctness: say why, in the probe's words (e.g. no ground truth)
+            why = next((s["reason"] for r in ran for s in r.probes["diversity"].skipped), "no correct/incorrect scores")
+            return f"the diversity probe ran but pass@k has nothing to count: {why}"
         return "no diversity probe results (run `resrl probe` with the diversity probe)"
     tasks = {r.label: str(r.config.get("task", "task")) for r in runs}
     d = d.assign(task=[tasks.get(lab, next(iter(tasks.values()))) for lab in d.label])
@@ -541,7 +550,7 @@ def fig_token_heatmap(runs: Sequence[RunData]):
 def fig_dynamics(runs: Sequence[RunData]):
     parts = [r.metrics.assign(label=r.label, seed=_seed_id(r)) for r in runs if not r.metrics.empty]
     if not parts:
-        return "no metrics.jsonl"
+        return _no_metrics(runs)
     m = pd.concat(parts, ignore_index=True)
     keys = ("reward/mean", "actor/entropy", "response/length_mean", "val/reward_mean")
     fig = plots.plot_training_dynamics(m, keys=keys)
@@ -556,11 +565,32 @@ IN_BATCH_KEYS = ("lld/batch_frac", "lld/batch_delta_mean", "lld/mixed_groups")
 IN_BATCH_SMOOTH = 5
 
 
+def _no_in_batch(runs: Sequence[RunData], what: str, setting: str = "lld_in_batch") -> str:
+    """Why there are no in-batch metrics, in words that fit who wrote the runs: they are metrics of our trainer,
+    which a TRL or verl run does not log, so only our runs are told which setting to turn on.
+
+    >>> _no_in_batch([], "no in-batch LLD metrics")
+    'no in-batch LLD metrics (train with lld_in_batch: true)'
+    """
+    foreign = sorted({str(r.config.get("writer")) for r in runs if r.config.get("writer")})
+    if runs and all(r.config.get("writer") for r in runs):
+        return f"{what}: a metric our trainer logs (resrl train, {setting}: true); {'/'.join(foreign)} runs log none"
+    return f"{what} (train with {setting}: true)"
+
+
+def _no_metrics(runs: Sequence[RunData]) -> str:
+    """No training metrics, said for the runs at hand (a TRL run keeps them in trainer_state.json)."""
+    if runs and all(r.config.get("writer") for r in runs):
+        return ("no training metrics (a TRL run's are in checkpoint-N/trainer_state.json, log_history; verl and plain "
+                "checkpoints keep none beside the weights)")
+    return "no metrics.jsonl"
+
+
 def fig_in_batch_lld(runs: Sequence[RunData]):
     parts = [r.metrics.assign(label=r.label, seed=_seed_id(r)) for r in runs
              if "lld/batch_frac" in r.metrics and r.metrics["lld/batch_frac"].notna().any()]
     if not parts:
-        return "no in-batch LLD metrics (train with lld_in_batch: true)"
+        return _no_in_batch(runs, "no in-batch LLD metrics")
     m = pd.concat(parts, ignore_index=True)
     m = m[m["lld/batch_frac"].notna()]  # steps without a mixed group have no in-batch LLD
     # One step's value comes from ~20 groups: a rolling mean over 5 steps per run makes the trend readable.
@@ -584,7 +614,7 @@ def fig_lld_shared_unique(runs: Sequence[RunData]):
                 if pd.notna(v):
                     rows.append({"label": r.label, "seed": _seed_id(r), "part": part, "value": float(v)})
     if not rows:
-        return "no in-batch LLD metrics split into shared and unique tokens (train with lld_in_batch: true)"
+        return _no_in_batch(runs, "no in-batch LLD metrics split into shared and unique tokens")
     d = pd.DataFrame(rows)
     ax = plots.plot_lld_shared_unique(d, ylabel="in-batch Δ log π(y⁺) per positive (nats)")
     ax.set_title(f"positive tokens a negative shares vs the rest: each run's mean over steps, {_phrase(d)}\n"
@@ -655,7 +685,7 @@ def fig_collateral(runs: Sequence[RunData]):
             for g in groups:  # [group_id, collateral, push_down, kl]
                 rows.append({"label": r.label, "seed": _seed_id(r), "collateral": g[1], "push_down": g[2]})
     if not rows:
-        return "no per-group collateral (train with collateral_in_batch: true)"
+        return _no_in_batch(runs, "no per-group collateral", "collateral_in_batch")
     d = pd.DataFrame(rows)
     fig = plots.plot_collateral_vs_pushdown(d)
     _suptitle(fig, f"each mixed group's update: collateral on the positives' shared tokens vs push-down of the "
@@ -690,7 +720,7 @@ def fig_lld_per_kl(runs: Sequence[RunData]):
     keys = ("update/pos_delta_per_kl", "update/selectivity_ratio", "update/kl_k3")
     m = _live_frame(runs, keys)
     if m.empty:
-        return "no step-size-free metrics (train with collateral_in_batch: true)"
+        return _no_in_batch(runs, "no step-size-free metrics", "collateral_in_batch")
     m = m[m["update/kl_k3"].notna()]
     fig = plots.plot_training_dynamics(m, keys=keys, smooth=IN_BATCH_SMOOTH)
     for ax in fig.axes:
@@ -740,7 +770,7 @@ def fig_entropy_by_polarity(runs: Sequence[RunData]):
     parts = [r.metrics.assign(label=r.label, seed=_seed_id(r)) for r in runs
              if any(k in r.metrics and r.metrics[k].notna().any() for k in ENTROPY_KEYS)]
     if not parts:
-        return "no live entropy metrics (train with entropy_in_batch: true)"
+        return _no_in_batch(runs, "no live entropy metrics", "entropy_in_batch")
     m = pd.concat(parts, ignore_index=True)
     fig = plots.plot_training_dynamics(m, keys=tuple(ENTROPY_KEYS), smooth=IN_BATCH_SMOOTH)
     for ax in fig.axes:
@@ -914,9 +944,16 @@ def run_figures(args: argparse.Namespace) -> int:
     try:
         out = Path(args.out) if args.out else default_out(args.run_dirs)
         report = draw_all(args.run_dirs, out, formats=[s for s in args.formats.split(",") if s], only=only)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"resrl figures: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as e:  # bad input, as every command: exit 2
+        print(f"resrl figures: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the output could not be written
+        print(f"resrl figures: error: {e}", file=sys.stderr)
         return 1
+    if not any((Path(d) / PROBES / "summary.json").is_file() for d in args.run_dirs):
+        # Said once, rather than one puzzling "no ... results" per probe figure.
+        print(f"resrl figures: note: no probe results yet in {', '.join(map(str, args.run_dirs))}: the probe figures "
+              "are skipped; run `resrl probe RUN_DIR` first (TRL and verl runs: docs/FOREIGN_RUNS.md)")
     for name, what in report.items():
         print(f"{name:>24}: {what}")
     return 0

@@ -18,16 +18,24 @@ TRL completion log            ``completions/completions_NNNNN.parquet``: ``step`
                               one column per reward function, ``advantage`` (``log_completions=True``)
 verl rollout dump             ``rollout_data_dir/N.jsonl``: ``input``, ``output``, ``score`` (or ``reward``),
                               ``gts``, ``step``, optional ``uid``
+prime-rl token export         ``token_exports/step_N/rank_R.jsonl``: ``token_ids``, ``loss_mask``,
+                              ``inference_logprobs``, ``rewards``, ``advantages`` per token (exact)
 RLVR dataset (JSONL/parquet)  verl's layout (``prompt`` as a chat list, ``reward_model.ground_truth``,
                               ``data_source``) or TRL's (``prompt`` plus an answer column, ``solution`` by
                               default): responses are sampled with the base model and scored
 ============================  ==========================================================================
 
-Rows are grouped by ``uid`` when present, else by prompt. Rewards are recomputed with the reward the
-trainer used for the row's data source (:func:`resrl_analysis.rewards.default_reward_fn`: exact match for the
-multiplication task, the final answer for addition, math-verify for any other source) wherever a ground
-truth is known and kept as logged otherwise; the probe set's ``notes`` say which (``rewards: recomputed
-with ...`` / ``rewards: as logged``).
+Rows are grouped by ``uid`` when present (verl v1's ``{uid}_{session}_{index}`` by its ``uid``), else by
+prompt. The logged reward is kept: it is what the run optimised (the probe set's ``notes`` say ``rewards: as
+logged``). With ``rescore`` it is recomputed with the reward the trainer used for the row's data source
+(:func:`resrl_analysis.rewards.default_reward_fn`: exact match for the multiplication task, the final answer
+for addition, math-verify for any other source) wherever a ground truth is known (``rewards: recomputed with
+...``); a row that logged none is scored from its ground truth.
+
+Token ids: logged ids are used whenever a source has them (our dumps, prime-rl's token exports, TRL logs
+recorded with :func:`resrl_analysis.integrations.trl.record_token_ids`). Text is re-encoded and checked
+(:func:`response_ids_from_text`); :meth:`ProbeSet.token_counts` says how many responses come from exact ids,
+verified round-trips and unverifiable text.
 
 Prompt text is tokenized once, the way the trainer saw it: a chat message list is rendered with the
 tokenizer's chat template and encoded without special tokens; a string that already starts with
@@ -47,6 +55,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -60,13 +69,16 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["ProbeSet", "ProbeGroup", "encode_prompt", "render_prompt", "detect_format", "load_probe_set",
-           "from_records", "from_trl_completions", "from_verl_rollouts", "from_dataset", "reward_origin",
-           "PROBE_SET_KEYWORDS", "from_run_prompts"]
+           "from_records", "from_trl_completions", "from_verl_rollouts", "from_prime_rl_tokens", "from_dataset",
+           "reward_origin", "PROBE_SET_KEYWORDS", "from_run_prompts", "TOKEN_ORIGINS", "TextTokens",
+           "response_ids_from_text", "read_training_args", "trl_max_completion_length"]
 
 #: ``resrl probe --probe-set KEYWORD``: built from the run directory instead of a file.
 PROBE_SET_KEYWORDS = ("heldout", "train", "batch")
-FORMATS = ("rollouts", "jsonl", "trl_completions", "verl_rollouts", "dataset")
-_TRL_FIXED = {"step", "prompt", "completion", "advantage", "image", "images"}
+FORMATS = ("rollouts", "jsonl", "trl_completions", "verl_rollouts", "prime_rl_tokens", "dataset")
+#: Where a response's token ids come from: logged ids, text verified to round-trip, unverifiable text.
+TOKEN_ORIGINS = ("exact", "round_trip", "unverified")
+_TRL_FIXED = {"step", "prompt", "completion", "advantage", "image", "images", "prompt_ids", "completion_ids"}
 
 
 # ----------------------------------------------------------------------------- the probe set
@@ -97,6 +109,19 @@ def _int_list(obj: dict, name: str, where: str) -> tuple[int, ...]:
     return tuple(v)
 
 
+def _logprob_list(v: Any, n: int, where: str) -> tuple[float, ...] | None:
+    """A logged per-token log-prob list of ``n`` tokens (None: not logged, or a value missing)."""
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or len(v) != n:
+        raise ProbeError(f"{where}: expected a list of {n} log-probs (one per response token)")
+    if any(x is None for x in v):
+        return None  # a value the writer could not store (non-finite): the response has no usable log-probs
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise ProbeError(f"{where}: log-probs must be numbers")
+    return tuple(float(x) for x in v)
+
+
 @dataclass(frozen=True)
 class ProbeGroup:
     """One prompt with its responses, token ids without padding, and their rewards.
@@ -113,6 +138,11 @@ class ProbeGroup:
     ground_truth: str | None = None
     prompt_uid: str = ""
     data_source: str = ""
+    #: Per response, where its token ids come from (:data:`TOKEN_ORIGINS`); empty: all ``"exact"``.
+    token_origins: tuple[str, ...] = ()
+    #: Per response, the sampler's log-prob of each of its tokens as the source logged them (None where it
+    #: logged none); empty: none logged.
+    logged_logprobs: tuple[tuple[float, ...] | None, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.response_ids) != len(self.rewards):
@@ -120,6 +150,21 @@ class ProbeGroup:
                              f"{len(self.rewards)} rewards")
         if len(self.prompt_ids) == 0:
             raise ValueError(f"group {self.group_id}: empty prompt")
+        if self.token_origins and (len(self.token_origins) != self.n_responses
+                                   or not set(self.token_origins) <= set(TOKEN_ORIGINS)):
+            raise ValueError(f"group {self.group_id}: token_origins must name one of {TOKEN_ORIGINS} per response")
+        if self.logged_logprobs:
+            if len(self.logged_logprobs) != self.n_responses:
+                raise ValueError(f"group {self.group_id}: logged_logprobs must hold one entry per response")
+            for r, lp in zip(self.response_ids, self.logged_logprobs):
+                if lp is not None and len(lp) != len(r):
+                    raise ValueError(f"group {self.group_id}: {len(lp)} logged log-probs for {len(r)} tokens")
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """Where each response's token ids come from: ``"exact"`` (logged ids), ``"round_trip"`` (text that
+        encodes back to the same text) or ``"unverified"`` (:func:`response_ids_from_text`)."""
+        return self.token_origins or ("exact",) * self.n_responses
 
     @property
     def n_responses(self) -> int:
@@ -163,6 +208,13 @@ class ProbeSet:
     source: str = ""
     step: int | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: The reader that made it (one of :data:`FORMATS`, or ``"run_prompts"``/``""``).
+    kind: str = ""
+    #: The checkpoint step whose policy sampled the responses, when the source says (the logged log-probs are
+    #: that policy's).
+    sampler_step: int | None = None
+    #: The temperature the logged log-probs are at, when the source says.
+    logprob_temperature: float | None = None
 
     @property
     def n_groups(self) -> int:
@@ -180,10 +232,32 @@ class ProbeSet:
     def max_token_id(self) -> int:
         return max(max(g.prompt_ids + tuple(t for r in g.response_ids for t in r)) for g in self.groups)
 
+    def token_counts(self) -> dict[str, int]:
+        """How many responses are scored from exact (logged) token ids, from verified round-trips of their
+        text, and from unverifiable text.
+
+        >>> g = ProbeGroup(0, (1,), ((3,), (4,)), (1.0, 0.0), token_origins=("exact", "unverified"))
+        >>> ProbeSet((g,)).token_counts()
+        {'exact': 1, 'round_trip': 0, 'unverified': 1}
+        """
+        out = dict.fromkeys(TOKEN_ORIGINS, 0)
+        for g in self.groups:
+            for o in g.origins:
+                out[o] += 1
+        return out
+
+    @property
+    def n_logged_logprobs(self) -> int:
+        """Responses whose sampler log-probs the source logged."""
+        return sum(lp is not None for g in self.groups for lp in g.logged_logprobs)
+
     def describe(self) -> dict:
-        """A JSON-able summary (for ``summary.json`` and result metadata)."""
-        return {"source": self.source, "step": self.step, "n_groups": self.n_groups, "n_mixed": self.n_mixed,
-                "n_responses": self.n_responses, "notes": list(self.notes)}
+        """A JSON-able summary (for ``summary.json`` and result metadata): ``tokens`` counts the responses
+        scored from exact ids, verified round-trips and unverifiable text (:meth:`token_counts`)."""
+        return {"source": self.source, "kind": self.kind, "step": self.step, "n_groups": self.n_groups,
+                "n_mixed": self.n_mixed, "n_responses": self.n_responses, "tokens": self.token_counts(),
+                "n_logged_logprobs": self.n_logged_logprobs, "sampler_step": self.sampler_step,
+                "notes": list(self.notes)}
 
     def select(self, n_groups: int | None = None, *, prefer_mixed: bool = True) -> ProbeSet:
         """The first ``n_groups`` groups, mixed groups (both positive and negative responses) first.
@@ -230,7 +304,7 @@ class ProbeSet:
             i0, first = items[0]
             where0 = f"{path}:{i0}"
             prompt_ids = _int_list(first, "prompt_ids", where0)
-            resp_ids, resp_text, rewards = [], [], []
+            resp_ids, resp_text, rewards, logprobs = [], [], [], []
             for i, obj in items:
                 where = f"{path}:{i}"
                 if _int_list(obj, "prompt_ids", where) != prompt_ids:
@@ -247,6 +321,7 @@ class ProbeSet:
                 resp_ids.append(ids)
                 resp_text.append(str(obj.get("response", "")))
                 rewards.append(reward)
+                logprobs.append(_logprob_list(obj.get("token_logprobs"), len(ids), f"{where}: field 'token_logprobs'"))
             if not resp_ids:
                 continue
             gt = first.get("ground_truth")
@@ -255,14 +330,18 @@ class ProbeSet:
                 prompt=str(first.get("prompt", "")), responses=tuple(resp_text),
                 ground_truth=None if gt is None else str(gt), prompt_uid=str(first.get("prompt_uid", gid)),
                 data_source=str(first.get("data_source", "")),
+                logged_logprobs=tuple(logprobs) if any(lp is not None for lp in logprobs) else (),
             ))
         if not groups:
             raise ProbeError(f"{path}: no response with tokens")
         steps = {obj.get("step") for _, obj in rows}
         step = steps.pop() if len(steps) == 1 else None
+        step = step if isinstance(step, int) and not isinstance(step, bool) else None
         notes = (f"dropped {dropped} empty responses",) if dropped else ()
-        return cls(groups=tuple(groups), source=str(path), step=step if isinstance(step, int) else None,
-                   notes=notes)
+        # The dump's token_logprobs are the rollout policy's (checkpoint `step`) at the sampling temperature.
+        temp = _run_setting(path.parent.parent, "temperature", None) if path.parent.name == rundir.ROLLOUTS else None
+        return cls(groups=tuple(groups), source=str(path), step=step, notes=notes, kind="rollouts",
+                   sampler_step=step, logprob_temperature=float(temp) if isinstance(temp, (int, float)) else None)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, step: int = 0) -> ProbeSet:
@@ -282,13 +361,17 @@ class ProbeSet:
         append_eos: bool = True,
         add_special_tokens: bool = True,
     ) -> ProbeSet:
-        """A user probe set: one JSON object per prompt with ``prompt`` (str), ``responses`` (list
-        of str), ``rewards`` (list of numbers); optional ``ground_truth``, ``group_id``,
-        ``prompt_uid``, and ``prompt_ids`` / ``response_ids`` (then no tokenizer is needed).
+        """A user probe set: one JSON object per prompt with ``prompt`` (a string, or a list of chat
+        messages), ``responses`` (list of str), ``rewards`` (list of numbers); optional ``ground_truth``,
+        ``group_id``, ``prompt_uid``, ``finished`` (one bool per response: False for one cut at the length
+        limit), and ``prompt_ids`` / ``response_ids`` (then no tokenizer is needed: exact tokens).
 
-        Text is tokenized with ``tokenizer``: the prompt with its special tokens (as the model saw
-        it), each response without them and, with ``append_eos``, followed by EOS (a finished
-        response). A file in the rollout-dump format (one response per line) is read as such.
+        Text is tokenized with ``tokenizer``: a string prompt with its special tokens (as the model saw
+        it), a message list through the tokenizer's chat template with the generation prompt (as TRL
+        renders it), each response without special tokens and, when finished (``append_eos`` unless the
+        row's ``finished`` says otherwise), followed by EOS. Each text response is checked to encode back to
+        the same text (:func:`response_ids_from_text`). A file in the rollout-dump format (one response per
+        line) is read as such.
         """
         path = Path(path)
         rows = _read_jsonl(path)
@@ -297,7 +380,7 @@ class ProbeSet:
         groups = []
         for n, (i, obj) in enumerate(rows):
             where = f"{path}:{i}"
-            prompt = _field(obj, "prompt", str, where)
+            prompt = _field(obj, "prompt", (str, list), where)
             responses = _field(obj, "responses", list, where)
             rewards = _field(obj, "rewards", list, where)
             if len(responses) != len(rewards) or not responses:
@@ -309,19 +392,34 @@ class ProbeSet:
                 raise ProbeError(f"{where}: field 'rewards' must hold finite numbers, got {rewards}")
             if not all(isinstance(r, str) for r in responses):
                 raise ProbeError(f"{where}: field 'responses' must hold strings")
+            finished = obj.get("finished")
+            if finished is not None and (not isinstance(finished, list) or len(finished) != len(responses)
+                                         or not all(isinstance(f, bool) for f in finished)):
+                raise ProbeError(f"{where}: field 'finished' must be one true/false per response")
+            origins: tuple[str, ...] = ()
             if "prompt_ids" in obj and "response_ids" in obj:
                 prompt_ids = _int_list(obj, "prompt_ids", where)
                 resp_ids = obj["response_ids"]
                 if not isinstance(resp_ids, list) or len(resp_ids) != len(responses):
                     raise ProbeError(f"{where}: field 'response_ids' must be one id list per response")
                 resp = tuple(_int_list({"r": r}, "r", where) for r in resp_ids)
+                if not isinstance(prompt, str):
+                    prompt = json.dumps(prompt, ensure_ascii=False)
             else:
                 if tokenizer is None:
                     raise ProbeError(f"{where}: text without token ids needs a tokenizer")
-                prompt_ids = tuple(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-                eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
-                resp = tuple(tuple(tokenizer(r, add_special_tokens=False)["input_ids"]) + tuple(eos)
-                             for r in responses)
+                if isinstance(prompt, list):  # chat messages: the template, as TRL renders a conversational prompt
+                    try:
+                        prompt, _ = render_prompt(tokenizer, prompt)
+                    except ProbeError as e:
+                        raise ProbeError(f"{where}: {e}") from None
+                    prompt_ids = encode_prompt(tokenizer, prompt, templated=True)
+                else:
+                    prompt_ids = tuple(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+                made = [response_ids_from_text(tokenizer, r, finished=finished[k] if finished else append_eos)
+                        for k, r in enumerate(responses)]
+                resp = tuple(m.ids for m in made)
+                origins = tuple(m.origin for m in made)
             if any(len(r) == 0 for r in resp):
                 raise ProbeError(f"{where}: a response has no tokens")
             gt = obj.get("ground_truth")
@@ -332,9 +430,10 @@ class ProbeSet:
                 group_id=int(gid), prompt_ids=prompt_ids, response_ids=resp,
                 rewards=tuple(float(r) for r in rewards), prompt=prompt, responses=tuple(responses),
                 ground_truth=None if gt is None else str(gt), prompt_uid=str(obj.get("prompt_uid", gid)),
-                data_source=str(obj.get("data_source", "")),
+                data_source=str(obj.get("data_source", "")), token_origins=origins,
             ))
-        return cls(groups=tuple(groups), source=str(path), step=None)
+        ps = cls(groups=tuple(groups), source=str(path), step=None, kind="jsonl")
+        return replace(ps, notes=_token_notes(ps, {}))
 
 
 # ----------------------------------------------------------------------------- prompt encoding
@@ -391,6 +490,75 @@ def _plain(v: Any) -> Any:
 # ----------------------------------------------------------------------------- records → probe set
 
 
+@dataclass(frozen=True)
+class TextTokens:
+    """The token ids a text response is scored with (:func:`response_ids_from_text`): ``ids`` (EOS appended
+    when ``finished``), ``origin`` (``"round_trip"`` or ``"unverified"``) and, when unverified, ``reason``."""
+
+    ids: tuple[int, ...]
+    origin: str
+    reason: str
+    finished: bool
+
+
+def response_ids_from_text(tokenizer: Any, text: str, *, finished: bool | None = None,
+                           max_tokens: int | None = None) -> TextTokens:
+    """Token ids for a response logged as text, and whether they can be trusted to be the model's.
+
+    The text is encoded without special tokens. It is a *verified round-trip* when those ids decode back to
+    the same text and the text shows no sign of lossy decoding (U+FFFD, where the sampled bytes were not valid
+    UTF-8): the ids then score exactly the logged text, and are the sampled ids unless the model sampled a
+    non-canonical split of the same text (the ``fidelity`` probe catches that where log-probs were logged).
+    Otherwise it is *unverified*, and so is a response whose finish cannot be known.
+
+    ``finished``: whether the response ended with EOS, when the source says. Else ``max_tokens`` (the run's
+    completion-length limit) decides: a response of that many tokens ended by length and gets no EOS, a longer
+    one cannot be the model's; without either the response is taken as finished and counted unverified.
+
+    >>> class Tok:  # one id per character, EOS = 0
+    ...     eos_token_id = 0
+    ...     def __call__(self, text, add_special_tokens=True):
+    ...         return {"input_ids": [ord(c) for c in text]}
+    ...     def decode(self, ids, skip_special_tokens=True):
+    ...         return "".join(chr(i) for i in ids if i)
+    >>> response_ids_from_text(Tok(), "ab", max_tokens=3)
+    TextTokens(ids=(97, 98, 0), origin='round_trip', reason='', finished=True)
+    >>> response_ids_from_text(Tok(), "abc", max_tokens=3).ids  # cut at the limit: no EOS
+    (97, 98, 99)
+    >>> response_ids_from_text(Tok(), "a\ufffd", finished=True).reason
+    'lossy decode'
+    """
+    ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+    reason = ""
+    if "\ufffd" in text:  # invalid UTF-8 was sampled and replaced: the bytes are gone, so are the ids
+        reason = "lossy decode"
+    elif tokenizer.decode(list(ids), skip_special_tokens=True) != text:
+        reason = "no round trip"
+    if finished is None:
+        if max_tokens is None:
+            finished, reason = True, reason or "finish unknown"
+        elif len(ids) > max_tokens:
+            finished, reason = False, reason or "longer than max_completion_length"
+        else:
+            finished = len(ids) < max_tokens
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out = ids + ((eos,) if finished and eos is not None else ())
+    return TextTokens(out, "unverified" if reason else "round_trip", reason, bool(finished))
+
+
+def _token_notes(ps: ProbeSet, reasons: dict[str, int], *, cut: int = 0, limit: str = "") -> tuple[str, ...]:
+    """The probe set's notes plus one line counting where its tokens come from (and why some are unverified)."""
+    c = ps.token_counts()
+    line = (f"tokens: {c['exact']} from exact ids, {c['round_trip']} verified round-trips, "
+            f"{c['unverified']} unverifiable text")
+    if reasons:
+        line += " (" + ", ".join(f"{n} {k}" for k, n in sorted(reasons.items())) + ")"
+    notes = [n for n in ps.notes if not n.startswith("tokens: ")] + [line]
+    if cut:
+        notes.append(f"no EOS after {cut} responses that ended by length ({limit})")
+    return tuple(notes)
+
+
 @dataclass
 class _Record:
     where: str
@@ -401,6 +569,10 @@ class _Record:
     uid: str | None = None
     data_source: str = ""
     step: int | None = None
+    finished: bool | None = None  # when the source says whether the response ended with EOS
+    prompt_ids: tuple[int, ...] | None = None  # logged ids: exact
+    response_ids: tuple[int, ...] | None = None
+    logprobs: tuple[float, ...] | None = None  # the sampler's per-token log-probs of response_ids
 
 
 def reward_origin(probe_set: ProbeSet) -> str:
@@ -417,33 +589,50 @@ def reward_origin(probe_set: ProbeSet) -> str:
 
 
 def from_records(records: Sequence[_Record], tokenizer: Any, *, source: str, append_eos: bool = True,
-                 reward_fn: Callable[[str, str], float] | None = None) -> ProbeSet:
-    """Group prompt/response/reward records by ``uid`` (else prompt) into a probe set; rewards are
-    recomputed with ``reward_fn`` (default: the data source's task reward) where a ground truth is
-    known. Responses are encoded without special tokens, then EOS (a finished response)."""
-    if tokenizer is None:
-        raise ProbeError(f"{source}: text probe sets need a tokenizer (give a checkpoint with tokenizer files)")
+                 reward_fn: Callable[[str, str], float] | None = None, rescore: bool = False,
+                 max_tokens: int | None = None, limit_from: str = "", kind: str = "") -> ProbeSet:
+    """Group prompt/response/reward records by ``uid`` (else prompt) into a probe set.
+
+    Rewards: the logged reward; with ``rescore``, recomputed with ``reward_fn`` (default: the data source's task
+    reward) wherever a ground truth is known; a row with no logged reward is scored from its ground truth. Token
+    ids: the logged ones when a record has them (exact); else the text, encoded without special tokens and
+    followed by EOS when finished (:func:`response_ids_from_text`: the record's ``finished``, else ``max_tokens``,
+    else ``append_eos``), each counted as a verified round-trip or unverifiable."""
     groups: dict[str, list[_Record]] = {}
     for r in records:
         key = r.uid if r.uid is not None else json.dumps(r.prompt, sort_keys=True, ensure_ascii=False)
         groups.setdefault(key, []).append(r)
-    eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
-    out, dropped, n_recomputed, n_logged = [], 0, 0, 0
+    if tokenizer is None and any(r.response_ids is None or r.prompt_ids is None for r in records):
+        raise ProbeError(f"{source}: text probe sets need a tokenizer (give a checkpoint with tokenizer files)")
+    out, dropped, n_recomputed, n_logged, cut = [], 0, 0, 0, 0
+    reasons: dict[str, int] = {}
     fns: dict[str, Callable] = {}
     for gid, (key, items) in enumerate(groups.items()):
         first = items[0]
-        try:
-            text, templated = render_prompt(tokenizer, first.prompt)
-        except ProbeError as e:
-            raise ProbeError(f"{first.where}: {e}") from None
-        prompt_ids = encode_prompt(tokenizer, text, templated=templated)
-        ids, texts, rewards = [], [], []
+        if isinstance(first.prompt, str) and first.prompt_ids is not None and tokenizer is None:
+            text, prompt_ids = first.prompt, first.prompt_ids
+        else:
+            try:
+                text, templated = render_prompt(tokenizer, first.prompt)
+            except ProbeError as e:
+                raise ProbeError(f"{first.where}: {e}") from None
+            prompt_ids = first.prompt_ids or encode_prompt(tokenizer, text, templated=templated)
+        ids, texts, rewards, origins, logprobs = [], [], [], [], []
         for r in items:
-            rid = tuple(tokenizer(r.response, add_special_tokens=False)["input_ids"]) + tuple(eos)
+            if r.response_ids is not None:
+                rid, origin = r.response_ids, "exact"
+            else:
+                made = response_ids_from_text(tokenizer, r.response, max_tokens=max_tokens,
+                                              finished=r.finished if r.finished is not None
+                                              else (None if append_eos else False))
+                rid, origin = made.ids, made.origin
+                if made.reason:
+                    reasons[made.reason] = reasons.get(made.reason, 0) + 1
+                cut += not made.finished and r.finished is None
             if not rid:
                 dropped += 1
                 continue
-            if r.ground_truth is not None:
+            if r.ground_truth is not None and (rescore or r.reward is None):
                 fn = reward_fn or fns.setdefault(r.data_source, default_reward_fn(r.data_source))
                 reward = float(fn(r.response, r.ground_truth))
                 n_recomputed += 1
@@ -455,26 +644,35 @@ def from_records(records: Sequence[_Record], tokenizer: Any, *, source: str, app
             ids.append(rid)
             texts.append(r.response)
             rewards.append(reward)
+            origins.append(origin)
+            logprobs.append(r.logprobs)
         if not ids:
             continue
-        out.append(ProbeGroup(group_id=gid, prompt_ids=prompt_ids, response_ids=tuple(ids), rewards=tuple(rewards),
-                              prompt=text, responses=tuple(texts), ground_truth=first.ground_truth,
-                              prompt_uid=first.uid or key[:64], data_source=first.data_source))
+        out.append(ProbeGroup(group_id=gid, prompt_ids=tuple(prompt_ids), response_ids=tuple(ids),
+                              rewards=tuple(rewards), prompt=text, responses=tuple(texts),
+                              ground_truth=first.ground_truth, prompt_uid=first.uid or key[:64],
+                              data_source=first.data_source, token_origins=tuple(origins),
+                              logged_logprobs=tuple(logprobs) if any(lp is not None for lp in logprobs) else ()))
     if not out:
         raise ProbeError(f"{source}: no response with tokens")
     names = sorted({getattr(f, "__name__", repr(f)) for f in ([reward_fn] if reward_fn else fns.values())})
     if n_recomputed and n_logged:
         notes = [f"rewards: mixed ({n_recomputed} recomputed with {','.join(names)}, {n_logged} as logged)"]
     elif n_recomputed:
-        notes = [f"rewards: recomputed with {','.join(names)}"]
+        why = "--rescore: the logged reward replaced" if rescore else "no reward logged"
+        notes = [f"rewards: recomputed with {','.join(names)} ({why})"]
     else:
         notes = ["rewards: as logged"]
+        if rescore:
+            notes.append("--rescore: no ground truth in the source, so nothing was recomputed")
     if dropped:
         notes.append(f"dropped {dropped} empty responses")
     steps = {r.step for r in records}
     step = steps.pop() if len(steps) == 1 else None
-    return ProbeSet(groups=tuple(out), source=source, step=step if isinstance(step, int) else None,
-                    notes=tuple(notes))
+    ps = ProbeSet(groups=tuple(out), source=source, step=step if isinstance(step, int) else None,
+                  notes=tuple(notes), kind=kind)
+    limit = f"max_completion_length {max_tokens}" + (f" from {limit_from}" if limit_from else "")
+    return replace(ps, notes=_token_notes(ps, reasons, cut=cut, limit=limit))
 
 
 # ----------------------------------------------------------------------------- file formats
@@ -538,6 +736,8 @@ def detect_format(path: str | Path, *, answer_column: str = "solution") -> str:
     path = Path(path)
     where, row = _read_rows(path)[0]
     keys = set(row)
+    if {"token_ids", "loss_mask", "inference_logprobs"} <= keys:
+        return "prime_rl_tokens"
     if "completion" in keys and "prompt" in keys:
         return "trl_completions"
     if "input" in keys and "output" in keys:
@@ -557,16 +757,98 @@ def _from_user_jsonl(path: Path, tokenizer: Any) -> ProbeSet:
     # The user's rewards are explicit: kept as given. Text prompts are re-encoded under the one
     # prefix rule (ProbeSet.from_jsonl always adds special tokens, doubling a BOS already written).
     ps = ProbeSet.from_jsonl(path, tokenizer)
-    has_ids = ["prompt_ids" in obj and "response_ids" in obj for _, obj in _read_jsonl(path)]
-    groups = tuple(g if ids else replace(g, prompt_ids=encode_prompt(tokenizer, g.prompt))
-                   for g, ids in zip(ps.groups, has_ids))
+    plain = [not ("prompt_ids" in obj and "response_ids" in obj) and isinstance(obj.get("prompt"), str)
+             for _, obj in _read_jsonl(path)]  # message lists are already rendered and encoded once
+    groups = tuple(replace(g, prompt_ids=encode_prompt(tokenizer, g.prompt)) if text else g
+                   for g, text in zip(ps.groups, plain))
     return replace(ps, groups=groups, notes=(*ps.notes, "rewards: as logged"))
 
 
-def from_trl_completions(path: str | Path, tokenizer: Any, *, reward_column: str | None = None) -> ProbeSet:
+class _Stub:
+    """Stands for any class a pickle names: built from its state, never calling the real class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}  # (dict, slots)
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+def read_training_args(path: str | Path) -> dict[str, Any]:
+    """The fields of a Hugging Face ``training_args.bin`` (``torch.save`` of a ``TrainingArguments``, e.g. TRL's
+    ``GRPOConfig``), read without running any of its code: every class the pickle names is replaced by an inert
+    stand-in, so nothing is imported or called (unlike ``torch.load(weights_only=False)``).
+
+    Raises:
+        ProbeError: the file is not a readable torch zip archive.
+    """
+    import io
+    import pickle
+    import zipfile
+
+    class Inert(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if module == "copyreg" and name == "_reconstructor":
+                return lambda cls, base, state: cls() if isinstance(cls, type) else _Stub()
+            return type(name, (_Stub,), {"__module__": "resrl_inert." + module})
+
+        def persistent_load(self, pid: Any) -> None:  # tensor storages: not needed for the settings
+            return None
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            if name is None:
+                raise ProbeError(f"{path}: no data.pkl in the archive")
+            obj = Inert(io.BytesIO(z.read(name))).load()
+    except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+            AttributeError, IndexError, KeyError) as e:
+        raise ProbeError(f"{path}: cannot read the training arguments ({type(e).__name__}: {e})") from None
+    return dict(vars(obj)) if isinstance(obj, _Stub) else {}
+
+
+def trl_max_completion_length(run_dir: str | Path) -> tuple[int | None, str]:
+    """``(max_completion_length, where)`` of a TRL output directory, from its ``training_args.bin`` (the root's,
+    else the newest ``checkpoint-N/``'s); ``(None, "")`` when there is none."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None, ""
+    ckpts = sorted((int(p.name.split("-")[1]), p) for p in run_dir.iterdir()
+                   if p.name.startswith("checkpoint-") and p.name.split("-")[1].isdigit())
+    for d in [run_dir] + [p for _, p in reversed(ckpts)]:
+        f = d / "training_args.bin"
+        if f.is_file():
+            try:
+                v = read_training_args(f).get("max_completion_length")
+            except ProbeError:
+                continue
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v, str(f)
+    return None, ""
+
+
+def _ids_column(v: Any, where: str, name: str) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+        raise ProbeError(f"{where}: field {name!r} must be a list of non-negative ints")
+    return tuple(v)
+
+
+def from_trl_completions(path: str | Path, tokenizer: Any, *, reward_column: str | None = None,
+                         max_completion_length: int | None = None, rescore: bool = False) -> ProbeSet:
     """TRL's ``completions_NNNNN.parquet``. The reward is ``reward_column``, else the one reward
     column, else the sum of all (TRL's default ``reward_weights`` are 1): the log has no ground truth,
-    so rewards are kept as logged."""
+    so rewards are kept as logged.
+
+    Token ids: the ``prompt_ids`` / ``completion_ids`` columns when the run recorded them
+    (:func:`resrl_analysis.integrations.trl.record_token_ids`, or ``ProbeCallback``): exact. Otherwise the
+    text is re-encoded (:func:`response_ids_from_text`): a completion of ``max_completion_length`` tokens (default:
+    read from the run's ``training_args.bin``) ended by length and gets no EOS."""
     path = Path(path)
     rows = _read_rows(path)
     cols = [k for k in rows[0][1] if k not in _TRL_FIXED and isinstance(rows[0][1][k], (int, float, type(None)))
@@ -577,33 +859,144 @@ def from_trl_completions(path: str | Path, tokenizer: Any, *, reward_column: str
         cols = [reward_column]
     if not cols:
         raise ProbeError(f"{path}: no reward column (a numeric column beside step, prompt, completion, advantage)")
+    limit_from = "--max-completion-length"
+    if max_completion_length is None:
+        max_completion_length, limit_from = trl_max_completion_length(path.parent.parent)
     recs = []
     for where, r in rows:
         vals = [r.get(c) for c in cols]
         vals = [float(v) for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        pids, cids = _ids_column(r.get("prompt_ids"), where, "prompt_ids"), \
+            _ids_column(r.get("completion_ids"), where, "completion_ids")
         recs.append(_Record(where, r["prompt"], _completion_text(r["completion"]), sum(vals) if vals else None,
-                            step=r.get("step")))
-    ps = from_records(recs, tokenizer, source=str(path))
+                            step=r.get("step"), prompt_ids=pids if cids is not None else None, response_ids=cids))
+    ps = from_records(recs, tokenizer, source=str(path), max_tokens=max_completion_length, limit_from=limit_from,
+                      rescore=rescore, kind="trl_completions")
     note = f"reward = {cols[0]}" if len(cols) == 1 else f"reward = sum of {cols}"
-    return ProbeSet(ps.groups, ps.source, ps.step, (*ps.notes, note))
+    # TRL logs the completions at the end of the step that sampled them: the policy was step - 1's.
+    return replace(ps, notes=(*ps.notes, note), sampler_step=ps.step - 1 if ps.step else None)
 
 
-def from_verl_rollouts(path: str | Path, tokenizer: Any) -> ProbeSet:
+_VERL_V1_KEY = re.compile(r"^(.*)_(\d+)_(\d+)$")
+
+
+def from_verl_rollouts(path: str | Path, tokenizer: Any, *, rescore: bool = False,
+                       max_completion_length: int | None = None) -> ProbeSet:
     """verl's ``rollout_data_dir`` dump (``N.jsonl``): ``input`` (prompt text), ``output``, ``score``
     (or ``reward`` / ``acc``), ``gts`` (ground truth, newer verl), ``step``, optional ``uid`` and
-    ``data_source``. With ``gts`` the rewards are recomputed."""
+    ``data_source``. The logged score is the reward (``rescore``: recomputed from ``gts``).
+
+    verl's v1 trainer keys a row as ``{uid}_{session}_{index}``: rows are grouped by that ``uid`` prefix. The dump
+    holds decoded text only (``skip_special_tokens=True``) and no finish reason: give ``max_completion_length``
+    (verl's ``data.max_response_length``) to tell responses cut by length. Optional ``prompt_ids`` /
+    ``response_ids`` / ``rollout_log_probs`` columns (a reward function's extra info may add them) are used as
+    exact ids and logged log-probs."""
     path = Path(path)
-    recs = []
+    recs, v1 = [], 0
     for where, r in _read_rows(path):
         if not isinstance(r.get("input"), str) or not isinstance(r.get("output"), str):
             raise ProbeError(f"{where}: fields 'input' and 'output' must be strings")
         score = next((r[k] for k in ("score", "reward", "acc") if isinstance(r.get(k), (int, float))), None)
         gts = r.get("gts")
+        uid = None if r.get("uid") is None else str(r["uid"])
+        if uid is not None and (m := _VERL_V1_KEY.match(uid)):
+            uid, v1 = m.group(1), v1 + 1
+        rids = _ids_column(r.get("response_ids"), where, "response_ids")
+        pids = _ids_column(r.get("prompt_ids"), where, "prompt_ids")
+        lp = _logprob_list(r.get("rollout_log_probs"), len(rids), f"{where}: field 'rollout_log_probs'") \
+            if rids is not None and r.get("rollout_log_probs") is not None else None
         recs.append(_Record(where, r["input"], r["output"], None if score is None else float(score),
-                            ground_truth=None if gts is None else str(gts),
-                            uid=None if r.get("uid") is None else str(r["uid"]),
-                            data_source=str(r.get("data_source", "")), step=r.get("step")))
-    return from_records(recs, tokenizer, source=str(path))
+                            ground_truth=None if gts is None else str(gts), uid=uid,
+                            data_source=str(r.get("data_source", "")), step=r.get("step"),
+                            prompt_ids=pids if rids is not None else None, response_ids=rids, logprobs=lp))
+    ps = from_records(recs, tokenizer, source=str(path), rescore=rescore, max_tokens=max_completion_length,
+                      limit_from="--max-completion-length", kind="verl_rollouts")
+    notes = ps.notes + ((f"grouped by the uid prefix of {v1} verl v1 keys ({{uid}}_{{session}}_{{index}})",)
+                        if v1 else ())
+    # verl dumps step N's batch, sampled by the policy before update N: checkpoint global_step_{N-1}.
+    return replace(ps, notes=notes, sampler_step=ps.step - 1 if ps.step else None)
+
+
+def _prime_rl_files(path: Path, step: int | None) -> list[Path]:
+    """The rank files of one step of prime-rl's ``token_exports/`` (a rank file, a ``step_N`` folder, or the
+    ``token_exports`` folder: its ``step`` or oldest step)."""
+    if path.is_file():
+        return [path]
+    steps = sorted((int(d.name[5:]), d) for d in path.iterdir() if d.is_dir() and re.fullmatch(r"step_\d+", d.name))
+    if steps:
+        pick = [d for s, d in steps if step is None or s == step]
+        if not pick:
+            raise ProbeError(f"{path}: no token export for step {step} (have {[s for s, _ in steps]})")
+        path = pick[0]
+    files = sorted(path.glob("rank_*.jsonl"), key=lambda f: int(re.sub(r"\D", "", f.stem) or 0))
+    if not files:
+        raise ProbeError(f"{path}: no rank_R.jsonl token export")
+    return files
+
+
+def from_prime_rl_tokens(path: str | Path, *, step: int | None = None) -> ProbeSet:
+    """prime-rl's per-token exports, ``token_exports/step_N/rank_R.jsonl`` (every rank of the step): one record per
+    sequence with ``token_ids``, ``loss_mask``, ``inference_logprobs``, ``trainer_logprobs``, ``advantages``,
+    ``rewards`` and ``temperatures`` per token. Exact by construction: the prompt is the tokens before the first
+    trained one (``loss_mask``), the response the trained tokens after it, the inference log-probs are the
+    sampler's, at the logged temperature. Sequences that interleave untrained tokens in the response (tool
+    output, several turns) cannot be scored as one response and are dropped (counted in ``notes``). Records with
+    the same prompt ids form a group."""
+    path = Path(path)
+    files = _prime_rl_files(path, step)
+    groups: dict[tuple[int, ...], list] = {}
+    steps, temps, multi, by_adv = set(), set(), 0, 0
+    for f in files:
+        for i, r in _read_jsonl(f):
+            where = f"{f}:{i}"
+            ids = _int_list(r, "token_ids", where)
+            mask = _field(r, "loss_mask", list, where)
+            n = len(ids)
+            if len(mask) != n:
+                raise ProbeError(f"{where}: field 'loss_mask' has {len(mask)} entries for {n} tokens")
+            on = [k for k, m in enumerate(mask) if m]
+            if not on:
+                continue
+            a, b = on[0], on[-1] + 1
+            if len(on) != b - a:
+                multi += 1
+                continue
+            if a == 0:
+                raise ProbeError(f"{where}: no prompt token before the first trained one")
+            inf = _field(r, "inference_logprobs", list, where)
+            if len(inf) != n:
+                raise ProbeError(f"{where}: field 'inference_logprobs' has {len(inf)} entries for {n} tokens")
+            lp = _logprob_list(inf[a:b], b - a, f"{where}: field 'inference_logprobs'")
+            rewards = [x for x in (r.get("rewards") or [None] * n)[a:b] if isinstance(x, (int, float))]
+            if rewards:
+                reward = float(rewards[0])
+            else:  # an export without rewards: the advantage's sign is what the update pushed
+                adv = (r.get("advantages") or [None] * n)[a]
+                if not isinstance(adv, (int, float)):
+                    raise ProbeError(f"{where}: neither 'rewards' nor 'advantages' on the trained tokens")
+                reward, by_adv = float(adv), by_adv + 1
+            t = (r.get("temperatures") or [None] * n)[a]
+            if isinstance(t, (int, float)):
+                temps.add(float(t))
+            if isinstance(r.get("step"), int):
+                steps.add(r["step"])
+            groups.setdefault(ids[:a], []).append((ids[a:b], reward, lp, str(r.get("sample_id") or "")))
+    if not groups:
+        raise ProbeError(f"{path}: no single-turn sequence with trained tokens")
+    out = [ProbeGroup(group_id=gid, prompt_ids=prompt, response_ids=tuple(x[0] for x in items),
+                      rewards=tuple(x[1] for x in items), prompt_uid=str(gid), token_origins=("exact",) * len(items),
+                      logged_logprobs=tuple(x[2] for x in items) if any(x[2] is not None for x in items) else ())
+           for gid, (prompt, items) in enumerate(groups.items())]
+    notes = ["rewards: as logged" if not by_adv else
+             f"rewards: as logged ({by_adv} responses have no reward in the export: their advantage is used)"]
+    if multi:
+        notes.append(f"dropped {multi} multi-turn sequences (untrained tokens inside the response)")
+    if len(temps) > 1:
+        notes.append(f"several sampling temperatures {sorted(temps)}: the fidelity probe uses the first")
+    one = steps.pop() if len(steps) == 1 else None
+    ps = ProbeSet(tuple(out), source=str(path), step=one, notes=tuple(notes), kind="prime_rl_tokens",
+                  sampler_step=one, logprob_temperature=min(temps) if temps else None)
+    return replace(ps, notes=_token_notes(ps, {}))
 
 
 def _sample_for_probe_set(model: PreTrainedModel, tokenizer: Any, prompts: Sequence[Sequence[int]], *, n: int,
@@ -679,7 +1072,7 @@ def from_dataset(path: str | Path, tokenizer: Any, model: PreTrainedModel | str 
              f"sampled {n_samples} per prompt at temperature {temperature}, seed {seed}"]
     if dropped:
         notes.append(f"dropped {dropped} empty responses")
-    return ProbeSet(groups=tuple(groups), source=str(path), step=None, notes=tuple(notes))
+    return ProbeSet(groups=tuple(groups), source=str(path), step=None, notes=tuple(notes), kind="dataset")
 
 
 # ----------------------------------------------------------------------------- the run's own prompts
@@ -757,7 +1150,7 @@ def from_run_prompts(run_dir: str | Path, which: str, tokenizer: Any, model: Pre
              f"sampled by the starting policy at temperature {temp}, seed {seed}"]
     if dropped:
         notes.append(f"dropped {dropped} empty responses")
-    return ProbeSet(groups=tuple(groups), source=str(path), step=0, notes=tuple(notes))
+    return ProbeSet(groups=tuple(groups), source=str(path), step=0, notes=tuple(notes), kind="run_prompts")
 
 
 # ----------------------------------------------------------------------------- one entry point
@@ -775,6 +1168,8 @@ def load_probe_set(
     max_new_tokens: int = 256,
     temperature: float = 1.0,
     seed: int = 0,
+    rescore: bool = False,
+    max_completion_length: int | None = None,
 ) -> ProbeSet:
     """Read a probe set in any format of the module docstring (a loaded :class:`ProbeSet` passes through).
 
@@ -785,13 +1180,21 @@ def load_probe_set(
         model: the policy that samples a dataset's responses (a checkpoint path or a loaded model).
         answer_column: a TRL-layout dataset's ground-truth column.
         reward_column: a TRL completion log's reward column (default: the sum of all).
+        rescore: recompute logged rewards with the task's reward wherever a ground truth is known (default: the
+            logged reward, what the run optimised).
+        max_completion_length: the run's response length limit, for text logs (TRL's is read from its
+            ``training_args.bin``): a response of that many tokens ended by length and gets no EOS.
 
     Raises:
         ProbeError: an unreadable file or unknown format (one line naming the file and row).
     """
     if isinstance(source, ProbeSet):
         return source
-    path = _pick_file(Path(source), step)
+    src = Path(source)
+    if src.is_dir() and (src.name == "token_exports" or src.name.startswith("step_") or any(src.glob("step_*/rank_*"))
+                         or any(src.glob("rank_*.jsonl"))):
+        return from_prime_rl_tokens(src, step=step)
+    path = _pick_file(src, step)
     if not path.is_file():
         raise ProbeError(f"{path}: probe-set file not found")
     fmt = detect_format(path, answer_column=answer_column)
@@ -800,9 +1203,12 @@ def load_probe_set(
     if fmt == "jsonl":
         return _from_user_jsonl(path, tokenizer)
     if fmt == "trl_completions":
-        return from_trl_completions(path, tokenizer, reward_column=reward_column)
+        return from_trl_completions(path, tokenizer, reward_column=reward_column, rescore=rescore,
+                                    max_completion_length=max_completion_length)
     if fmt == "verl_rollouts":
-        return from_verl_rollouts(path, tokenizer)
+        return from_verl_rollouts(path, tokenizer, rescore=rescore, max_completion_length=max_completion_length)
+    if fmt == "prime_rl_tokens":
+        return from_prime_rl_tokens(path)
     if model is None:
         raise ProbeError(f"{path}: a dataset probe set samples responses: give the base model (--base-model)")
     if tokenizer is None:

@@ -46,6 +46,7 @@ __all__ = [
     "DiversityResult",
     "EntropyDynamicsResult",
     "FlipsResult",
+    "FidelityResult",
     "RESULT_TYPES",
     "register_result",
     "load_result",
@@ -605,6 +606,44 @@ class EntropyDynamicsResult(ProbeResult):
 
 
 @dataclass(frozen=True, eq=False)
+class FidelityResult(ProbeResult):
+    """Per (step, response) mismatch between the logged sampler log-probs and the checkpoint's.
+
+    ``responses``: ``n_tokens`` compared, ``origin`` of the token ids (exact / round_trip / unverified),
+    ``kl_k1`` and ``kl_k3`` (per-token KL(sampler ‖ checkpoint) estimates, nats), ``max_abs_delta`` and
+    ``mean_abs_delta`` (|log p_sampler − log p_ckpt|), ``frac_off`` (tokens with |Δ| above the threshold),
+    ``first_abs_delta`` (|Δ| at the first response token), ``frac_sampler_higher`` (of the tokens whose |Δ|
+    exceeds 1e-3 nats, the fraction the sampler found more likely; 0.5 when none does). ``meta["verdict"]``: the
+    step judged and its numbers; ``meta["warnings"]``: a large mismatch, with its likely cause.
+    """
+
+    KIND: ClassVar[str] = "fidelity"
+    TABLES: ClassVar[dict[str, dict[str, str]]] = {
+        "responses": {"step": _I, "group_id": _I, "response_index": _I, "origin": _S, "n_tokens": _I,
+                      "kl_k1": _F, "kl_k3": _F, "max_abs_delta": _F, "mean_abs_delta": _F, "frac_off": _F,
+                      "first_abs_delta": _F, "frac_sampler_higher": _F},
+    }
+    responses: pd.DataFrame = None  # type: ignore[assignment]
+    meta: dict = field(default_factory=dict)
+
+    def by_step(self) -> pd.DataFrame:
+        """Token-weighted numbers per step: ``kl_k1``, ``kl_k3``, ``mean_abs_delta``, ``frac_off`` (means over
+        tokens), ``max_abs_delta`` (max), ``n_responses``, ``n_tokens``."""
+        rows = []
+        for step, d in self.responses.groupby("step", sort=True):
+            w = d.n_tokens.astype(float)
+            rows.append({"step": int(step), "n_responses": len(d), "n_tokens": int(w.sum()),
+                         **{c: float((d[c] * w).sum() / w.sum()) for c in ("kl_k1", "kl_k3", "mean_abs_delta",
+                                                                           "frac_off")},
+                         "max_abs_delta": float(d.max_abs_delta.max())})
+        return pd.DataFrame(rows)
+
+    def summary(self) -> dict:
+        return {**super().summary(), "by_step": to_jsonable(self.by_step().to_dict(orient="records")),
+                "verdict": to_jsonable(self.meta.get("verdict")), "warnings": list(self.meta.get("warnings", []))}
+
+
+@dataclass(frozen=True, eq=False)
 class FlipsResult(ProbeResult):
     """Token flips between checkpoints (docs/MATH.md § Token flips).
 
@@ -669,7 +708,7 @@ def register_result(cls: type[ProbeResult]) -> type[ProbeResult]:
 
 
 for _cls in (ScoresResult, LLDResult, FirstOrderResult, InterferenceResult, SubspaceResult, DiversityResult,
-             EntropyDynamicsResult, FlipsResult):
+             EntropyDynamicsResult, FlipsResult, FidelityResult):
     register_result(_cls)
 
 

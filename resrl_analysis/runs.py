@@ -8,6 +8,10 @@
 - a verl checkpoint directory: ``global_step_N/actor/huggingface/`` with merged HF weights, or raw FSDP shards
   ``global_step_N/actor/model_world_size_W_rank_R.pt`` beside a config-only ``huggingface/`` (read without a merge
   step, :mod:`resrl_analysis.verl_shards`); otherwise a one-line error giving the ``verl.model_merger`` command;
+- a verl target directory of merged checkpoints: ``global_step_N/`` itself when it is a plain HF folder (what
+  ``verl.model_merger`` writes to a target directory of one folder per step);
+- a TRL output directory that saved only its final model at the root, beside ``completions/`` (with a note
+  saying what is missing);
 - one Hugging Face checkpoint folder, or an explicit ordered list of them.
 
 ``base_model`` adds the starting policy as step 0 where the run did not save it (TRL and verl never
@@ -154,23 +158,36 @@ def _single(path: Path) -> RunInfo | None:
     if not root.is_dir():
         raise ProbeError(f"{root}: no such directory")
     trl = _numbered(root, _TRL_DIR)
+    comp = root / "completions"
+    logs = sorted((int(m.group(1)), f) for f in comp.iterdir() if (m := _TRL_COMPLETIONS.match(f.name))) \
+        if comp.is_dir() else []
     if trl:
-        comp = root / "completions"
-        logs = sorted((int(m.group(1)), f) for f in comp.iterdir() if (m := _TRL_COMPLETIONS.match(f.name))) \
-            if comp.is_dir() else []
         return RunInfo("trl", root, tuple(trl), _trl_metrics(trl), tuple(f for _, f in logs), root / rundir.PROBES)
     verl = _numbered(root, _VERL_DIR)
     if verl:
         ckpts = []
         for step, p in verl:
-            hf = p / "actor" / "huggingface"
-            # Raw FSDP shards (model_world_size_W_rank_R.pt) beside a config-only huggingface/ are read as they are
-            # (resrl_analysis.verl_shards); without either, the one line names verl's merger.
+            # The merger's own target (a plain HF folder per global_step_N), else actor/huggingface inside it; raw
+            # FSDP shards (model_world_size_W_rank_R.pt) beside a config-only huggingface/ are read as they are
+            # (resrl_analysis.verl_shards); without any of them, the one line names verl's merger.
+            hf = p if _has_weights(p) else p / "actor" / "huggingface"
             if not _has_weights(hf) and not ((hf / "config.json").is_file() and _has_raw_shards(p / "actor")):
                 raise ProbeError(f"{hf}: no merged Hugging Face weights nor raw model shards; run: "
                                  f"{verl_merge_command(p)}")
             ckpts.append((step, hf))
         return RunInfo("verl", root, tuple(ckpts), probes_dir=root / rundir.PROBES)
+    if logs and (root / "config.json").is_file():
+        # A TRL output directory that kept only its final model (trainer.save_model) beside the completion logs.
+        step = max((int(m.get("step", 0)) for m in _trl_metrics([(0, root)])), default=logs[-1][0])
+        note = (f"{root}: a TRL run with its final model at the root and no checkpoint-N/: only the final model (step "
+                f"{step}) is probed; train with save_steps (GRPOConfig) to probe over steps, and give --base-model "
+                "(the starting policy) to measure LLD from the start")
+        return RunInfo("trl", root, ((step, root),), _trl_metrics([(0, root)]), tuple(f for _, f in logs),
+                       root / rundir.PROBES, notes=(note,))
+    if logs:
+        raise ProbeError(f"{root}: a TRL output directory with completion logs but no model (no checkpoint-N/, no "
+                         "final model at the root): train with save_steps (GRPOConfig) to keep checkpoints, or give "
+                         f"the checkpoints as a list with --base-model BASE and --probe-set {comp}")
     if (root / "config.json").is_file():
         return RunInfo("checkpoint", root, ((foreign_step(root) or 0, root),), probes_dir=root / rundir.PROBES)
     return None

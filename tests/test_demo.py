@@ -71,5 +71,5 @@ def test_demo_shortened_writes_runs_figures_and_a_summary_with_intervals(tmp_pat
 def test_demo_rejects_unknown_algorithm(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "trainer.cli", "demo", "--out", str(tmp_path / "d"),
                            "--algorithms", "grpo,ppo"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "ppo" in proc.stderr
+    assert proc.returncode == 2 and "ppo" in proc.stderr
     assert not (tmp_path / "d").exists()

@@ -99,7 +99,7 @@ def test_compare_groups_runs_by_algorithm_and_seed(tmp_path):
     assert proc.stdout.strip() == md.strip()
     bad = subprocess.run([sys.executable, "-m", "trainer.cli", "compare", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "nope" in bad.stderr and "not a run directory" in bad.stderr
+    assert bad.returncode == 2 and "nope" in bad.stderr and "no such directory" in bad.stderr
 
 
 @pytest.mark.unit

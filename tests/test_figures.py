@@ -61,7 +61,7 @@ def test_resrl_figures_cli_writes_png_and_pdf(probed_runs, tmp_path):
     assert "residual_weight_hist: skipped:" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "trainer.cli", "figures", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "not a run directory" in bad.stderr and bad.stderr.count("\n") == 1
+    assert bad.returncode == 2 and "nope: no such directory" in bad.stderr and bad.stderr.count("\n") == 1  # bad input
 
 
 # ============================================================================ seeds and readable figures

@@ -164,9 +164,11 @@ def test_verl_rollout_dump_rewards(tmp_path):
             {"input": "11*2=", "output": "22", "score": 1.0, "gts": "22", "step": 7, "data_source": "multiplication"}]
     (tmp_path / "7.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ps = load_probe_set(tmp_path, tok)
-    assert ps.step == 7 and ps.n_groups == 2 and ps.n_mixed == 1
-    assert ps.groups[0].rewards == (1.0, 0.0)  # recomputed from the ground truth, the logged 0.0 corrected
-    assert reward_origin(ps) == "recomputed" and "exact_match_reward" in ps.notes[0]
+    assert ps.step == 7 and ps.n_groups == 2 and ps.n_mixed == 0
+    assert ps.groups[0].rewards == (0.0, 0.0) and reward_origin(ps) == "as_logged"  # what the run optimised
+    ps = load_probe_set(tmp_path, tok, rescore=True)
+    assert ps.n_mixed == 1 and ps.groups[0].rewards == (1.0, 0.0)  # --rescore: recomputed from the ground truth
+    assert reward_origin(ps) == "recomputed" and "exact_match_reward" in ps.notes[0] and "--rescore" in ps.notes[0]
     for r in rows:
         del r["gts"]
     rows[0]["uid"] = rows[1]["uid"] = "a"
@@ -293,15 +295,17 @@ def test_verl_shaped_directory(tmp_path, one_thread):
         in proc.stderr
     shutil.rmtree(run / "global_step_3")
     with_entropy = [LIVE[0], LIVE[1] + ",entropy_dynamics,flips", *LIVE[2:]]
-    proc = _cli("probe", str(run), "--base-model", str(BASE), "--probe-set", str(dump.parent), *with_entropy)
+    proc = _cli("probe", str(run), "--base-model", str(BASE), "--probe-set", str(dump.parent), "--rescore",
+                *with_entropy)
     assert proc.returncode == 0, proc.stderr
+    assert "--rescore: the logged reward replaced" in proc.stdout + proc.stderr
     r = load_results(run / "probes")
     ed, fl = r["entropy_dynamics"], r["flips"]  # issue 24's probes on a verl run
     assert sorted(ed.groups.step.unique()) == [0, 1, 2] and ed.tokens.actual_head.notna().any()
     assert sorted(fl.counts.step_to.unique()) == [1, 2] and fl.counts.n_tokens.sum() > 0
     vs0 = r["lld"].deltas[r["lld"].deltas.comparison == "vs_initial"]
     assert sorted(vs0.step_to.unique()) == [1, 2] and vs0.delta_pos_sum.notna().all()
-    assert r["scores"].meta["probe_set"]["n_mixed"] == 2  # rewards recomputed from gts: one right, one wrong
+    assert r["scores"].meta["probe_set"]["n_mixed"] == 2  # --rescore: recomputed from gts, one right, one wrong
     g = load_probe_set(dump, tok).groups[0]
     assert g.prompt_ids.count(tok.bos_token_id) == 1
     proc = _cli("figures", str(run), "--out", str(tmp_path / "figs"), "--only", "lld_over_steps", "--formats", "png")

@@ -39,8 +39,8 @@ def test_cli_subprocess_end_to_end(run, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     results = load_results(out)
-    assert sorted(results) == ["diversity", "entropy_dynamics", "first_order", "flips", "interference", "lld", "scores",
-                               "subspace"]
+    assert sorted(results) == ["diversity", "entropy_dynamics", "fidelity", "first_order", "flips", "interference",
+                               "lld", "scores", "subspace"]
     summary = json.loads((out / "summary.json").read_text())
     assert [c["step"] for c in summary["checkpoints"]] == [0, 1, 2]
     assert summary["full_model_steps"] == [0, 2] and summary["diversity_steps"] == [0, 2]

@@ -117,6 +117,34 @@ def test_blown_up_run_names_step_0_and_its_printed_command_recovers(tmp_path):
 
 
 @pytest.mark.integration
+def test_resume_refuses_a_target_below_the_last_step_and_a_directory_without_a_run(tmp_path):
+    """Issue 23: a run directory never lies. `--resume --steps 2` on a 4-step run trained nothing and rewrote `steps: 2`
+    into config.yaml; `--resume` on a mistyped directory trained a fresh run there. Both are refused in one line."""
+    run = tmp_path / "run"
+    train_easy(_cfg(run, steps=4, save_every=2))
+    before = {f: (run / f).read_bytes() for f in ("config.yaml", "metrics.jsonl")}
+    with pytest.raises(SetupError, match=r"^--resume: steps 2 is below the run's checkpoint step 4 in .*run; "):
+        train_easy(_cfg(run, steps=2, save_every=2, resume=True))
+    assert {f: (run / f).read_bytes() for f in before} == before  # config.yaml still says steps: 4
+    with pytest.raises(SetupError, match=r"--resume: steps 1 is below the run.s checkpoint step 2 "):
+        train_easy(_cfg(run, steps=1, save_every=2, resume=True, resume_from=2))
+    assert not (run / SUPERSEDED).exists()
+    nope = tmp_path / "nope"
+    with pytest.raises(SetupError, match=r"^--resume: .*nope does not exist; check --output-dir"):
+        train_easy(_cfg(nope, steps=2, resume=True))
+    assert not nope.exists()  # nothing created there, not even a lock file
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SetupError, match=r"empty holds no run \(no config.yaml, checkpoint or metrics\)"):
+        train_easy(_cfg(tmp_path / "empty", steps=2, resume=True))
+    assert not any((tmp_path / "empty").iterdir())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # ours
+    proc = subprocess.run([*_resrl(), "train", "--preset", "tiny", "--resume", "--output-dir", str(nope)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr, proc.stderr
+    assert not nope.exists()
+
+
+@pytest.mark.integration
 def test_resume_from_moves_later_files_aside_and_equals_the_original(tmp_path):
     run = tmp_path / "run"
     train_easy(_cfg(run, algorithm="resrl", steps=6, save_every=2))

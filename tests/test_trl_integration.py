@@ -52,6 +52,11 @@ def test_training_is_not_disturbed(runs):
 
     assert trainer_logs(runs["live"]) == trainer_logs(runs["plain"])
     assert len(list((runs["root"] / "live" / "completions").glob("*.parquet"))) == 4  # every log still happened
+    # ProbeCallback records the ids TRL generated (record_token_ids=True by default): exact tokens for `resrl probe`.
+    log = pd.read_parquet(runs["root"] / "live" / "completions" / "completions_00001.parquet")
+    tok = runs["live"].processing_class
+    assert all(tok.decode(list(c), skip_special_tokens=True) == t for c, t in zip(log.completion_ids, log.completion))
+    assert "completion_ids" not in pd.read_parquet(runs["root"] / "plain" / "completions" / "completions_00001.parquet")
 
 
 @pytest.mark.integration

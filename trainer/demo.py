@@ -324,7 +324,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Run `resrl demo` from parsed arguments; one-line error and exit status 1 on failure."""
+    """Run `resrl demo` from parsed arguments; a one-line error, exit status 2 on bad input and 1 when a file cannot
+    be written."""
     from .config import ConfigError
 
     algos = tuple(a for a in args.algorithms.split(",") if a)
@@ -333,8 +334,11 @@ def run_demo(args: argparse.Namespace) -> int:
         summary = demo(args.out, algorithms=algos, seeds=seeds, jobs=args.jobs, steps=args.steps,
                        save_every=args.save_every, preset=args.preset, samples=args.samples,
                        figures_dir=args.figures_dir, model=args.model)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"resrl demo: {e}", file=sys.stderr)
+    except (ConfigError, ValueError) as e:  # bad input: exit 2, as every command
+        print(f"resrl demo: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"resrl demo: error: {e}", file=sys.stderr)
         return 1
     print(summary.read_text(encoding="utf-8"))
     return 0

@@ -83,6 +83,7 @@ from trainer.setup import (
     lock_run_dir,
     on_all_ranks,
     prepare_run_dir,
+    refuse_resume_without_run,
     save,
     save_checkpoint,
     save_config_yaml,
@@ -126,6 +127,7 @@ def train(config: TrainConfig, *, task: Task | None = None) -> Path:
         task = limit_prompts(task, cfg.train_prompts)
         # ------------------------------------------------------------------ run directory: lock, resume point
         run_dir = cfg.resolved_output_dir()
+        refuse_resume_without_run(cfg, run_dir, ctx)  # a mistyped --output-dir: nothing is created there
         lock = lock_run_dir(run_dir, ctx)  # before anything in it is read
         resume = find_resume_point(cfg, run_dir, ctx)
         # The run's writers are named here, where the loop's steps are (and where tests substitute them).

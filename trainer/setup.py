@@ -66,6 +66,7 @@ __all__ = [
     "check_world",
     "compute_dtype",
     "find_resume_point",
+    "refuse_resume_without_run",
     "generator",
     "is_save_step",
     "last_sane_checkpoint",
@@ -224,6 +225,20 @@ def lock_run_dir(run_dir: Path, ctx: DistContext) -> RunLock | None:
     return lock
 
 
+def refuse_resume_without_run(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> None:
+    """``--resume`` on a directory that holds no run (no config.yaml, checkpoint or metrics: a mistyped path) is
+    refused with one line, before the lock creates anything there."""
+    err = None
+    if ctx.is_main and cfg.resume:
+        ckpts = run_dir / rundir.CHECKPOINTS
+        held = (run_dir / rundir.CONFIG).is_file() or (run_dir / rundir.METRICS).is_file() or \
+            (ckpts.is_dir() and any(ckpts.iterdir()))
+        if not held:
+            what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml, checkpoint or metrics)"
+            err = f"--resume: {run_dir} {what}; check --output-dir, or drop --resume to start a new run there"
+    raise_on_all_ranks(err, SetupError, ctx)
+
+
 def find_resume_point(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Resume | None:
     """Rank 0 finds the checkpoint to resume from (``resume_from``, else the latest complete one); the step and
     counters are broadcast. The run of consecutive non-finite steps starts again at 0 on every resume."""
@@ -251,6 +266,12 @@ def find_resume_point(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Resu
                                       f"complete checkpoint {rundir.step_name(cfg.resume_from)} (have {sorted(have)})")
             elif found is None:
                 ck = latest_checkpoint(run_dir)
+            if ck is not None and cfg.steps < ck[0]:
+                # Training nothing while config.yaml says `steps` would make the directory lie about the run.
+                found = ("error", f"--resume: steps {cfg.steps} is below the run's checkpoint step {ck[0]} in "
+                                  f"{run_dir}; --steps is the total to reach: give one above {ck[0]} (or "
+                                  f"--resume-from STEP to go back to a checkpoint at or before {cfg.steps})")
+                ck = None
             if ck is not None:
                 state = load_trainer_state(ck[1])
                 found = ("ok", ck[0], str(ck[1]), int(state.get("skipped_steps", 0)), state)

@@ -263,7 +263,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def run_study(args: argparse.Namespace) -> int:
-    """Run `resrl study` from parsed arguments; one-line error and exit status 1 on failure."""
+    """Run `resrl study` from parsed arguments; a one-line error, exit status 2 on bad input and 1 when a file cannot
+    be written."""
     from .config import ConfigError
 
     try:
@@ -276,8 +277,11 @@ def run_study(args: argparse.Namespace) -> int:
                         preset=args.preset, samples=args.samples, figures_dir=args.figures_dir, model=args.model,
                         prompts_per_step=args.prompts_per_step, heldout_prompts=args.heldout_prompts,
                         reuse=args.reuse)
-    except (ConfigError, ValueError, OSError, KeyError) as e:
-        print(f"resrl study: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, KeyError) as e:  # bad input: exit 2, as every command
+        print(f"resrl study: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"resrl study: error: {e}", file=sys.stderr)
         return 1
     print(summary.read_text(encoding="utf-8"))
     return 0

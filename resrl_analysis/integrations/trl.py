@@ -45,7 +45,72 @@ from ..probes.output import results_summary, write_results
 from ..probes.registry import REGISTRY
 from ..results import ProbeResult
 
-__all__ = ["ProbeCallback", "LIVE_PROBES", "live_probes"]
+__all__ = ["ProbeCallback", "TokenIdsCallback", "LIVE_PROBES", "live_probes", "record_token_ids"]
+
+
+def record_token_ids(trainer: Any) -> Any:
+    """Make a TRL ``GRPOTrainer`` log the exact token ids it generated: its completion logs
+    (``completions/completions_NNNNN.parquet``, ``log_completions=True``) gain the columns ``prompt_ids`` and
+    ``completion_ids``, one row each beside the text, so ``resrl probe`` scores exactly the tokens TRL sampled
+    (EOS included when a completion finished, none when it was cut at ``max_completion_length``).
+
+        trainer = GRPOTrainer(...)
+        record_token_ids(trainer)
+        trainer.train()
+
+    It wraps the trainer's generation step and hands the ids to TRL's own extra-column logging (the channel a
+    reward function's ``log_extra`` uses), so they are gathered across processes with the rows they belong to.
+    Training is unchanged. Returns the trainer; calling it twice records once.
+
+    Raises:
+        TypeError: ``trainer`` is not a GRPOTrainer of a TRL that has these hooks (``_generate``,
+            ``_log_completion_extra``: TRL 0.2x and 1.x).
+    """
+    gen = getattr(trainer, "_generate", None)
+    log = getattr(trainer, "_log_completion_extra", None)
+    if not callable(gen) or not callable(log):
+        raise TypeError(f"record_token_ids: {type(trainer).__name__} has no _generate/_log_completion_extra; "
+                        "it needs TRL's GRPOTrainer")
+    if getattr(gen, "_resrl_records_ids", False):
+        return trainer
+
+    def _generate(*args: Any, **kwargs: Any) -> Any:  # whatever this TRL version passes (prompts, images, ...)
+        out = gen(*args, **kwargs)
+        prompt_ids, completion_ids = out[0], out[1]  # one list of ids per row, as TRL generated them
+        log("prompt_ids", [[int(t) for t in p] for p in prompt_ids])
+        log("completion_ids", [[int(t) for t in c] for c in completion_ids])
+        return out
+
+    _generate._resrl_records_ids = True  # type: ignore[attr-defined]
+    trainer._generate = _generate
+    return trainer
+
+
+def _trainer_of_caller() -> Any:
+    # Events carry no reference to the trainer; Trainer's training loop, a few frames up, is its `self`.
+    f = sys._getframe(1)
+    for _ in range(8):
+        if f is None:
+            return None
+        owner = f.f_locals.get("self")
+        if owner is not None and callable(getattr(owner, "_generate", None)) and hasattr(owner, "callback_handler"):
+            return owner
+        f = f.f_back
+    return None
+
+
+class TokenIdsCallback(TrainerCallback):
+    """A TRL callback that does :func:`record_token_ids` on the trainer it is given to, at the start of training.
+
+        trainer = GRPOTrainer(..., args=GRPOConfig(log_completions=True, ...), callbacks=[TokenIdsCallback()])
+
+    (``ProbeCallback`` does the same unless ``record_token_ids=False``.)
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = _trainer_of_caller()
+        if trainer is not None:
+            record_token_ids(trainer)
 
 
 def live_probes() -> tuple[str, ...]:
@@ -123,6 +188,8 @@ class ProbeCallback(TrainerCallback):
             scores through the forward that training uses.
         probe_set_options: more keywords of :func:`~resrl_analysis.probe_sets.load_probe_set`
             (``n_samples``, ``max_new_tokens``, ``answer_column``, ``step`` ...).
+        record_token_ids: make a GRPOTrainer's completion logs hold the exact prompt and completion ids it
+            generated (:func:`record_token_ids`), so ``resrl probe`` scores them exactly afterwards.
 
     >>> cb = ProbeCallback(ProbeSet(()), every=5)
     >>> cb.every, cb.probes
@@ -132,7 +199,8 @@ class ProbeCallback(TrainerCallback):
     def __init__(self, probe_set: ProbeSet | str | Path, probes: Sequence[str] = LIVE_PROBES, every: int = 50, *,
                  groups: int = 8, out: str | Path | None = None, eps: float = 0.0, seed: int = 0,
                  max_cosine_samples: int = 256, format: str = "parquet", options: Mapping[str, Any] | None = None,
-                 probe_set_options: dict | None = None, full_precision: bool = True) -> None:
+                 probe_set_options: dict | None = None, full_precision: bool = True,
+                 record_token_ids: bool = True) -> None:
         probes = tuple(probes)
         live = live_probes()
         bad = sorted(set(probes) - set(live))
@@ -153,6 +221,7 @@ class ProbeCallback(TrainerCallback):
                                                           {*given, *(n for n in defaults if n in probes)}})
         self.probe_set_options = dict(probe_set_options or {})
         self.full_precision = full_precision
+        self.record_token_ids = record_token_ids
         self.probe_set: ProbeSet | None = probe_set if isinstance(probe_set, ProbeSet) else None
         self.history: list[dict] = []  # the logged headline numbers, one dict per probed step
         self._pass: ProbePass | None = None
@@ -165,6 +234,8 @@ class ProbeCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._handler = _handler_of_caller()
+        if self.record_token_ids and (trainer := _trainer_of_caller()) is not None:
+            record_token_ids(trainer)
         if self.out is None:
             self.out = Path(args.output_dir) / rundir.PROBES
         tok = getattr(processing_class, "tokenizer", processing_class)  # a multimodal processor wraps one

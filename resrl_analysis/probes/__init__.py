@@ -16,6 +16,8 @@ loop over the registry. None of the probe modules plots, prints or writes files:
 - :mod:`.entropy_dynamics`: the first-order entropy change of a head step by the polarity of its cause, beside
   real steps and the covariance proxy (``entropy_dynamics``).
 - :mod:`.flips`: token flips between checkpoints and the coupling of identical low-confidence tokens (``flips``).
+- :mod:`.fidelity`: logged sampler log-probs against the checkpoint's, the training–inference mismatch
+  (``fidelity``).
 - :mod:`.config`, :mod:`.engine`, :mod:`.output`: the typed configuration of a pass, the pass itself, and
   writing its results as one set.
 - :mod:`.synthetic`: a tiny fake run directory for tests and examples.
@@ -60,6 +62,7 @@ from .diversity import (  # isort: skip
 )
 from .entropy_dynamics import EntropyDynamicsProbe, entropy_dynamics  # isort: skip
 from .flips import FlipsProbe, flips_along_run  # isort: skip
+from .fidelity import FidelityProbe, FidelityResult  # isort: skip
 from .capture import GroupForward, capture_head_input, forward_group, forward_probe_set  # isort: skip
 from .registry import REGISTRY, Probe, get_probe, register_probe, unregister_probe  # isort: skip
 
@@ -73,6 +76,8 @@ __all__ = [
     "DiversityProbe",
     "EntropyDynamicsProbe",
     "EntropyProbe",
+    "FidelityProbe",
+    "FidelityResult",
     "FirstOrderProbe",
     "FlipsProbe",
     "GroupForward",

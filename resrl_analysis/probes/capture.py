@@ -178,10 +178,12 @@ def forward_group(
     pad_id: int = 0,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     entropy_gram: bool = False,
+    temperature: float = 1.0,
 ) -> GroupForward:
     """One teacher-forced forward pass of a group (no grad): log-probs, entropy and, optionally,
     head inputs, penultimate states and the response logits (``entropy_gram``: its Gram will be built with
-    the entropy part, :meth:`GroupForward.grams`).
+    the entropy part, :meth:`GroupForward.grams`). ``temperature`` divides the logits before the log-probs and
+    entropy (the sampler's view of its tokens); the kept logits are the raw ones.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
@@ -194,7 +196,7 @@ def forward_group(
     names = {"head_input": "head_input", "penultimate": "penultimate"} if keep_hidden else {}
     own = {"penultimate_own": "penultimate"} if keep_hidden else {}  # resrl-own-state's states
     fo = response_forward(model, batch.rows, memory_mb=memory_budget_mb, entropy=True, capture=names,
-                          capture_own=own, return_logits=True)
+                          capture_own=own, return_logits=True, temperature=temperature)
     return GroupForward(
         group=group, labels=batch.labels, mask=batch.mask, logp=fo.logp, entropy=fo.entropy,  # type: ignore[arg-type]
         rewards=batch.rewards, is_positive=batch.is_positive, head_input=fo.captured.get("head_input"),

@@ -71,6 +71,14 @@ class ProbeConfig:
         metavar="heldout|train|batch|FILE")
     probe_set_samples: int | None = _f(None, "responses sampled per prompt for the heldout/train probe sets "
                                        "(default: the run's group size n)", metavar="N")
+    rescore: bool = _f(False, "recompute a logged probe set's rewards with the task's reward wherever it has a ground "
+                       "truth (default: the logged reward, what the run optimised)")
+    strict_tokens: bool = _f(False, "refuse a probe set with any response scored from unverifiable text (logged text "
+                             "whose token ids cannot be known to be the ones the model sampled)")
+    max_completion_length: int | None = _f(None, "the run's response length limit, for probe sets logged as text: a "
+                                           "response of that many tokens ended by length and gets no EOS (default: "
+                                           "TRL's, from its training_args.bin; verl: data.max_response_length)",
+                                           metavar="N")
     groups: int = _f(8, "probe the first N prompt groups, mixed ones first (default 8; 0 = all)", metavar="N")
     group_batch: int = _f(8, "groups forwarded and probed together (default 8); peak memory grows with it: each "
                           "group keeps its response logits (G·T·V in the model's dtype) and two hidden states until "
@@ -116,6 +124,8 @@ class ProbeConfig:
         for name in ("groups", "samples", "group_batch"):
             if getattr(self, name) < (0 if name == "groups" else 1):
                 raise ProbeError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ProbeError(f"--max-completion-length must be >= 1, got {self.max_completion_length}")
         if self.every is not None and self.every < 1:
             raise ProbeError(f"--every must be >= 1, got {self.every}")
         if self.steps is not None and self.every is not None:

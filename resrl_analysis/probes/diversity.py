@@ -52,6 +52,14 @@ __all__ = [
 ]
 
 _BOXED = re.compile(r"\\boxed\{")
+# Where a probe set of each kind can get a ground truth from, said when pass@k could not be scored.
+_NO_TRUTH = {
+    "trl_completions": " (a TRL completion log holds none: give --probe-set the training dataset, prompt plus a "
+                       "solution column, to score pass@k)",
+    "verl_rollouts": " (this verl dump has no gts: give --probe-set the dataset file, e.g. data/train.parquet)",
+    "prime_rl_tokens": " (prime-rl's token exports hold none: give --probe-set the dataset file)",
+    "jsonl": " (add a ground_truth field to the probe-set file)",
+}
 
 
 def final_answer(text: str) -> str:
@@ -239,7 +247,8 @@ def diversity_probe(
         else:
             rewards = [float("nan")] * n_samples
             n_correct = acc = float("nan")
-            skipped.append({"step": step, "group_id": g.group_id, "reason": "no ground truth: correctness not scored"})
+            skipped.append({"step": step, "group_id": g.group_id,
+                            "reason": "no ground truth: correctness not scored" + _NO_TRUTH.get(probe_set.kind, "")})
         prows.append({"step": step, "group_id": g.group_id, "prompt_uid": g.prompt_uid, "n_samples": n_samples,
                       "n_correct": n_correct, "accuracy": acc, "distinct_1": distinct_n(ids, 1),
                       "distinct_2": distinct_n(ids, 2), "distinct_3": distinct_n(ids, 3), "self_bleu": self_bleu(ids),

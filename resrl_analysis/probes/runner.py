@@ -134,6 +134,8 @@ def _run(config: ProbeConfig) -> int:
     if config.nproc > 1 and not config.plan_only:
         return launch_torchrun(config)
     sel = select_checkpoints(config)
+    for note in sel.run.notes:  # what discovery could not find, and how to get it
+        _say(config)(f"resrl probe: note: {note}")
     if config.plan_only:  # config.json only: no weights are read
         return plan_only(config, sel)
     if config.parallel == "shard":
@@ -142,6 +144,7 @@ def _run(config: ProbeConfig) -> int:
     if probe_set_keyword(config) == "batch":
         return run_batch(config, sel, t_start)
     probe_set = pass_probe_set(config, sel)
+    say_tokens(config, probe_set)
     out: Path = config.out or sel.run.probes_dir
     _check_writable(out)
     # One writer per output directory: a second `resrl probe` on it is refused (the kernel drops the lock when
@@ -174,6 +177,7 @@ def write_pass(config: ProbeConfig, sel: Selection, probe_set: ProbeSet, pp: Pro
     summary, stale = _summary(config, sel, pp, results, out, probe_set_info, created)
     pp.timing["total"] = time.perf_counter() - t_start
     write_results(out, results, summary, format=config.format, remove=[s["table"] for s in stale])
+    say_not_computed(config, results)
     ranks = "" if pp.parallel.world == 1 else f" on {pp.parallel.world} ranks ({pp.parallel.mode})"
     _say(config)(f"resrl probe: wrote {', '.join(sorted(results))} for {len(sel.steps)} checkpoint(s){ranks} to "
                  f"{out} (summary: {out / 'summary.json'})")
@@ -277,6 +281,7 @@ def _rank_pass(config: ProbeConfig, ctx: DistContext, t_start: float) -> int:
             if probe_set_keyword(config) == "batch":
                 raise ProbeError("--probe-set batch runs in one process (drop torchrun and --nproc)")
             probe_set = pass_probe_set(config, sel)
+            say_tokens(config, probe_set)
             out: Path = config.out or sel.run.probes_dir
             _check_writable(out)
             try:
@@ -515,7 +520,8 @@ def pass_probe_set(config: ProbeConfig, sel: Selection) -> ProbeSet:
         tok = load_tokenizer(with_tok[0]) if with_tok else None
         probe_set = load_probe_set(config.probe_set if config.probe_set is not None else sources[0], tok,
                                    model=first, seed=config.seed, n_samples=config.samples,
-                                   temperature=config.temperature, max_new_tokens=config.max_new_tokens or 256)
+                                   temperature=config.temperature, max_new_tokens=config.max_new_tokens or 256,
+                                   rescore=config.rescore, max_completion_length=config.max_completion_length)
     elif mode == "run":
         probe_set = ProbeSet.from_run(sel.run_dir, config.probe_set_step)
     else:
@@ -525,7 +531,46 @@ def pass_probe_set(config: ProbeConfig, sel: Selection) -> ProbeSet:
     vocab = json.loads((first / "config.json").read_text()).get("vocab_size")
     if isinstance(vocab, int):
         probe_set.check_vocab(vocab, where=str(first))
+    counts = probe_set.token_counts()
+    if config.strict_tokens and counts["unverified"]:
+        raise ProbeError(f"{probe_set.source}: {counts['unverified']} of {probe_set.n_responses} responses are "
+                         f"unverifiable text ({_token_note(probe_set)}); --strict-tokens refuses them: log token ids "
+                         "(TRL: resrl_analysis.integrations.trl.record_token_ids) or give --max-completion-length")
     return probe_set
+
+
+def _token_note(probe_set: ProbeSet) -> str:
+    note = next((n for n in probe_set.notes if n.startswith("tokens: ")), "")
+    return note[len("tokens: "):] or "tokens: " + ", ".join(f"{n} {k}" for k, n in probe_set.token_counts().items())
+
+
+def say_tokens(config: ProbeConfig, probe_set: ProbeSet) -> None:
+    """Print where the probe set's tokens and rewards come from; a warning when some token ids are unverifiable."""
+    say = _say(config)
+    c = probe_set.token_counts()
+    say(f"resrl probe: probe set {probe_set.source}: {probe_set.n_responses} responses in {probe_set.n_groups} groups; "
+        f"{c['exact']} scored from exact token ids, {c['round_trip']} from verified round-trips of their text, "
+        f"{c['unverified']} from unverifiable text")
+    for n in probe_set.notes:
+        if n.startswith(("rewards: recomputed", "rewards: mixed", "--rescore", "no EOS after")):
+            say(f"resrl probe: {n}")
+    if c["unverified"]:
+        say(f"resrl probe: warning: {c['unverified']} responses are scored from text whose token ids cannot be known "
+            f"to be the model's ({_token_note(probe_set)}); their log-probs may be of other tokens. Exact ids: "
+            "record them (docs/FOREIGN_RUNS.md); --strict-tokens refuses such a probe set")
+
+
+def say_not_computed(config: ProbeConfig, results: dict[str, ProbeResult]) -> None:
+    """Print each probe's warnings and what it did not compute, and why (one line per probe and reason)."""
+    say = _say(config)
+    for name, res in sorted(results.items()):
+        for w in res.meta.get("warnings", []):
+            say(f"resrl probe: warning: {name}: {w}")
+        reasons: dict[str, int] = {}
+        for s in res.skipped:
+            reasons[str(s.get("reason"))] = reasons.get(str(s.get("reason")), 0) + 1
+        for reason, n in reasons.items():
+            say(f"resrl probe: {name}: not computed{f' ({n}×)' if n > 1 else ''}: {reason}")
 
 
 def plan_only(config: ProbeConfig, sel: Selection, *, nproc: int | None = None) -> int:
@@ -540,7 +585,8 @@ def plan_only(config: ProbeConfig, sel: Selection, *, nproc: int | None = None) 
     try:
         if config.probe_set is not None or (sel.mode != "run" and sources):
             tok = load_tokenizer(ckpt) if _has_tokenizer(ckpt) else None
-            ps = load_probe_set(config.probe_set if config.probe_set is not None else sources[0], tok, model=None)
+            ps = load_probe_set(config.probe_set if config.probe_set is not None else sources[0], tok, model=None,
+                                max_completion_length=config.max_completion_length)
             shape = ProbeShape.of(ps.select(config.groups or None, prefer_mixed=True).groups)
         elif sel.mode == "run":
             shape = ProbeShape.of(ProbeSet.from_run(sel.run_dir, config.probe_set_step)
