@@ -118,8 +118,9 @@ def live_probes() -> tuple[str, ...]:
     return tuple(n for n, p in REGISTRY.items() if p.live)
 
 
-#: The built-in live probes (a probe registered later and marked live is accepted too: :func:`live_probes`).
-LIVE_PROBES = live_probes()
+#: What a ProbeCallback runs when not told: the live probes marked ``live_default`` (any probe of
+#: :func:`live_probes`, e.g. ``entropy_dynamics``, can be asked for with ``probes=``).
+LIVE_PROBES = tuple(n for n in live_probes() if REGISTRY[n].live_default)
 
 
 def _rng_state() -> dict:

@@ -253,6 +253,7 @@ class EntropyDynamicsProbe(Probe):
     needs = frozenset({"gram", "entropy_gram"})
     Options = EntropyDynamicsOptions
     live = True
+    live_default = False  # real head steps in float64 for every stepped group: asked for, not run by default
     plan_hint = "--full-model-steps none, fewer --algorithms or --entropy-tokens none"
 
     def plan(self, p: PlanInputs) -> dict[str, int]:

@@ -12,6 +12,7 @@ A probe is a subclass of :class:`Probe` that declares, once:
 - ``Options``: a dataclass of typed fields with help text (``metadata["help"]``), which become ``resrl probe``
   flags (``rank`` → ``--rank``);
 - ``live``: whether it can run inside a training run (``ProbeCallback``), and then ``live_metrics``;
+  ``live_default``: whether a ``ProbeCallback`` runs it when not told which probes (False for a costly one);
 - ``plan``: its memory-plan terms (bytes) from shapes alone (:class:`resrl_analysis.plan.PlanInputs`).
 
 It implements the hooks of its scope: :meth:`Probe.on_groups`, :meth:`Probe.on_checkpoint`,
@@ -181,6 +182,7 @@ class Probe:
     uses: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type] = NoOptions
     live: ClassVar[bool] = False
+    live_default: ClassVar[bool] = True
     #: The setting that shrinks this probe's memory, named when the memory plan refuses a pass.
     plan_hint: ClassVar[str] = "a shorter probe set"
 
