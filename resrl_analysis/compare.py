@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -147,7 +148,9 @@ def _pass(which: str, tag: str) -> Callable[[Any], float | None]:
             pk = pk[pk.stratum.isna()] if pk.stratum.isna().any() else pk.iloc[:0]
         if not len(pk):
             return None
-        s = int(pk.step.min()) if tag == "start" else int(pk.step.max())
+        if tag == "start" and not (pk.step == 0).any():  # "step 0" is step 0: a run probed later has no cell
+            return None
+        s = 0 if tag == "start" else int(pk.step.max())
         d = pk[pk.step == s].sort_values("k")
         return _finite(d.pass_at_k.iloc[0] if which == "1" else d.pass_at_k.iloc[-1])
 
@@ -228,7 +231,9 @@ def _pass_stratum(k: int, tag: str, stratum: str) -> Callable[[Any], float | Non
         p = div.prompts.dropna(subset=["n_correct"])
         if not len(p):
             return None
-        s = int(p.step.min()) if tag == "start" else int(p.step.max())
+        if tag == "start" and not (p.step == 0).any():  # "step 0" is step 0: a run probed later has no cell
+            return None
+        s = 0 if tag == "start" else int(p.step.max())
         d = p[p.step == s]
         n = int(d.n_samples.min())
         if k > n or (d.n_samples != n).any():
@@ -525,6 +530,26 @@ def _ceiling_notes(agg: dict[str, Any], pass_k: int | None) -> list[str]:
             name = _with_k(key.split("_")[0], pass_k)
             out.append(f"- {name} ({what}) is at least 0.99 for every algorithm: at its ceiling, it cannot show a "
                        "difference here.")
+    # Per held-out stratum (pass@<k>_<start|end>/<stratum>): the strata where pass@k cannot move either way.
+    parsed = []
+    for key in {k for d in agg["algorithms"].values() for k in d}:
+        m = re.fullmatch(r"pass@(\d+)_(start|end)/(.+)", key)
+        if m:
+            parsed.append((m.group(3), m.group(2) == "end", int(m.group(1)), key))
+    ceil, floor = [], []
+    for stratum, end, k, key in sorted(parsed):
+        means = [d[key]["mean"] for d in agg["algorithms"].values() if d.get(key, {}).get("mean") is not None]
+        label = f"pass@{k} ({'last' if end else 'step 0'}) on {stratum}"
+        if means and min(means) >= 0.99:
+            ceil.append(label)
+        elif means and max(means) <= 0.01:
+            floor.append(label)
+    if ceil:
+        out.append(f"- At least 0.99 for every algorithm measured, at the ceiling where no difference can show: "
+                   f"{', '.join(ceil)}.")
+    if floor:
+        out.append(f"- At most 0.01 for every algorithm measured (almost no sample of the stratum is correct), at the "
+                   f"floor where no difference can show: {', '.join(floor)}.")
     return ["", *out] if out else []
 
 

@@ -57,6 +57,25 @@ def test_committed_demo_summary_regenerates_from_its_numbers():
     assert agg["algorithms"] == payload["algorithms"] and agg["comparisons"] == payload["comparisons"]
 
 
+@pytest.mark.unit
+def test_committed_study_summary_regenerates_from_its_numbers():
+    """figures/study/summary.md (the committed `resrl study`) is what its summary.json's per-run numbers give:
+    8 algorithms × 5 seeds, through the study's spec."""
+    import json
+    from pathlib import Path
+
+    from resrl_analysis.compare import summary_from_payload
+    from trainer.study import STUDY_ALGORITHMS, study_spec
+
+    root = Path(__file__).resolve().parents[1] / "figures" / "study"
+    payload = json.loads((root / "summary.json").read_text(encoding="utf-8"))
+    s = payload["settings"]
+    assert tuple(s["algorithms"]) == STUDY_ALGORITHMS and len(s["seeds"]) >= 5
+    assert len(payload["runs"]) == len(STUDY_ALGORITHMS) * len(s["seeds"])
+    spec = study_spec(int(s["steps"]), int(s.get("heldout_prompts", 64)))
+    assert summary_from_payload(payload, spec) == (root / "summary.md").read_text(encoding="utf-8")
+
+
 def _fake_run(path, algo, seed, values):
     import json
 
