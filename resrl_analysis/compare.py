@@ -351,7 +351,8 @@ _DEMO_DEFINITIONS = (
 DEMO_SPREAD_NOTE = (
     "Three seeds can understate the spread. When an earlier version of this demo (2026-12-01) was run with two "
     "more seeds (3 and 4), NSR − PSR in-batch LLD fraction was +0.049 and +0.035, both below that run's 3-seed "
-    "interval [0.067, 0.081] (the 5-seed interval still excluded 0). Take the verdicts above as what 3 seeds show; the claims, with 5 seeds, the "
+    "interval [0.067, 0.081] (the 5-seed interval still excluded 0). Take the verdicts above as what 3 seeds "
+    "show; the claims, with 5 seeds, the "
     "controls that separate ResRL's projection from its smaller step, a step-size-free measure of collateral "
     "damage and a held-out set where pass@k has room, are tested by `resrl study`.")
 
