@@ -80,7 +80,7 @@ def assert_same_results(a_dir: Path, b_dir: Path, tolerance: dict | None = None,
     skipped lists."""
     a, b = load_results(a_dir), load_results(b_dir)
     assert sorted(a) == sorted(b) == sorted(["scores", "lld", "first_order", "interference", "subspace", "diversity",
-                                             "entropy_dynamics", "flips"])
+                                             "entropy_dynamics", "flips", "fidelity"])
     tolerance = tolerance or {}
     checked = 0
     for name in a:
