@@ -205,8 +205,8 @@ for _m in (
 ):
     register_metric(_m)
 
-#: The live step-size-free metrics of each update (``collateral_in_batch``; docs/MATH.md § Collateral per unit of
-#: push-down), each run's mean over its rollout batches.
+#: The live step-size-free metrics of each update (``collateral_in_batch``;
+#: docs/MATH.md § Collateral per unit of push-down), each run's mean over its rollout batches.
 UPDATE_METRICS = {
     "update/kl_k3": "update size: KL(π_before‖π_after), k3 (live)",
     "update/pos_delta_per_kl": "Δ log π(y⁺) per unit KL (live)",
