@@ -235,7 +235,7 @@ def test_dispatcher_starts_without_the_heavy_modules():
         assert loaded == ("[]" if command is None else "['resrl_analysis', 'torch']"), loaded
     proc = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 0 and "{train,probe,figures,compare,view,demo}" in proc.stdout
+    assert proc.returncode == 0 and "{train,probe,figures,compare,view,study,demo}" in proc.stdout
 
 
 def test_flags_train_end_to_end_and_every_metric_is_documented(tmp_path):

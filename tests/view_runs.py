@@ -117,7 +117,9 @@ def verl_run(root: Path, ours: Path) -> Path:
                         ignore=shutil.ignore_patterns("trainer_state.pt"))
     dump = root / "rollout_data" / "1.jsonl"
     dump.parent.mkdir(parents=True)
-    _write_jsonl(dump, [{"input": f"{a}*{b}=", "output": o, "score": 0.0, "gts": str(a * b), "step": 1,
+    # The logged score is what the probes use (issue 23: a run's own reward, not a recomputed one).
+    _write_jsonl(dump, [{"input": f"{a}*{b}=", "output": o, "score": float(o == str(a * b)), "gts": str(a * b),
+                         "step": 1,
                          "data_source": "multiplication"}
                         for a, b in ((12, 34), (56, 78)) for o in (str(a * b), str(a * b + 10), str(a * b))])
     assert probe_main([str(run), "--base-model", str(ck[0]), "--probe-set", str(dump.parent), *PROBES]) == 0

@@ -118,7 +118,7 @@ def _headline(agg: dict[str, Any], n_seeds: int) -> list[str]:
 
     >>> c = {"a": "nsr", "b": "psr", "metric": "lld/batch_frac", "diff": 0.07, "lo": 0.06, "hi": 0.08,
     ...      "excludes_zero": True}
-    >>> _headline({"comparisons": [c]}, 3)[3].split(": ")[1]
+    >>> _headline({"comparisons": [c], "algorithms": {}}, 3)[3].split(": ")[1]
     'shown, NSR − PSR = 0.070 [0.060, 0.080].'
     """
     out = verdicts(agg, DEMO_SPEC, n_seeds)
