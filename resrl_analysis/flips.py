@@ -73,7 +73,7 @@ def flip_counts(before: Tensor, after: Tensor, mask: Tensor, is_positive: Tensor
     >>> c[0, 1, 5].tolist(), c[0, 2, 9].tolist(), c[1, 1, 0].tolist(), int(c.sum())
     ([1, 0, 0], [0, 1, 0], [0, 0, 1], 4)
     """
-    m = mask.bool()
+    m = mask.bool() & torch.isfinite(before) & torch.isfinite(after)  # a blown-up step's NaNs are not counted
     pol = (~is_positive.bool()).long()[:, None].expand_as(m)[m]  # (K,) 0 positive, 1 negative
     cls = classes.long()[m]  # (K,)
     conf = confidence_bins(before[m], bins)  # (K,)
@@ -121,7 +121,7 @@ def coupling_counts(before: Tensor, after: Tensor, response_ids: Tensor, mask: T
     [[1, 1], [0, 0], [3, 1]]
     """
     out = torch.zeros(3, 2, dtype=torch.long)
-    m = mask.bool()
+    m = mask.bool() & torch.isfinite(before) & torch.isfinite(after)  # a blown-up step's NaNs are not counted
     low = before.double().exp() < low_confidence  # (B, T)
     d = _direction(before, after)  # (B, T)
     pos_all = rewards > 0

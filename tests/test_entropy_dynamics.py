@@ -224,3 +224,16 @@ def test_at_a_sampling_temperature_the_prediction_carries_one_over_tau_squared()
     (g,) = torch.autograd.grad(-(a * lp).sum() / N, Wv)
     _, ref = jvp(entropies, (W,), (-lr * g,))
     assert float((got - ref).abs().max()) <= 1e-9 * float(ref.abs().max())
+
+
+@pytest.mark.unit
+def test_flip_counts_leave_out_non_finite_log_probs():
+    """A blown-up step gives NaN or -inf log-probs: those tokens are not counted (they used to break bincount)."""
+    before = torch.log(torch.tensor([[0.5, 0.2], [0.3, 0.4]]))
+    after = torch.tensor([[float("nan"), -1.0], [float("-inf"), -0.5]])
+    m = torch.ones(2, 2, dtype=torch.bool)
+    c = flip_counts(before, after, m, torch.tensor([True, False]), torch.ones(2, 2, dtype=torch.int8))
+    assert int(c.sum()) == 2 and c[0, 1, 2].tolist() == [1, 0, 0] and c[1, 1, 4].tolist() == [1, 0, 0]
+    k = coupling_counts(before, after, torch.tensor([[5, 6], [7, 6]]), m, torch.tensor([1.0, 0.0]),
+                        torch.tensor([0, 0]))
+    assert k.tolist() == [[1, 1], [0, 0], [0, 0]]  # only token 6 of each polarity is finite: one identical pair
