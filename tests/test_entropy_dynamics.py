@@ -229,7 +229,7 @@ def test_at_a_sampling_temperature_the_prediction_carries_one_over_tau_squared()
 @pytest.mark.unit
 def test_flip_counts_leave_out_non_finite_log_probs():
     """A blown-up step gives NaN or -inf log-probs: those tokens are not counted (they used to break bincount)."""
-    before = torch.log(torch.tensor([[0.5, 0.2], [0.3, 0.4]]))
+    before = torch.log(torch.tensor([[0.5, 0.25], [0.3, 0.45]]))  # bins 2 and 4 clear of their edges
     after = torch.tensor([[float("nan"), -1.0], [float("-inf"), -0.5]])
     m = torch.ones(2, 2, dtype=torch.bool)
     c = flip_counts(before, after, m, torch.tensor([True, False]), torch.ones(2, 2, dtype=torch.int8))
