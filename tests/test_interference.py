@@ -18,8 +18,6 @@ from resrl_analysis.interference import (
 )
 from resrl_analysis.weighting import positive_subspace
 
-pytestmark = pytest.mark.unit
-
 
 def _per_token_head_grads(W: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Slow reference: autograd of log softmax(W h)[y] w.r.t. W, one token at a time → (T, V*d)."""
@@ -42,6 +40,7 @@ def _setup(seed: int, Ta: int, Tb: int, V: int, d: int):
     return W, ha, pa, ya, hb, pb, yb
 
 
+@pytest.mark.unit
 @settings(max_examples=15, deadline=None)
 @given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 6), st.integers(2, 9), st.integers(1, 5))
 def test_inner_and_cosine_match_autograd(seed, Ta, Tb, V, d):
@@ -55,6 +54,7 @@ def test_inner_and_cosine_match_autograd(seed, Ta, Tb, V, d):
     assert ((Ga @ Gb.T).abs() <= head_gradient_bound(ha, pa, ya, hb, pb, yb) + 1e-10).all()
 
 
+@pytest.mark.unit
 def test_group_alignment_and_nthr_match_autograd():
     W, hp, pp, yp, hn, pn, yn = _setup(3, 7, 5, 11, 6)
     Gp, Gn = _per_token_head_grads(W, hp, yp), _per_token_head_grads(W, hn, yn)
@@ -73,6 +73,7 @@ def test_group_alignment_and_nthr_match_autograd():
     assert nthr_threshold(hp, pp, yp, resp, beta=0.5) == pytest.approx(0.5 * ref_tau, rel=1e-9)
 
 
+@pytest.mark.unit
 def test_nthr_token_weights_batch_layout():
     g = torch.Generator().manual_seed(0)
     B, T, d, V = 6, 4, 5, 9
@@ -98,6 +99,7 @@ def test_nthr_token_weights_batch_layout():
     torch.testing.assert_close(alone.weights, out.weights[:3])
 
 
+@pytest.mark.unit
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 10_000), st.integers(1, 8), st.integers(1, 8), st.integers(2, 12), st.integers(1, 12))
 def test_alignment_bounds_never_violated(seed, Tp, Tn, d, k):
@@ -118,6 +120,7 @@ def test_alignment_bounds_never_violated(seed, Tp, Tn, d, k):
     torch.testing.assert_close(alignment_bound(xp, xn, full), cs)
 
 
+@pytest.mark.unit
 def test_bound_with_fitted_subspace_is_tight_inside():
     # Vectors that lie inside S: the bound reduces to ||x⁺||·||x⁻|| and is attained by parallel vectors.
     g = torch.Generator().manual_seed(1)
@@ -128,12 +131,14 @@ def test_bound_with_fitted_subspace_is_tight_inside():
     assert b.item() == pytest.approx(abs(float(xp[0] @ (3 * xp[0]))), rel=1e-10)
 
 
+@pytest.mark.unit
 def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match="expected h"):
         head_gradient_inner(torch.zeros(2, 3), torch.zeros(3, 4), torch.zeros(2, dtype=torch.long),
                             torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
 
 
+@pytest.mark.unit
 def test_near_deterministic_float32_probabilities_stay_accurate():
     # p[y] ≈ 1: the textbook 1 − 2p[y] + ||p||² cancels in float32; the split form must not.
     g = torch.Generator().manual_seed(0)
@@ -164,6 +169,7 @@ def _kth_quantiles(x: torch.Tensor, quantiles) -> list[float]:
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", ["normal", "ties", "tiny", "one", "mostly_zero", "negative"])
 def test_streaming_quantiles_are_exact_in_any_chunking(dtype, case):
@@ -186,6 +192,7 @@ def test_streaming_quantiles_are_exact_in_any_chunking(dtype, case):
     np.testing.assert_allclose(ref, np.quantile(x.double().numpy(), qs), rtol=1e-12, atol=0)
 
 
+@pytest.mark.unit
 def test_streaming_quantiles_refuse_an_empty_stream():
     from resrl_analysis.interference import streaming_quantiles
 
@@ -193,6 +200,7 @@ def test_streaming_quantiles_refuse_an_empty_stream():
         streaming_quantiles(lambda: iter([torch.zeros(0)]), [0.5])
 
 
+@pytest.mark.unit
 def test_row_blocks_cover_the_rows_within_the_budget():
     from resrl_analysis.interference import row_blocks
 
@@ -203,6 +211,7 @@ def test_row_blocks_cover_the_rows_within_the_budget():
         assert all((b.stop - b.start) * n_cols * 4 <= budget or b.stop - b.start == 1 for b in blocks)
 
 
+@pytest.mark.unit
 def test_streaming_quantiles_of_several_streams_in_the_same_passes():
     from resrl_analysis.interference import device_quantiles, streaming_quantiles
 
