@@ -22,6 +22,7 @@ positives, mean over mixed groups), so shared + unique = the whole, exactly.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,17 @@ class GroupDisplacement:
     num_positive: int
 
 
+def _mixed_groups(rewards: Tensor, group_ids: Tensor) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+    """(group id, its rows, its positives, its negatives) as (B,) bool masks, for each group holding both a positive
+    (reward > 0) and a negative response; groups of one polarity are skipped."""
+    pos_all = rewards > 0
+    for g in torch.unique(group_ids).tolist():
+        rows = group_ids == g
+        pos, neg = rows & pos_all, rows & ~pos_all
+        if pos.any() and neg.any():
+            yield int(g), rows, pos, neg
+
+
 def group_displacements(old_logp: Tensor, new_logp: Tensor, response_ids: Tensor, response_mask: Tensor,
                         rewards: Tensor, group_ids: Tensor) -> list[GroupDisplacement]:
     """One :class:`GroupDisplacement` per mixed group (a positive and a negative response) of the rows.
@@ -83,16 +95,12 @@ def group_displacements(old_logp: Tensor, new_logp: Tensor, response_ids: Tensor
     """
     out = []
     delta = (new_logp.double() - old_logp.double()) * response_mask  # (B, T)
-    for g in torch.unique(group_ids).tolist():
-        rows = group_ids == g
-        pos, neg = rows & (rewards > 0), rows & (rewards <= 0)
-        if not pos.any() or not neg.any():
-            continue
+    for g, _, pos, neg in _mixed_groups(rewards, group_ids):
         shared = shared_prefix_mask(response_ids[pos], response_mask[pos], response_ids[neg], response_mask[neg])
         d = delta[pos]  # (P, T)
         whole = d.sum(1)  # (P,) summed over the response's tokens
         sh = (d * shared).sum(1)  # (P,)
-        out.append(GroupDisplacement(group_id=int(g), delta=float(whole.mean()), shared=float(sh.mean()),
+        out.append(GroupDisplacement(group_id=g, delta=float(whole.mean()), shared=float(sh.mean()),
                                      unique=float((whole - sh).mean()), num_positive=int(pos.sum())))
     return out
 
@@ -138,12 +146,7 @@ def token_classes(response_ids: Tensor, response_mask: Tensor, rewards: Tensor, 
     """
     B, T = response_ids.shape
     out = torch.zeros(B, T, dtype=torch.int8, device=response_ids.device)
-    pos_all = rewards > 0
-    for g in torch.unique(group_ids).tolist():
-        rows = group_ids == g
-        pos, neg = rows & pos_all, rows & ~pos_all
-        if not pos.any() or not neg.any():
-            continue
+    for _, _, pos, neg in _mixed_groups(rewards, group_ids):
         for mine, other in ((pos, neg), (neg, pos)):
             idx = torch.nonzero(mine).flatten()  # (R,)
             shared = shared_prefix_mask(response_ids[mine], response_mask[mine], response_ids[other],
@@ -218,11 +221,7 @@ def group_updates(old_logp: Tensor, new_logp: Tensor, response_ids: Tensor, resp
     kl = k3_kl(old_logp, new_logp, response_mask)  # (B, T)
     classes = token_classes(response_ids, response_mask, rewards, group_ids)  # (B, T)
     out = []
-    for g in torch.unique(group_ids).tolist():
-        rows = group_ids == g
-        pos, neg = rows & (rewards > 0), rows & (rewards <= 0)
-        if not pos.any() or not neg.any():
-            continue
+    for g, rows, pos, neg in _mixed_groups(rewards, group_ids):
         shared = shared_prefix_mask(response_ids[pos], response_mask[pos], response_ids[neg], response_mask[neg])
         collateral = -float((delta[pos] * shared).sum(1).mean())
         dn, cn = delta[neg], classes[neg]  # (N, T)
@@ -236,7 +235,7 @@ def group_updates(old_logp: Tensor, new_logp: Tensor, response_ids: Tensor, resp
             w[name] = float(weights[neg][sel].double().mean()) if weights is not None and counts[name] else None
         n_tok = int(response_mask[rows].sum())
         out.append(GroupUpdate(
-            group_id=int(g), delta_pos=float(delta[pos].sum(1).mean()), collateral=collateral, push_down=push,
+            group_id=g, delta_pos=float(delta[pos].sum(1).mean()), collateral=collateral, push_down=push,
             push_down_shared=parts[SHARED], push_down_first_divergent=parts[FIRST_DIVERGENT],
             push_down_after=parts[AFTER], kl=float(kl[rows].sum()) / n_tok if n_tok else 0.0,
             ratio=collateral / push if push != 0 else None,

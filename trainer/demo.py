@@ -25,6 +25,7 @@ import argparse
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,26 @@ def _headline(agg: dict[str, Any], n_seeds: int) -> list[str]:
     """
     out = verdicts(agg, DEMO_SPEC, n_seeds)
     return ["", "## What the numbers show", "", *out] if out else []
+
+
+def run_plan(out: Path, algorithms: Sequence[str], seeds: Sequence[int], *, jobs: int, samples: int, steps: int,
+             save_every: int, model: str | None, **extra: Any) -> list[tuple[str, int, dict[str, Any]]]:
+    """The runs of the demo or the study, one (algorithm, seed, config overrides) each: ``OUT/runs/<algo>-s<seed>``,
+    with the live in-batch and update diagnostics on and one CPU thread per run; ``extra`` overrides more fields.
+    Refuses no seeds, fewer than one job or fewer than two samples (``ConfigError``)."""
+    from .config import ConfigError
+
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if samples < 2:
+        raise ConfigError(f"--samples must be >= 2, got {samples}")
+    return [(a, s, {"algorithm": a, "seed": s, "steps": steps, "save_every": save_every,
+                    "output_dir": str(out / "runs" / f"{a}-s{s}"), "progress_bar": "off", "log_every": 10,
+                    "lld_in_batch": True, "collateral_in_batch": True, "cpu_threads": 1,
+                    **({"model": model} if model else {}), **extra})
+            for a in algorithms for s in seeds]
 
 
 def _one_run(preset: str, overrides: dict[str, Any], probe_argv: list[str], label: str = "", who: str = "demo"
@@ -229,21 +250,12 @@ def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALG
     """
     from resrl_analysis.figures import draw_all
 
-    from .config import ConfigError, preset_config
+    from .config import preset_config
 
     t0 = time.time()
     out = Path(out)
-    if not seeds:
-        raise ConfigError("--seeds: give at least one seed")
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    if samples < 2:
-        raise ConfigError(f"--samples must be >= 2, got {samples}")
-    runs = [(a, s, {"algorithm": a, "seed": s, "steps": steps, "save_every": save_every,
-                    "output_dir": str(out / "runs" / f"{a}-s{s}"), "progress_bar": "off", "log_every": 10,
-                    "lld_in_batch": True, "collateral_in_batch": True, "cpu_threads": 1,
-                    **({"model": model} if model else {})})
-            for a in algorithms for s in seeds]
+    runs = run_plan(out, algorithms, seeds, jobs=jobs, samples=samples, steps=steps, save_every=save_every,
+                    model=model)
     cfgs = [preset_config(preset, **o) for _, _, o in runs]  # all validated before anything runs
     # Held-out probe set at every checkpoint (LLD), pass@k from `samples` samples at the first and last one.
     probe_argv = ["--probe-set", "heldout", "--groups", "0", "--samples", str(samples), "--diversity-steps", "ends",

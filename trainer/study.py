@@ -27,7 +27,7 @@ from pathlib import Path
 from resrl_analysis.compare import UPDATE_METRICS, Question, SummarySpec, name_of
 from resrl_analysis.compare import register_stratum_metrics as _register_strata
 
-from .demo import _int_list, run_all
+from .demo import _int_list, run_all, run_plan
 
 __all__ = ["STUDY_ALGORITHMS", "STUDY_QUESTIONS", "STUDY_SEEDS", "STUDY_SPEC", "add_study_arguments", "resummarize",
            "run_study", "study", "study_spec"]
@@ -137,27 +137,17 @@ def study(out: str | Path = "study_out", *, algorithms: tuple[str, ...] = STUDY_
     from resrl_analysis.compare import compare
     from resrl_analysis.figures import draw_all
 
-    from .config import ConfigError, preset_config
+    from .config import preset_config
 
     t0 = time.time()
     out = Path(out)
-    if not seeds:
-        raise ConfigError("--seeds: give at least one seed")
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    if samples < 2:
-        raise ConfigError(f"--samples must be >= 2, got {samples}")
-    runs = [(a, s, {"algorithm": a, "seed": s, "steps": steps, "save_every": save_every,
-                    "output_dir": str(out / "runs" / f"{a}-s{s}"), "progress_bar": "off", "log_every": 10,
-                    "lld_in_batch": True, "collateral_in_batch": True, "cpu_threads": 1,
-                    # The entropy and flips diagnostics and the drift watch answer issue 24's questions, which the
-                    # demo asks; here they would cost 40 runs' time for questions the study does not ask.
-                    "entropy_in_batch": False, "entropy_predict_in_batch": False, "flips_in_batch": False,
-                    "drift_watch": False,
-                    **({"model": model} if model else {}),
+    # The entropy and flips diagnostics and the drift watch answer issue 24's questions, which the demo asks; here
+    # they would cost 40 runs' time for questions the study does not ask.
+    runs = run_plan(out, algorithms, seeds, jobs=jobs, samples=samples, steps=steps, save_every=save_every,
+                    model=model, entropy_in_batch=False, entropy_predict_in_batch=False, flips_in_batch=False,
+                    drift_watch=False,
                     **({"prompts_per_step": prompts_per_step, "mini_batch_size": prompts_per_step}
-                       if prompts_per_step else {})})
-            for a in algorithms for s in seeds]
+                       if prompts_per_step else {}))
     cfgs = [preset_config(preset, **o) for _, _, o in runs]  # all validated before anything runs
     # Held-out LLD at every checkpoint, pass@k from `samples` samples at the first and last; the other probes feed
     # only the demo's figures.
