@@ -6,8 +6,10 @@ once as ``python -m torch.distributed.run --standalone --nproc_per_node=N -m res
 README's command; the groups split across the ranks, each rank a replica), alternating (one, N, one, N, ...) so that
 load on a shared machine hits both alike. Each side runs in fresh processes with ``--threads 1`` and
 ``OMP_NUM_THREADS=1`` on CPU (one GPU per rank on CUDA). The pass time is ``summary.json``'s ``timing_s.total``
-(from the command's start after its imports to the files written: loading, plan, probing, gathering, writing); the
-wall time of the whole command (interpreter and torch start-up, the process group) is reported beside it.
+less its ``timing_s.import`` (from the command's start after its imports to the files written: loading, plan,
+probing, gathering, writing; the import of the model's transformers code, a few seconds per process that every rank
+pays at once and that does not grow with checkpoints or groups, is start-up). The wall time of the whole command
+(interpreter, torch and model-code imports, the process group) is reported beside it.
 
     python -m bench.probe_dist_bench [--nproc 2] [--rounds 3] [--device cpu]
 
@@ -58,8 +60,8 @@ def _pass(run: Path, out: Path, nproc: int, device: str) -> tuple[float, float]:
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"resrl probe on {nproc} process(es) failed: {r.stderr.strip().splitlines()[-1:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    return float(summary["timing_s"]["total"]), wall
+    timing = json.loads((out / "summary.json").read_text())["timing_s"]
+    return float(timing["total"]) - float(timing.get("import", 0.0)), wall
 
 
 def measure(nproc: int = 2, rounds: int = 3, device: str = "cpu", quick: bool = False) -> dict:

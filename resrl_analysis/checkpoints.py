@@ -232,6 +232,25 @@ class Checkpoint:
     step: int | None = None
 
 
+def import_model_code(path: str | Path) -> type | None:
+    """Import the modelling code of checkpoint ``path``'s architecture and return its causal-LM class (None when
+    the config cannot say): transformers imports it lazily on the first load, which costs seconds of Python
+    imports that a pass's timing would otherwise count as loading weights. Never raises: the load that follows
+    reports a bad checkpoint in its own words.
+
+    >>> import_model_code("/nonexistent") is None
+    True
+    """
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        with _quiet_transformers():
+            return MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(str(path)))]
+    except Exception:  # noqa: BLE001 - best effort, see above
+        return None
+
+
 def load_checkpoint(
     path: str | Path,
     *,

@@ -56,6 +56,21 @@ def test_cli_subprocess_end_to_end(run, tmp_path):
     assert full.full_update_cosine.notna().all() and inter[inter.step == 1].full_update_cosine.isna().all()
     assert set(results["diversity"].pass_at_k.k) == {1, 2, 3}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary debris
+    # The model's code is imported (and timed) once, before the first checkpoint's load.
+    t = summary["timing_s"]
+    assert 0 < t["import"] and 0 < t["load"] and t["import"] + t["load"] <= t["total"]
+
+
+@pytest.mark.integration
+def test_import_model_code_returns_the_checkpoints_class(run):
+    from transformers import AutoConfig
+
+    from resrl_analysis.checkpoints import import_model_code
+
+    ck = run / "checkpoints" / "step_000000"
+    cls = import_model_code(ck)
+    assert cls is not None and cls.__name__ == AutoConfig.from_pretrained(ck).architectures[0]
+    assert import_model_code(run / "no_such_checkpoint") is None
 
 
 @pytest.mark.integration

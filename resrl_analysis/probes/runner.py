@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import rundir
-from ..checkpoints import check_compatible, load_checkpoint, load_tokenizer
+from ..checkpoints import check_compatible, import_model_code, load_checkpoint, load_tokenizer
 from ..distributed import (
     DistContext,
     barrier,
@@ -408,6 +408,8 @@ def probe_checkpoints(config: ProbeConfig, sel: Selection, probe_set: ProbeSet, 
     on the CPU and shards it with FSDP2)."""
     par = parallel or Parallel.single(device)
     pp = ProbePass(config, probe_set, steps=sel.steps, group_batch=group_batch, parallel=par)
+    if sel.checkpoints:  # the model's Python code, imported once: not a checkpoint's load time
+        pp.timed("import", import_model_code, sel.checkpoints[0][1])
     bar = tqdm(sel.checkpoints, desc="resrl probe", unit="ckpt", file=sys.stderr,
                disable=config.no_progress or not sys.stderr.isatty() or not par.is_main)  # a bar in a log is noise
     for step, path in bar:
