@@ -73,3 +73,71 @@ def test_demo_rejects_unknown_algorithm(tmp_path):
                            "--algorithms", "grpo,ppo"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "ppo" in proc.stderr
     assert not (tmp_path / "d").exists()
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_killing_the_demo_stops_its_workers(tmp_path, sig):
+    """Ending the dispatcher of `resrl demo --jobs 2` (SIGTERM: its handler; SIGKILL: the workers' parent-death
+    signal) ends the two runs it was training: nothing trains on into the output directory."""
+    import signal
+    import time
+
+    out = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "demo", "--out", str(out), "--steps", "500", "--save-every", "100",
+         "--algorithms", "nsr,resrl", "--seeds", "0", "--jobs", "2", "--samples", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        workers: list[int] = []
+        while time.monotonic() < deadline and proc.poll() is None:  # both workers are training
+            workers = [c for c in _children(proc.pid) if "spawn_main" in _cmdline(c)]  # not the resource tracker
+            if len(workers) == 2 and all((out / "runs" / r / "checkpoints").is_dir() for r in ("nsr-s0", "resrl-s0")):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None and len(workers) == 2, "the demo did not start two training workers"
+        proc.send_signal(getattr(signal, sig))
+        text, _ = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)], f"workers still running after {sig} to the demo"
+        if sig == "SIGTERM":
+            assert proc.returncode == 143, text[-2000:]
+            assert "stopped (SIGTERM): 0 of 2 runs had finished" in text
+        else:
+            assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

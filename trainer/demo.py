@@ -22,10 +22,14 @@ the numbers, whether it excludes 0. ``--quick`` runs one seed (no intervals: the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -224,14 +228,67 @@ def run_all(out: Path, runs: list[tuple[str, int, dict[str, Any]]], preset: str,
         return done
     first = min(s for _, s, _ in runs)
     order = sorted(runs, key=lambda r: r[1] != first)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futs = {pool.submit(_one_run, preset, o, argv_of(a, s), labels[(a, s)], who): (a, s) for a, s, o in order}
-        for f in as_completed(futs):
-            a, s = futs[f]
-            done[(a, s)] = Path(f.result())
-            k = total - sum((r[0], r[1]) not in done for r in runs)
-            _say(f"{k} of {total} runs done ({a}-s{s}); {_eta(started, k, total, jobs)}")
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_die_with_parent,
+                               initargs=(os.getpid(),))
+    with _terminate_raises():
+        try:
+            futs = {pool.submit(_one_run, preset, o, argv_of(a, s), labels[(a, s)], who): (a, s)
+                    for a, s, o in order}
+            for f in as_completed(futs):
+                a, s = futs[f]
+                done[(a, s)] = Path(f.result())
+                k = total - sum((r[0], r[1]) not in done for r in runs)
+                _say(f"{k} of {total} runs done ({a}-s{s}); {_eta(started, k, total, jobs)}")
+        except BaseException as e:
+            # Interrupted (Ctrl-C, SIGTERM) or a run failed: stop the runs still training rather than leave them
+            # writing into the output directory after this process has gone.
+            busy = mp.active_children()
+            for p in busy:
+                p.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for p in busy:
+                p.join(timeout=10)
+            if isinstance(e, (KeyboardInterrupt, _Terminated)):
+                _say(f"stopped ({'SIGTERM' if isinstance(e, _Terminated) else 'interrupted'}): {len(done)} of "
+                     f"{total} runs had finished; the unfinished ones were stopped")
+            raise
+        pool.shutdown(wait=True)
     return done
+
+
+class _Terminated(SystemExit):
+    """SIGTERM in the dispatcher of ``run_all``: unwinds it (stopping its workers), then exits 143."""
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`_Terminated` here (in the main thread) instead of ending the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise _Terminated(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker's initializer: on Linux the kernel sends the worker SIGTERM when the dispatcher dies, however it
+    dies (``kill -9`` included), so that no run trains on unattended into the output directory."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # no prctl: the dispatcher's own handler is what stops the worker
+    if os.getppid() != parent:  # the dispatcher died before the line above took effect
+        os._exit(1)
 
 
 def demo(out: str | Path = "demo_out", *, algorithms: tuple[str, ...] = DEMO_ALGORITHMS,
