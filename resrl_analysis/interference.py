@@ -675,7 +675,12 @@ def streaming_quantiles(chunks: Callable[[], Iterable], quantiles: Sequence[floa
                     keep = idx >= 0
                     u, idx = u[keep], idx[keep]
                 d = (u >> shift) & (digit - 1)
-                hists[i] += torch.bincount(d if idx is None else idx * digit + d, minlength=len(groups[i]) * digit)
+                bins = d if idx is None else idx * digit + d
+                if bins.numel() * 8 < hists[i].numel():  # a small chunk: add its counts, not a whole histogram
+                    ones = torch.ones(bins.shape, dtype=hists[i].dtype, device=bins.device)
+                    hists[i].index_put_((bins.long(),), ones, accumulate=True)
+                else:
+                    hists[i] += torch.bincount(bins, minlength=hists[i].numel())
         if j == 0:
             for i in range(m):
                 if n[i] == 0:
