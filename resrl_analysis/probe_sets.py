@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 from . import rundir
 from .errors import ProbeError
 from .rewards import default_reward_fn
+from .sampling.prompts import encode_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -450,17 +451,6 @@ def render_prompt(tokenizer: Any, prompt: str | Sequence[dict]) -> tuple[str, bo
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ProbeError("prompt is a chat message list but the tokenizer has no chat template")
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), True
-
-
-def encode_prompt(tokenizer: Any, text: str, *, templated: bool = False) -> tuple[int, ...]:
-    """Token ids of a prompt, never prefixed twice (see the module docstring).
-
-    ``templated``: the text came out of a chat template (it holds whatever BOS the template writes).
-    """
-    bos = getattr(tokenizer, "bos_token", None)
-    specials = [t for t in (getattr(tokenizer, "all_special_tokens", None) or []) if t]
-    formatted = templated or bool(bos and text.startswith(bos)) or any(t in text for t in specials)
-    return tuple(tokenizer(text, add_special_tokens=not formatted)["input_ids"])
 
 
 def _completion_text(c: Any) -> str:

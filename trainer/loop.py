@@ -66,7 +66,7 @@ from trainer.config import TrainConfig
 from trainer.in_batch import RolloutChunk, needs_rollout_entropy, rollout_hooks, rollout_needs, update_metrics
 from trainer.losses import LossNorm, policy_loss
 from trainer.metrics_log import MetricsLog, write_rollouts
-from trainer.rollout import ScoredBatch, rollout_metrics, sample_prompts
+from trainer.rollout import ScoredBatch, rollout_metrics, sample_rollout
 from trainer.rollout_dump import dump_rollouts
 from trainer.setup import (
     SetupError,
@@ -274,7 +274,7 @@ def _collect(
     ref_gathered = gathered_for_inference(ref_model) if ref_model is not None else contextlib.nullcontext()
     with gathered_for_inference(model), ref_gathered:
         t0 = time.perf_counter()
-        batch, texts = sample_prompts(model, tokenizer, prompts, n=cfg.n, temperature=cfg.temperature, cfg=cfg,
+        batch, texts = sample_rollout(model, tokenizer, prompts, n=cfg.n, temperature=cfg.temperature, cfg=cfg,
                                       generator=generator(cfg.seed, "rollout", step, ctx.rank), ctx=ctx)
         sample_s = time.perf_counter() - t0
         row_prompts = [prompts[i] for i in batch.prompt_index.tolist()]

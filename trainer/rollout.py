@@ -29,7 +29,7 @@ from resrl_analysis.sampling import SampledBatch, SamplingParams, encode_prompts
 from trainer.config import TrainConfig
 from trainer.tasks import Prompt
 
-__all__ = ["ScoredBatch", "rollout_metrics", "sample_prompts"]
+__all__ = ["ScoredBatch", "rollout_metrics", "sample_rollout"]
 
 
 @dataclass
@@ -89,7 +89,7 @@ class ScoredBatch:
         return mixed
 
 
-def sample_prompts(
+def sample_rollout(
     model: torch.nn.Module, tokenizer: Any, prompts: list[Prompt], *, n: int, temperature: float, cfg: TrainConfig,
     generator: torch.Generator, ctx: DistContext,
 ) -> tuple[SampledBatch, list[str]]:

@@ -12,7 +12,7 @@ import torch
 
 from resrl_analysis.distributed import DistContext, all_gather_objects, gathered_for_inference
 from trainer.config import TrainConfig
-from trainer.rollout import sample_prompts
+from trainer.rollout import sample_rollout
 from trainer.setup import generator
 from trainer.tasks import Task
 
@@ -31,7 +31,7 @@ def validate(cfg: TrainConfig, step: int, model: torch.nn.Module, tokenizer: Any
     correct: list[int] = []
     with gathered_for_inference(model):  # a collective: every rank enters, even one without prompts
         if mine:
-            batch, texts = sample_prompts(model, tokenizer, mine, n=cfg.val_n, temperature=cfg.val_temperature,
+            batch, texts = sample_rollout(model, tokenizer, mine, n=cfg.val_n, temperature=cfg.val_temperature,
                                           cfg=cfg, generator=generator(cfg.seed, "val", step, ctx.rank), ctx=ctx)
             rows = [mine[i] for i in batch.prompt_index.tolist()]
             r = [task.reward(t, p.ground_truth) > 0 for t, p in zip(texts, rows)]

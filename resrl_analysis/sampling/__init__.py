@@ -51,7 +51,7 @@ Example:
 from .api import Backend, sample
 from .draw import draw_uniforms, filter_logits, sample_from_uniforms
 from .params import SampledBatch, SamplingParams
-from .prompts import encode_prompts, eos_token_ids
+from .prompts import encode_prompt, encode_prompts, eos_token_ids
 from .responses import sample_prompts, sample_responses, sample_texts
 from .static import release_static_cache
 
@@ -60,6 +60,7 @@ __all__ = [
     "SampledBatch",
     "SamplingParams",
     "draw_uniforms",
+    "encode_prompt",
     "encode_prompts",
     "eos_token_ids",
     "filter_logits",

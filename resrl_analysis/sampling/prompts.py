@@ -7,13 +7,27 @@ from typing import Any
 
 import torch
 
-__all__ = ["encode_prompts", "eos_token_ids"]
+__all__ = ["encode_prompt", "encode_prompts", "eos_token_ids"]
+
+
+def encode_prompt(tokenizer: Any, text: str, *, templated: bool = False) -> tuple[int, ...]:
+    """Token ids of one prompt text, never prefixed twice: the tokenizer's special tokens (its BOS) are added
+    unless the text is already formatted: it starts with BOS, holds any special token (a chat template's
+    markers), or ``templated`` says it came out of a chat template (whatever BOS the template writes is in it).
+
+    >>> from resrl_analysis.probes.synthetic import char_tokenizer
+    >>> tok = char_tokenizer()
+    >>> encode_prompt(tok, "2*3=") == encode_prompt(tok, "<bos>2*3="), tok.decode(encode_prompt(tok, "2*3="))
+    (True, '<bos>2*3=')
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    specials = [t for t in (getattr(tokenizer, "all_special_tokens", None) or []) if t]
+    formatted = templated or bool(bos and text.startswith(bos)) or any(t in text for t in specials)
+    return tuple(tokenizer(text, add_special_tokens=not formatted)["input_ids"])
 
 
 def encode_prompts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt text, with the tokenizer's special tokens unless the text starts with BOS.
-
-    A chat template writes its own BOS into the text; adding another would double it.
+    """:func:`encode_prompt` of each prompt text, as lists (what the sampler takes).
 
     >>> from resrl_analysis.probes.synthetic import char_tokenizer
     >>> tok = char_tokenizer()
@@ -21,12 +35,7 @@ def encode_prompts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     >>> a == b, tok.decode(a)
     (True, '<bos>2*3=')
     """
-    bos = getattr(tokenizer, "bos_token", None)
-    out = []
-    for text in texts:
-        add = not (bos and text.startswith(bos))
-        out.append(list(tokenizer(text, add_special_tokens=add)["input_ids"]))
-    return out
+    return [list(encode_prompt(tokenizer, text)) for text in texts]
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer: Any = None) -> int | list[int] | None:
