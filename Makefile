@@ -28,9 +28,12 @@ install: $(BIN)/resrl
 demo: install
 	$(BIN)/resrl demo --out demo_out
 
+# Two pytest-xdist workers: most tests wait on one core (tiny models, subprocesses), so two keep both cores busy.
+TEST_WORKERS ?= 2
+
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: install
 	$(BIN)/ruff check .

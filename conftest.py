@@ -1,8 +1,18 @@
 """Root conftest: names available to every docstring example (doctests run over resrl_analysis/ and trainer/)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs 2 workers) each worker takes its share of the cores for torch's
+    intra-op threads: two workers with a thread per core each would fight over the cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True)
