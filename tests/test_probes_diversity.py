@@ -58,6 +58,17 @@ def test_self_bleu_hand_made():
     assert np.isnan(self_bleu([["a"]]))
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_self_bleu_equals_sentence_bleu_against_the_others(seed):
+    """The counted-once self-BLEU equals the definition: each sequence's sentence_bleu against all the others
+    (repeated n-grams, ties between sequences, empty and one-token sequences included), to the last bit."""
+    rng = np.random.default_rng(seed)
+    seqs = [list(rng.integers(0, 4, size=int(rng.integers(0, 9)))) for _ in range(int(rng.integers(2, 12)))]
+    seqs += [list(seqs[0]), [1]]  # a duplicate, a one-token sequence
+    want = float(np.mean([sentence_bleu(s, [o for j, o in enumerate(seqs) if j != i]) for i, s in enumerate(seqs)]))
+    assert self_bleu(seqs) == want
+
+
 def test_answers_and_rewards():
     assert final_answer("so \\boxed{\\frac{1}{2}} and then \\boxed{3}") == "3"
     assert final_answer("\\boxed{a{b}c}") == "a{b}c" and final_answer(" 42\n") == "42"
