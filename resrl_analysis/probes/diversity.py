@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -109,20 +109,26 @@ def sentence_bleu(hypothesis: Sequence[Hashable], references: Sequence[Sequence[
     """
     if not hypothesis or not references:
         return 0.0
-    orders = range(1, min(max_n, len(hypothesis)) + 1)
+    hyp = [Counter(_ngrams(hypothesis, n)) for n in range(1, max_n + 1)]
+    best: list[Counter] = [Counter() for _ in range(max_n)]
+    for ref in references:
+        for n in range(1, max_n + 1):
+            for gram, c in Counter(_ngrams(ref, n)).items():
+                best[n - 1][gram] = max(best[n - 1][gram], c)
+    return _bleu(hyp, lambda n, gram: best[n - 1][gram], len(hypothesis), (len(ref) for ref in references), smoothing)
+
+
+def _bleu(hyp: Sequence[Counter], clip: Callable[[int, tuple], int], h: int, ref_lengths: Iterable[int],
+          smoothing: float) -> float:
+    """BLEU of a hypothesis of ``h`` > 0 tokens from its n-gram counts ``hyp[n - 1]``; ``clip(n, gram)`` is the
+    largest count of ``gram`` in any reference (the one formula of :func:`sentence_bleu` and :func:`self_bleu`)."""
+    orders = range(1, min(len(hyp), h) + 1)
     log_p = 0.0
     for n in orders:
-        hyp = Counter(_ngrams(hypothesis, n))
-        best: Counter = Counter()
-        for ref in references:
-            for gram, c in Counter(_ngrams(ref, n)).items():
-                best[gram] = max(best[gram], c)
-        match = sum(min(c, best[gram]) for gram, c in hyp.items())
-        total = sum(hyp.values())
-        log_p += math.log((match if match > 0 else smoothing) / total)
+        match = sum(min(c, clip(n, gram)) for gram, c in hyp[n - 1].items())
+        log_p += math.log((match if match > 0 else smoothing) / (h - n + 1))
     log_p /= len(orders)
-    h = len(hypothesis)
-    r = min((len(ref) for ref in references), key=lambda L: (abs(L - h), L))
+    r = min(ref_lengths, key=lambda L: (abs(L - h), L))
     bp = 1.0 if h > r else math.exp(1 - r / h)
     return bp * math.exp(log_p)
 
@@ -151,23 +157,12 @@ def self_bleu(sequences: Sequence[Sequence[Hashable]], max_n: int = 4, smoothing
     lengths = [len(s) for s in sequences]
     scores = []
     for i, s in enumerate(sequences):
-        h = len(s)
-        if not h:
-            scores.append(0.0)
-            continue
-        orders = range(1, min(max_n, h) + 1)
-        log_p = 0.0
-        for n in orders:
-            t = top[n - 1]
-            match = 0
-            for gram, c in counts[i][n - 1].items():
-                c1, j1, c2 = t[gram]
-                match += min(c, c2 if j1 == i else c1)
-            log_p += math.log((match if match > 0 else smoothing) / (h - n + 1))
-        log_p /= len(orders)
-        r = min((L for j, L in enumerate(lengths) if j != i), key=lambda L: (abs(L - h), L))
-        bp = 1.0 if h > r else math.exp(1 - r / h)
-        scores.append(bp * math.exp(log_p))
+        def clip(n: int, gram: tuple, i: int = i) -> int:
+            c1, j1, c2 = top[n - 1][gram]
+            return c2 if j1 == i else c1
+
+        others = (L for j, L in enumerate(lengths) if j != i)
+        scores.append(_bleu(counts[i], clip, len(s), others, smoothing) if s else 0.0)
     return float(np.mean(scores))
 
 
